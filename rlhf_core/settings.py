@@ -1,0 +1,99 @@
+"""One typed settings object for every process (UI, worker, CLI, benchmarks).
+
+Every field is read from the environment with the prefix ``RLHF_`` (for example
+``RLHF_BASE_MODEL``), so a UI replica and a GPU worker on two machines agree by
+sharing the same environment. The README's settings table lists them all.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_MODEL = "tiny-random"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore")
+
+    # --- model -------------------------------------------------------------
+    base_model: str = Field(
+        DEFAULT_MODEL,
+        description="Hub id or local folder of the base causal LM; 'tiny-random' for tests.",
+    )
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda'.")
+
+    # --- storage -----------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis/Valkey URL shared by all processes; unset = embedded Valkey.",
+    )
+    data_dir: Path = Field(
+        Path(".rlhf-data"),
+        description="Embedded server's append-only files, model cache, artifacts.",
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="Where converted/built base models are cached; unset = data_dir/models."
+    )
+    artifact_dir: Path | None = Field(
+        None,
+        description="Folder shared by all machines for large adapters; unset = data_dir/artifacts.",
+    )
+    inline_artifact_max_mb: float = Field(
+        32.0, description="Adapters up to this size are stored in Redis itself."
+    )
+
+    # --- web UI ------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the chat UI listens on.")
+    port: int = Field(7860, description="Port of the chat UI.")
+    max_input_chars: int = Field(4000, description="Longest user message accepted.")
+    max_context_tokens: int = Field(
+        1536, description="Prompt budget; older turns are trimmed beyond it."
+    )
+    system_prompt: str = Field("You are a helpful assistant.", description="Default system prompt.")
+    temperature: float = Field(0.7, description="Default sampling temperature.")
+    top_p: float = Field(0.9, description="Default nucleus sampling top-p.")
+    max_new_tokens: int = Field(256, description="Default answer length limit, in tokens.")
+    version_poll_s: float = Field(
+        2.0, description="How often a UI checks the registry in case a pub/sub message was missed."
+    )
+    redis_timeout_s: float = Field(
+        2.0, description="Socket timeout for Redis calls from the UI (a clear error, not a hang)."
+    )
+
+    # --- training ----------------------------------------------------------
+    train_every: int = Field(16, description="New feedback events that start a training round.")
+    max_events_per_user: int = Field(
+        8, description="Per-user cap on events in one round, so one person cannot dominate it."
+    )
+    lora_r: int = Field(16, description="LoRA rank of the policy and reward adapters.")
+    lora_alpha: int = Field(32, description="LoRA alpha.")
+    learning_rate: float = Field(3e-4, description="Policy learning rate.")
+    reward_learning_rate: float = Field(3e-4, description="Reward-model learning rate.")
+    reward_epochs: int = Field(4, description="Passes over the reward data per round.")
+    ppo_steps: int = Field(4, description="PPO rollout+update steps per round.")
+    ppo_batch_size: int = Field(8, description="Prompts per PPO rollout.")
+    ppo_epochs: int = Field(4, description="Optimisation epochs over each rollout.")
+    ppo_new_tokens: int = Field(64, description="Tokens sampled per rollout answer.")
+    init_kl_coef: float = Field(0.05, description="Initial KL penalty coefficient.")
+    target_kl: float | None = Field(
+        6.0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
+    )
+    kl_budget: float = Field(
+        10.0, description="Gate: a round whose mean KL to the reference exceeds this is rejected."
+    )
+    round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
+    seed: int = Field(0, description="Seed of training rounds.")
+
+    def resolved_artifact_dir(self) -> Path:
+        return Path(self.artifact_dir) if self.artifact_dir else Path(self.data_dir) / "artifacts"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

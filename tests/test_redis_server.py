@@ -1,0 +1,44 @@
+"""The embedded server: real Valkey, AOF persistence, address discovery."""
+
+import pytest
+import redis
+
+from rlhf_core.redis_server import (
+    EmbeddedValkey,
+    RedisUnavailableError,
+    connect,
+    start_embedded_if_needed,
+)
+from rlhf_core.settings import Settings
+
+
+def test_kill_9_keeps_every_acknowledged_write(tmp_path):
+    """appendfsync always: every write the server answered survives SIGKILL."""
+    server = EmbeddedValkey(tmp_path).start()
+    client = redis.Redis.from_url(server.url)
+    ids = [client.xadd("s", {"n": i}) for i in range(200)]
+    server.kill()
+    restarted = EmbeddedValkey(tmp_path, port=server.port).start()
+    try:
+        assert [entry_id for entry_id, _ in client.xrange("s")] == ids
+    finally:
+        restarted.stop()
+
+
+def test_second_command_finds_the_embedded_server(tmp_path):
+    settings = Settings(data_dir=tmp_path, redis_url=None)
+    url, server = start_embedded_if_needed(settings)
+    try:
+        assert server is not None
+        connect(settings).set("k", "v")
+        # A second process with the same settings reuses it rather than starting another.
+        url2, server2 = start_embedded_if_needed(settings)
+        assert (url2, server2) == (url, None)
+        assert connect(settings).get("k") == b"v"
+    finally:
+        server.stop()
+
+
+def test_no_server_gives_an_error_that_says_what_to_do(tmp_path):
+    with pytest.raises(RedisUnavailableError, match="rlhf-chat up"):
+        connect(Settings(data_dir=tmp_path, redis_url=None))
