@@ -1,0 +1,416 @@
+"""Pure PPO math for RLHF on token sequences: one formula per function.
+
+Every tensor is ``[batch, tokens]`` unless a docstring says otherwise. ``mask`` is a
+float tensor of the same shape, 1.0 on answer (generated) tokens and 0.0 on prompt
+and padding tokens; padding may sit on either side of the answer. Positions where
+``mask`` is 0 never influence a result on a position where it is 1.
+
+Names follow the papers and CleanRL / TRL (``advantages``, ``returns``, ``logratio``,
+``ratio``, ``pg_loss``, ``vf_loss``, ``clipfrac``, ``approx_kl``, ``kl_coef``, ``lam``).
+
+References
+----------
+- [PPO] Schulman, Wolski, Dhariwal, Radford, Klimov (2017), "Proximal Policy
+  Optimization Algorithms", arXiv:1707.06347 (clipped surrogate, eq. 7).
+- [GAE] Schulman, Moritz, Levine, Jordan, Abbeel (2016), "High-Dimensional Continuous
+  Control Using Generalized Advantage Estimation", arXiv:1506.02438 (eq. 16).
+- [Ziegler] Ziegler et al. (2019), "Fine-Tuning Language Models from Human
+  Preferences", arXiv:1909.08593 (per-token KL penalty, adaptive KL coefficient, sec. 2.2).
+- [Ouyang] Ouyang et al. (2022), "Training language models to follow instructions
+  with human feedback", arXiv:2203.02155.
+- [k3] John Schulman (2020), "Approximating KL Divergence",
+  http://joschu.net/blog/kl-approx.html.
+- [CleanRL] Huang et al., CleanRL ``ppo.py`` (value clipping, approx_kl, clipfrac);
+  [TRL] Hugging Face TRL ``trainer/utils.py`` (masked_mean, masked_whiten, RunningMoments).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "RunningMoments",
+    "compute_gae",
+    "entropy_from_logits",
+    "kl_penalty",
+    "last_token_index",
+    "logprobs_from_logits",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "token_entropy",
+    "token_rewards",
+    "value_loss",
+]
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _check_mask(mask: Tensor) -> float:
+    """Number of answer tokens; a clear error when there are none (a mean over
+    nothing is 0/0 and would silently turn a loss into NaN)."""
+    count = float(mask.sum())
+    if count <= 0:
+        raise ValueError(
+            "mask selects no tokens (all zeros): there is nothing to average over. "
+            "Check that the mask marks the generated answer tokens with 1.0 and that "
+            "the batch is not empty."
+        )
+    return count
+
+
+def masked_mean(x: Tensor, mask: Tensor, axis: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 [TRL].
+
+    x, mask: ``[batch, tokens]``. Returns a scalar, or ``[batch]`` with ``axis=1``
+    (one mean per row; every row then needs at least one answer token).
+    """
+    mask = mask.to(x.dtype)
+    if axis is None:
+        _check_mask(mask)
+        return (x * mask).sum() / mask.sum()
+    counts = mask.sum(axis)
+    if bool((counts <= 0).any()):
+        raise ValueError(
+            f"mask selects no tokens in some slice along axis {axis}: a per-row mean needs "
+            "at least one answer token in every row. Drop empty rows first."
+        )
+    return (x * mask).sum(axis) / counts
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over positions where ``mask`` is 1 (scalar) [TRL].
+
+    With ``unbiased`` the Bessel correction n/(n-1) is applied when n >= 2 (with a
+    single token the variance is 0 either way).
+    """
+    mean = masked_mean(x, mask)
+    variance = masked_mean((x - mean) ** 2, mask)
+    count = float(mask.sum())
+    if unbiased and count >= 2:
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to unit variance over the answer tokens [TRL].
+
+    ``(x - mean) / sqrt(var + eps)``; with ``shift_mean=False`` the mean is added back
+    (used for rewards, whose sign carries meaning). Statistics use masked positions
+    only; masked-out positions of the result are 0, so padding cannot leak anywhere.
+    x, mask: ``[batch, tokens]``; returns ``[batch, tokens]``.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last answer token in each row (``[batch]`` long).
+
+    Works for left or right padding: it is the last position where ``mask`` is 1.
+    A row without answer tokens gets index 0.
+    """
+    tokens = mask.shape[1]
+    positions = torch.arange(tokens, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=1)
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) under ``softmax(logits)``.
+
+    logits: ``[batch, tokens, vocab]``; labels: ``[batch, tokens]`` (long).
+    Returns ``[batch, tokens]``. Computed as ``logit[label] - logsumexp(logits)``,
+    which never materialises a second ``[batch, tokens, vocab]`` tensor of
+    log-probabilities (the vocabulary is large: 49k for SmolLM2).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # half-precision logsumexp loses the small differences PPO needs
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` per token: ``logsumexp(z) - sum(p * z)``.
+
+    logits: ``[batch, tokens, vocab]``; returns ``[batch, tokens]``.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean per-token entropy over the answer tokens (scalar); logits ``[batch, tokens, vocab]``."""
+    return masked_mean(token_entropy(logits), mask)
+
+
+# ------------------------------------------------------------------------------ KL
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy [k3].
+
+    With ``logr = ref_logprobs - logprobs``:
+    - ``"k1"``: ``-logr = logprobs - ref_logprobs`` (unbiased, can be negative per token);
+    - ``"k2"``: ``0.5 * logr**2`` (biased, non-negative);
+    - ``"k3"``: ``exp(logr) - 1 - logr`` (unbiased, non-negative, lower variance).
+    Shapes ``[batch, tokens]`` in and out.
+    """
+    logr = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -logr
+    if estimator == "k2":
+        return 0.5 * logr**2
+    if estimator == "k3":
+        return torch.expm1(logr) - logr
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3' (or 'k2')")
+
+
+def token_rewards(
+    scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards: ``-kl_coef * kl`` on every answer token, plus the scalar
+    score of the whole answer on its last token [Ziegler, Ouyang eq. 2].
+
+    scores: ``[batch]``; kl, mask: ``[batch, tokens]``.
+    Returns ``(rewards, non_score_reward)``, both ``[batch, tokens]`` and 0 off the mask.
+    """
+    non_score_reward = -kl_coef * kl * mask
+    rewards = non_score_reward.clone()
+    last = last_token_index(mask)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype) * (mask.sum(1) > 0).to(rewards.dtype)
+    return rewards, non_score_reward
+
+
+# ----------------------------------------------------------------------------- GAE
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the answer tokens [GAE eq. 16].
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``; ``A_t = delta_t + gamma * lam * A_{t+1}``,
+    where ``V_{t+1}`` and ``A_{t+1}`` are 0 after the last answer token (the episode ends
+    there). ``returns = advantages + values`` are the value targets.
+
+    rewards, values, mask: ``[batch, tokens]``; the answer is one contiguous run of
+    mask==1 per row, padding on either side. Returns ``(advantages, returns)``, both
+    ``[batch, tokens]`` and 0 where ``mask`` is 0. No gradient flows through them.
+    """
+    with torch.no_grad():
+        keep = mask.bool()
+        zeros = torch.zeros_like(values)
+        # Padding may hold anything (even NaN from a pad-token forward): zero it, not multiply.
+        rewards = torch.where(keep, rewards, zeros)
+        values = torch.where(keep, values, zeros)
+        mask = keep.to(values.dtype)
+        tokens = values.shape[1]
+        advantages = torch.zeros_like(values)
+        lastgaelam = torch.zeros_like(values[:, 0])
+        # Shifted one token left, with 0 past the end: mask[t+1] is 0 after the last
+        # answer token, so there is no bootstrap value and no carry-over there.
+        next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1))
+        next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
+        for t in reversed(range(tokens)):
+            delta = rewards[:, t] + gamma * next_values[:, t] - values[:, t]
+            lastgaelam = delta + gamma * lam * next_mask[:, t] * lastgaelam
+            advantages[:, t] = lastgaelam
+        advantages = advantages * mask
+        returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# -------------------------------------------------------------------------- losses
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate policy loss [PPO eq. 7], as a loss to minimise.
+
+    ``ratio = exp(logprobs - old_logprobs)``;
+    ``pg_loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))``.
+
+    All inputs ``[batch, tokens]``; gradients flow through ``logprobs`` only.
+    Returns ``(pg_loss, stats)``; stats are detached scalars:
+    ``policy/clipfrac`` (share of tokens where the clipped term was taken),
+    ``policy/approx_kl`` (k3 estimate of KL(old || new) [k3, CleanRL]),
+    ``policy/ratio_mean``.
+    """
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "policy/clipfrac": masked_mean((pg_losses2 > pg_losses).to(logprobs.dtype), mask),
+            "policy/approx_kl": masked_mean((ratio - 1) - logratio, mask),
+            "policy/ratio_mean": masked_mean(ratio, mask),
+        }
+    return pg_loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss [CleanRL; TRL; Ouyang].
+
+    ``v_clipped = clip(v, old - c, old + c)``;
+    ``vf_loss = 0.5 * masked_mean(max((v - R)^2, (v_clipped - R)^2))``.
+
+    All inputs ``[batch, tokens]``; gradients flow through ``values`` only.
+    Returns ``(vf_loss, stats)`` with detached scalars ``value/clipfrac`` (share of
+    tokens where the clipped error was larger) and ``value/error`` (mean squared error).
+    """
+    vpredclipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "value/clipfrac": masked_mean((vf_losses2 > vf_losses1).to(values.dtype), mask),
+            "value/error": masked_mean(vf_losses1, mask),
+        }
+    return vf_loss, stats
+
+
+# ------------------------------------------------------------------ KL controllers
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient [Ziegler sec. 2.2].
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``kl_coef <- kl_coef * (1 + e * n_steps / horizon)``.
+    ``current_kl`` is the KL of a whole answer (summed over its tokens), as in the paper.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(
+                f"AdaptiveKLController needs target > 0 and horizon > 0 (got target={target}, "
+                f"horizon={horizon}); use FixedKLController for a constant coefficient."
+            )
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Move the coefficient towards the target after ``n_steps`` samples; returns it."""
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        mult = 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= mult
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """Constant KL coefficient; same interface as :class:`AdaptiveKLController`."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def make_kl_controller(
+    init_kl_coef: float, target: float | None, horizon: float = 10000
+) -> AdaptiveKLController | FixedKLController:
+    """Adaptive when a target is given (Settings.target_kl), fixed otherwise."""
+    if target is None:
+        return FixedKLController(init_kl_coef)
+    return AdaptiveKLController(init_kl_coef, target, horizon)
+
+
+# ------------------------------------------------------------- reward normaliser
+
+
+class RunningMoments:
+    """Running mean and standard deviation of scores across batches [TRL].
+
+    Batches are merged with the parallel-variance formula (Chan et al. 1979), so the
+    result equals the statistics of all scores seen so far.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, xs: Tensor) -> tuple[float, float]:
+        """Add a batch of scores (any shape); returns the batch's (mean, std)."""
+        xs = xs.detach().double().flatten()
+        n = xs.numel()
+        if n == 0:
+            raise ValueError("RunningMoments.update got an empty batch of scores")
+        batch_mean = float(xs.mean())
+        batch_var = float(xs.var(unbiased=False))
+        if self.count == 0:
+            self.mean, self.var, self.count = batch_mean, batch_var, float(n)
+        else:
+            delta = batch_mean - self.mean
+            total = self.count + n
+            m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+            self.mean += delta * n / total
+            self.var = m2 / total
+            self.count = total
+        batch_std = float(xs.std(unbiased=True)) if n > 1 else 0.0
+        return batch_mean, batch_std
+
+    def normalize(self, xs: Tensor, eps: float = 1e-8) -> Tensor:
+        """``(xs - mean) / std`` with the running statistics."""
+        return (xs - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = (
+            float(state["mean"]),
+            float(state["var"]),
+            float(state["count"]),
+        )
