@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     )
     round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
     seed: int = Field(0, description="Seed of training rounds.")
+    lock_ttl_s: float = Field(
+        30.0,
+        description="Training lock lease; renewed while a round runs, so a killed worker "
+        "blocks the next round for at most this long.",
+    )
+    debug_round_delay_s: float = Field(
+        0.0, description="Testing only: sleep this long inside each round (crash tests)."
+    )
 
     def resolved_artifact_dir(self) -> Path:
         return Path(self.artifact_dir) if self.artifact_dir else Path(self.data_dir) / "artifacts"
