@@ -1,0 +1,386 @@
+"""rlhf_core.ppo against numbers worked by hand and against plain Python loops.
+
+Each hand-worked case shows its arithmetic in a comment so that a reader can check it
+without running anything.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from rlhf_core.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    compute_gae,
+    entropy_from_logits,
+    kl_penalty,
+    last_token_index,
+    logprobs_from_logits,
+    make_kl_controller,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    token_entropy,
+    token_rewards,
+    value_loss,
+)
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol
+    )
+
+
+# ------------------------------------------------------------- plain Python references
+
+
+def ref_gae(rewards: list[float], values: list[float], gamma: float, lam: float):
+    """GAE over one answer (no padding), written straight from the paper."""
+    n = len(rewards)
+    adv = [0.0] * n
+    for t in range(n):
+        total = 0.0
+        for k in range(t, n):  # A_t = sum_k (gamma lam)^(k-t) delta_k, V after the answer = 0
+            next_v = values[k + 1] if k + 1 < n else 0.0
+            delta = rewards[k] + gamma * next_v - values[k]
+            total += (gamma * lam) ** (k - t) * delta
+        adv[t] = total
+    return adv, [a + v for a, v in zip(adv, values, strict=True)]
+
+
+def random_batch(seed: int, batch: int = 4, tokens: int = 9, side: str = "right"):
+    """Answers of random lengths, padded on ``side``; padding holds junk on purpose."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, tokens - 2) for _ in range(batch)]
+    answers = [[[rng.gauss(0, 1) for _ in range(5)] for _ in range(n)] for n in lengths]
+    return answers, pad(answers, tokens, side)
+
+
+def pad(answers, tokens: int, side: str, junk: float = 7.0):
+    """answers[b][t] = list of fields -> (tensor [fields, batch, tokens], mask [batch, tokens])."""
+    fields = len(answers[0][0])
+    x = torch.full((fields, len(answers), tokens), junk, dtype=torch.float64)
+    mask = torch.zeros(len(answers), tokens, dtype=torch.float64)
+    for b, ans in enumerate(answers):
+        start = 1 if side == "right" else tokens - len(ans) - 1  # a pad token on both sides
+        for i, token in enumerate(ans):
+            x[:, b, start + i] = T(token, dtype=torch.float64)
+            mask[b, start + i] = 1.0
+    return x, mask
+
+
+def answer_tokens(x: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    return [
+        [float(v) for v, m in zip(row, mrow, strict=True) if m > 0]
+        for row, mrow in zip(x, mask, strict=True)
+    ]
+
+
+# ------------------------------------------------------------------------ masked stats
+
+
+def test_masked_mean_and_var_by_hand():
+    x = T([[1.0, 2.0, 100.0], [3.0, -50.0, 6.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    # tokens 1, 2, 3, 6: mean 3; squared deviations 4, 1, 0, 9 = 14; unbiased 14 / 3
+    assert close(masked_mean(x, mask), 3.0)
+    assert close(masked_var(x, mask), 14 / 3)
+    assert close(masked_var(x, mask, unbiased=False), 14 / 4)
+    assert close(masked_mean(x, mask, axis=1), [1.5, 4.5])
+
+
+def test_masked_whiten_by_hand():
+    x = T([[1.0, 2.0, 100.0], [3.0, -50.0, 6.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    std = math.sqrt(14 / 3)
+    expected = T([[-2 / std, -1 / std, 0.0], [0.0, 0.0, 3 / std]])
+    assert close(masked_whiten(x, mask), expected, 1e-4)
+    # shift_mean=False keeps the mean: (x - 3) / std + 3 on the answer tokens
+    assert close(masked_whiten(x, mask, shift_mean=False), (expected + 3) * mask, 1e-4)
+    w = masked_whiten(torch.randn(3, 7, dtype=torch.float64), torch.ones(3, 7, dtype=torch.float64))
+    assert abs(float(w.mean())) < 1e-6 and abs(float(w.std()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, m: masked_mean(x, m),
+        lambda x, m: masked_var(x, m),
+        lambda x, m: masked_whiten(x, m),
+        lambda x, m: masked_mean(x, m, axis=1),
+        lambda x, m: policy_loss(x, x, x, m, 0.2),
+        lambda x, m: value_loss(x, x, x, m, 0.2),
+    ],
+)
+def test_empty_mask_is_a_clear_value_error(call):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="no tokens"):
+        call(x, torch.zeros(2, 3))
+
+
+def test_masked_mean_per_row_rejects_one_empty_row():
+    with pytest.raises(ValueError, match="no tokens"):
+        masked_mean(torch.ones(2, 3), T([[1.0, 0, 0], [0, 0, 0]]), axis=1)
+
+
+# ------------------------------------------------------------------------------ GAE
+
+
+def test_gae_issue_example_gamma_lam_one():
+    # delta = [1 + .5 - .5, 0 + .5 - .5, 1 + 0 - .5] = [1, 0, .5]; A = cumulative sums from the end
+    adv, ret = compute_gae(T([[1.0, 0.0, 1.0]]), T([[0.5, 0.5, 0.5]]), torch.ones(1, 3), 1.0, 1.0)
+    assert close(adv, [[1.5, 0.5, 0.5]])
+    assert close(ret, [[2.0, 1.0, 1.0]])
+
+
+def test_gae_by_hand_with_discount():
+    # gamma = .9, lam = .8, gamma*lam = .72
+    # t=2: delta = 1 + 0 - .5 = .5                  A2 = .5
+    # t=1: delta = 0 + .9*.5 - .5 = -.05            A1 = -.05 + .72*.5 = .31
+    # t=0: delta = 1 + .9*.5 - .5 = .95             A0 = .95 + .72*.31 = 1.1732
+    adv, ret = compute_gae(T([[1.0, 0.0, 1.0]]), T([[0.5, 0.5, 0.5]]), torch.ones(1, 3), 0.9, 0.8)
+    assert close(adv, [[1.1732, 0.31, 0.5]])
+    assert close(ret, [[1.6732, 0.81, 1.0]])
+
+
+def test_gae_value_after_last_answer_token_is_zero_and_padding_is_ignored():
+    # the answer [1, 0, 1] with values .5 sits between junk (even NaN) padding on both sides
+    rewards = T([[float("nan"), 1.0, 0.0, 1.0, 5.0, 5.0]])
+    values = T([[float("nan"), 0.5, 0.5, 0.5, 9.0, 9.0]])
+    mask = T([[0.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    adv, ret = compute_gae(rewards, values, mask, 1.0, 1.0)
+    assert close(adv, [[0.0, 1.5, 0.5, 0.5, 0.0, 0.0]])
+    assert close(ret, [[0.0, 2.0, 1.0, 1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_gae_matches_python_loop(seed: int, side: str):
+    gamma, lam = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.5), (1.0, 0.0), (0.5, 1.0)][seed]
+    answers, ((rewards, values, *_), mask) = random_batch(seed, side=side)
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    for b, ans in enumerate(answers):
+        exp_adv, exp_ret = ref_gae([t[0] for t in ans], [t[1] for t in ans], gamma, lam)
+        assert close(answer_tokens(adv, mask)[b], exp_adv, 1e-9)
+        assert close(answer_tokens(ret, mask)[b], exp_ret, 1e-9)
+    assert float(adv[mask == 0].abs().sum()) == 0 and float(ret[mask == 0].abs().sum()) == 0
+
+
+# ---------------------------------------------------- left vs right padding, everywhere
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_left_and_right_padding_give_the_same_results(seed: int):
+    answers, ((r1, v1, lp1, old1, ref1), m1) = random_batch(seed, side="left")
+    (r2, v2, lp2, old2, ref2), m2 = pad(answers, 9, "right")
+    assert not torch.equal(m1, m2)
+
+    def everything(r, v, lp, old, ref, m):
+        adv, ret = compute_gae(r, v, m, 0.95, 0.9)
+        white = masked_whiten(adv, m)
+        pg, pg_stats = policy_loss(lp, old, white, m, 0.2)
+        vf, vf_stats = value_loss(v, old, ret, m, 0.2)
+        rewards, _ = token_rewards(r[:, 0], kl_penalty(lp, ref, "k3"), m, 0.1)
+        return (
+            answer_tokens(adv, m),
+            answer_tokens(ret, m),
+            answer_tokens(white, m),
+            answer_tokens(masked_whiten(r, m, shift_mean=False), m),
+            answer_tokens(rewards, m),
+            [float(pg), float(vf), float(masked_mean(lp, m)), float(masked_var(lp, m))],
+            [float(s) for s in (*pg_stats.values(), *vf_stats.values())],
+        )
+
+    left, right = everything(r1, v1, lp1, old1, ref1, m1), everything(r2, v2, lp2, old2, ref2, m2)
+    for a, b in zip(left, right, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert close(x, y, 1e-9)
+
+
+# ------------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = T([[math.log(0.5)]]), T([[math.log(0.25)]])
+    # k1 = log .5 - log .25 = log 2
+    assert close(kl_penalty(logp, ref, "k1"), [[math.log(2)]])
+    # logr = ref - logp = -log 2; k3 = e^-log2 - 1 + log 2 = .5 - 1 + .693147 = .193147
+    assert close(kl_penalty(logp, ref, "k3"), [[0.5 - 1 + math.log(2)]])
+    # k2 = .5 * (log 2)^2
+    assert close(kl_penalty(logp, ref, "k2"), [[0.5 * math.log(2) ** 2]])
+    # identical policies: every estimator is 0
+    for est in ("k1", "k2", "k3"):
+        assert close(kl_penalty(logp, logp, est), [[0.0]])
+    with pytest.raises(ValueError, match="k1"):
+        kl_penalty(logp, ref, "k4")  # type: ignore[arg-type]
+
+
+def test_kl_estimators_are_unbiased_on_samples():
+    # p = [.7, .2, .1], q = [.2, .3, .5]; the true KL(p || q), and the mean of k1 and k3 over
+    # many samples of p, agree; k3 is non-negative on every sample, k1 is not.
+    p, q = T([0.7, 0.2, 0.1], dtype=torch.float64), T([0.2, 0.3, 0.5], dtype=torch.float64)
+    true_kl = float((p * (p / q).log()).sum())
+    torch.manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True)
+    k1, k3 = kl_penalty(p.log()[x], q.log()[x], "k1"), kl_penalty(p.log()[x], q.log()[x], "k3")
+    assert abs(float(k1.mean()) - true_kl) < 0.01 and abs(float(k3.mean()) - true_kl) < 0.01
+    assert float(k3.min()) >= 0 and float(k1.min()) < 0
+
+
+def test_token_rewards_put_the_score_on_the_last_answer_token():
+    kl = T([[9.0, 1.0, 2.0, 9.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = T([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    rewards, non_score = token_rewards(T([2.0, 3.0]), kl, mask, kl_coef=0.1)
+    assert close(non_score, [[0.0, -0.1, -0.2, 0.0], [-0.1, -0.1, -0.1, -0.1]])
+    assert close(rewards, [[0.0, -0.1, 1.8, 0.0], [-0.1, -0.1, -0.1, 2.9]])
+    assert last_token_index(mask).tolist() == [2, 3]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_policy_loss_clipping_by_hand():
+    # cliprange .2, so the ratio is clipped to [.8, 1.2]
+    #   ratio 1.5, A=+1: max(-1.5, -1.2) = -1.2  clipped (no gain from moving further up)
+    #   ratio 1.5, A=-1: max( 1.5,  1.2) =  1.5  not clipped (a bad move stays penalised)
+    #   ratio 0.5, A=+1: max(-0.5, -0.8) = -0.5  not clipped
+    #   ratio 0.5, A=-1: max( 0.5,  0.8) =  0.8  clipped
+    # loss = (-1.2 + 1.5 - 0.5 + 0.8) / 4 = .15, clipfrac = 2/4
+    ratio = T([[1.5, 1.5, 0.5, 0.5]])
+    adv = T([[1.0, -1.0, 1.0, -1.0]])
+    old = T([[-1.0, -2.0, -3.0, -0.5]])
+    logp = (old + ratio.log()).requires_grad_()
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4), 0.2)
+    assert close(loss, 0.15)
+    assert close(stats["policy/clipfrac"], 0.5)
+    # approx_kl = mean((ratio - 1) - log ratio) = (2*(.5 - .405465) + 2*(-.5 + .693147)) / 4
+    assert close(
+        stats["policy/approx_kl"], (2 * (0.5 - math.log(1.5)) + 2 * (-0.5 + math.log(2))) / 4
+    )
+    # the clipped tokens give no gradient; the others give -A * ratio / n
+    loss.backward()
+    assert close(logp.grad, [[0.0, 1.5 / 4, -0.5 / 4, 0.0]])
+
+
+def test_policy_loss_padding_and_python_loop():
+    torch.manual_seed(1)
+    logp, old, adv = torch.randn(3, 6), torch.randn(3, 6) * 0.1, torch.randn(3, 6)
+    logp = old + torch.randn(3, 6) * 0.3
+    mask = (torch.rand(3, 6) > 0.3).float()
+    mask[:, 0] = 1.0
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2)
+    terms, clipped = [], 0
+    for i in range(3):
+        for j in range(6):
+            if mask[i, j] == 0:
+                continue
+            r = math.exp(float(logp[i, j] - old[i, j]))
+            a = float(adv[i, j])
+            unclipped, clip = -a * r, -a * min(max(r, 0.8), 1.2)
+            terms.append(max(unclipped, clip))
+            clipped += clip > unclipped
+    assert close(loss, sum(terms) / len(terms))
+    assert close(stats["policy/clipfrac"], clipped / len(terms))
+
+
+def test_value_loss_clipping_by_hand():
+    # old values 0, cliprange .2 -> v is clipped to [-.2, .2]
+    #   v=.5,  R=1: (v-R)^2 = .25, (.2-1)^2 = .64 -> .64 clipped
+    #   v=.5,  R=0: .25 vs (.2)^2 = .04           -> .25
+    #   v=-.1, R=0: .01 vs .01                    -> .01 (inside the range, not clipped)
+    # loss = .5 * (.64 + .25 + .01) / 3 = .15, clipfrac = 1/3
+    values = T([[0.5, 0.5, -0.1, 123.0]], requires_grad=True)
+    old, returns = torch.zeros(1, 4), T([[1.0, 0.0, 0.0, -55.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    loss, stats = value_loss(values, old, returns, mask, 0.2)
+    assert close(loss, 0.15)
+    assert close(stats["value/clipfrac"], 1 / 3)
+    assert close(stats["value/error"], (0.25 + 0.25 + 0.01) / 3)
+    loss.backward()
+    # d/dv of .5 * mean: the clipped token gets 0, others (v - R) / 3, padding 0
+    assert close(values.grad, [[0.0, 0.5 / 3, -0.1 / 3, 0.0]])
+
+
+# ------------------------------------------------------------- logits helpers
+
+
+def test_logprobs_and_entropy_match_plain_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64) * 3
+    labels = torch.randint(0, 11, (2, 5))
+    logp = logprobs_from_logits(logits, labels)
+    for b in range(2):
+        for t in range(5):
+            z = [float(v) for v in logits[b, t]]
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            assert abs(float(logp[b, t]) - (z[int(labels[b, t])] - log_norm)) < 1e-9
+            probs = [math.exp(v - log_norm) for v in z]
+            assert (
+                abs(float(token_entropy(logits)[b, t]) + sum(p * math.log(p) for p in probs)) < 1e-9
+            )
+    mask = T([[1.0, 1, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.float64)
+    ent = token_entropy(logits)
+    assert close(entropy_from_logits(logits, mask), (ent[0, :2].sum() + ent[1, 3:].sum()) / 4, 1e-9)
+    # uniform logits: entropy is log(vocab)
+    assert close(token_entropy(torch.zeros(1, 1, 11)), [[math.log(11)]])
+
+
+# ---------------------------------------------------------------- KL controllers
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    assert ctl.value == 0.2
+    # KL 9 vs target 6: error .5 clipped to .2; mult = 1 + .2 * 8 / 10000 = 1.00016
+    assert math.isclose(ctl.update(9.0, 8), 0.2 * 1.00016)
+    # KL 3: error -.5 clipped to -.2; mult = 1 - .2 * 256 / 10000 = .99488
+    assert math.isclose(ctl.update(3.0, 256), 0.2 * 1.00016 * 0.99488)
+    # KL 6.6: error .1 (inside the clip); mult = 1 + .1 * 100 / 10000 = 1.001
+    before = ctl.value
+    ctl.update(6.6, 100)
+    assert math.isclose(ctl.value, before * 1.001)
+    # on target: unchanged
+    before = ctl.value
+    ctl.update(6.0, 1000)
+    assert math.isclose(ctl.value, before)
+    restored = AdaptiveKLController(1.0, 6.0, 10000)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value
+
+
+def test_fixed_kl_controller_and_factory():
+    fixed = FixedKLController(0.05)
+    assert fixed.update(100.0, 1000) == 0.05 and fixed.value == 0.05
+    assert isinstance(make_kl_controller(0.05, None), FixedKLController)
+    assert isinstance(make_kl_controller(0.05, 6.0), AdaptiveKLController)
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.05, 0.0, 10000)
+
+
+# -------------------------------------------------------------- reward normaliser
+
+
+def test_running_moments_equal_statistics_of_everything_seen():
+    torch.manual_seed(0)
+    batches = [torch.randn(n) * 3 + 1 for n in (5, 1, 17, 8)]
+    moments = RunningMoments()
+    for b in batches:
+        mean, std = moments.update(b)
+        assert math.isclose(mean, float(b.mean()), rel_tol=1e-6)
+    everything = torch.cat(batches).double()
+    assert math.isclose(moments.mean, float(everything.mean()), rel_tol=1e-9)
+    assert math.isclose(moments.std, float(everything.std(unbiased=False)), rel_tol=1e-9)
+    assert moments.count == len(everything)
+    normalized = moments.normalize(everything)
+    assert abs(float(normalized.mean())) < 1e-6
+    with pytest.raises(ValueError, match="empty"):
+        moments.update(torch.zeros(0))
