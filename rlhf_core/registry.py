@@ -1,0 +1,525 @@
+"""Policy versions in Redis: artifacts, metadata, the current pointer, the training lock.
+
+Everything that several processes must agree on about versions lives here, under
+``rlhf:registry:*`` (plus the lock ``rlhf:lock:train``):
+
+- ``version:{n}`` hash: metadata of version ``n`` (parent, time, events used,
+  metrics, reward-model version, fencing token, where its adapter lives).
+- ``versions`` list: version numbers in publish order; ``next`` the counter.
+- ``current``: the version every UI should serve (0 = the base model).
+- ``blob:{artifact}:{kind}``: the adapter folder as an uncompressed tar, when it is
+  small enough (``inline_artifact_max_mb``); larger ones go to the shared
+  ``RLHF_ARTIFACT_DIR`` folder, which every machine must mount.
+- ``used`` hash: feedback stream id -> version that trained on it, so that a
+  round that crashed between publish and ack cannot count an event twice.
+- ``round`` hash: the progress of the round in flight; ``last_round``, ``failures``.
+
+Publishing is one Lua script: it checks the caller's fencing token against the lock
+holder, allocates the version number, writes the metadata, moves the pointer,
+marks the events used and announces on ``rlhf:versions`` -- all or nothing, so a
+worker killed at any point never leaves a half-published version behind, and a
+worker whose lock lease expired (a stale token) cannot publish over a newer round.
+Artifacts are written *before* the script under a fresh id (inline blobs with a
+TTL that the script removes), so the pointer never names a missing artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rlhf:registry:"
+CHANNEL = "rlhf:versions"
+LOCK_KEY = "rlhf:lock:train"
+LOCK_TOKEN_KEY = "rlhf:lock:train:token"
+
+K_CURRENT = PREFIX + "current"
+K_NEXT = PREFIX + "next"
+K_VERSIONS = PREFIX + "versions"
+K_USED = PREFIX + "used"
+K_ROUND = PREFIX + "round"
+K_LAST_ROUND = PREFIX + "last_round"
+K_FAILURES = PREFIX + "failures"
+K_POINTER_LOG = PREFIX + "pointer_log"
+
+# A staged inline artifact that was never published (the worker died first)
+# expires on its own instead of leaking memory.
+STAGED_TTL_S = 24 * 3600
+KINDS = ("policy", "reward")
+
+
+class StaleTokenError(RuntimeError):
+    """A publish came from a round that no longer holds the training lock."""
+
+
+class UnknownVersionError(KeyError):
+    """The version asked for was never published."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; say it plainly
+        return str(self.args[0]) if self.args else "unknown version"
+
+
+# KEYS: lock, current, next, versions, used, pointer_log
+# ARGV: token, meta_json, created_at, version_key_prefix, channel, artifact, storage,
+#       n_blobs, blob keys..., stream ids...
+_PUBLISH = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  return {-1, holder or ''}
+end
+local v = redis.call('INCR', KEYS[3])
+local previous = redis.call('GET', KEYS[2]) or '0'
+redis.call('HSET', ARGV[4] .. v, 'version', v, 'meta', ARGV[2], 'created_at', ARGV[3],
+           'previous_current', previous, 'fencing_token', ARGV[1],
+           'artifact', ARGV[6], 'storage', ARGV[7])
+redis.call('RPUSH', KEYS[4], v)
+redis.call('SET', KEYS[2], v)
+local n_blobs = tonumber(ARGV[8])
+for i = 9, 8 + n_blobs do
+  redis.call('PERSIST', ARGV[i])
+end
+for i = 9 + n_blobs, #ARGV do
+  redis.call('HSET', KEYS[5], ARGV[i], v)
+end
+local msg = '{"version": ' .. v .. ', "reason": "publish", "at": ' .. ARGV[3] .. '}'
+redis.call('LPUSH', KEYS[6], msg)
+redis.call('LTRIM', KEYS[6], 0, 999)
+redis.call('PUBLISH', ARGV[5], msg)
+return {v, ''}
+"""
+
+# KEYS: current, pointer_log; ARGV: version, version_key, channel, at
+_ROLLBACK = """
+if ARGV[1] ~= '0' and redis.call('EXISTS', ARGV[2]) == 0 then
+  return -1
+end
+redis.call('SET', KEYS[1], ARGV[1])
+local msg = '{"version": ' .. ARGV[1] .. ', "reason": "rollback", "at": ' .. ARGV[4] .. '}'
+redis.call('LPUSH', KEYS[2], msg)
+redis.call('LTRIM', KEYS[2], 0, 999)
+redis.call('PUBLISH', ARGV[3], msg)
+return 1
+"""
+
+# KEYS: lock, token counter; ARGV: ttl_ms.  Only INCR when the lock is free, so
+# tokens grow by one per round and a busy lock costs nothing.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return nil
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _tar_folder(folder: Path) -> bytes:
+    # Uncompressed: safetensors weights barely compress and gzip costs seconds.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    return buf.getvalue()
+
+
+def _untar(data: bytes, out: Path) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(out, filter="data")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class TrainingLock:
+    """One training round at a time across all machines: a lease in Redis
+    (``SET NX PX``) carrying a fencing token from an ``INCR`` counter.
+
+    A background thread renews the lease every ``ttl/3`` while the round runs, so
+    a live round keeps it for as long as it needs, and a killed worker gives it up
+    ``ttl`` seconds later. ``lost`` turns true when a renewal finds someone else's
+    token (the lease expired, e.g. the process was frozen); such a round cannot
+    publish anyway, because :meth:`Registry.publish` checks the token.
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: float = 30.0) -> None:
+        self.client = client
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.token: int | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self) -> int | None:
+        """The fencing token when the lock was free, else None (a round runs)."""
+        token = self._acquire(keys=[LOCK_KEY, LOCK_TOKEN_KEY], args=[self.ttl_ms])
+        if token is None:
+            return None
+        self.token = int(token)
+        self.lost.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keep_alive, name="lock-renew", daemon=True)
+        self._thread.start()
+        return self.token
+
+    def renew(self) -> bool:
+        if self.token is None:
+            return False
+        ok = bool(self._renew(keys=[LOCK_KEY], args=[self.token, self.ttl_ms]))
+        if not ok:
+            self.lost.set()
+        return ok
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                if not self.renew():
+                    log.warning(
+                        "training lock lost (token %s); this round cannot publish", self.token
+                    )
+                    return
+            except redis.RedisError as error:  # keep trying: the lease outlives a short blip
+                log.warning("could not renew the training lock: %s", error)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.token is not None:
+            try:
+                self._release(keys=[LOCK_KEY], args=[self.token])
+            except redis.RedisError as error:  # the lease expires by itself
+                log.warning("could not release the training lock: %s", error)
+        self.token = None
+
+    def holder(self) -> int | None:
+        value = self.client.get(LOCK_KEY)
+        return int(value) if value is not None else None
+
+    def __enter__(self) -> TrainingLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Registry:
+    """Policy versions shared by every UI and worker through one Redis."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._publish = client.register_script(_PUBLISH)
+        self._rollback = client.register_script(_ROLLBACK)
+
+    # ------------------------------------------------------------------ lock
+    def lock(self, ttl_s: float | None = None) -> TrainingLock:
+        return TrainingLock(self.client, ttl_s if ttl_s is not None else self.settings.lock_ttl_s)
+
+    def lock_holder(self) -> int | None:
+        value = self.client.get(LOCK_KEY)
+        return int(value) if value is not None else None
+
+    # ------------------------------------------------------------- versions
+    def current(self) -> int:
+        value = self.client.get(K_CURRENT)
+        return int(value) if value is not None else 0
+
+    def versions(self) -> list[int]:
+        return [int(v) for v in self.client.lrange(K_VERSIONS, 0, -1)]
+
+    def get(self, version: int) -> dict[str, Any]:
+        """Metadata of one version (0 = the base model)."""
+        if version == 0:
+            return {"version": 0, "parent": None, "metrics": {}, "events_used": 0, "base": True}
+        raw = self.client.hgetall(f"{PREFIX}version:{version}")
+        if not raw:
+            raise UnknownVersionError(
+                f"Version {version} was never published; known versions: {self.versions()}"
+            )
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        meta = json.loads(fields["meta"])
+        meta.update(
+            version=int(fields["version"]),
+            created_at=float(fields["created_at"]),
+            previous_current=int(fields["previous_current"]),
+            fencing_token=int(fields["fencing_token"]),
+            artifact=fields["artifact"],
+            storage=fields["storage"],
+        )
+        meta.setdefault("parent", meta["previous_current"])
+        meta.setdefault("reward_version", meta["version"] if "reward" in meta["kinds"] else None)
+        return meta
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every published version, oldest first, with ``current`` marking the served one."""
+        current = self.current()
+        out = []
+        for version in self.versions():
+            meta = self.get(version)
+            meta["current"] = version == current
+            out.append(meta)
+        return out
+
+    def pointer_log(self, count: int = 50) -> list[dict[str, Any]]:
+        """Recent moves of the current pointer (publish and rollback), newest first."""
+        return [json.loads(m) for m in self.client.lrange(K_POINTER_LOG, 0, count - 1)]
+
+    def used_by(self, stream_ids: Iterable[str]) -> dict[str, int]:
+        """Which of these feedback stream ids a published version already trained on."""
+        ids = [_text(s) for s in stream_ids]
+        if not ids:
+            return {}
+        values = self.client.hmget(K_USED, ids)
+        return {sid: int(v) for sid, v in zip(ids, values, strict=True) if v is not None}
+
+    # ------------------------------------------------------------- publish
+    def publish(
+        self,
+        adapter_dir: str | Path,
+        metadata: dict[str, Any],
+        fencing_token: int,
+        *,
+        reward_dir: str | Path | None = None,
+        stream_ids: Iterable[str] = (),
+    ) -> int:
+        """Store the adapter(s), then atomically make them the next current version.
+
+        ``metadata`` is free JSON (parent, events_used, metrics, ...). ``stream_ids``
+        are the feedback entries this version trained on; they are marked used in
+        the same atomic step. Raises :class:`StaleTokenError` when
+        ``fencing_token`` is not the lock's current holder.
+        """
+        folders = {"policy": Path(adapter_dir)}
+        if reward_dir is not None:
+            folders["reward"] = Path(reward_dir)
+        for kind, folder in folders.items():
+            if not (folder / "adapter_config.json").exists():
+                raise FileNotFoundError(
+                    f"{kind} adapter folder {folder} has no adapter_config.json; save it with "
+                    "PeftModel.save_pretrained before publishing"
+                )
+        artifact = uuid.uuid4().hex
+        total = sum(_folder_bytes(f) for f in folders.values())
+        inline = total <= self.settings.inline_artifact_max_mb * 1024 * 1024
+        blob_keys: list[str] = []
+        if inline:
+            pipe = self.client.pipeline(transaction=True)
+            for kind, folder in folders.items():
+                key = f"{PREFIX}blob:{artifact}:{kind}"
+                pipe.set(key, _tar_folder(folder), ex=STAGED_TTL_S)
+                blob_keys.append(key)
+            pipe.execute()
+        else:
+            self._write_shared(artifact, folders)
+
+        meta = dict(metadata)
+        meta["kinds"] = sorted(folders)
+        meta["size_bytes"] = total
+        ids = [_text(s) for s in stream_ids]
+        meta.setdefault("events_used", len(ids))
+        result = self._publish(
+            keys=[LOCK_KEY, K_CURRENT, K_NEXT, K_VERSIONS, K_USED, K_POINTER_LOG],
+            args=[
+                str(fencing_token),
+                json.dumps(meta),
+                repr(time.time()),
+                f"{PREFIX}version:",
+                CHANNEL,
+                artifact,
+                "inline" if inline else "shared",
+                len(blob_keys),
+                *blob_keys,
+                *ids,
+            ],
+        )
+        version, holder = int(result[0]), _text(result[1])
+        if version < 0:
+            # Nothing points at the staged artifact: drop it now rather than at its TTL.
+            if blob_keys:
+                self.client.delete(*blob_keys)
+            else:
+                shutil.rmtree(self.settings.resolved_artifact_dir() / artifact, ignore_errors=True)
+            raise StaleTokenError(
+                f"Refused to publish: fencing token {fencing_token} no longer holds the training "
+                f"lock (holder: {holder or 'nobody'}). The round outlived its lease "
+                f"(RLHF_LOCK_TTL_S={self.settings.lock_ttl_s}); its events stay for the next round."
+            )
+        log.info("published version %s (%s, %.1f MB)", version, meta["kinds"], total / 2**20)
+        return version
+
+    def _write_shared(self, artifact: str, folders: dict[str, Path]) -> None:
+        root = self.settings.resolved_artifact_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{artifact}"
+        for kind, folder in folders.items():
+            shutil.copytree(folder, tmp / kind)
+        # rename is atomic: readers never see a half-copied artifact folder.
+        tmp.rename(root / artifact)
+
+    def rollback(self, version: int) -> int:
+        """Make an earlier version (or 0, the base model) current again and announce it."""
+        ok = self._rollback(
+            keys=[K_CURRENT, K_POINTER_LOG],
+            args=[int(version), f"{PREFIX}version:{int(version)}", CHANNEL, repr(time.time())],
+        )
+        if int(ok) < 0:
+            raise UnknownVersionError(
+                f"Cannot roll back to version {version}: it was never published. "
+                f"Known versions: {self.versions() or 'none (0 = base model)'}"
+            )
+        return int(version)
+
+    # ----------------------------------------------------------- artifacts
+    def materialize(
+        self, version: int, local_cache_dir: str | Path | None = None, kind: str = "policy"
+    ) -> Path | None:
+        """A local folder that ``PeftModel.from_pretrained`` loads, or None for version 0.
+
+        Inline artifacts are unpacked once into ``local_cache_dir`` (default
+        ``<data_dir>/adapters``); shared ones are read where they are.
+        """
+        if version == 0:
+            return None
+        meta = self.get(version)
+        if kind not in meta["kinds"]:
+            return None
+        artifact = meta["artifact"]
+        if meta["storage"] == "shared":
+            folder = self.settings.resolved_artifact_dir() / artifact / kind
+            if not (folder / "adapter_config.json").exists():
+                raise FileNotFoundError(
+                    f"Version {version} lives in the shared artifact folder {folder}, which "
+                    "this machine cannot read. Mount the same RLHF_ARTIFACT_DIR on every machine."
+                )
+            return folder
+        cache = Path(local_cache_dir or Path(self.settings.data_dir) / "adapters")
+        out = cache / f"v{version}-{artifact}" / kind
+        if (out / "adapter_config.json").exists():
+            return out
+        data = self.client.get(f"{PREFIX}blob:{artifact}:{kind}")
+        if data is None:
+            raise FileNotFoundError(f"Version {version}'s {kind} adapter is missing from Redis")
+        tmp = out.with_name(f".{kind}.tmp{os.getpid()}-{threading.get_ident()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _untar(data, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another thread unpacked it first: theirs is just as good
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    # ------------------------------------------------- round status/progress
+    def set_progress(
+        self, stage: str, fraction: float, token: int | None = None, **extra: Any
+    ) -> None:
+        """What the round in flight is doing, for the Training tab."""
+        fields = {
+            "stage": stage,
+            "fraction": f"{max(0.0, min(1.0, float(fraction))):.4f}",
+            "updated_at": repr(time.time()),
+            "token": "" if token is None else str(token),
+            "worker": worker_name(),
+            **{k: json.dumps(v) for k, v in extra.items()},
+        }
+        self.client.hset(K_ROUND, mapping=fields)
+
+    def clear_progress(self) -> None:
+        self.client.delete(K_ROUND)
+
+    def progress(self) -> dict[str, Any] | None:
+        """The round in flight: stage, fraction, updated_at, token; None when idle.
+
+        ``running`` is true only while the round's lock is still held, so a worker
+        killed mid-round shows as stopped once its lease runs out.
+        """
+        raw = self.client.hgetall(K_ROUND)
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        out: dict[str, Any] = dict(fields)
+        out["fraction"] = float(fields.get("fraction", 0) or 0)
+        out["updated_at"] = float(fields.get("updated_at", 0) or 0)
+        holder = self.lock_holder()
+        out["running"] = holder is not None and fields.get("token") == str(holder)
+        return out
+
+    def record_round(self, status: str, reason: str = "", **details: Any) -> None:
+        """The outcome of a round: 'published', 'failed' (gate or error) or 'skipped'."""
+        entry = {"status": status, "reason": reason, "at": time.time(), **details}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(K_LAST_ROUND, json.dumps(entry))
+        if status == "failed":
+            pipe.lpush(K_FAILURES, json.dumps(entry))
+            pipe.ltrim(K_FAILURES, 0, 99)
+        pipe.execute()
+
+    def record_failure(self, reason: str, **details: Any) -> None:
+        self.record_round("failed", reason, **details)
+
+    def last_round(self) -> dict[str, Any] | None:
+        raw = self.client.get(K_LAST_ROUND)
+        return json.loads(raw) if raw else None
+
+    def failures(self, count: int = 20) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.client.lrange(K_FAILURES, 0, count - 1)]
+
+    def status_line(self) -> str:
+        """One line for ``rlhf-chat status`` and the Training tab."""
+        parts = [f"current version {self.current()}"]
+        progress = self.progress()
+        if progress and progress["running"]:
+            parts.append(f"round running: {progress['stage']} {progress['fraction']:.0%}")
+        last = self.last_round()
+        if last:
+            if last["status"] == "failed":
+                parts.append(f"last round failed: {last['reason']}")
+            elif last["status"] == "published":
+                parts.append(f"last round published version {last.get('version')}")
+            else:
+                parts.append(f"last round {last['status']}: {last['reason']}")
+        return "; ".join(parts)

@@ -1,0 +1,202 @@
+"""Registry and training lock against a real Valkey server and real PEFT adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core.modeling import lora_config
+from rlhf_core.registry import (
+    CHANNEL,
+    Registry,
+    StaleTokenError,
+    TrainingLock,
+    UnknownVersionError,
+)
+
+
+def _save_adapter(tiny_model, settings, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A real LoRA adapter with non-zero B (so versions differ), saved the PEFT way."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(tiny_model.model), lora_config(settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.fixture()
+def adapters(tmp_path, tiny_model, tiny_settings):
+    return {
+        seed: (
+            tmp_path / f"adapter{seed}",
+            _save_adapter(tiny_model, tiny_settings, tmp_path / f"adapter{seed}", seed),
+        )
+        for seed in (1, 2)
+    }
+
+
+def _load(tiny_model, folder: Path):
+    """Load the way any other program would: a fresh base + PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model.model_dir)
+    return PeftModel.from_pretrained(base, str(folder))
+
+
+def _lora_equal(model, expected: dict[str, torch.Tensor]) -> bool:
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(state) == len(expected) > 0
+    return all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_publish_materialize_history(redis_client, tiny_settings, tiny_model, adapters):
+    registry = Registry(redis_client, tiny_settings)
+    assert registry.current() == 0 and registry.history() == []
+    lock = registry.lock()
+    token = lock.acquire()
+    assert token is not None
+    folder1, weights1 = adapters[1]
+    folder2, weights2 = adapters[2]
+    v1 = registry.publish(
+        folder1,
+        {"parent": 0, "metrics": {"objective/kl": 0.5}},
+        token,
+        reward_dir=folder2,
+        stream_ids=["1-0", "2-0"],
+    )
+    v2 = registry.publish(folder2, {"parent": v1, "metrics": {}}, token)
+    lock.release()
+    assert (v1, v2) == (1, 2) and registry.current() == 2
+
+    meta = registry.get(1)
+    assert meta["parent"] == 0 and meta["events_used"] == 2 and meta["fencing_token"] == token
+    assert meta["metrics"]["objective/kl"] == 0.5 and meta["storage"] == "inline"
+    assert meta["reward_version"] == 1 and registry.get(2)["reward_version"] is None
+    assert [h["version"] for h in registry.history()] == [1, 2]
+    assert [h["current"] for h in registry.history()] == [False, True]
+    assert registry.used_by(["1-0", "2-0", "3-0"]) == {"1-0": 1, "2-0": 1}
+
+    # Unpacked into a fresh cache, the adapters load in an unrelated model.
+    path1 = registry.materialize(1, tiny_settings.data_dir / "cache-a")
+    assert _lora_equal(_load(tiny_model, path1), weights1)
+    assert not _lora_equal(_load(tiny_model, registry.materialize(2)), weights1)
+    reward = registry.materialize(1, tiny_settings.data_dir / "cache-a", kind="reward")
+    assert _lora_equal(_load(tiny_model, reward), weights2)
+    assert registry.materialize(0) is None
+    with pytest.raises(UnknownVersionError):
+        registry.get(7)
+
+
+def test_large_adapters_go_to_the_shared_folder(redis_client, tiny_settings, tiny_model, adapters):
+    settings = tiny_settings.model_copy(
+        update={"inline_artifact_max_mb": 0.0, "artifact_dir": tiny_settings.data_dir / "shared"}
+    )
+    registry = Registry(redis_client, settings)
+    lock = registry.lock()
+    token = lock.acquire()
+    folder, weights = adapters[1]
+    version = registry.publish(folder, {}, token)
+    lock.release()
+    meta = registry.get(version)
+    assert meta["storage"] == "shared"
+    assert not redis_client.keys("rlhf:registry:blob:*")  # nothing inline
+    path = registry.materialize(version)
+    assert path.is_relative_to(settings.data_dir / "shared")
+    assert _lora_equal(_load(tiny_model, path), weights)
+
+
+def test_lock_is_exclusive_and_renewed(redis_client):
+    first = TrainingLock(redis_client, ttl_s=0.3)
+    second = TrainingLock(redis_client, ttl_s=0.3)
+    token = first.acquire()
+    assert token == 1
+    time.sleep(1.0)  # three leases long: only renewal keeps it
+    assert second.acquire() is None
+    assert first.holder() == token and not first.lost.is_set()
+    first.release()
+    assert first.holder() is None
+    assert second.acquire() == 2
+    second.release()
+
+
+def test_stale_token_cannot_publish(redis_client, tiny_settings, adapters):
+    registry = Registry(redis_client, tiny_settings)
+    folder, _ = adapters[1]
+    old = registry.lock(ttl_s=0.2)
+    old_token = old.acquire()
+    old._stop.set()  # a frozen worker: it stops renewing and its lease runs out
+    time.sleep(0.5)
+    new = registry.lock(ttl_s=5)
+    new_token = new.acquire()
+    assert new_token is not None and new_token > old_token
+    with pytest.raises(StaleTokenError, match="no longer holds"):
+        registry.publish(folder, {}, old_token, stream_ids=["5-0"])
+    assert registry.current() == 0 and registry.versions() == []
+    assert registry.used_by(["5-0"]) == {}
+    assert not redis_client.keys("rlhf:registry:blob:*")  # the staged artifact was dropped
+    assert registry.publish(folder, {}, new_token) == 1
+    new.release()
+    # After release nobody holds the lock: even the last holder's token is refused.
+    with pytest.raises(StaleTokenError):
+        registry.publish(folder, {}, new_token)
+    assert registry.current() == 1
+
+
+def test_rollback_moves_pointer_and_announces(redis_client, tiny_settings, adapters):
+    registry = Registry(redis_client, tiny_settings)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    lock = registry.lock()
+    token = lock.acquire()
+    registry.publish(adapters[1][0], {}, token)
+    registry.publish(adapters[2][0], {}, token)
+    lock.release()
+    assert registry.rollback(1) == 1
+    assert registry.current() == 1
+    with pytest.raises(UnknownVersionError, match="never published"):
+        registry.rollback(5)
+    assert registry.current() == 1
+    registry.rollback(0)
+    assert registry.current() == 0
+
+    messages = []
+    deadline = time.monotonic() + 5
+    while len(messages) < 4 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message:
+            messages.append(json.loads(message["data"]))
+    pubsub.close()
+    assert [(m["version"], m["reason"]) for m in messages] == [
+        (1, "publish"),
+        (2, "publish"),
+        (1, "rollback"),
+        (0, "rollback"),
+    ]
+    assert [m["version"] for m in registry.pointer_log()] == [0, 1, 2, 1]
+
+
+def test_round_status_and_failures(redis_client, tiny_settings):
+    registry = Registry(redis_client, tiny_settings)
+    assert registry.progress() is None and registry.last_round() is None
+    lock = registry.lock()
+    token = lock.acquire()
+    registry.set_progress("reward", 0.25, token)
+    progress = registry.progress()
+    assert progress["stage"] == "reward" and progress["fraction"] == 0.25 and progress["running"]
+    lock.release()
+    assert registry.progress()["running"] is False  # a dead round does not look alive
+    registry.record_failure("KL 12.3 > budget 10", metrics={"objective/kl": 12.3})
+    assert registry.last_round()["status"] == "failed"
+    assert registry.failures()[0]["metrics"]["objective/kl"] == 12.3
+    assert "last round failed: KL 12.3 > budget 10" in registry.status_line()
