@@ -1,0 +1,485 @@
+"""Feedback -> training data: final votes, pointwise examples, preference pairs,
+PPO prompts, and JSONL exports in the formats TRL's trainers read.
+
+How the events of one turn resolve (``resolve_feedback``), in stream order:
+
+- ``like`` / ``dislike`` / ``unvote``: the last one wins. ``unvote`` removes the
+  vote; a second ``like`` after a ``like`` changes nothing (a double click
+  counts once). label = 1.0 for like, 0.0 for dislike, none otherwise.
+- ``rewrite``: the user's edited answer; the last one wins. It yields a pair
+  (rewrite chosen over the original answer), not a pointwise label.
+- ``regenerate``: the user asked for another answer; the new answer is its own
+  turn with ``parent_turn_id`` set. It carries no label by itself; votes on the
+  original and on the regenerated answer (same context) make a pair.
+- ``undo``: retracts the most recent not yet retracted event of that turn from
+  the same session (any kind but undo). Undos stack: two undos retract the
+  last two events. An undo with nothing left to retract does nothing; an undo
+  cannot itself be undone (there is no redo).
+
+Stream order is the order the server received the events, so a client clock
+that is off does not reorder votes.
+
+Every builder takes plain ``(turns, events)``: the worker passes the events of
+one round, the exports pass everything. ``load_feedback`` gathers them from a
+``FeedbackStore``; ``round_datasets`` does it all for one training round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from rlhf_core.feedback import Event, FeedbackStore, Turn
+
+Vote = Literal["like", "dislike"]
+EXPORT_FORMATS: tuple[str, ...] = ("turns", "kto", "dpo", "reward")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------
+# resolving events into a final state per turn
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TurnFeedback:
+    """The final state of one turn's feedback after all its events."""
+
+    vote: Vote | None = None
+    rewrite: str | None = None
+    regenerated: bool = False
+    effective: list[Event] = field(default_factory=list)  # events still in force, in order
+    retracted: list[Event] = field(default_factory=list)  # events taken back by an undo
+
+    @property
+    def label(self) -> float | None:
+        return {"like": 1.0, "dislike": 0.0}.get(self.vote) if self.vote else None
+
+
+@dataclass
+class Labeled:
+    """A turn with its resolved feedback."""
+
+    turn: Turn
+    feedback: TurnFeedback
+
+    @property
+    def vote(self) -> Vote | None:
+        return self.feedback.vote
+
+    @property
+    def label(self) -> float | None:
+        return self.feedback.label
+
+    @property
+    def rewrite(self) -> str | None:
+        return self.feedback.rewrite
+
+
+def resolve_turn_events(events: Iterable[Event]) -> TurnFeedback:
+    """Resolve the events of one turn (in stream order) into its final state."""
+    effective: list[Event] = []
+    retracted: list[Event] = []
+    for event in events:
+        if event.kind == "undo":
+            for i in range(len(effective) - 1, -1, -1):
+                if effective[i].session_id == event.session_id:
+                    retracted.append(effective.pop(i))
+                    break
+            continue
+        effective.append(event)
+    state = TurnFeedback(effective=effective, retracted=retracted)
+    for event in effective:
+        if event.kind in ("like", "dislike"):
+            state.vote = event.kind  # type: ignore[assignment]
+        elif event.kind == "unvote":
+            state.vote = None
+        elif event.kind == "rewrite":
+            state.rewrite = event.text
+        elif event.kind == "regenerate":
+            state.regenerated = True
+    return state
+
+
+def resolve_events(events: Iterable[Event]) -> dict[str, TurnFeedback]:
+    """Final state of every turn that has events, by turn id (events in stream order).
+    The chat UI can use this to show the current vote of each answer."""
+    by_turn: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        by_turn[event.turn_id].append(event)
+    return {turn_id: resolve_turn_events(evs) for turn_id, evs in by_turn.items()}
+
+
+def resolve_feedback(
+    turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
+) -> list[Labeled]:
+    """One Labeled per turn (in the order given), with the final state of its
+    events. Events on turns not given are ignored."""
+    turn_list = list(turns.values()) if isinstance(turns, Mapping) else list(turns)
+    states = resolve_events(events)
+    return [Labeled(t, states.get(t.turn_id) or TurnFeedback()) for t in turn_list]
+
+
+# --------------------------------------------------------------------------
+# examples
+# --------------------------------------------------------------------------
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages reduced to role and content, the keys chat templates read
+    (a UI may add its own keys such as metadata)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def context_key(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A canonical string for a context, to tell when two answers reply to the same one."""
+    return json.dumps(chat_messages(messages), ensure_ascii=False, sort_keys=True)
+
+
+def pointwise_examples(
+    turns: Iterable[Turn] | Mapping[str, Turn],
+    events: Iterable[Event],
+    *,
+    focus: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Thumbs as labels: [{messages, answer, label (1.0 like / 0.0 dislike), user_id,
+    turn_id}] for every turn whose final vote is a like or a dislike. ``focus``
+    (turn ids) keeps only those turns."""
+    out = []
+    for item in resolve_feedback(turns, events):
+        if item.label is None or (focus is not None and item.turn.turn_id not in focus):
+            continue
+        out.append(
+            {
+                "messages": chat_messages(item.turn.messages),
+                "answer": item.turn.answer,
+                "label": item.label,
+                "user_id": item.turn.user_id,
+                "turn_id": item.turn.turn_id,
+            }
+        )
+    return out
+
+
+def preference_pairs(
+    turns: Iterable[Turn] | Mapping[str, Turn],
+    events: Iterable[Event],
+    *,
+    focus: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Pairs [{messages, chosen, rejected, user_id, source, chosen_turn_id,
+    rejected_turn_id}] from
+
+    - rewrites: the rewritten text is chosen over the turn's original answer;
+    - votes: a liked and a disliked answer of one user to the same context
+      (same messages, e.g. an answer and its regenerate) -- every liked x
+      disliked combination. A pair states one person's preference, so answers
+      of different users are not paired.
+
+    Pairs whose two sides are the same text are dropped (no preference), and a
+    pair is kept once. ``focus`` (turn ids) keeps pairs with a side in it.
+    """
+    labeled = resolve_feedback(turns, events)
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+
+    def add(item: Labeled, chosen: str, rejected: str, source: str, chosen_id: str | None,
+            rejected_id: str) -> None:  # fmt: skip
+        if chosen.strip() == rejected.strip():
+            return
+        if focus is not None and chosen_id not in focus and rejected_id not in focus:
+            return
+        key = (context_key(item.turn.messages), chosen, rejected)
+        if key in seen:
+            return
+        seen.add(key)
+        out.append(
+            {
+                "messages": chat_messages(item.turn.messages),
+                "chosen": chosen,
+                "rejected": rejected,
+                "user_id": item.turn.user_id,
+                "source": source,
+                "chosen_turn_id": chosen_id,
+                "rejected_turn_id": rejected_id,
+            }
+        )
+
+    for item in labeled:
+        if item.rewrite is not None:
+            # The rewrite has no turn of its own; it is attributed to its turn.
+            add(item, item.rewrite, item.turn.answer, "rewrite", item.turn.turn_id,
+                item.turn.turn_id)  # fmt: skip
+
+    groups: dict[tuple[str, str], list[Labeled]] = defaultdict(list)
+    for item in labeled:
+        if item.vote is not None:
+            groups[(item.turn.user_id, context_key(item.turn.messages))].append(item)
+    for group in groups.values():
+        liked = [i for i in group if i.vote == "like"]
+        disliked = [i for i in group if i.vote == "dislike"]
+        for good in liked:
+            for bad in disliked:
+                add(good, good.turn.answer, bad.turn.answer, "vote", good.turn.turn_id,
+                    bad.turn.turn_id)  # fmt: skip
+    return out
+
+
+def _user_of(item: Any) -> Any:
+    if isinstance(item, Mapping):
+        return item.get("user_id")
+    return getattr(item, "user_id", None)
+
+
+def cap_per_user(
+    items: Sequence[T],
+    max_per_user: int | None,
+    seed: int = 0,
+    *,
+    user_of: Callable[[T], Any] = _user_of,
+) -> list[T]:
+    """Keep at most ``max_per_user`` items per user (items are dicts with a
+    ``user_id`` key or objects with a ``user_id`` attribute), so one person
+    cannot dominate a batch. Which items a prolific user keeps is a seeded
+    random sample, so it does not always favour their oldest or newest; the
+    kept items stay in their original order. ``None`` means no cap."""
+    if max_per_user is None:
+        return list(items)
+    if max_per_user < 1:
+        raise ValueError(
+            f"max_per_user must be at least 1 (or None for no cap), got {max_per_user}."
+        )
+    by_user: dict[Any, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_user[user_of(item)].append(index)
+    rng = random.Random(seed)
+    keep: set[int] = set()
+    # Sorted by repr so the sample depends only on the seed and the data.
+    for user in sorted(by_user, key=repr):
+        indices = by_user[user]
+        keep.update(indices if len(indices) <= max_per_user else rng.sample(indices, max_per_user))
+    return [item for index, item in enumerate(items) if index in keep]
+
+
+def ppo_prompts(turns: Iterable[Turn], limit: int | None = None) -> list[list[dict[str, Any]]]:
+    """The distinct contexts of ``turns`` (most recent first), as PPO prompts."""
+    out: list[list[dict[str, Any]]] = []
+    seen: set[str] = set()
+    for turn in sorted(turns, key=lambda t: t.created_at, reverse=True):
+        key = context_key(turn.messages)
+        if key not in seen:
+            seen.add(key)
+            out.append(chat_messages(turn.messages))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def replay_prompts(
+    store: FeedbackStore, n: int, seed: int = 0, *, exclude: Iterable[Sequence[dict]] = ()
+) -> list[list[dict[str, Any]]]:
+    """``n`` distinct contexts sampled (seeded) from every turn ever written,
+    other than ``exclude`` -- older prompts replayed so PPO does not forget them."""
+    excluded = {context_key(m) for m in exclude}
+    pool = [p for p in ppo_prompts(store.turns()) if context_key(p) not in excluded]
+    rng = random.Random(seed)
+    return rng.sample(pool, min(n, len(pool)))
+
+
+# --------------------------------------------------------------------------
+# gathering from the store, one training round
+# --------------------------------------------------------------------------
+
+
+def load_feedback(
+    store: FeedbackStore, events: Iterable[Event] | None = None
+) -> tuple[list[Turn], list[Event]]:
+    """Turns and events to build datasets from.
+
+    With no ``events``: every turn and every event in the store. With events
+    (one round's): the turns they touch plus the other turns of the same
+    sessions (regenerates of the same context, for vote pairs), and the full
+    event history of all those turns, so that, say, an ``unvote`` in this round
+    cancels a ``like`` from an earlier one."""
+    if events is None:
+        return list(store.turns()), list(store.events())
+    touched = list(dict.fromkeys(e.turn_id for e in events))
+    found = store.get_turns(touched)
+    turns: dict[str, Turn] = {}
+    for session_id in dict.fromkeys(t.session_id for t in found.values()):
+        for turn in store.turns_for_session(session_id):
+            turns[turn.turn_id] = turn
+    turns.update(found)
+    return list(turns.values()), store.events_for_turns(turns)
+
+
+@dataclass
+class RoundData:
+    """What one training round learns from."""
+
+    pointwise: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    prompts: list[list[dict[str, Any]]]  # contexts of the turns this round's events touch
+    turn_ids: list[str]  # turns touched by the round's events
+    stats: dict[str, int]
+
+
+def round_datasets(
+    store: FeedbackStore,
+    events: Sequence[Event],
+    *,
+    max_per_user: int | None = None,
+    seed: int = 0,
+) -> RoundData:
+    """Datasets for one round from its events (as read with ``read_unconsumed``):
+    pointwise examples of the touched turns, pairs with a touched side, the
+    touched turns' contexts as prompts; each list capped per user."""
+    turns, history = load_feedback(store, events)
+    touched = list(dict.fromkeys(e.turn_id for e in events))
+    focus = set(touched)
+    pointwise = pointwise_examples(turns, history, focus=focus)
+    pairs = preference_pairs(turns, history, focus=focus)
+    prompts = ppo_prompts([t for t in turns if t.turn_id in focus])
+    capped_pointwise = cap_per_user(pointwise, max_per_user, seed)
+    capped_pairs = cap_per_user(pairs, max_per_user, seed)
+    stats = {
+        "events": len(events),
+        "turns": len(focus),
+        "pointwise": len(capped_pointwise),
+        "pairs": len(capped_pairs),
+        "pointwise_dropped_by_cap": len(pointwise) - len(capped_pointwise),
+        "pairs_dropped_by_cap": len(pairs) - len(capped_pairs),
+        "users": len({e.user_id for e in events}),
+    }
+    return RoundData(capped_pointwise, capped_pairs, prompts, touched, stats)
+
+
+# --------------------------------------------------------------------------
+# TRL formats and export
+# --------------------------------------------------------------------------
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def to_kto_rows(
+    turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
+) -> list[dict[str, Any]]:
+    """TRL unpaired preference, conversational (KTOTrainer):
+    {"prompt": [messages], "completion": [{"role": "assistant", ...}], "label": bool}."""
+    return [
+        {
+            "prompt": ex["messages"],
+            "completion": _assistant(ex["answer"]),
+            "label": ex["label"] == 1.0,
+        }
+        for ex in pointwise_examples(turns, events)
+    ]
+
+
+def to_dpo_rows(
+    turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
+) -> list[dict[str, Any]]:
+    """TRL preference with explicit prompt, conversational (DPOTrainer):
+    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}."""
+    return [
+        {
+            "prompt": pair["messages"],
+            "chosen": _assistant(pair["chosen"]),
+            "rejected": _assistant(pair["rejected"]),
+        }
+        for pair in preference_pairs(turns, events)
+    ]
+
+
+def to_reward_rows(
+    turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
+) -> list[dict[str, Any]]:
+    """TRL RewardTrainer reads the same explicit-prompt preference rows as DPO."""
+    return to_dpo_rows(turns, events)
+
+
+def to_turn_rows(
+    turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
+) -> list[dict[str, Any]]:
+    """Every turn in full with its final feedback (for analysis, not a TRL format)."""
+    rows = []
+    for item in resolve_feedback(turns, events):
+        row = item.turn.to_dict()
+        row["feedback"] = {
+            "vote": item.vote,
+            "label": item.label,
+            "rewrite": item.rewrite,
+            "regenerated": item.feedback.regenerated,
+            "events": [e.to_dict() for e in item.feedback.effective],
+            "retracted": [e.to_dict() for e in item.feedback.retracted],
+        }
+        rows.append(row)
+    return rows
+
+
+_BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "turns": to_turn_rows,
+    "kto": to_kto_rows,
+    "dpo": to_dpo_rows,
+    "reward": to_reward_rows,
+}
+
+
+def export_rows(
+    store: FeedbackStore, format: str, events: Iterable[Event] | None = None
+) -> list[dict[str, Any]]:
+    """Rows of one export format from the whole store (or from ``events``' turns)."""
+    if format not in _BUILDERS:
+        raise ValueError(
+            f"Unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
+        )
+    turns, all_events = load_feedback(store, events)
+    return _BUILDERS[format](turns, all_events)
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> int:
+    """Write rows as UTF-8 JSON lines (non-ASCII kept as is), atomically: the file
+    appears complete or not at all. Returns the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                # ensure_ascii=False keeps emoji and RTL text readable; JSON still
+                # escapes control characters and U+2028/2029 are valid inside strings.
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False))
+                f.write("\n")
+                count += 1
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return count
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL file written by ``write_jsonl``. Lines are split on "\\n" only:
+    str.splitlines would also split inside strings at U+2028 and friends."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def export(
+    store: FeedbackStore,
+    format: str,
+    path: str | os.PathLike[str],
+    events: Iterable[Event] | None = None,
+) -> int:
+    """Write one export format (turns, kto, dpo, reward) as JSONL; returns the row count."""
+    return write_jsonl(export_rows(store, format, events), path)

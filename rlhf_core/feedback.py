@@ -1,0 +1,687 @@
+"""Turn and event records, and the Redis-streams store that keeps them.
+
+This is the only module that knows the feedback keys (all under ``rlhf:``):
+
+- ``rlhf:turn:{turn_id}``           the Turn as UTF-8 JSON, written once (SET NX).
+- ``rlhf:turns``                    stream: index of turn ids in the order they were written.
+- ``rlhf:session_turns:{session}``  list: the turn ids of one chat session, in order.
+- ``rlhf:events``                   stream: every reaction (Event); consumer group ``trainers``.
+- ``rlhf:event_seen:{event_id}``    idempotency marker; its value is the event's stream id.
+- ``rlhf:turn_events:{turn_id}``    list: stream ids of the events on one turn, in order.
+- ``rlhf:events:invalid``           stream: entries that could not be decoded (kept for a person).
+
+Every write is one Lua script, so a crash (of the client or of the server: the
+embedded server logs each script's effects as one MULTI/EXEC block with
+``appendfsync always``) never leaves a marker without its event or an index
+without its record.
+
+Delivery to training is at-least-once through the consumer group: a worker
+reads with :meth:`FeedbackStore.read_unconsumed`, does the work, makes it
+durable (publishes the version), and only then calls :meth:`FeedbackStore.ack`.
+Entries of a worker that died are reclaimed by the next one with XAUTOCLAIM.
+Nothing here ever trims the stream: the events are the source of truth for
+exports and for later rounds (a pending entry must never disappear).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, TypeVar, get_args
+
+import redis
+from redis.exceptions import ResponseError
+
+from rlhf_core.redis_server import RedisUnavailableError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rlhf:"
+TURNS_STREAM = f"{PREFIX}turns"
+EVENTS_STREAM = f"{PREFIX}events"
+INVALID_STREAM = f"{PREFIX}events:invalid"
+GROUP = "trainers"
+
+EventKind = Literal["like", "dislike", "unvote", "rewrite", "regenerate", "undo"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+# Kinds that carry an opinion about the answer; "undo" retracts the last of these.
+VOTE_KINDS: tuple[str, ...] = ("like", "dislike", "unvote")
+
+# Entries a consumer has held this long without acking are treated as abandoned
+# (its worker died); a training round acks within the round, so this must be
+# longer than a round's read-to-ack time in normal operation only if two
+# workers could run at once -- the train lock prevents that.
+DEFAULT_MIN_IDLE_MS = 60_000
+
+
+def turn_key(turn_id: str) -> str:
+    return f"{PREFIX}turn:{turn_id}"
+
+
+def seen_key(event_id: str) -> str:
+    return f"{PREFIX}event_seen:{event_id}"
+
+
+def session_turns_key(session_id: str) -> str:
+    return f"{PREFIX}session_turns:{session_id}"
+
+
+def turn_events_key(turn_id: str) -> str:
+    return f"{PREFIX}turn_events:{turn_id}"
+
+
+def new_id() -> str:
+    """A fresh random id for a turn or an event. The UI should make the event id
+    when the click happens, so a retried write of the same click stays one event."""
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------
+
+
+class FeedbackError(ValueError):
+    """A record is malformed or refers to something that does not exist."""
+
+
+class UnknownTurnError(FeedbackError):
+    """An event names a turn that was never written."""
+
+
+class FeedbackUnavailable(RedisUnavailableError, redis.exceptions.ConnectionError):
+    """Redis could not be reached; nothing was written. Both a RuntimeError (like
+    RedisUnavailableError) and a redis ConnectionError, so either catch works."""
+
+
+def _server_name(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _surface_unavailable(method: F) -> F:
+    """Turn connection errors and timeouts into FeedbackUnavailable with a message
+    a person can act on. Works for plain methods and generator methods."""
+
+    def wrap(self: FeedbackStore, exc: Exception) -> FeedbackUnavailable:
+        return FeedbackUnavailable(
+            f"Redis at {_server_name(self.redis)} is unreachable ({type(exc).__name__}: {exc}); "
+            "the feedback store could not complete the request and nothing was half-written. "
+            "Check that the server runs (`rlhf-chat up` starts the embedded one; otherwise "
+            "check RLHF_REDIS_URL) and try again."
+        )
+
+    errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def gen_wrapper(self: FeedbackStore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from method(self, *args, **kwargs)
+            except FeedbackUnavailable:
+                raise
+            except errors as exc:
+                raise wrap(self, exc) from exc
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def wrapper(self: FeedbackStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except FeedbackUnavailable:
+            raise
+        except errors as exc:
+            raise wrap(self, exc) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------
+
+
+def clean_text(value: str) -> str:
+    """Replace lone UTF-16 surrogates (U+D800..U+DFFF) by U+FFFD.
+
+    They are not characters: UTF-8 cannot encode them, strict JSON parsers and
+    tokenizers reject them, and a browser never sends them in valid text. They
+    can still reach us through JSON escapes ("\\ud800"). Replacing them, rather
+    than refusing the record, means a turn the model already answered is never
+    lost over one bad code point. Everything else (emoji, ZWJ sequences, RTL
+    and bidi controls, combining marks, NUL and other control characters)
+    is kept exactly."""
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+
+
+def _clean(value: Any) -> Any:
+    """clean_text applied through nested JSON-like data (dict keys included)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(k) if isinstance(k, str) else k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _to_json(data: dict[str, Any], what: str) -> str:
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON and would break other readers.
+        return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise FeedbackError(
+            f"{what} cannot be stored as JSON ({exc}); pass only strings, numbers, booleans, "
+            "None, lists and dicts (finite numbers only)."
+        ) from exc
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def _require_id(value: Any, name: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise FeedbackError(f"{name} must be a non-empty string, got {value!r}.")
+
+
+@dataclass
+class Turn:
+    """A finished answer, with everything needed to learn from it later."""
+
+    turn_id: str
+    session_id: str
+    user_id: str
+    messages: list[dict[str, Any]]  # full context incl. system, excluding the answer
+    answer: str
+    policy_version: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    created_at: float = field(default_factory=time.time)
+    parent_turn_id: str | None = None  # set for a regenerate: the turn it replaces
+
+    def __post_init__(self) -> None:
+        for name in ("turn_id", "session_id", "user_id"):
+            _require_id(getattr(self, name), name)
+        if not isinstance(self.messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
+            for m in self.messages
+        ):
+            raise FeedbackError(
+                "Turn.messages must be a list of {'role': str, 'content': ...} dicts "
+                f"(the chat context before the answer); got {self.messages!r:.200}."
+            )
+        if not isinstance(self.answer, str):
+            raise FeedbackError(f"Turn.answer must be a string, got {type(self.answer).__name__}.")
+        if isinstance(self.policy_version, bool) or not isinstance(self.policy_version, int):
+            raise FeedbackError(f"Turn.policy_version must be an int, got {self.policy_version!r}.")
+        if not isinstance(self.sampling, dict):
+            raise FeedbackError(f"Turn.sampling must be a dict, got {self.sampling!r}.")
+        if self.parent_turn_id is not None:
+            _require_id(self.parent_turn_id, "parent_turn_id")
+        self.messages = _clean(self.messages)
+        self.answer = clean_text(self.answer)
+        self.sampling = _clean(self.sampling)
+        self.model = clean_text(self.model)
+        self.created_at = float(self.created_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _to_json(self.to_dict(), f"Turn {self.turn_id}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Turn:
+        # Unknown keys are ignored so that records written by a newer version load.
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Turn:
+        return cls.from_dict(json.loads(_text(raw)))
+
+
+@dataclass
+class Event:
+    """One reaction to a turn: a vote, its removal, a rewrite, a regenerate, an undo."""
+
+    event_id: str
+    turn_id: str
+    kind: str  # one of EVENT_KINDS
+    session_id: str
+    user_id: str
+    text: str | None = None  # the rewritten answer, for kind == "rewrite"
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        for name in ("event_id", "turn_id", "session_id", "user_id"):
+            _require_id(getattr(self, name), name)
+        if self.kind not in EVENT_KINDS:
+            raise FeedbackError(
+                f"Unknown event kind {self.kind!r}; allowed kinds are {', '.join(EVENT_KINDS)}."
+            )
+        if self.text is not None and not isinstance(self.text, str):
+            raise FeedbackError(f"Event.text must be a string or None, got {self.text!r}.")
+        if self.text is not None:
+            self.text = clean_text(self.text)
+        if self.kind == "rewrite" and not (self.text and self.text.strip()):
+            raise FeedbackError(
+                "A rewrite event needs the rewritten answer in `text`; it was empty. "
+                "Send the edited answer, or no event if the user cancelled the edit."
+            )
+        self.created_at = float(self.created_at)
+
+    @classmethod
+    def new(
+        cls, turn_id: str, kind: str, session_id: str, user_id: str, text: str | None = None
+    ) -> Event:
+        return cls(new_id(), turn_id, kind, session_id, user_id, text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return _to_json(self.to_dict(), f"Event {self.event_id}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Event:
+        return cls.from_dict(json.loads(_text(raw)))
+
+
+# --------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------
+
+# KEYS: turn, turns stream, session list.  ARGV: turn json, turn id.
+# Returns 1 when written, 0 when the turn already existed (nothing changed).
+_SAVE_TURN = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('XADD', KEYS[2], '*', 'turn_id', ARGV[2])
+  redis.call('RPUSH', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: seen marker, events stream, turn, turn-events list.
+# ARGV: event json, event id, turn id, kind.
+# Returns {1, id} when written, {0, id} for a duplicate, {-1, ''} for an unknown turn.
+_RECORD_EVENT = """
+local seen = redis.call('GET', KEYS[1])
+if seen then return {0, seen} end
+if redis.call('EXISTS', KEYS[3]) == 0 then return {-1, ''} end
+local id = redis.call('XADD', KEYS[2], '*', 'event', ARGV[1], 'event_id', ARGV[2],
+                      'turn_id', ARGV[3], 'kind', ARGV[4])
+redis.call('SET', KEYS[1], id)
+redis.call('RPUSH', KEYS[4], id)
+return {1, id}
+"""
+
+
+class FeedbackStore:
+    """Turns and events in Redis. Thread-safe (redis-py clients are) and works
+    with clients made with or without ``decode_responses``."""
+
+    def __init__(self, redis_client: redis.Redis, *, min_idle_ms: int = DEFAULT_MIN_IDLE_MS):
+        self.redis = redis_client
+        self.min_idle_ms = min_idle_ms
+        # register_script retries with SCRIPT LOAD when a restarted server lost its cache.
+        self._save_turn = redis_client.register_script(_SAVE_TURN)
+        self._record_event = redis_client.register_script(_RECORD_EVENT)
+        self._group_ready = False
+
+    # ---- turns -----------------------------------------------------------
+
+    @_surface_unavailable
+    def save_turn(self, turn: Turn) -> bool:
+        """Write a turn once. Returns True when written, False when a turn with this
+        id already existed (the first one is kept unchanged: turns are immutable)."""
+        created = self._save_turn(
+            keys=[turn_key(turn.turn_id), TURNS_STREAM, session_turns_key(turn.session_id)],
+            args=[turn.to_json(), turn.turn_id],
+        )
+        return bool(created)
+
+    @_surface_unavailable
+    def get_turn(self, turn_id: str) -> Turn | None:
+        raw = self.redis.get(turn_key(turn_id))
+        return None if raw is None else Turn.from_json(raw)
+
+    @_surface_unavailable
+    def get_turns(self, turn_ids: Iterable[str]) -> dict[str, Turn]:
+        """The turns that exist among ``turn_ids``, by id (one MGET)."""
+        ids = list(dict.fromkeys(turn_ids))
+        if not ids:
+            return {}
+        raws = self.redis.mget([turn_key(t) for t in ids])
+        return {t: Turn.from_json(r) for t, r in zip(ids, raws, strict=True) if r is not None}
+
+    @_surface_unavailable
+    def turns(self, batch: int = 500) -> Iterator[Turn]:
+        """Every turn, oldest first."""
+        for _, entries in self._scan(TURNS_STREAM, batch):
+            ids = [_text(_field(data, "turn_id")) for _, data in entries]
+            found = self.get_turns(ids)
+            yield from (found[t] for t in ids if t in found)
+
+    @_surface_unavailable
+    def turns_for_session(self, session_id: str) -> list[Turn]:
+        """The turns of one chat session, oldest first."""
+        ids = [_text(x) for x in self.redis.lrange(session_turns_key(session_id), 0, -1)]
+        found = self.get_turns(ids)
+        return [found[t] for t in ids if t in found]
+
+    # ---- events ----------------------------------------------------------
+
+    @_surface_unavailable
+    def record_event(self, event: Event) -> str | None:
+        """Append an event to ``rlhf:events`` once. Returns its stream id, or None
+        when this event id was already recorded (a retried click).
+
+        Raises UnknownTurnError when the turn was never written (the UI writes a
+        turn before showing its buttons), and FeedbackError when the event's
+        session is not the session the turn belongs to."""
+        turn = self.get_turn(event.turn_id)
+        if turn is None:
+            raise UnknownTurnError(
+                f"Event {event.event_id} ({event.kind}) refers to turn {event.turn_id!r}, which "
+                "was never saved. A turn is written before the user can react to it: call "
+                "FeedbackStore.save_turn(turn) first."
+            )
+        if turn.session_id != event.session_id:
+            # A session only ever sees its own turns; anything else is a bug or tampering.
+            raise FeedbackError(
+                f"Event {event.event_id} comes from session {event.session_id!r} but turn "
+                f"{event.turn_id!r} belongs to session {turn.session_id!r}; a session can only "
+                "react to its own answers."
+            )
+        status, stream_id = self._record_event(
+            keys=[
+                seen_key(event.event_id),
+                EVENTS_STREAM,
+                turn_key(event.turn_id),
+                turn_events_key(event.turn_id),
+            ],
+            args=[event.to_json(), event.event_id, event.turn_id, event.kind],
+        )
+        if status == -1:  # the turn vanished between the check and the script
+            raise UnknownTurnError(f"Turn {event.turn_id!r} no longer exists; save it again.")
+        return _text(stream_id) if status == 1 else None
+
+    def _decode_entry(self, stream_id: Any, data: dict[Any, Any] | None) -> Event | None:
+        if data is None:
+            return None
+        raw = _field(data, "event")
+        try:
+            return Event.from_json(raw)
+        except (TypeError, ValueError) as exc:
+            log.error("Undecodable event %s in %s: %s", _text(stream_id), EVENTS_STREAM, exc)
+            return None
+
+    @_surface_unavailable
+    def event_entries(
+        self, start: str = "-", end: str = "+", batch: int = 500
+    ) -> Iterator[tuple[str, Event]]:
+        """(stream id, Event) for every event in stream order, from ``start`` to ``end``."""
+        for _, entries in self._scan(EVENTS_STREAM, batch, start, end):
+            for sid, data in entries:
+                event = self._decode_entry(sid, data)
+                if event is not None:
+                    yield _text(sid), event
+
+    def events(self, batch: int = 500) -> Iterator[Event]:
+        """Every event, in the order the server received them (stream order)."""
+        for _, event in self.event_entries(batch=batch):
+            yield event
+
+    @_surface_unavailable
+    def events_for_turns(self, turn_ids: Iterable[str]) -> list[Event]:
+        """All events on these turns, in stream order (from the per-turn index, so
+        a round's worker sees the full history of the turns it touches)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for t in dict.fromkeys(turn_ids):
+            pipe.lrange(turn_events_key(t), 0, -1)
+        stream_ids = sorted({_text(s) for ids in pipe.execute() for s in ids}, key=_stream_id_key)
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in stream_ids:
+            pipe.xrange(EVENTS_STREAM, sid, sid)
+        out: list[Event] = []
+        for result in pipe.execute() if stream_ids else []:
+            for sid, data in result:
+                event = self._decode_entry(sid, data)
+                if event is not None:
+                    out.append(event)
+        return out
+
+    def _scan(
+        self, stream: str, batch: int, start: str = "-", end: str = "+"
+    ) -> Iterator[tuple[str, list[tuple[Any, dict[Any, Any]]]]]:
+        """XRANGE in pages; yields (last id, entries)."""
+        cursor = start
+        while True:
+            entries = self.redis.xrange(stream, cursor, end, count=batch)
+            if not entries:
+                return
+            last = _text(entries[-1][0])
+            yield last, entries
+            if len(entries) < batch:
+                return
+            cursor = f"({last}"
+
+    # ---- counts ----------------------------------------------------------
+
+    @_surface_unavailable
+    def counts(self) -> dict[str, int]:
+        """{"turns", "events", "unconsumed"}; unconsumed = events the training group
+        has not acknowledged yet (never delivered + delivered but pending)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(TURNS_STREAM)
+        pipe.xlen(EVENTS_STREAM)
+        n_turns, n_events = pipe.execute()
+        return {"turns": n_turns, "events": n_events, "unconsumed": self._unconsumed(n_events)}
+
+    def _group_info(self) -> dict[str, Any] | None:
+        try:
+            groups = self.redis.xinfo_groups(EVENTS_STREAM)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            raise
+        for g in groups:
+            if _text(g["name"]) == GROUP:
+                return g
+        return None
+
+    def _unconsumed(self, n_events: int) -> int:
+        info = self._group_info()
+        if info is None:  # no worker ever read: everything is still to be used
+            return n_events
+        pending = int(info["pending"])
+        lag = info.get("lag")
+        if lag is None:
+            # The server could not compute lag (old server, or entries deleted in
+            # the middle): count the entries after the group's last-delivered id.
+            last = _text(info["last-delivered-id"])
+            lag = sum(len(e) for _, e in self._scan(EVENTS_STREAM, 1000, f"({last}", "+"))
+        return int(lag) + pending
+
+    # ---- the training consumer group --------------------------------------
+
+    @_surface_unavailable
+    def ensure_group(self) -> None:
+        """Create the ``trainers`` group from the start of the stream (id 0, so
+        events recorded before any worker existed are still trained on)."""
+        try:
+            self.redis.xgroup_create(EVENTS_STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def _with_group(self, call: Callable[[], Any]) -> Any:
+        """Run a group command; if the group is gone (stream deleted, fresh server
+        restored without it), recreate it once and retry."""
+        if not self._group_ready:
+            self.ensure_group()
+        try:
+            return call()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()
+            return call()
+
+    @_surface_unavailable
+    def read_unconsumed(
+        self,
+        consumer: str,
+        count: int = 100,
+        *,
+        min_idle_ms: int | None = None,
+        block_ms: int | None = None,
+    ) -> list[tuple[str, Event]]:
+        """Up to ``count`` events for ``consumer`` to train on, oldest first:
+        first entries another (dead) consumer held longer than ``min_idle_ms``
+        without acking (XAUTOCLAIM), then never-delivered ones (XREADGROUP ">").
+
+        Each returned entry stays pending until :meth:`ack`; if this consumer
+        dies, the next one reclaims it after ``min_idle_ms``. A caller holding
+        the one-round-at-a-time train lock may pass ``min_idle_ms=0``: then every
+        pending entry belongs to a round that is over, and is taken at once."""
+        _require_id(consumer, "consumer")
+        if count <= 0:
+            return []
+        min_idle = self.min_idle_ms if min_idle_ms is None else min_idle_ms
+        out: list[tuple[str, Event]] = []
+        invalid: list[str] = []
+
+        def take(entries: Iterable[tuple[Any, Any]]) -> None:
+            for sid, data in entries:
+                if sid is None:  # deleted while pending; XAUTOCLAIM drops it from the PEL
+                    continue
+                event = self._decode_entry(sid, data)
+                if event is None:
+                    invalid.append(_text(sid))
+                else:
+                    out.append((_text(sid), event))
+
+        cursor = "0-0"
+        while len(out) < count:
+            reply = self._with_group(
+                lambda c=cursor: self.redis.xautoclaim(
+                    EVENTS_STREAM, GROUP, consumer, min_idle, start_id=c, count=count - len(out)
+                )
+            )
+            take(reply[1])
+            cursor = _text(reply[0])
+            if cursor == "0-0":
+                break
+        if len(out) < count:
+            reply = self._with_group(
+                lambda: self.redis.xreadgroup(
+                    GROUP, consumer, {EVENTS_STREAM: ">"}, count=count - len(out), block=block_ms
+                )
+            )
+            for _, entries in reply or []:
+                take(entries)
+        if invalid:
+            self._quarantine(invalid)
+        return out
+
+    def _quarantine(self, stream_ids: list[str]) -> None:
+        """An entry that cannot be decoded can never be trained on; copy it to
+        ``rlhf:events:invalid`` for a person to look at and ack it, so it does
+        not block every round forever."""
+        pipe = self.redis.pipeline(transaction=True)
+        for sid in stream_ids:
+            pipe.xadd(INVALID_STREAM, {"stream_id": sid})
+        pipe.xack(EVENTS_STREAM, GROUP, *stream_ids)
+        pipe.execute()
+
+    @_surface_unavailable
+    def ack(self, stream_ids: Iterable[str]) -> int:
+        """Mark entries as used for training. Call after the work is durable.
+        Returns how many were pending (acking twice counts once)."""
+        ids = list(stream_ids)
+        if not ids:
+            return 0
+        return int(self._with_group(lambda: self.redis.xack(EVENTS_STREAM, GROUP, *ids)))
+
+    @_surface_unavailable
+    def release(self, consumer: str, stream_ids: Iterable[str]) -> int:
+        """Hand entries back without acking them (a round that failed its gate):
+        they become reclaimable by the next read at once instead of after
+        ``min_idle_ms``. Returns how many were released."""
+        ids = list(stream_ids)
+        if not ids:
+            return 0
+        # XCLAIM ... IDLE sets the entry's idle time; a huge one makes it stale now.
+        claimed = self._with_group(
+            lambda: self.redis.xclaim(
+                EVENTS_STREAM, GROUP, consumer, 0, ids, idle=2**40, justid=True
+            )
+        )
+        return len(claimed)
+
+    @_surface_unavailable
+    def pending(self) -> dict[str, Any]:
+        """{"pending": n, "min": id | None, "max": id | None, "consumers": {name: n}}."""
+        info = self._with_group(lambda: self.redis.xpending(EVENTS_STREAM, GROUP))
+        return {
+            "pending": int(info["pending"]),
+            "min": _text(info["min"]) if info["min"] else None,
+            "max": _text(info["max"]) if info["max"] else None,
+            "consumers": {_text(c["name"]): int(c["pending"]) for c in info["consumers"]},
+        }
+
+    @_surface_unavailable
+    def pending_entries(self, consumer: str | None = None, count: int = 1000) -> list[dict]:
+        """Details of pending entries: id, consumer, idle ms, times delivered."""
+        rows = self._with_group(
+            lambda: self.redis.xpending_range(
+                EVENTS_STREAM, GROUP, "-", "+", count, consumername=consumer
+            )
+        )
+        return [
+            {
+                "stream_id": _text(r["message_id"]),
+                "consumer": _text(r["consumer"]),
+                "idle_ms": int(r["time_since_delivered"]),
+                "times_delivered": int(r["times_delivered"]),
+            }
+            for r in rows
+        ]
+
+
+def _field(data: dict[Any, Any], name: str) -> Any:
+    """A stream entry field, whether the client decodes responses or not."""
+    return data[name] if name in data else data.get(name.encode())
+
+
+def _stream_id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
