@@ -1,0 +1,356 @@
+"""Feedback -> datasets and TRL-format exports, from a real Valkey-backed store."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from rlhf_core import datasets as ds
+from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+ODD = 'שלום 👍🏽 👨‍👩‍👧 \x00 \u2028 \u2029 \x85 \u202e 漢字 \U0010ffff "q" \\'
+
+
+def turn(
+    tid: str,
+    answer: str = "A",
+    *,
+    user: str = "u1",
+    session: str = "s1",
+    prompt: str = "Hi",
+    parent: str | None = None,
+    at: float | None = None,
+) -> Turn:
+    return Turn(
+        turn_id=tid,
+        session_id=session,
+        user_id=user,
+        messages=[SYSTEM, {"role": "user", "content": prompt, "metadata": {"ui": 1}}],
+        answer=answer,
+        policy_version=1,
+        sampling={"temperature": 0.7},
+        model="tiny-random",
+        created_at=at if at is not None else 1000.0,
+        parent_turn_id=parent,
+    )
+
+
+def ev(t: Turn, kind: str, text: str | None = None, session: str | None = None) -> Event:
+    return Event(new_id(), t.turn_id, kind, session or t.session_id, t.user_id, text)
+
+
+@pytest.fixture()
+def store(redis_client) -> FeedbackStore:
+    return FeedbackStore(redis_client)
+
+
+def save(store: FeedbackStore, turns: list[Turn], events: list[Event]) -> None:
+    for t in turns:
+        store.save_turn(t)
+    for e in events:
+        assert store.record_event(e) is not None
+
+
+# ---------------------------------------------------------------- vote resolution
+
+
+@pytest.mark.parametrize(
+    ("kinds", "vote"),
+    [
+        (["like"], "like"),
+        (["like", "dislike"], "dislike"),  # a later vote replaces an earlier one
+        (["dislike", "like"], "like"),
+        (["like", "like"], "like"),  # a double click counts once (see pointwise test)
+        (["like", "unvote"], None),
+        (["like", "unvote", "dislike"], "dislike"),
+        (["like", "dislike", "undo"], "like"),  # undo retracts the last event
+        (["like", "dislike", "undo", "undo"], None),  # undos stack
+        (["undo"], None),  # nothing to retract: no-op
+        (["like", "unvote", "undo"], "like"),
+        (["like", "regenerate"], "like"),
+        (["like", "regenerate", "undo", "undo"], None),
+    ],
+)
+def test_vote_resolution(kinds, vote):
+    t = turn("t")
+    state = ds.resolve_turn_events([ev(t, k) for k in kinds])
+    assert state.vote == vote
+    assert state.label == {"like": 1.0, "dislike": 0.0, None: None}[vote]
+
+
+def test_undo_only_retracts_events_of_the_same_session():
+    t = turn("t")
+    events = [ev(t, "like"), ev(t, "dislike", session="other"), ev(t, "undo")]
+    state = ds.resolve_turn_events(events)
+    assert state.vote == "dislike"  # the like (same session) was retracted, not the dislike
+    assert [e.kind for e in state.retracted] == ["like"]
+
+
+def test_rewrite_undo_restores_previous_rewrite():
+    t = turn("t")
+    state = ds.resolve_turn_events([ev(t, "rewrite", "v1"), ev(t, "rewrite", "v2"), ev(t, "undo")])
+    assert state.rewrite == "v1"
+
+
+def test_pointwise_from_store_counts_double_like_once(store):
+    a, b, c, d = turn("a", "A"), turn("b", "B"), turn("c", "C"), turn("d", "D", prompt="other")
+    save(
+        store,
+        [a, b, c, d],
+        [
+            ev(a, "like"),
+            ev(a, "like"),
+            ev(b, "like"),
+            ev(b, "dislike"),
+            ev(c, "like"),
+            ev(c, "unvote"),
+            ev(d, "dislike"),
+        ],  # fmt: skip
+    )
+    rows = ds.pointwise_examples(*ds.load_feedback(store))
+    assert [(r["turn_id"], r["label"]) for r in rows] == [("a", 1.0), ("b", 0.0), ("d", 0.0)]
+    assert rows[0] == {
+        "messages": [SYSTEM, {"role": "user", "content": "Hi"}],  # UI-only keys dropped
+        "answer": "A",
+        "label": 1.0,
+        "user_id": "u1",
+        "turn_id": "a",
+    }
+
+
+def test_explicit_events_list_is_used_as_given():
+    a = turn("a")
+    like, dislike = ev(a, "like"), ev(a, "dislike")
+    assert ds.pointwise_examples([a], [like])[0]["label"] == 1.0
+    assert ds.pointwise_examples([a], [like, dislike])[0]["label"] == 0.0
+    assert ds.pointwise_examples([a], []) == []
+
+
+# ---------------------------------------------------------------- pairs
+
+
+def test_rewrite_pairs():
+    a = turn("a", "original")
+    same = turn("b", "unchanged")
+    pairs = ds.preference_pairs(
+        [a, same],
+        [ev(a, "rewrite", "draft"), ev(a, "rewrite", "better"), ev(same, "rewrite", " unchanged ")],
+    )
+    assert pairs == [
+        {
+            "messages": [SYSTEM, {"role": "user", "content": "Hi"}],
+            "chosen": "better",
+            "rejected": "original",
+            "user_id": "u1",
+            "source": "rewrite",
+            "chosen_turn_id": "a",
+            "rejected_turn_id": "a",
+        }
+    ]
+
+
+def test_like_dislike_pairs_on_same_context_only():
+    orig = turn("o", "bad answer")
+    regen = turn("r", "good answer", parent="o")
+    regen2 = turn("r2", "also good", parent="o")
+    elsewhere = turn("x", "liked elsewhere", prompt="another question")
+    other_user = turn("y", "other user's like", user="u2", session="s2")
+    events = [
+        ev(orig, "like"),
+        ev(orig, "regenerate"),
+        ev(orig, "dislike"),  # changed mind: final is dislike
+        ev(regen, "like"),
+        ev(regen2, "like"),
+        ev(elsewhere, "like"),
+        ev(other_user, "like"),
+    ]
+    pairs = ds.preference_pairs([orig, regen, regen2, elsewhere, other_user], events)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {
+        ("good answer", "bad answer"),
+        ("also good", "bad answer"),
+    }
+    assert all(p["source"] == "vote" and p["user_id"] == "u1" for p in pairs)
+    # An unvote on the disliked one removes its pairs.
+    assert ds.preference_pairs([orig, regen], [*events, ev(orig, "unvote")]) == []
+
+
+def test_focus_keeps_pairs_with_a_touched_side():
+    o, r = turn("o", "bad"), turn("r", "good")
+    events = [ev(o, "dislike"), ev(r, "like")]
+    assert len(ds.preference_pairs([o, r], events, focus={"r"})) == 1
+    assert ds.preference_pairs([o, r], events, focus={"zzz"}) == []
+    assert [x["turn_id"] for x in ds.pointwise_examples([o, r], events, focus={"r"})] == ["r"]
+
+
+# ---------------------------------------------------------------- cap, prompts
+
+
+def test_cap_per_user_limits_dominant_user_deterministically():
+    items = [{"user_id": "heavy", "i": i} for i in range(50)] + [
+        {"user_id": "light", "i": 100},
+        {"user_id": "other", "i": 101},
+    ]
+    capped = ds.cap_per_user(items, 5, seed=1)
+    counts = Counter(x["user_id"] for x in capped)
+    assert counts == {"heavy": 5, "light": 1, "other": 1}
+    assert capped == ds.cap_per_user(items, 5, seed=1)  # same seed, same sample
+    assert [x["i"] for x in capped] == sorted(x["i"] for x in capped)  # order kept
+    samples = {tuple(x["i"] for x in ds.cap_per_user(items, 5, seed=s)) for s in range(5)}
+    assert len(samples) > 1  # the seed matters: not always the first five
+    assert ds.cap_per_user(items, None) == items
+    with pytest.raises(ValueError, match="at least 1"):
+        ds.cap_per_user(items, 0)
+    # Objects with a user_id attribute work too (e.g. events before building).
+    evs = [ev(turn("t", user="u1"), "like") for _ in range(4)]
+    assert len(ds.cap_per_user(evs, 2)) == 2
+
+
+def test_ppo_prompts_distinct_recent_first():
+    turns = [
+        turn("a", prompt="p1", at=1.0),
+        turn("b", prompt="p2", at=2.0),
+        turn("c", "other answer", prompt="p1", at=3.0),
+    ]
+    prompts = ds.ppo_prompts(turns)
+    assert [p[-1]["content"] for p in prompts] == ["p1", "p2"]
+    assert all(set(m) == {"role", "content"} for p in prompts for m in p)
+    assert len(ds.ppo_prompts(turns, limit=1)) == 1
+
+
+# ---------------------------------------------------------------- one round
+
+
+def test_round_datasets_uses_full_history_and_siblings(store):
+    o, r = turn("o", "bad"), turn("r", "good", parent="o")
+    noisy = [turn(f"n{i}", f"ans {i}", user="spammer", session="s9", prompt=f"q{i}")
+             for i in range(10)]  # fmt: skip
+    save(store, [o, r, *noisy], [ev(o, "like"), ev(o, "dislike")])  # earlier round
+    round_events = [ev(r, "like")] + [ev(n, "like") for n in noisy]
+    for e in round_events:
+        store.record_event(e)
+    data = ds.round_datasets(store, round_events, max_per_user=3, seed=0)
+    # The disliked sibling came from an earlier round, and still forms the pair.
+    assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("good", "bad")]
+    assert Counter(x["user_id"] for x in data.pointwise) == {"u1": 1, "spammer": 3}
+    assert data.stats["pointwise_dropped_by_cap"] == 7
+    assert set(data.turn_ids) == {"r", *(n.turn_id for n in noisy)}
+    assert len(data.prompts) == 11
+    # With an unvote in the round, the history-aware label disappears.
+    unvote = ev(r, "unvote")
+    store.record_event(unvote)
+    assert ds.round_datasets(store, [unvote]).pointwise == []
+
+
+def test_replay_prompts_sampled_from_all_turns(store):
+    save(store, [turn(f"t{i}", prompt=f"p{i}") for i in range(6)], [])
+    got = ds.replay_prompts(store, 3, seed=0, exclude=[turn("x", prompt="p0").messages])
+    assert len(got) == 3 and len({json.dumps(p) for p in got}) == 3
+    assert all(p[-1]["content"] != "p0" for p in got)
+
+
+# ---------------------------------------------------------------- TRL formats
+
+
+def _is_trl_conversational(row: dict, key: str) -> bool:
+    """Mirror of trl.data_utils.is_conversational for one key: a list of
+    {"role", "content"} dicts."""
+    value = row[key]
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in value)
+        and all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in value)
+    )
+
+
+@pytest.fixture()
+def populated(store) -> FeedbackStore:
+    o = turn("o", ODD + " original", prompt=ODD)
+    r = turn("r", "regenerated 👍", prompt=ODD, parent="o")
+    w = turn("w", "to be rewritten", prompt="fix me")
+    n = turn("n", "no feedback")
+    save(
+        store,
+        [o, r, w, n],
+        [
+            ev(o, "dislike"),
+            ev(o, "regenerate"),
+            ev(r, "like"),
+            ev(w, "rewrite", ODD + " better"),
+            ev(w, "like"),
+        ],  # fmt: skip
+    )
+    return store
+
+
+def test_kto_export_structure(populated, tmp_path):
+    path = tmp_path / "out" / "kto.jsonl"
+    assert ds.export(populated, "kto", path) == 3
+    rows = ds.read_jsonl(path)
+    assert [r["label"] for r in rows] == [False, True, True]
+    for row in rows:
+        # TRL unpaired preference (KTOTrainer), conversational format.
+        assert set(row) == {"prompt", "completion", "label"}
+        assert type(row["label"]) is bool
+        assert _is_trl_conversational(row, "prompt") and _is_trl_conversational(row, "completion")
+        assert row["prompt"][0]["role"] == "system" and row["prompt"][-1]["role"] == "user"
+        assert [m["role"] for m in row["completion"]] == ["assistant"]
+    assert rows[0]["prompt"][-1]["content"] == ODD
+    assert rows[0]["completion"][0]["content"] == ODD + " original"
+
+
+@pytest.mark.parametrize("fmt", ["dpo", "reward"])
+def test_preference_export_structure(populated, tmp_path, fmt):
+    path = tmp_path / f"{fmt}.jsonl"
+    assert ds.export(populated, fmt, path) == 2
+    rows = ds.read_jsonl(path)
+    for row in rows:
+        # TRL preference with explicit prompt (DPOTrainer, RewardTrainer), conversational.
+        assert set(row) == {"prompt", "chosen", "rejected"}
+        for key in row:
+            assert _is_trl_conversational(row, key)
+        assert [m["role"] for m in row["chosen"]] == ["assistant"]
+        assert [m["role"] for m in row["rejected"]] == ["assistant"]
+    pairs = {(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows}
+    assert pairs == {
+        (ODD + " better", "to be rewritten"),
+        ("regenerated 👍", ODD + " original"),
+    }
+
+
+def test_turns_export_and_unicode_bytes(populated, tmp_path):
+    path = tmp_path / "turns.jsonl"
+    assert ds.export(populated, "turns", path) == 4
+    raw = path.read_bytes()
+    # UTF-8, non-ASCII kept as is (not \\u escapes); control characters escaped so
+    # every row is one line.
+    assert "👍".encode() in raw and "שלום".encode() in raw
+    assert b"\\u0000" in raw and b"\x00" not in raw
+    assert raw.count(b"\n") == 4
+    # Reading it line by line as a file (as datasets/pandas do) gives four rows,
+    # even with U+2028/U+2029/NEL raw inside strings.
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    by_id = {r["turn_id"]: r for r in rows}
+    assert by_id["o"]["messages"][-1]["content"] == ODD
+    assert by_id["o"]["feedback"]["vote"] == "dislike"
+    assert by_id["o"]["feedback"]["regenerated"] is True
+    assert by_id["w"]["feedback"]["rewrite"] == ODD + " better"
+    assert by_id["n"]["feedback"] == {
+        "vote": None, "label": None, "rewrite": None, "regenerated": False, "events": [],
+        "retracted": [],
+    }  # fmt: skip
+    assert by_id["r"]["parent_turn_id"] == "o"
+    assert Turn.from_dict(by_id["r"]) == populated.get_turn("r")
+
+
+def test_export_unknown_format_and_atomic_write(populated, tmp_path):
+    with pytest.raises(ValueError, match="choose one of turns, kto, dpo, reward"):
+        ds.export(populated, "csv", tmp_path / "x.jsonl")
+    assert not (tmp_path / "x.jsonl").exists()
+    # Written through a temporary file that is renamed: nothing else is left behind.
+    assert ds.export(FeedbackStore(populated.redis), "kto", tmp_path / "new" / "k.jsonl") == 3
+    assert list((tmp_path / "new").iterdir()) == [tmp_path / "new" / "k.jsonl"]
