@@ -58,6 +58,7 @@ K_ROUND = PREFIX + "round"
 K_LAST_ROUND = PREFIX + "last_round"
 K_FAILURES = PREFIX + "failures"
 K_POINTER_LOG = PREFIX + "pointer_log"
+K_REQUESTED = PREFIX + "round_requested"
 
 # A staged inline artifact that was never published (the worker died first)
 # expires on its own instead of leaking memory.
@@ -305,6 +306,14 @@ class Registry:
             out.append(meta)
         return out
 
+    def latest_reward_version(self) -> int:
+        """The newest version that carries a reward model (0 = none yet). The reward
+        model keeps learning across rollbacks of the policy: it only sees feedback."""
+        for version in reversed(self.versions()):
+            if "reward" in self.get(version)["kinds"]:
+                return version
+        return 0
+
     def pointer_log(self, count: int = 50) -> list[dict[str, Any]]:
         """Recent moves of the current pointer (publish and rollback), newest first."""
         return [json.loads(m) for m in self.client.lrange(K_POINTER_LOG, 0, count - 1)]
@@ -487,6 +496,14 @@ class Registry:
         holder = self.lock_holder()
         out["running"] = holder is not None and fields.get("token") == str(holder)
         return out
+
+    def claim_round_request(self, ttl_s: float = 60.0) -> bool:
+        """True for the first caller to ask for an automatic round; later callers
+        within ``ttl_s`` (or until a round starts) are told one is already queued."""
+        return bool(self.client.set(K_REQUESTED, worker_name(), nx=True, px=int(ttl_s * 1000)))
+
+    def clear_round_request(self) -> None:
+        self.client.delete(K_REQUESTED)
 
     def record_round(self, status: str, reason: str = "", **details: Any) -> None:
         """The outcome of a round: 'published', 'failed' (gate or error) or 'skipped'."""

@@ -1,0 +1,345 @@
+"""One training round, start to finish: lock, read feedback, train, gate, publish, ack.
+
+This is plain library code (no Celery): the worker task calls :func:`run_round`,
+and so can a test or a script.
+
+Crash safety, step by step (a worker may be killed at any line):
+
+1. Take the training lock (fencing token). A dead holder's lease runs out after
+   ``RLHF_LOCK_TTL_S``; until then other rounds are refused ("busy").
+2. Read unconsumed events through the consumer group. With the lock held, any
+   pending entry belongs to a round that is over (it crashed or failed its gate),
+   so they are reclaimed at once (``min_idle_ms=0``).
+3. Drop entries a published version already trained on (the registry records
+   them atomically with the publish) -- a crash between publish and ack must not
+   count an event twice; they are acked now.
+4. Train into a private temporary folder. A crash here leaves nothing visible.
+5. Gate. Pass: one atomic publish (refused if our token is stale), then ack.
+   Fail: record why, hand the events back (still unacked) for the next round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from rlhf_core.datasets import (
+    cap_per_user,
+    context_key,
+    load_feedback,
+    pointwise_examples,
+    preference_pairs,
+    replay_prompts,
+    round_datasets,
+)
+from rlhf_core.feedback import Event, FeedbackStore
+from rlhf_core.registry import Registry, StaleTokenError
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+# Events read per round at most; more wait for the next round.
+MAX_EVENTS_PER_ROUND = 512
+# One pair in HELDOUT_EVERY (by a stable hash of its context) is never trained on
+# and measures the reward model before and after every round.
+HELDOUT_EVERY = 5
+KL_KEYS = ("objective/kl", "objective/kl_final", "policy/kl")
+ACCURACY_KEY = "reward/accuracy"
+ACCURACY_BEFORE_KEYS = ("reward/accuracy_before", "reward/heldout_accuracy_before")
+
+
+@dataclass
+class RoundOutcome:
+    """What a round did: ``published``, ``failed`` (gate or error), ``busy`` (another
+    round holds the lock) or ``skipped`` (nothing to learn from)."""
+
+    status: str
+    reason: str = ""
+    version: int | None = None
+    parent: int | None = None
+    events: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    token: int | None = None
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_heldout(pair: dict[str, Any]) -> bool:
+    """A stable split by context, so a held-out pair is never trained on in any round."""
+    digest = hashlib.sha1(context_key(pair["messages"]).encode()).digest()
+    return digest[0] % HELDOUT_EVERY == 0
+
+
+def gate(metrics: dict[str, float], settings: Settings) -> str | None:
+    """Why a round must not be published, or None when it passes.
+
+    - every metric finite (a NaN loss means broken weights);
+    - KL to the reference within ``settings.kl_budget`` (a budget of 0 or less
+      admits no change at all, so it rejects every trained round);
+    - held-out reward-model accuracy not below the accuracy before the round.
+    """
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        return f"non-finite metrics: {', '.join(bad)}"
+    kl = next((metrics[k] for k in KL_KEYS if k in metrics), None)
+    budget = settings.kl_budget
+    if kl is not None and (kl > budget or budget <= 0):
+        if kl > budget:
+            return f"KL {kl:.3g} > budget {budget:g}"
+        return f"KL {kl:.3g} with a budget of {budget:g} (a budget of 0 admits no change)"
+    after = metrics.get(ACCURACY_KEY)
+    before = next((metrics[k] for k in ACCURACY_BEFORE_KEYS if k in metrics), None)
+    if after is not None and before is not None and after < before - 1e-9:
+        return f"held-out reward accuracy {after:.2f} < {before:.2f} before the round"
+    return None
+
+
+def round_is_due(settings: Settings, client: redis.Redis) -> bool:
+    """Enough new feedback for an automatic round: ``train_every`` unconsumed events,
+    and after a failed round ``train_every`` more than that round saw (so a round
+    that keeps failing on the same events is not retried on every click)."""
+    counts = FeedbackStore(client).counts()
+    if counts["unconsumed"] < settings.train_every:
+        return False
+    last = Registry(client, settings).last_round()
+    if last and last.get("status") == "failed" and "events_total" in last:
+        return counts["events"] - int(last["events_total"]) >= settings.train_every
+    return True
+
+
+def _replay(
+    store: FeedbackStore, focus: set[str], n_point: int, n_pairs: int, seed: int
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Older feedback mixed into this round (so the models do not forget it), and
+    every held-out pair in the store."""
+    turns, events = load_feedback(store)
+    old_point = [p for p in pointwise_examples(turns, events) if p["turn_id"] not in focus]
+    pairs = preference_pairs(turns, events)
+    heldout = [p for p in pairs if is_heldout(p)]
+    old_pairs = [
+        p
+        for p in pairs
+        if not is_heldout(p) and not {p["chosen_turn_id"], p["rejected_turn_id"]} & focus
+    ]
+    rng = random.Random(seed)
+    return (
+        rng.sample(old_point, min(n_point, len(old_point))),
+        rng.sample(old_pairs, min(n_pairs, len(old_pairs))),
+        heldout,
+    )
+
+
+def _sleep_for_tests(seconds: float, report: ProgressFn) -> None:
+    """RLHF_DEBUG_ROUND_DELAY_S: hold the round open (events pending) so crash tests
+    can kill the worker in the middle of it."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        report("debug delay", 0.05)
+        time.sleep(min(0.5, left))
+
+
+def run_round(
+    settings: Settings,
+    client: redis.Redis,
+    base_model: Any,
+    *,
+    consumer_name: str,
+    progress: ProgressFn | None = None,
+    reason: str = "manual",
+    max_events: int = MAX_EVENTS_PER_ROUND,
+    run_training_round: Callable[..., Any] | None = None,
+) -> RoundOutcome:
+    """Run one round if no other round runs. ``base_model`` is a ``LoadedModel`` or a
+    function returning one (loaded only when there is something to train on)."""
+    registry = Registry(client, settings)
+    store = FeedbackStore(client)
+    lock = registry.lock()
+    token = lock.acquire()
+    if token is None:
+        return RoundOutcome("busy", "another round holds the training lock")
+    # Requests made from here on need a round after this one: let them through.
+    registry.clear_round_request()
+    started = time.monotonic()
+    taken: list[str] = []  # stream ids pending on us, not yet acked
+    events_total = 0
+    work_dir: Path | None = None
+
+    def report(stage: str, fraction: float) -> None:
+        registry.set_progress(stage, fraction, token, reason=reason, events=len(taken))
+        if progress is not None:
+            progress(stage, fraction)
+
+    def done(outcome: RoundOutcome) -> RoundOutcome:
+        outcome.token = token
+        outcome.duration_s = time.monotonic() - started
+        return outcome
+
+    try:
+        report("reading feedback", 0.0)
+        events_total = store.counts()["events"]
+        entries = store.read_unconsumed(consumer_name, count=max_events, min_idle_ms=0)
+        taken = [sid for sid, _ in entries]
+        already = registry.used_by(taken)
+        if already:
+            log.warning("acking %d events a published version already used", len(already))
+            store.ack(already)
+            entries = [(sid, ev) for sid, ev in entries if sid not in already]
+            taken = [sid for sid, _ in entries]
+        # The per-user cap on the batch: the rest go back for the next round.
+        kept = cap_per_user(
+            entries, settings.max_events_per_user, settings.seed, user_of=lambda e: e[1].user_id
+        )
+        kept_ids = {sid for sid, _ in kept}
+        store.release(consumer_name, [sid for sid in taken if sid not in kept_ids])
+        taken = [sid for sid, _ in kept]
+        if not kept:
+            registry.record_round("skipped", "no new feedback")
+            return done(RoundOutcome("skipped", "no new feedback"))
+        if settings.debug_round_delay_s > 0:
+            _sleep_for_tests(settings.debug_round_delay_s, report)
+
+        report("building datasets", 0.05)
+        events: list[Event] = [ev for _, ev in kept]
+        data = round_datasets(
+            store, events, max_per_user=settings.max_events_per_user, seed=settings.seed
+        )
+        pairs = [p for p in data.pairs if not is_heldout(p)]
+        if not data.pointwise and not data.pairs:
+            # Only regenerates/undos/unvotes: nothing to learn, and their effect on
+            # later votes is read from the per-turn history anyway.
+            store.ack(taken)
+            why = f"no votes or rewrites in {len(taken)} new events"
+            registry.record_round("skipped", why, events=len(taken))
+            return done(RoundOutcome("skipped", why, events=len(taken)))
+        replay_point, replay_pairs, heldout = _replay(
+            store, set(data.turn_ids), len(data.pointwise), len(pairs), settings.seed + token
+        )
+        prompts = data.prompts + replay_prompts(
+            store, max(0, settings.ppo_batch_size - len(data.prompts)), settings.seed + token,
+            exclude=data.prompts,
+        )  # fmt: skip
+
+        parent = registry.current()
+        work_dir = Path(tempfile.mkdtemp(prefix=f"round{token}-", dir=_rounds_dir(settings)))
+        policy_dir = registry.materialize(parent, work_dir / "in")
+        reward_from = registry.latest_reward_version()
+        reward_dir = registry.materialize(reward_from, work_dir / "in", kind="reward")
+
+        report("loading model", 0.08)
+        base = base_model() if callable(base_model) else base_model
+        if run_training_round is None:
+            from rlhf_core.trainer import run_training_round
+
+        def train_progress(stage: str, fraction: float) -> None:
+            report(stage, 0.1 + 0.8 * max(0.0, min(1.0, fraction)))
+
+        result = run_training_round(
+            base,
+            settings,
+            pointwise=data.pointwise,
+            pairs=pairs,
+            prompts=prompts,
+            policy_dir=str(policy_dir) if policy_dir else None,
+            reward_dir=str(reward_dir) if reward_dir else None,
+            out_dir=str(work_dir / "out"),
+            heldout_pairs=heldout,
+            replay_pointwise=replay_point,
+            replay_pairs=replay_pairs,
+            progress=train_progress,
+        )
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        report("gate", 0.92)
+        why = gate(metrics, settings)
+        if why is not None:
+            log.warning("round %s rejected: %s", token, why)
+            registry.record_failure(
+                why, metrics=metrics, events=len(taken), events_total=events_total, parent=parent
+            )
+            store.release(consumer_name, taken)
+            report("rejected", 1.0)
+            return done(RoundOutcome("failed", why, None, parent, len(taken), metrics))
+
+        report("publishing", 0.95)
+        metadata = {
+            "parent": parent,
+            "events_used": len(taken),
+            "event_ids": [ev.event_id for ev in events],
+            "users": len({ev.user_id for ev in events}),
+            "data": data.stats | {"replay_pointwise": len(replay_point),
+                                  "replay_pairs": len(replay_pairs), "heldout_pairs": len(heldout),
+                                  "prompts": len(prompts)},
+            "metrics": metrics,
+            "reward_parent": reward_from,
+            "reason": reason,
+            "base_model": settings.base_model,
+            "duration_s": time.monotonic() - started,
+        }  # fmt: skip
+        try:
+            version = registry.publish(
+                result.policy_dir, metadata, token, reward_dir=result.reward_dir, stream_ids=taken
+            )
+        except StaleTokenError as error:
+            registry.record_failure(str(error), events=len(taken), events_total=events_total)
+            return done(RoundOutcome("failed", str(error), None, parent, len(taken), metrics))
+        # Durable now (the version records the stream ids): acknowledging may fail
+        # or never happen (crash) -- the next round then acks them in step 3.
+        store.ack(taken)
+        taken = []
+        registry.record_round("published", version=version, events=len(events), parent=parent)
+        report("published", 1.0)
+        log.info("round %s published version %s from %d events", token, version, len(events))
+        return done(RoundOutcome("published", "", version, parent, len(events), metrics))
+    except BaseException as error:
+        # Includes Celery's SoftTimeLimitExceeded. Events stay unacked for the next round.
+        why = f"{type(error).__name__}: {error}"
+        log.exception("round %s failed", token)
+        try:
+            registry.record_failure(why[:500], events=len(taken), events_total=events_total)
+            if taken:
+                store.release(consumer_name, taken)
+        except redis.RedisError:
+            pass  # the entries are reclaimed by the next round anyway
+        raise
+    finally:
+        lock.release()
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _rounds_dir(settings: Settings) -> Path:
+    path = Path(settings.data_dir) / "rounds"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def events_consumed(registry: Registry) -> dict[str, list[int]]:
+    """event id -> versions that trained on it (each should have exactly one)."""
+    out: dict[str, list[int]] = {}
+    for meta in registry.history():
+        for event_id in meta.get("event_ids", []):
+            out.setdefault(event_id, []).append(meta["version"])
+    return out
+
+
+__all__: Sequence[str] = (
+    "RoundOutcome",
+    "events_consumed",
+    "gate",
+    "is_heldout",
+    "round_is_due",
+    "run_round",
+)

@@ -1,0 +1,87 @@
+"""Celery tasks: JSON in, ``rlhf_core.rounds`` does the work, JSON out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from rlhf_core.redis_server import connect
+from rlhf_core.registry import Registry, worker_name
+from rlhf_core.settings import get_settings
+from worker.celery_app import PING_TASK, TRAIN_TASK, app
+
+log = logging.getLogger(__name__)
+_settings = get_settings()
+
+# One base model per worker process, loaded on the first round and kept: loading
+# is the slow part of a small round. Rounds run one at a time per process.
+_base = None
+_base_lock = threading.Lock()
+
+# How often a round that found the lock busy comes back, in case the holder died
+# (its lease then runs out within RLHF_LOCK_TTL_S).
+BUSY_RETRIES = 3
+
+
+def base_model():
+    global _base
+    with _base_lock:
+        if _base is None:
+            from rlhf_core.modeling import load_base_model
+
+            _base = load_base_model(_settings)
+        return _base
+
+
+@app.task(
+    name=TRAIN_TASK,
+    bind=True,
+    acks_late=True,
+    soft_time_limit=_settings.round_time_limit_s,
+    time_limit=_settings.round_time_limit_s + 120,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=5,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=5,
+)
+def train_round(self, reason: str = "manual") -> dict[str, Any]:
+    """Run one training round if no other runs; returns the outcome as JSON."""
+    from rlhf_core.rounds import round_is_due, run_round
+
+    settings = _settings
+    # Generous socket timeout: the worker waits on nothing interactive, and a
+    # slow fsync under load must not fail a round that took minutes.
+    client = connect(settings, socket_timeout=30, socket_connect_timeout=10)
+    try:
+        try:
+            outcome = run_round(
+                settings, client, base_model, consumer_name=worker_name(), reason=reason
+            )
+        except SoftTimeLimitExceeded:
+            # run_round already recorded the failure and left the events pending.
+            return {"status": "failed", "reason": "round exceeded RLHF_ROUND_TIME_LIMIT_S"}
+        result = outcome.to_dict()
+        if outcome.status == "busy" and self.request.retries < BUSY_RETRIES:
+            ttl_ms = client.pttl("rlhf:lock:train")
+            raise self.retry(countdown=max(1.0, ttl_ms / 1000 + 1), max_retries=None)
+        if outcome.status == "published" and round_is_due(settings, client):
+            # Feedback arrived during the round: the next round starts right away.
+            self.app.send_task(TRAIN_TASK, kwargs={"reason": "backlog"})
+        return result
+    finally:
+        client.close()
+
+
+@app.task(name=PING_TASK)
+def ping() -> dict[str, Any]:
+    """Liveness check for tests and `rlhf-chat status`: who answers, what it serves."""
+    client = connect(_settings)
+    try:
+        return {"worker": worker_name(), "current": Registry(client, _settings).current()}
+    finally:
+        client.close()
