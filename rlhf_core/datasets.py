@@ -117,6 +117,14 @@ def resolve_events(events: Iterable[Event]) -> dict[str, TurnFeedback]:
     return {turn_id: resolve_turn_events(evs) for turn_id, evs in by_turn.items()}
 
 
+def current_feedback(store: FeedbackStore, turn_ids: Iterable[str]) -> dict[str, TurnFeedback]:
+    """The present state of each turn's feedback, read from the store (for a UI
+    that redraws its buttons); turns without events get an empty state."""
+    ids = list(dict.fromkeys(turn_ids))
+    states = resolve_events(store.events_for_turns(ids))
+    return {t: states.get(t) or TurnFeedback() for t in ids}
+
+
 def resolve_feedback(
     turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
 ) -> list[Labeled]:

@@ -29,6 +29,7 @@ import functools
 import inspect
 import json
 import logging
+import numbers
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -231,8 +232,11 @@ class Turn:
             )
         if not isinstance(self.answer, str):
             raise FeedbackError(f"Turn.answer must be a string, got {type(self.answer).__name__}.")
-        if isinstance(self.policy_version, bool) or not isinstance(self.policy_version, int):
+        if isinstance(self.policy_version, bool) or not isinstance(
+            self.policy_version, numbers.Integral
+        ):
             raise FeedbackError(f"Turn.policy_version must be an int, got {self.policy_version!r}.")
+        self.policy_version = int(self.policy_version)  # e.g. a numpy integer -> JSON int
         if not isinstance(self.sampling, dict):
             raise FeedbackError(f"Turn.sampling must be a dict, got {self.sampling!r}.")
         if self.parent_turn_id is not None:

@@ -354,3 +354,11 @@ def test_export_unknown_format_and_atomic_write(populated, tmp_path):
     # Written through a temporary file that is renamed: nothing else is left behind.
     assert ds.export(FeedbackStore(populated.redis), "kto", tmp_path / "new" / "k.jsonl") == 3
     assert list((tmp_path / "new").iterdir()) == [tmp_path / "new" / "k.jsonl"]
+
+
+def test_current_feedback_for_the_ui(store):
+    a, b, c = turn("a"), turn("b"), turn("c")
+    save(store, [a, b, c], [ev(a, "like"), ev(a, "like"), ev(b, "like"), ev(b, "unvote")])
+    state = ds.current_feedback(store, ["a", "b", "c"])
+    assert (state["a"].vote, state["b"].vote, state["c"].vote) == ("like", None, None)
+    assert len(state["a"].effective) == 2 and state["c"].effective == []

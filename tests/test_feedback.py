@@ -351,3 +351,27 @@ def test_records_survive_kill_and_restart(valkey):
     first = next(store.events())
     assert store.record_event(first) is None
     client.close()
+
+
+def test_unconsumed_count_without_server_lag(store, redis_client):
+    # Deleting an entry makes XINFO GROUPS report lag as null; the count then
+    # comes from the entries after the group's last-delivered id.
+    _seed(store, 6)
+    got = store.read_unconsumed("w", count=2)
+    never_delivered = [sid for sid, _ in store.event_entries()][2:]
+    redis_client.xdel(EVENTS_STREAM, never_delivered[0])
+    assert store._group_info()["lag"] is None
+    assert store.counts()["unconsumed"] == 2 + 3
+    store.ack([sid for sid, _ in got])
+    assert store.counts()["unconsumed"] == 3
+
+
+def test_policy_version_accepts_integer_types_only():
+    import numpy as np
+
+    assert make_turn(policy_version=np.int64(4)).to_dict()["policy_version"] == 4
+    assert type(make_turn(policy_version=np.int64(4)).policy_version) is int
+    with pytest.raises(FeedbackError, match="policy_version must be an int"):
+        make_turn(policy_version="4")
+    with pytest.raises(FeedbackError, match="policy_version must be an int"):
+        make_turn(policy_version=True)
