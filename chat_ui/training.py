@@ -1,0 +1,386 @@
+"""The UI's side of training: ask workers for rounds, follow new versions, the Training tab.
+
+- :func:`request_round` / :func:`request_round_if_due` send the ``rlhf.train_round``
+  task by name through a Celery client; this package never imports ``worker``.
+- :class:`VersionWatcher` keeps a :class:`~rlhf_core.serving.PolicyServer` on the
+  registry's current version: a thread subscribed to ``rlhf:versions``, plus a check
+  every ``version_poll_s`` so a missed message (a reconnect) is caught. A new adapter
+  is loaded beside the old one and then made current; answers in flight finish on
+  the version they started with.
+- :func:`build_training_tab` lays out the Training tab (call it inside ``gr.Tab``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from rlhf_core.datasets import load_feedback, resolve_feedback
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.redis_server import discover_url
+from rlhf_core.registry import CHANNEL, Registry, UnknownVersionError
+from rlhf_core.rounds import round_is_due
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "rlhf.train_round"  # worker/celery_app.py; by name, not by import
+TRAIN_QUEUE = "train"
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def celery_client(settings: Settings) -> Any:
+    """A Celery app used only to send tasks (one per Redis URL)."""
+    from celery import Celery
+
+    url = discover_url(settings)
+    if url is None:
+        raise RuntimeError(
+            "No Redis to send the training request to: set RLHF_REDIS_URL or start the "
+            "app with `rlhf-chat up`."
+        )
+    with _clients_lock:
+        if url not in _clients:
+            app = Celery("rlhf_chat_client", broker=url, backend=url)
+            app.conf.update(
+                task_serializer="json",
+                accept_content=["json"],
+                result_serializer="json",
+                task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+                broker_connection_retry_on_startup=True,
+                broker_transport_options={
+                    "visibility_timeout": int(settings.round_time_limit_s * 2 + 600)
+                },
+            )
+            _clients[url] = app
+        return _clients[url]
+
+
+def request_round(settings: Settings, reason: str = "manual") -> str:
+    """Queue a training round; returns the Celery task id. A worker that finds a
+    round already running retries shortly (in case that round's worker died)."""
+    result = celery_client(settings).send_task(
+        TRAIN_TASK, kwargs={"reason": reason}, queue=TRAIN_QUEUE
+    )
+    return result.id
+
+
+def request_round_if_due(
+    settings: Settings, store: FeedbackStore | None = None, client: redis.Redis | None = None
+) -> str | None:
+    """After each feedback event: queue a round when ``train_every`` unconsumed
+    events wait and no round runs or is queued. Returns the task id or None.
+    Never raises: training is best effort from the chat's point of view."""
+    try:
+        client = client or (store.redis if store is not None else None)
+        if client is None:
+            from rlhf_core.redis_server import connect
+
+            client = connect(settings)
+        registry = Registry(client, settings)
+        if registry.lock_holder() is not None:
+            return None  # the running round queues the next one if feedback piled up
+        if not round_is_due(settings, client):
+            return None
+        if not registry.claim_round_request(ttl_s=max(60.0, settings.lock_ttl_s * 2)):
+            return None  # one is queued already
+        return request_round(settings, reason=f"{settings.train_every} new feedback events")
+    except Exception as error:  # a vote must never fail because training could not start
+        log.warning("could not request a training round: %s", error)
+        return None
+
+
+# ---------------------------------------------------------------- hot swap
+
+
+class VersionWatcher:
+    """Keep ``server`` on the registry's current version."""
+
+    def __init__(
+        self,
+        server: Any,
+        settings: Settings,
+        client: redis.Redis | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.server = server
+        self.settings = settings
+        self.client = client
+        self.cache_dir = cache_dir
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
+        self.last_error: str | None = None
+        self.swaps: list[tuple[int, float]] = []  # (version, time it became current here)
+
+    def _client(self) -> redis.Redis:
+        if self.client is None:
+            from rlhf_core.redis_server import connect
+
+            self.client = connect(self.settings)
+        return self.client
+
+    def sync(self) -> int:
+        """Bring the server to the current version now; returns the version served."""
+        with self._sync_lock:
+            registry = Registry(self._client(), self.settings)
+            target = registry.current()
+            if target == self.server.current_version:
+                return target
+            if target == 0:
+                self.server.set_current(0)
+            else:
+                folder = registry.materialize(target, self.cache_dir)
+                # Loading beside the old adapter first: requests keep being served by
+                # the old version until the new one is ready.
+                self.server.load_adapter(target, str(folder))
+                self.server.set_current(target)
+            self.swaps.append((target, time.time()))
+            log.info("now serving policy version %d", target)
+            return target
+
+    def _safe_sync(self) -> None:
+        try:
+            self.sync()
+            self.last_error = None
+        except (redis.RedisError, OSError, UnknownVersionError, ValueError) as error:
+            # Try again at the next message or poll; the old version keeps serving.
+            self.last_error = f"{type(error).__name__}: {error}"
+            log.warning("could not switch policy version: %s", self.last_error)
+
+    def _run(self) -> None:
+        url = discover_url(self.settings)
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                # A separate connection without a read timeout: pub/sub waits.
+                sub_client = redis.Redis.from_url(
+                    url, socket_connect_timeout=self.settings.redis_timeout_s
+                )
+                pubsub = sub_client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                self._safe_sync()  # anything published before we subscribed
+                while not self._stop.is_set():
+                    # Returns at a message or after a quiet poll interval: check either way.
+                    pubsub.get_message(timeout=self.settings.version_poll_s)
+                    self._safe_sync()
+            except redis.RedisError as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.warning("version watcher lost Redis (%s); retrying", error)
+                self._stop.wait(self.settings.version_poll_s)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except redis.RedisError:
+                        pass
+
+    def start(self) -> VersionWatcher:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="version-watcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.version_poll_s + 5)
+            self._thread = None
+
+
+# ---------------------------------------------------------------- data for the tab
+
+ACCURACY_KEYS = ("reward/accuracy",)
+MEAN_REWARD_KEYS = ("objective/scores", "env/reward_mean", "objective/reward", "reward/mean")
+KL_KEYS = ("objective/kl", "objective/kl_final", "policy/kl")
+
+
+def _first(metrics: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        if key in metrics and metrics[key] is not None:
+            return float(metrics[key])
+    return None
+
+
+_thumbs_cache: dict[int, tuple[float, int, dict[int, tuple[int, int]]]] = {}
+THUMBS_CACHE_S = 5.0
+
+
+def thumbs_up_rate(store: FeedbackStore) -> dict[int, tuple[int, int]]:
+    """policy version -> (likes, votes) over the final votes people gave its answers.
+    Reads all feedback, so it is cached a few seconds (every open tab polls it)."""
+    n_events = store.counts()["events"]
+    cached = _thumbs_cache.get(id(store.redis))
+    if cached and cached[1] == n_events and time.monotonic() - cached[0] < THUMBS_CACHE_S:
+        return cached[2]
+    turns, events = load_feedback(store)
+    out: dict[int, list[int]] = {}
+    for item in resolve_feedback(turns, events):
+        if item.vote is None:
+            continue
+        counts = out.setdefault(item.turn.policy_version, [0, 0])
+        counts[0] += item.vote == "like"
+        counts[1] += 1
+    result = {v: (c[0], c[1]) for v, c in out.items()}
+    _thumbs_cache[id(store.redis)] = (time.monotonic(), n_events, result)
+    return result
+
+
+def versions_table(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    """One row per version (0 = base model first): the numbers the tab plots."""
+    registry = Registry(client, settings)
+    thumbs = thumbs_up_rate(FeedbackStore(client))
+    current = registry.current()
+    rows = []
+    for meta in [registry.get(0), *registry.history()]:
+        version = meta["version"]
+        likes, votes = thumbs.get(version, (0, 0))
+        metrics = meta.get("metrics", {})
+        rows.append(
+            {
+                "version": version,
+                "current": "✓" if version == current else "",
+                "parent": meta.get("parent"),
+                "published": time.strftime("%H:%M:%S", time.localtime(meta["created_at"]))
+                if "created_at" in meta
+                else "",
+                "feedback used": meta.get("events_used", 0),
+                "reward accuracy": _first(metrics, ACCURACY_KEYS),
+                "mean reward": _first(metrics, MEAN_REWARD_KEYS),
+                "KL": _first(metrics, KL_KEYS),
+                "👍 rate": likes / votes if votes else None,
+                "votes": votes,
+            }
+        )
+    return rows
+
+
+def status_markdown(client: redis.Redis, settings: Settings) -> str:
+    registry = Registry(client, settings)
+    lines = [f"**Serving version {registry.current()}** · {registry.status_line()}"]
+    progress = registry.progress()
+    if progress and progress["running"]:
+        lines.append(f"Round in progress: **{progress['stage']}** — {progress['fraction']:.0%}")
+    counts = FeedbackStore(client).counts()
+    lines.append(
+        f"Feedback: {counts['events']} events, {counts['unconsumed']} not yet trained on "
+        f"(a round starts at {settings.train_every})."
+    )
+    return "\n\n".join(lines)
+
+
+def _frames(rows: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    long = []
+    for row in rows:
+        for metric in ("reward accuracy", "👍 rate", "mean reward", "KL"):
+            if row[metric] is not None:
+                long.append({"version": row["version"], "metric": metric, "value": row[metric]})
+    frame = pd.DataFrame(long or [{"version": 0, "metric": "👍 rate", "value": 0.0}])
+    quality = frame[frame["metric"].isin(["reward accuracy", "👍 rate"])]
+    policy = frame[frame["metric"].isin(["mean reward", "KL"])]
+    return table, quality, policy
+
+
+# ---------------------------------------------------------------- the tab
+
+
+def build_training_tab(
+    settings: Settings,
+    client: redis.Redis | None = None,
+    store: FeedbackStore | None = None,
+    server: Any = None,
+    **_: Any,
+) -> dict[str, Any]:
+    """The Training tab's layout and listeners; call inside ``with gr.Tab("Training"):``.
+    Returns the components by name (tests and the app may wire more to them)."""
+    import gradio as gr
+
+    if client is None:
+        if store is not None:
+            client = store.redis
+        else:
+            from rlhf_core.redis_server import connect
+
+            client = connect(settings)
+
+    def refresh():
+        try:
+            rows = versions_table(client, settings)
+            table, quality, policy = _frames(rows)
+            choices = [r["version"] for r in rows]
+            return (
+                status_markdown(client, settings),
+                table,
+                quality,
+                policy,
+                gr.update(choices=choices),
+            )
+        except redis.RedisError as error:
+            return (f"Redis is unreachable: {error}",) + (gr.skip(),) * 4
+
+    def train_now() -> str:
+        try:
+            task_id = request_round(settings, reason="Train now")
+        except Exception as error:
+            return f"Could not queue a round: {error}"
+        return (
+            f"Round requested (task {task_id[:8]}); progress shows once a worker starts it."
+        )
+
+    def rollback(version: Any) -> str:
+        if version is None or version == "":
+            return "Pick a version to roll back to."
+        try:
+            Registry(client, settings).rollback(int(version))
+        except UnknownVersionError as error:
+            return str(error)
+        return f"Version {int(version)} is current again; every UI switches within seconds."
+
+    status = gr.Markdown("Loading…", elem_id="training-status")
+    with gr.Row():
+        train_button = gr.Button("Train now", variant="primary", elem_id="train-now")
+        version_pick = gr.Dropdown(
+            choices=[0], value=None, label="Version", allow_custom_value=True, scale=1
+        )
+        rollback_button = gr.Button("Roll back to this version", elem_id="rollback")
+    action = gr.Markdown("", elem_id="training-action")
+    with gr.Row():
+        quality_plot = gr.LinePlot(
+            x="version", y="value", color="metric", title="Reward accuracy and 👍 rate",
+            y_lim=[0, 1], height=260,
+        )  # fmt: skip
+        policy_plot = gr.LinePlot(
+            x="version", y="value", color="metric", title="Mean reward and KL", height=260
+        )
+    table = gr.Dataframe(label="Versions", interactive=False, elem_id="versions-table")
+    timer = gr.Timer(max(1.0, settings.version_poll_s))
+
+    outputs = [status, table, quality_plot, policy_plot, version_pick]
+    timer.tick(refresh, outputs=outputs, show_progress="hidden", queue=False)
+    train_button.click(train_now, outputs=action, queue=False).then(
+        refresh, outputs=outputs, queue=False
+    )
+    rollback_button.click(rollback, inputs=version_pick, outputs=action, queue=False).then(
+        refresh, outputs=outputs, queue=False
+    )
+    return {
+        "status": status,
+        "train_now": train_button,
+        "version": version_pick,
+        "rollback": rollback_button,
+        "action": action,
+        "table": table,
+        "quality_plot": quality_plot,
+        "policy_plot": policy_plot,
+        "timer": timer,
+        "refresh": refresh,
+    }
