@@ -290,8 +290,9 @@ def main() -> None:
         return
 
     passthrough = [
-        "--model", args.model, "--model-cache-dir", args.model_cache_dir, "--prompts", args.prompts,
-        "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--epochs", str(args.epochs),
+        "--model", args.model, "--model-cache-dir", args.model_cache_dir,
+        "--prompts", args.prompts, "--batch", str(args.batch),
+        "--new-tokens", str(args.new_tokens), "--epochs", str(args.epochs),
         "--steps", str(args.steps), "--seed", str(args.seed),
     ]  # fmt: skip
     import torch
