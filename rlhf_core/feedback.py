@@ -55,9 +55,10 @@ EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 VOTE_KINDS: tuple[str, ...] = ("like", "dislike", "unvote")
 
 # Entries a consumer has held this long without acking are treated as abandoned
-# (its worker died); a training round acks within the round, so this must be
-# longer than a round's read-to-ack time in normal operation only if two
-# workers could run at once -- the train lock prevents that.
+# (its worker died) and reclaimed by the next reader. Without the train lock a
+# live but slow round could lose its entries to another reader this way, so
+# readers that do not hold the lock should keep it longer than a round; a
+# reader holding the lock can pass 0 (every pending entry is from a round that is over).
 DEFAULT_MIN_IDLE_MS = 60_000
 
 
