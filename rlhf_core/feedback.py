@@ -560,6 +560,49 @@ class FeedbackStore:
             self.ensure_group()
             return call()
 
+    def _take(
+        self, entries: Iterable[tuple[Any, Any]], out: list[tuple[str, Event]], invalid: list[str]
+    ) -> None:
+        for sid, data in entries:
+            if sid is None:  # deleted while pending; XAUTOCLAIM drops it from the PEL
+                continue
+            event = self._decode_entry(sid, data)
+            if event is None:
+                invalid.append(_text(sid))
+            else:
+                out.append((_text(sid), event))
+
+    def _autoclaim(
+        self, consumer: str, min_idle_ms: int, count: int, invalid: list[str]
+    ) -> list[tuple[str, Event]]:
+        out: list[tuple[str, Event]] = []
+        cursor = "0-0"
+        while len(out) < count:
+            reply = self._with_group(
+                lambda c=cursor: self.redis.xautoclaim(
+                    EVENTS_STREAM, GROUP, consumer, min_idle_ms, start_id=c, count=count - len(out)
+                )
+            )
+            self._take(reply[1], out, invalid)
+            cursor = _text(reply[0])
+            if cursor == "0-0":  # scanned the whole pending list
+                break
+        return out
+
+    @_surface_unavailable
+    def reclaim_stale(
+        self, consumer: str, min_idle_ms: int | None = None, count: int = 100
+    ) -> list[tuple[str, Event]]:
+        """Take over (XAUTOCLAIM) up to ``count`` entries that some consumer has held
+        longer than ``min_idle_ms`` without acking -- a worker that died mid-round."""
+        _require_id(consumer, "consumer")
+        min_idle = self.min_idle_ms if min_idle_ms is None else min_idle_ms
+        invalid: list[str] = []
+        out = self._autoclaim(consumer, min_idle, count, invalid) if count > 0 else []
+        if invalid:
+            self._quarantine(invalid)
+        return out
+
     @_surface_unavailable
     def read_unconsumed(
         self,
@@ -581,30 +624,8 @@ class FeedbackStore:
         if count <= 0:
             return []
         min_idle = self.min_idle_ms if min_idle_ms is None else min_idle_ms
-        out: list[tuple[str, Event]] = []
         invalid: list[str] = []
-
-        def take(entries: Iterable[tuple[Any, Any]]) -> None:
-            for sid, data in entries:
-                if sid is None:  # deleted while pending; XAUTOCLAIM drops it from the PEL
-                    continue
-                event = self._decode_entry(sid, data)
-                if event is None:
-                    invalid.append(_text(sid))
-                else:
-                    out.append((_text(sid), event))
-
-        cursor = "0-0"
-        while len(out) < count:
-            reply = self._with_group(
-                lambda c=cursor: self.redis.xautoclaim(
-                    EVENTS_STREAM, GROUP, consumer, min_idle, start_id=c, count=count - len(out)
-                )
-            )
-            take(reply[1])
-            cursor = _text(reply[0])
-            if cursor == "0-0":
-                break
+        out = self._autoclaim(consumer, min_idle, count, invalid)
         if len(out) < count:
             reply = self._with_group(
                 lambda: self.redis.xreadgroup(
@@ -612,7 +633,7 @@ class FeedbackStore:
                 )
             )
             for _, entries in reply or []:
-                take(entries)
+                self._take(entries, out, invalid)
         if invalid:
             self._quarantine(invalid)
         return out

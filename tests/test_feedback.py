@@ -375,3 +375,16 @@ def test_policy_version_accepts_integer_types_only():
         make_turn(policy_version="4")
     with pytest.raises(FeedbackError, match="policy_version must be an int"):
         make_turn(policy_version=True)
+
+
+def test_reclaim_stale_takes_only_idle_entries(redis_client):
+    store = FeedbackStore(redis_client, min_idle_ms=200)
+    _seed(store, 3)
+    dead = store.read_unconsumed("dead", count=3)
+    assert store.reclaim_stale("rescuer") == []  # not idle long enough yet
+    time.sleep(0.3)
+    rescued = store.reclaim_stale("rescuer", count=2)
+    assert [sid for sid, _ in rescued] == [sid for sid, _ in dead[:2]]
+    assert store.pending()["consumers"] == {"dead": 1, "rescuer": 2}
+    # Reclaiming is not reading new entries: there are none, and none are made up.
+    assert len(store.reclaim_stale("rescuer", min_idle_ms=0, count=10)) == 3
