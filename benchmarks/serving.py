@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""Serving and ingestion benchmark: every figure is a ratio to a baseline measured
+in the same run, on the same Valkey server and the same model.
+
+1. Streamed generation through the app (``rlhf-chat ui`` in its own process,
+   driven over HTTP by ``gradio_client``): time to first token and tokens/s,
+   against a bare ``model.generate`` of the same model, prompt, greedy settings
+   and length, in this process, the runs interleaved (the app idles while the
+   bare run goes and the other way round).
+2. Feedback ingestion: events/s through ``FeedbackStore.record_event`` (one
+   atomic script per event: idempotency marker, turn check, XADD, index) from
+   8 writer threads, as the UI's 8 reaction workers would, against raw
+   pipelined XADD of the same payloads to the same server.
+3. The latency of one vote through the UI's HTTP API (``/vote``), p50 and p99.
+
+    python benchmarks/serving.py --out benchmarks/results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "Explain how a bicycle gear works."
+SYSTEM = "You are a helpful assistant."
+
+
+def log(*parts) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def start_app(settings_env: dict[str, str], port: int, data_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings_env, "RLHF_PORT": str(port)}
+    cli = Path(sys.executable).with_name("rlhf-chat")
+    log_file = open(data_dir / "ui.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen([str(cli), "ui"], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"rlhf-chat ui exited; see {data_dir / 'ui.log'}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return process
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("rlhf-chat ui did not start")
+
+
+def app_stream(client, new_tokens: int) -> tuple[float, float, str]:
+    """(ttft_s, total_s, answer) of one streamed answer through the HTTP API."""
+    client.predict(api_name="/new_chat")
+    start = time.perf_counter()
+    job = client.submit(PROMPT, SYSTEM, 0.0, 1.0, new_tokens, api_name="/send")
+    ttft = None
+    for update in job:
+        chat = update[0]
+        if ttft is None and chat and chat[-1]["role"] == "assistant":
+            content = chat[-1]["content"]
+            text = content if isinstance(content, str) else json.dumps(content)
+            if text.split("<sub>")[0].strip():
+                ttft = time.perf_counter() - start
+    total = time.perf_counter() - start
+    chat = job.outputs()[-1][0]
+    answer = chat[-1]["content"]
+    answer = answer if isinstance(answer, str) else json.dumps(answer)
+    return ttft or total, total, answer.split("\n\n<sub>")[0]
+
+
+def bare_generate(loaded, new_tokens: int) -> tuple[float, float, int]:
+    """(ttft_s, total_s, new tokens) of a bare model.generate, first token timed
+    with a streamer that only records the time (no decoding work to speak of)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls = 0
+            self.first: float | None = None
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # call 1 is the prompt
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    tok = loaded.tokenizer
+    enc = tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    streamer = FirstToken()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            streamer=streamer,
+        )
+    total = time.perf_counter() - start
+    return (
+        (streamer.first or time.perf_counter()) - start,
+        total,
+        out.shape[1] - enc["input_ids"].shape[1],
+    )
+
+
+def bench_stream(args, loaded, url: str) -> dict:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    tok = loaded.tokenizer
+    app_stream(client, args.new_tokens)  # warm-up both
+    bare_generate(loaded, args.new_tokens)
+    ours_tps, bare_tps, ours_ttft, bare_ttft = [], [], [], []
+    for i in range(args.repeats):
+        ttft, total, answer = app_stream(client, args.new_tokens)
+        n = len(tok(answer, add_special_tokens=False)["input_ids"]) + 1  # + the EOS / last token
+        ours_tps.append(n / total)
+        ours_ttft.append(ttft)
+        b_ttft, b_total, b_n = bare_generate(loaded, args.new_tokens)
+        bare_tps.append(b_n / b_total)
+        bare_ttft.append(b_ttft)
+        log(f"stream {i}: app {n} tok {n / total:.1f} tok/s ttft {ttft * 1000:.0f} ms | "
+            f"bare {b_n} tok {b_n / b_total:.1f} tok/s ttft {b_ttft * 1000:.0f} ms")  # fmt: skip
+    ratios = [o / b for o, b in zip(ours_tps, bare_tps, strict=True)]
+    return {
+        "stream_tps": statistics.median(ours_tps),
+        "bare_tps": statistics.median(bare_tps),
+        "stream_tps_ratio": statistics.median(ratios),
+        "ttft_s": statistics.median(ours_ttft),
+        "bare_ttft_s": statistics.median(bare_ttft),
+    }
+
+
+def bench_ingest(args, redis_url: str) -> dict:
+    import redis
+
+    from rlhf_core.feedback import Event, FeedbackStore, Turn
+
+    client = redis.Redis.from_url(redis_url)
+    store = FeedbackStore(client)
+    turns = []
+    for i in range(64):
+        turn = Turn(
+            turn_id=f"bench-turn-{i}",
+            session_id=f"bench-session-{i % 8}",
+            user_id=f"bench-user-{i % 8}",
+            messages=[{"role": "user", "content": PROMPT}],
+            answer="A bicycle gear changes how far the wheel turns per pedal stroke.",
+        )
+        store.save_turn(turn)
+        turns.append(turn)
+    n = args.events
+
+    def make_events(tag: str) -> list[Event]:
+        return [
+            Event.new(
+                turn_id=turns[i % len(turns)].turn_id,
+                kind="like" if i % 2 else "dislike",
+                session_id=turns[i % len(turns)].session_id,
+                user_id=turns[i % len(turns)].user_id,
+            )
+            for i in range(n)
+        ]
+
+    def ours() -> float:
+        events = make_events("ours")
+        threads = 8
+        chunks = [events[t::threads] for t in range(threads)]
+
+        def write(chunk) -> None:
+            local = FeedbackStore(redis.Redis.from_url(redis_url))
+            for event in chunk:
+                local.record_event(event)
+
+        workers = [threading.Thread(target=write, args=(c,)) for c in chunks]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return n / (time.perf_counter() - start)
+
+    def raw() -> float:
+        payloads = [{"event": e.to_json()} for e in make_events("raw")]
+        start = time.perf_counter()
+        for at in range(0, n, 100):
+            pipe = client.pipeline(transaction=False)
+            for payload in payloads[at : at + 100]:
+                pipe.xadd("bench:raw", payload)
+            pipe.execute()
+        return n / (time.perf_counter() - start)
+
+    ours_rates, raw_rates = [], []
+    for i in range(args.repeats):
+        ours_rates.append(ours())
+        raw_rates.append(raw())
+        log(f"ingest {i}: ours {ours_rates[-1]:.0f}/s raw XADD {raw_rates[-1]:.0f}/s")
+    ratios = [o / r for o, r in zip(ours_rates, raw_rates, strict=True)]
+    return {
+        "ingest_events_per_s": statistics.median(ours_rates),
+        "raw_xadd_per_s": statistics.median(raw_rates),
+        "ingest_ratio": statistics.median(ratios),
+    }
+
+
+def bench_vote(args, url: str) -> dict:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    client.predict(api_name="/new_chat")
+    _, answers, *_ = client.predict(PROMPT, SYSTEM, 0.7, 0.9, 8, api_name="/send")
+    index = answers[-1]["index"]
+    latencies = []
+    for i in range(args.votes + 10):
+        start = time.perf_counter()
+        client.predict(index, "like" if i % 2 else "dislike", api_name="/vote")
+        if i >= 10:  # the first calls warm connections up
+            latencies.append((time.perf_counter() - start) * 1000)
+    return {
+        "vote_p50_ms": percentile(latencies, 50),
+        "vote_p99_ms": percentile(latencies, 99),
+        "votes": len(latencies),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache/rlhf-chat")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--events", type=int, default=4000)
+    parser.add_argument("--votes", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    args = parser.parse_args()
+
+    from rlhf_core.modeling import load_base_model
+    from rlhf_core.redis_server import EmbeddedValkey, free_port
+    from rlhf_core.settings import Settings
+
+    data_dir = Path(tempfile.mkdtemp(prefix="rlhf-serving-"))
+    server = EmbeddedValkey(data_dir / "valkey").start()
+    env = {
+        "RLHF_REDIS_URL": server.url,
+        "RLHF_DATA_DIR": str(data_dir),
+        "RLHF_BASE_MODEL": args.model,
+        "RLHF_MODEL_CACHE_DIR": str(args.model_cache_dir),
+        "RLHF_TRAIN_EVERY": "1000000",  # no training rounds during the benchmark
+    }
+    port = free_port()
+    app = start_app(env, port, data_dir)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        loaded = load_base_model(
+            Settings(base_model=args.model, model_cache_dir=args.model_cache_dir)
+        )
+        result = {"model": args.model, "new_tokens": args.new_tokens}
+        result.update(bench_stream(args, loaded, url))
+        result.update(bench_vote(args, url))
+        result.update(bench_ingest(args, server.url))
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        server.stop()
+    result["command"] = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
