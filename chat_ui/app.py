@@ -1,0 +1,374 @@
+"""The chat page: layout first, listeners at the bottom, handlers in handlers.py.
+
+Every endpoint a person uses is also an API endpoint with a name, so
+``gradio_client`` (and the tests) drive exactly what the buttons drive:
+
+- ``/send(message, system_prompt, temperature, top_p, max_new_tokens)`` streams the answer
+- ``/vote(index, kind)`` kind is like / dislike / unvote; index of the answer in the
+  chat (negative counts from the end)
+- ``/rewrite(index, text)``, ``/regenerate(index, temperature, top_p, max_new_tokens)``
+- ``/undo()``, ``/new_chat()``, ``/status()``
+
+Each returns the chat (a list of {role, content} messages), the answers' metadata
+(turn id, policy version, vote) as JSON, and the policy badge. The session is the
+Gradio session (``request.session_hash``): one per browser tab or client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from chat_ui import training
+from chat_ui.handlers import EMPTY_ANSWER, STORE_ERRORS, ChatService, InputError, Update
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.modeling import load_base_model
+from rlhf_core.redis_server import connect
+from rlhf_core.serving import PolicyServer
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STORE_DOWN = (
+    "Feedback store unreachable, retrying… Nothing was lost on this page; "
+    "try again in a few seconds."
+)
+
+
+@dataclass
+class ChatApp:
+    """Everything one UI process runs."""
+
+    settings: Settings
+    service: ChatService
+    demo: gr.Blocks
+    watcher: training.VersionWatcher | None = None
+    url: str | None = None
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.demo.close()
+
+
+# --- rendering -------------------------------------------------------------------
+def footer(message: dict[str, Any]) -> str:
+    if message.get("turn_id") is None:
+        return f"\n\n<sub>writing… v{message['version']}</sub>"
+    edited = " · edited by you" if message.get("rewritten") else ""
+    return f"\n\n<sub>written by v{message['version']}{edited}</sub>"
+
+
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The session's messages as the Chatbot shows them (assistant answers get a footer
+    saying which policy version wrote them)."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            out.append({"role": "assistant", "content": (m["content"] or EMPTY_ANSWER) + footer(m)})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def meta(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"index": i, **{k: m.get(k) for k in ("turn_id", "version", "vote", "rewritten", "saved")}}
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant"
+    ]
+
+
+def badge(version: int, store_ok: bool = True) -> str:
+    text = f"**current policy version {version}**"
+    if not store_ok:
+        text += " · ⚠️ feedback store unreachable, retrying…"
+    return text
+
+
+def render(update: Update) -> tuple[list[dict[str, str]], list[dict[str, Any]], str]:
+    return chat_messages(update.messages), meta(update.messages), badge(update.version)
+
+
+def feedback_values(messages: list[dict[str, Any]]) -> list[str | None]:
+    """The 👍/👎 state the Chatbot shows per answer, from the session (so an undone vote
+    or a new chat resets the icons)."""
+    return [
+        {"like": "Like", "dislike": "Dislike"}.get(m.get("vote") or "")
+        for m in messages
+        if m["role"] == "assistant"
+    ]
+
+
+def _notify(update: Update, shown: set[str]) -> None:
+    for notice in update.notices:
+        if notice not in shown:
+            shown.add(notice)
+            gr.Warning(notice)
+
+
+def _fail(error: Exception) -> gr.Error:
+    if isinstance(error, InputError):
+        return gr.Error(str(error), title="Cannot do that")
+    return gr.Error(f"{STORE_DOWN}\n\n({error})", title="Feedback store unreachable")
+
+
+def _text(value: Any) -> str:
+    """Chatbot edit values may come as a string or as a list of text parts."""
+    if isinstance(value, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
+    return "" if value is None else str(value)
+
+
+def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any) -> dict[str, Any]:
+    return {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+
+
+# --- the page ----------------------------------------------------------------------
+def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
+    store = service.store
+
+    with gr.Blocks(title="rlhf-chat") as demo:
+        with gr.Tab("Chat"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    policy_badge = gr.Markdown(
+                        badge(service.policy.current_version), elem_id="policy-badge"
+                    )
+                    chatbot = gr.Chatbot(
+                        label="Chat",
+                        elem_id="chatbot",
+                        height=520,
+                        editable="all",
+                        feedback_options=("Like", "Dislike"),
+                        placeholder="Ask anything. React with 👍 / 👎, edit an answer into the "
+                        "one you wanted, or regenerate it: the model learns from it.",
+                    )
+                    with gr.Row():
+                        textbox = gr.Textbox(
+                            show_label=False,
+                            placeholder="Type a message and press Enter",
+                            elem_id="message",
+                            scale=6,
+                            autofocus=True,
+                        )
+                        send_button = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+                    with gr.Row():
+                        regenerate_button = gr.Button("↻ Regenerate", elem_id="regenerate")
+                        undo_button = gr.Button("↶ Undo", elem_id="undo")
+                        new_chat_button = gr.Button("New chat", elem_id="new-chat")
+                with gr.Column(scale=1, min_width=240):
+                    gr.Markdown("### Settings")
+                    system_prompt = gr.Textbox(
+                        settings.system_prompt,
+                        label="System prompt",
+                        lines=3,
+                        elem_id="system-prompt",
+                    )
+                    temperature = gr.Slider(
+                        0.0, 2.0, settings.temperature, step=0.05, label="Temperature"
+                    )
+                    top_p = gr.Slider(0.05, 1.0, settings.top_p, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(
+                        1, 1024, settings.max_new_tokens, step=1, label="Max new tokens"
+                    )
+            # Inputs of the API-only endpoints (/vote, /rewrite, /regenerate by index).
+            with gr.Row(visible=False):
+                api_index = gr.Number(-1, precision=0, label="answer index")
+                api_kind = gr.Textbox("like", label="vote: like, dislike or unvote")
+                api_text = gr.Textbox("", label="rewritten answer")
+                vote_button = gr.Button("vote")
+                rewrite_button = gr.Button("rewrite")
+                status_button = gr.Button("status")
+                answers = gr.JSON(label="answers")
+                status_json = gr.JSON(label="status")
+        with gr.Tab("Training"):
+            training.build_training_tab(
+                settings, client=store.redis, store=store, server=service.policy
+            )
+        timer = gr.Timer(max(2.0, settings.version_poll_s))
+
+        # --- listeners ------------------------------------------------------------------
+        outputs = [chatbot, answers, policy_badge]
+        sampling_inputs = [temperature, top_p, max_new_tokens]
+
+        def on_send(message, system, temp, p, max_new, request: gr.Request):
+            shown: set[str] = set()
+            try:
+                for update in service.send(
+                    request.session_hash, message, system, _sampling(temp, p, max_new)
+                ):
+                    _notify(update, shown)
+                    yield (*render(update), "")
+            except (InputError, *STORE_ERRORS) as error:
+                raise _fail(error) from error
+
+        def stream_regenerate(index, temp, p, max_new, request: gr.Request):
+            shown: set[str] = set()
+            try:
+                for update in service.regenerate(
+                    request.session_hash, int(index), _sampling(temp, p, max_new)
+                ):
+                    _notify(update, shown)
+                    yield render(update)
+            except (InputError, *STORE_ERRORS) as error:
+                raise _fail(error) from error
+
+        def on_retry(data: gr.RetryData, temp, p, max_new, request: gr.Request):
+            # The retry icon sits on the user message: its answer is the next message.
+            yield from stream_regenerate(int(data.index) + 1, temp, p, max_new, request)
+
+        def call(method, *args):
+            try:
+                update = method(*args)
+            except (InputError, *STORE_ERRORS) as error:
+                raise _fail(error) from error
+            _notify(update, set())
+            return update
+
+        def on_vote(index, kind, request: gr.Request):
+            return render(call(service.vote, request.session_hash, int(index), str(kind)))
+
+        def on_like(data: gr.LikeData, request: gr.Request):
+            kind = {True: "like", False: "dislike"}.get(data.liked, "unvote")
+            return on_vote(data.index, kind, request)
+
+        def on_rewrite(index, text, request: gr.Request):
+            return render(call(service.rewrite, request.session_hash, int(index), _text(text)))
+
+        def on_edit(data: gr.EditData, request: gr.Request):
+            session = service.session(request.session_hash)
+            index = int(data.index)
+            if not (0 <= index < len(session.messages)) or (
+                session.messages[index]["role"] != "assistant"
+            ):
+                gr.Warning(
+                    "Only answers can be edited. To change your question, use Undo and "
+                    "send it again."
+                )
+                return render(Update(service.view(session), version=service.policy.current_version))
+            return on_rewrite(index, data.value, request)
+
+        def on_undo(request: gr.Request):
+            update = call(service.undo, request.session_hash)
+            return (*render(update), update.textbox if update.textbox is not None else gr.skip())
+
+        def on_new_chat(request: gr.Request):
+            return render(call(service.new_chat, request.session_hash))
+
+        def on_status(request: gr.Request):
+            return service.status(request.session_hash)
+
+        def on_tick(request: gr.Request):
+            status = service.status(request.session_hash)
+            return badge(status["current_version"], status["store_ok"])
+
+        def sync_feedback(request: gr.Request):
+            session = service.session(request.session_hash)
+            return gr.Chatbot(feedback_value=feedback_values(session.messages))
+
+        def on_unload(request: gr.Request):
+            service.drop_session(request.session_hash)
+
+        # One generation at a time across all users (the PolicyServer serves one
+        # anyway); the queue shows waiting people their position.
+        # After each change, the like/dislike icons follow the session's votes.
+        sync = {
+            "fn": sync_feedback,
+            "outputs": chatbot,
+            "api_visibility": "private",
+            "queue": False,
+        }
+        generate = {"concurrency_id": "generate", "concurrency_limit": 1}
+        send_inputs = [textbox, system_prompt, *sampling_inputs]
+        send_outputs = [*outputs, textbox]
+        send_button.click(on_send, send_inputs, send_outputs, api_name="send", **generate).then(
+            **sync
+        )
+        textbox.submit(
+            on_send, send_inputs, send_outputs, api_visibility="private", **generate
+        ).then(**sync)
+        regenerate_button.click(
+            stream_regenerate,
+            [api_index, *sampling_inputs],
+            outputs,
+            api_name="regenerate",
+            **generate,
+        ).then(**sync)
+        chatbot.retry(
+            on_retry, sampling_inputs, outputs, api_visibility="private", **generate
+        ).then(**sync)
+        reactions = {"concurrency_limit": 8}
+        vote_button.click(
+            on_vote, [api_index, api_kind], outputs, api_name="vote", **reactions
+        ).then(**sync)
+        chatbot.like(on_like, None, outputs, api_visibility="private", **reactions).then(**sync)
+        rewrite_button.click(
+            on_rewrite, [api_index, api_text], outputs, api_name="rewrite", **reactions
+        ).then(**sync)
+        chatbot.edit(on_edit, None, outputs, api_visibility="private", **reactions).then(**sync)
+        undo_button.click(on_undo, None, [*outputs, textbox], api_name="undo", **reactions).then(
+            **sync
+        )
+        new_chat_button.click(on_new_chat, None, outputs, api_name="new_chat", **reactions).then(
+            **sync
+        )
+        chatbot.clear(on_new_chat, None, outputs, api_visibility="private", **reactions).then(
+            **sync
+        )
+        status_button.click(on_status, None, status_json, api_name="status", queue=False)
+        timer.tick(
+            on_tick,
+            None,
+            policy_badge,
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
+        )
+        demo.load(on_tick, None, policy_badge, api_visibility="private", queue=False)
+        demo.unload(on_unload)
+    return demo
+
+
+def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
+    """Load the model, connect to Redis, build the page (not yet served)."""
+    loaded = load_base_model(settings)
+    policy = PolicyServer(loaded, settings)
+    client = connect(settings)
+    store = FeedbackStore(client)
+    service = ChatService(
+        settings, policy, store, on_event=lambda: training.request_round_if_due(settings, store)
+    )
+    watcher = None
+    if watch_versions:
+        watcher = training.VersionWatcher(policy, settings, client=client).start()
+    demo = build_app(settings, service)
+    return ChatApp(settings=settings, service=service, demo=demo, watcher=watcher)
+
+
+def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True) -> ChatApp:
+    """Build and serve the page on settings.host:settings.port; with ``block=False``
+    return once it listens (tests, and ``rlhf-chat up`` which supervises children)."""
+    app = create_app(settings, watch_versions=watch_versions)
+    app.demo.queue(default_concurrency_limit=8)
+    app.demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        prevent_thread_lock=True,
+        show_error=True,
+        ssr_mode=False,
+        quiet=True,
+    )
+    app.url = (
+        f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}/"
+    )
+    print(f"rlhf-chat UI on {app.url}", flush=True)
+    if block:
+        try:
+            app.demo.block_thread()
+        finally:
+            app.close()
+    return app

@@ -1,0 +1,482 @@
+"""What the chat buttons do, as plain functions of plain data (no gradio here).
+
+:class:`ChatService` keeps one :class:`ChatSession` per browser session, keyed by
+the session id the web layer passes in (Gradio's ``session_hash``): sessions never
+share a conversation, and nothing about a user lives in a module global. Each
+session has its own lock; it is held only while the session's data changes, never
+during generation, so a vote on an older answer is not stuck behind a stream.
+
+The rules the handlers keep:
+
+- A finished answer is written as a Turn before it is returned with its buttons
+  (send/regenerate save, then yield the final update). If Redis is down at that
+  moment the answer is kept in the session as *pending* and saved on the next
+  call that reaches Redis (every handler, and the periodic status tick, retries).
+- Event ids are deterministic per (turn, number of this session's reactions on
+  it, kind), made before the write: a retried request writes one event, and a
+  second 👍 on an already liked answer writes nothing (the session knows the
+  current vote).
+- Bad input raises :class:`InputError` with a message for the person; an
+  unreachable Redis raises ``FeedbackUnavailable`` (a ``RedisUnavailableError``)
+  and nothing in the session changes, so the user can simply try again.
+- Undo takes back the session's last action: a vote or rewrite (an ``undo``
+  event on that turn retracts it in the training data, see rlhf_core.datasets),
+  a regenerate (the earlier answer comes back), a sent message (the exchange is
+  removed and its text returned to the input box), or a new chat.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from rlhf_core.feedback import Event, FeedbackStore, Turn, clean_text, new_id
+from rlhf_core.redis_server import RedisUnavailableError
+from rlhf_core.serving import ContextTooLongError, Generation, PolicyServer
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+VOTES = {"like": "like", "dislike": "dislike", "unvote": "unvote", "none": "unvote", "": "unvote"}
+# Shown under every answer; stripped again from an edited answer (the editor shows it).
+FOOTER_RE = re.compile(r"\s*<sub>written by v\d+[^<]*</sub>\s*$")
+EMPTY_ANSWER = "*(the model returned an empty answer)*"
+MAX_SESSIONS = 10_000  # oldest idle sessions are forgotten beyond this
+
+
+# What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
+STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
+
+
+class InputError(ValueError):
+    """The person's input cannot be used; the message says what to do instead."""
+
+
+@dataclass
+class Update:
+    """What the page should show after a handler step."""
+
+    messages: list[dict[str, Any]]  # the session's conversation (see ChatService.view)
+    notices: list[str] = field(default_factory=list)  # warnings/info for the person
+    done: bool = True  # False while an answer is still streaming
+    textbox: str | None = None  # text to put back in the input box (undo of a send)
+    version: int = 0  # the current policy version
+
+
+@dataclass
+class ChatSession:
+    session_id: str
+    user_id: str
+    # user/assistant messages; an assistant message also carries turn_id, version,
+    # vote, rewritten, context (what the model saw) and saved.
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)  # the undo stack
+    pending: dict[str, Turn] = field(default_factory=dict)  # turns not yet in Redis
+    reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
+    epoch: int = 0  # bumped when the conversation is replaced (new chat)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    touched: float = field(default_factory=time.monotonic)
+
+
+def validate_message(text: Any, settings: Settings) -> str:
+    """The user's message, cleaned, or InputError saying what is wrong with it."""
+    if not isinstance(text, str):
+        raise InputError("The message must be text.")
+    text = clean_text(text).strip()
+    if not text:
+        raise InputError("Type a message first: an empty message cannot be answered.")
+    if len(text) > settings.max_input_chars:
+        raise InputError(
+            f"Your message is {len(text):,} characters long; the limit is "
+            f"{settings.max_input_chars:,} (RLHF_MAX_INPUT_CHARS). Shorten it or send it in parts; "
+            "your text is still in the box."
+        )
+    return text
+
+
+class ChatService:
+    """The chat handlers for every session of one UI process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: PolicyServer,
+        store: FeedbackStore,
+        on_event: Callable[[], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.store = store
+        self.on_event = on_event  # e.g. "start a training round if enough feedback arrived"
+        self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self._sessions_lock = threading.Lock()
+
+    # --- sessions --------------------------------------------------------------
+    def session(self, session_id: str, user_id: str | None = None) -> ChatSession:
+        if not session_id:
+            raise InputError("No session id: reload the page.")
+        with self._sessions_lock:
+            found = self._sessions.get(session_id)
+            if found is None:
+                found = ChatSession(session_id=session_id, user_id=user_id or session_id)
+                self._sessions[session_id] = found
+                while len(self._sessions) > MAX_SESSIONS:
+                    self._sessions.popitem(last=False)
+            self._sessions.move_to_end(session_id)
+            found.touched = time.monotonic()
+            return found
+
+    def drop_session(self, session_id: str) -> None:
+        """Forget a closed session's conversation (its turns stay in Redis). Pending
+        turns are tried once more so a closed tab loses nothing while Redis is up."""
+        with self._sessions_lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None and session.pending:
+            try:
+                self._flush(session)
+            except Exception as error:  # the tab is gone: log, nobody to tell
+                log.error(
+                    "Session %s closed with %d unsaved turns: %s",
+                    session_id,
+                    len(session.pending),
+                    error,
+                )
+
+    def view(self, session: ChatSession) -> list[dict[str, Any]]:
+        """The conversation as plain dicts (copies), with each answer's metadata."""
+        return [{k: v for k, v in m.items() if k != "context"} for m in session.messages]
+
+    def _update(self, session: ChatSession, **kwargs: Any) -> Update:
+        return Update(messages=self.view(session), version=self.policy.current_version, **kwargs)
+
+    # --- store helpers -----------------------------------------------------------
+    def _flush(self, session: ChatSession) -> None:
+        """Save the session's pending turns (raises FeedbackUnavailable if Redis is down)."""
+        for turn_id, turn in list(session.pending.items()):
+            self.store.save_turn(turn)
+            del session.pending[turn_id]
+            for m in session.messages:
+                if m.get("turn_id") == turn_id:
+                    m["saved"] = True
+
+    def _save(self, session: ChatSession, turn: Turn) -> list[str]:
+        """Save a new turn; when Redis is down keep it pending and say so."""
+        session.pending[turn.turn_id] = turn
+        try:
+            self._flush(session)
+            return []
+        except STORE_ERRORS as error:
+            log.warning("Turn %s kept pending: %s", turn.turn_id, error)
+            return [
+                "Feedback store unreachable, retrying… This answer is kept here and will be "
+                "saved as soon as the store is back; reactions to it need the store."
+            ]
+
+    def _record(
+        self, session: ChatSession, turn_id: str, kind: str, text: str | None = None
+    ) -> None:
+        """Record one reaction with an id fixed by the session's history of this turn."""
+        self._flush(session)
+        n = session.reactions.get(turn_id, 0)
+        event = Event(
+            event_id=f"{turn_id}:{n}:{kind}",
+            turn_id=turn_id,
+            kind=kind,
+            session_id=session.session_id,
+            user_id=session.user_id,
+            text=text,
+        )
+        self.store.record_event(event)
+        session.reactions[turn_id] = n + 1
+        if self.on_event is not None:
+            try:
+                self.on_event()
+            except Exception:  # a round not started must not make the vote look failed
+                log.exception("on_event hook failed after %s on %s", kind, turn_id)
+
+    def _answer_at(self, session: ChatSession, index: int) -> tuple[int, dict[str, Any]]:
+        n = len(session.messages)
+        try:
+            index = int(index)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"Answer index must be a whole number, got {index!r}.") from error
+        if index < 0:
+            index += n
+        if not 0 <= index < n or session.messages[index]["role"] != "assistant":
+            raise InputError(
+                "That message is not a finished answer of this chat (it may still be streaming, "
+                "or the chat changed). Wait for the answer, then try again."
+            )
+        return index, session.messages[index]
+
+    # --- generation --------------------------------------------------------------
+    def _context(self, session: ChatSession, system_prompt: str | None) -> list[dict[str, str]]:
+        system = clean_text(
+            system_prompt if system_prompt is not None else self.settings.system_prompt
+        )
+        context = [{"role": "system", "content": system.strip()}] if system.strip() else []
+        context += [{"role": m["role"], "content": m["content"]} for m in session.messages]
+        return context
+
+    def _start(self, context: list[dict[str, str]], sampling: dict[str, Any] | None) -> Generation:
+        try:
+            return self.policy.stream(context, sampling)
+        except ContextTooLongError as error:
+            raise InputError(str(error)) from error
+
+    def _trim_notice(self, gen: Generation) -> list[str]:
+        if not gen.trimmed:
+            return []
+        return [
+            f"This conversation is longer than the model's context "
+            f"({self.settings.max_context_tokens} tokens): the oldest {gen.trimmed} messages "
+            "were left out of this answer. Start a new chat for a fresh context."
+        ]
+
+    def _answer_message(self, gen: Generation, turn: Turn) -> dict[str, Any]:
+        return {
+            "role": "assistant",
+            "content": gen.text,
+            "turn_id": turn.turn_id,
+            "version": gen.version,
+            "vote": None,
+            "rewritten": False,
+            "context": gen.messages,
+            "saved": False,
+        }
+
+    def _stream(
+        self,
+        session: ChatSession,
+        gen: Generation,
+        shown: list[dict[str, Any]],
+        notices: list[str],
+    ) -> Iterator[Update]:
+        for text in gen:
+            partial = {
+                "role": "assistant",
+                "content": text,
+                "turn_id": None,
+                "version": gen.version,
+            }
+            yield Update(
+                messages=[*shown, partial],
+                notices=notices,
+                done=False,
+                version=self.policy.current_version,
+            )
+
+    def _turn(self, session: ChatSession, gen: Generation, parent: str | None = None) -> Turn:
+        # The context stored is what the model saw (after trimming): the answer is
+        # conditioned on exactly that, which is what training needs.
+        return Turn(
+            turn_id=new_id(),
+            session_id=session.session_id,
+            user_id=session.user_id,
+            messages=gen.messages,
+            answer=gen.text,
+            policy_version=gen.version,
+            sampling=gen.sampling.as_dict(),
+            model=self.settings.base_model,
+            parent_turn_id=parent,
+        )
+
+    def send(
+        self,
+        session_id: str,
+        text: Any,
+        system_prompt: str | None = None,
+        sampling: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> Iterator[Update]:
+        """Stream an answer to ``text``; the last update comes after the turn is saved."""
+        session = self.session(session_id, user_id)
+        text = validate_message(text, self.settings)
+        with session.lock:
+            self._try_flush(session)
+            epoch = session.epoch
+            context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
+            shown = self.view(session) + [{"role": "user", "content": text}]
+        gen = self._start(context, sampling)
+        notices = self._trim_notice(gen)
+        yield from self._stream(session, gen, shown, notices)
+        turn = self._turn(session, gen)
+        with session.lock:
+            notices = notices + self._save(session, turn)
+            answer = self._answer_message(gen, turn)
+            answer["saved"] = turn.turn_id not in session.pending
+            if session.epoch == epoch:
+                session.messages += [{"role": "user", "content": text}, answer]
+                session.actions.append({"kind": "send", "turn_id": turn.turn_id, "text": text})
+            final = self._update(session, notices=notices)
+        # Yield outside the lock: Gradio may resume a generator on another thread.
+        yield final
+
+    def regenerate(
+        self, session_id: str, index: int = -1, sampling: dict[str, Any] | None = None
+    ) -> Iterator[Update]:
+        """A new answer in place of the one at ``index`` (same context, so the two
+        can form a preference pair); later messages are dropped, as in a retry."""
+        session = self.session(session_id)
+        with session.lock:
+            index, old = self._answer_at(session, index)
+            self._record(session, old["turn_id"], "regenerate")
+            epoch = session.epoch
+            context = list(old["context"])
+            shown = self.view(session)[:index]
+        gen = self._start(context, sampling)
+        notices = self._trim_notice(gen)
+        yield from self._stream(session, gen, shown, notices)
+        turn = self._turn(session, gen, parent=old["turn_id"])
+        with session.lock:
+            notices = notices + self._save(session, turn)
+            answer = self._answer_message(gen, turn)
+            answer["saved"] = turn.turn_id not in session.pending
+            if (
+                session.epoch == epoch
+                and index < len(session.messages)
+                and (session.messages[index].get("turn_id") == old["turn_id"])
+            ):
+                removed = session.messages[index:]
+                session.messages = session.messages[:index] + [answer]
+                session.actions.append(
+                    {
+                        "kind": "regenerate",
+                        "turn_id": old["turn_id"],
+                        "index": index,
+                        "removed": removed,
+                    }
+                )
+            final = self._update(session, notices=notices)
+        yield final
+
+    # --- reactions ---------------------------------------------------------------
+    def vote(self, session_id: str, index: int, kind: str) -> Update:
+        """👍 / 👎 / remove the vote on the answer at ``index`` (negative counts from the end)."""
+        if kind not in VOTES:
+            raise InputError(f"Unknown vote {kind!r}; use 'like', 'dislike' or 'unvote'.")
+        kind = VOTES[kind]
+        session = self.session(session_id)
+        with session.lock:
+            _, msg = self._answer_at(session, index)
+            new = None if kind == "unvote" else kind
+            if msg.get("vote") == new:
+                return self._update(session)  # a repeated click: nothing changes
+            self._record(session, msg["turn_id"], kind)
+            session.actions.append({"kind": "vote", "turn_id": msg["turn_id"], "prev": msg["vote"]})
+            msg["vote"] = new
+            return self._update(session)
+
+    def rewrite(self, session_id: str, index: int, text: Any) -> Update:
+        """Replace the answer at ``index`` by the user's edited version."""
+        session = self.session(session_id)
+        if not isinstance(text, str):
+            raise InputError("The edited answer must be text.")
+        text = FOOTER_RE.sub("", clean_text(text)).strip()
+        with session.lock:
+            _, msg = self._answer_at(session, index)
+            if not text:
+                raise InputError(
+                    "An edited answer cannot be empty. To say the answer is bad, use 👎; "
+                    "to get another one, use Regenerate."
+                )
+            if len(text) > max(self.settings.max_input_chars, 4 * len(msg["content"])):
+                raise InputError(
+                    f"The edited answer is {len(text):,} characters long; the limit is "
+                    f"{self.settings.max_input_chars:,}. Shorten it."
+                )
+            if text == msg["content"]:
+                return self._update(session)
+            self._record(session, msg["turn_id"], "rewrite", text)
+            session.actions.append(
+                {
+                    "kind": "rewrite",
+                    "turn_id": msg["turn_id"],
+                    "prev": msg["content"],
+                    "prev_rewritten": msg["rewritten"],
+                }
+            )
+            msg["content"] = text
+            msg["rewritten"] = True
+            return self._update(session)
+
+    def undo(self, session_id: str) -> Update:
+        """Take back the last action of this session."""
+        session = self.session(session_id)
+        with session.lock:
+            if not session.actions:
+                return self._update(session, notices=["Nothing to undo."])
+            action = session.actions[-1]
+            if action.get("turn_id"):
+                self._record(session, action["turn_id"], "undo")
+            session.actions.pop()
+            textbox = None
+            msg = next(
+                (m for m in session.messages if m.get("turn_id") == action.get("turn_id")), None
+            )
+            if action["kind"] == "vote" and msg is not None:
+                msg["vote"] = action["prev"]
+            elif action["kind"] == "rewrite" and msg is not None:
+                msg["content"] = action["prev"]
+                msg["rewritten"] = action["prev_rewritten"]
+            elif action["kind"] == "send":
+                if msg is not None:
+                    at = session.messages.index(msg)
+                    session.messages = session.messages[: max(at - 1, 0)]
+                textbox = action["text"]
+            elif action["kind"] == "regenerate":
+                session.messages = session.messages[: action["index"]] + action["removed"]
+            elif action["kind"] == "new_chat":
+                session.messages = action["messages"]
+                session.epoch += 1
+            return self._update(session, textbox=textbox)
+
+    def new_chat(self, session_id: str) -> Update:
+        session = self.session(session_id)
+        with session.lock:
+            if session.messages:
+                session.actions.append({"kind": "new_chat", "messages": session.messages})
+            session.messages = []
+            session.epoch += 1
+            return self._update(session)
+
+    # --- status ------------------------------------------------------------------
+    def _try_flush(self, session: ChatSession) -> bool:
+        if not session.pending:
+            return True
+        try:
+            self._flush(session)
+            return True
+        except STORE_ERRORS:
+            return False
+
+    def status(self, session_id: str | None = None) -> dict[str, Any]:
+        """Current policy version, whether the store answers, this session's counts.
+        Also retries saving the session's pending turns."""
+        out: dict[str, Any] = {
+            "current_version": self.policy.current_version,
+            "loaded_versions": self.policy.loaded_versions,
+            "model": self.settings.base_model,
+        }
+        if session_id:
+            session = self.session(session_id)
+            with session.lock:
+                flushed = self._try_flush(session)
+                out["session_answers"] = sum(m["role"] == "assistant" for m in session.messages)
+                out["pending_turns"] = len(session.pending)
+        else:
+            flushed = True
+        try:
+            out["store"] = self.store.counts() if flushed else None
+        except STORE_ERRORS:
+            out["store"] = None
+        out["store_ok"] = out["store"] is not None
+        return out

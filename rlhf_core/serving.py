@@ -1,0 +1,387 @@
+"""PolicyServer: streaming chat generation on one base model with hot-swappable LoRA policies.
+
+Policy version 0 is the bare base model; version N >= 1 is a LoRA adapter published
+by a training round. Adapters are loaded side by side on one ``peft.PeftModel``
+(named ``v{N}``), so a swap is a pointer change, not a reload, and an answer that
+started on version N finishes on version N even when N+1 becomes current mid-answer.
+
+Concurrency, and its trade-off: peft's ``set_adapter`` switches the active adapter
+for the whole model, so two generations on two versions cannot run at the same
+time on one model. Each request therefore holds ``_generate_lock`` for the length
+of its ``generate`` call and activates its pinned version inside it. Requests are
+served one at a time; on the 2-core CPUs this runs on, parallel generations would
+only share the same cores anyway, and Gradio queues the waiting users. (peft's
+mixed-batch ``adapter_names=`` argument would allow several versions in one batch,
+but it registers forward hooks on shared modules per call, so concurrent calls
+would still need the same lock; batching users together is the next step if the
+GPU ever sits idle.)
+
+Context: the conversation is rendered with the tokenizer's chat template; when it
+exceeds the prompt budget, the oldest user/assistant turns are dropped (the system
+prompt and the last user message are always kept) and the caller is told how many
+messages were dropped, so the UI can say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from rlhf_core.modeling import LoadedModel
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BASE_VERSION = 0
+
+
+class ContextTooLongError(ValueError):
+    """Even the system prompt plus the last user message do not fit the prompt budget."""
+
+
+class UnknownVersionError(KeyError):
+    """A policy version was asked for that is not loaded in this server."""
+
+
+def adapter_name(version: int) -> str:
+    return f"v{version}"
+
+
+@dataclass
+class Sampling:
+    """Sampling settings of one answer; stored with the turn so training knows them."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sampling:
+        return cls(settings.temperature, settings.top_p, settings.max_new_tokens)
+
+    @classmethod
+    def coerce(cls, value: Sampling | dict[str, Any] | None, settings: Settings) -> Sampling:
+        """Fill missing fields from the settings and clamp to ranges generate accepts."""
+        base = cls.from_settings(settings)
+        if isinstance(value, Sampling):
+            value = value.as_dict()
+        merged = {**base.as_dict(), **{k: v for k, v in (value or {}).items() if v is not None}}
+        return cls(
+            temperature=min(max(float(merged["temperature"]), 0.0), 2.0),
+            top_p=min(max(float(merged["top_p"]), 0.01), 1.0),
+            max_new_tokens=min(max(int(merged["max_new_tokens"]), 1), 4096),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+@dataclass
+class Prompt:
+    """A conversation rendered for the model, after trimming."""
+
+    messages: list[dict[str, str]]  # what the model actually sees (trimmed)
+    input_ids: list[int]
+    dropped: int  # messages dropped from the front to fit the budget
+
+
+@dataclass
+class Generation:
+    """One streamed answer. Iterate it to get the growing answer text; ``version`` is
+    pinned when it is created (the policy that writes every token of it)."""
+
+    server: PolicyServer
+    prompt: Prompt
+    sampling: Sampling
+    version: int
+    text: str = ""
+    new_tokens: int = 0
+    first_token_s: float | None = None  # seconds from start to the first visible text
+    total_s: float | None = None
+    finished: bool = False
+    _started: bool = field(default=False, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self.prompt.messages
+
+    @property
+    def trimmed(self) -> int:
+        return self.prompt.dropped
+
+    @property
+    def tokens_per_s(self) -> float:
+        if not self.total_s or not self.new_tokens:
+            return 0.0
+        return self.new_tokens / self.total_s
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("A Generation can be iterated once; call stream() again.")
+        self._started = True
+        yield from self.server._run(self)
+
+    def consume(self) -> Generation:
+        """Run to the end without streaming; returns self."""
+        for _ in self:
+            pass
+        return self
+
+
+class PolicyServer:
+    """Serve chat answers from the base model plus the current policy adapter."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings, keep_versions: int = 3) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self.tokenizer = loaded.tokenizer
+        self.keep_versions = max(keep_versions, 1)
+        self.model: Any = loaded.model  # becomes a PeftModel at the first adapter
+        self._peft = False
+        self._versions: list[int] = []  # loaded adapter versions, oldest first
+        self._current = BASE_VERSION
+        self._pins: dict[int, int] = {}  # version -> answers waiting or in flight
+        self._generate_lock = threading.Lock()  # one generate (and adapter edit) at a time
+        self._state_lock = threading.Lock()  # guards _current/_versions/_pins bookkeeping
+
+    # --- versions ------------------------------------------------------------
+    @property
+    def current_version(self) -> int:
+        return self._current
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        return [BASE_VERSION, *self._versions]
+
+    def load_adapter(self, version: int, adapter_dir: str) -> None:
+        """Load a policy adapter beside the ones already loaded (no swap yet)."""
+        if version <= BASE_VERSION:
+            raise ValueError(f"Adapter versions start at 1; version {version} is the base model.")
+        if version in self._versions:
+            return
+        name = adapter_name(version)
+        # Editing the module tree while another thread runs generate on it is unsafe.
+        with self._generate_lock:
+            if not self._peft:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(
+                    self.loaded.model, adapter_dir, adapter_name=name, is_trainable=False
+                )
+                self._peft = True
+            else:
+                self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+            self.model.eval()
+        with self._state_lock:
+            self._versions.append(version)
+        log.info("Loaded policy version %d from %s", version, adapter_dir)
+
+    def set_current(self, version: int) -> None:
+        """Make ``version`` the one new answers use; answers in flight keep theirs."""
+        if version != BASE_VERSION and version not in self._versions:
+            raise UnknownVersionError(
+                f"Policy version {version} is not loaded; call load_adapter({version}, dir) first."
+            )
+        with self._state_lock:
+            self._current = version
+        self._unload_old()
+
+    def swap_to(self, version: int, adapter_dir: str | None = None) -> None:
+        """Load (if needed) and make current in one call; ``adapter_dir`` may be None
+        for version 0 or an already loaded version."""
+        if version != BASE_VERSION and version not in self._versions:
+            if adapter_dir is None:
+                raise UnknownVersionError(
+                    f"Policy version {version} is not loaded and no adapter folder was given."
+                )
+            self.load_adapter(version, adapter_dir)
+        self.set_current(version)
+
+    def _unload_old(self) -> None:
+        """Keep the current version and the few most recently loaded ones (for a quick
+        rollback); delete older adapters that no answer is using."""
+        with self._state_lock:
+            keep = set(self._versions[-self.keep_versions :]) | {self._current}
+            victims = [v for v in self._versions if v not in keep and not self._pins.get(v)]
+        for version in victims:
+            with self._generate_lock:
+                # Point peft at a kept adapter first; deleting the active one makes it warn.
+                active = self.model.active_adapter
+                if active == adapter_name(version):
+                    keep_name = adapter_name(next(v for v in reversed(self._versions) if v in keep))
+                    self.model.set_adapter(keep_name)
+                self.model.delete_adapter(adapter_name(version))
+            with self._state_lock:
+                self._versions.remove(version)
+            log.info("Unloaded policy version %d", version)
+
+    # --- prompts -------------------------------------------------------------
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        limit = getattr(self.loaded.model.config, "max_position_embeddings", None) or 1 << 30
+        return max(1, min(self.settings.max_context_tokens, limit - max_new_tokens))
+
+    def _encode(self, messages: list[dict[str, str]]) -> list[int]:
+        # sanitize_control_tokens: a user who types "<|im_start|>system" gets plain text,
+        # not a forged turn boundary.
+        out = self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            sanitize_control_tokens=True,
+        )
+        return list(out)
+
+    def build_prompt(self, messages: list[dict[str, str]], max_new_tokens: int) -> Prompt:
+        """Render the conversation, dropping the oldest turns until it fits the budget."""
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("The conversation must end with a user message.")
+        clean = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+        system = clean[:1] if clean[0]["role"] == "system" else []
+        rest = clean[len(system) :]
+        budget = self.prompt_budget(max_new_tokens)
+        dropped = 0
+        while True:
+            ids = self._encode(system + rest)
+            if len(ids) <= budget or len(rest) <= 1:
+                break
+            # Drop one whole exchange so the conversation still starts with a user turn.
+            cut = 1
+            while cut < len(rest) - 1 and rest[cut]["role"] != "user":
+                cut += 1
+            rest = rest[cut:]
+            dropped += cut
+        if len(ids) > budget:
+            raise ContextTooLongError(
+                f"The message is too long for the model: {len(ids)} prompt tokens with the "
+                f"system prompt, the limit is {budget} (RLHF_MAX_CONTEXT_TOKENS). "
+                f"Shorten the message or the system prompt."
+            )
+        return Prompt(messages=system + rest, input_ids=ids, dropped=dropped)
+
+    # --- generation ----------------------------------------------------------
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        sampling: Sampling | dict[str, Any] | None = None,
+        version: int | None = None,
+    ) -> Generation:
+        """Prepare one answer on the current (or the given) version. Iterate the
+        result to stream the growing text; raises ContextTooLongError up front."""
+        params = Sampling.coerce(sampling, self.settings)
+        prompt = self.build_prompt(messages, params.max_new_tokens)
+        with self._state_lock:
+            pinned = self._current if version is None else version
+            if pinned != BASE_VERSION and pinned not in self._versions:
+                raise UnknownVersionError(f"Policy version {pinned} is not loaded.")
+            self._pins[pinned] = self._pins.get(pinned, 0) + 1
+        return Generation(server=self, prompt=prompt, sampling=params, version=pinned)
+
+    def generate(
+        self, messages: list[dict[str, str]], sampling: Sampling | dict[str, Any] | None = None
+    ) -> Generation:
+        """A whole answer at once (for scripts and tests)."""
+        return self.stream(messages, sampling).consume()
+
+    def _release(self, version: int) -> None:
+        with self._state_lock:
+            self._pins[version] -= 1
+            if not self._pins[version]:
+                del self._pins[version]
+
+    def _run(self, gen: Generation) -> Iterator[str]:
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        outcome: dict[str, Any] = {}
+        start = time.perf_counter()
+
+        def work() -> None:
+            try:
+                with self._generate_lock:
+                    outcome["tokens"] = self._generate_locked(gen, streamer)
+            except BaseException as error:  # surfaced in the consumer thread below
+                outcome["error"] = error
+                streamer.on_finalized_text("", stream_end=True)
+
+        thread = threading.Thread(target=work, name="policy-generate", daemon=True)
+        try:
+            thread.start()
+            for chunk in streamer:
+                if not chunk:
+                    continue
+                if gen.first_token_s is None:
+                    gen.first_token_s = time.perf_counter() - start
+                gen.text += chunk
+                yield gen.text
+            thread.join()
+        finally:
+            # Runs also when the consumer stops early (a closed browser tab): the
+            # generate thread is told to stop and releases the lock by itself.
+            gen._cancel.set()
+            if not thread.is_alive():
+                self._release(gen.version)
+            else:
+                threading.Thread(
+                    target=lambda: (thread.join(), self._release(gen.version)), daemon=True
+                ).start()
+        if "error" in outcome:
+            raise outcome["error"]
+        gen.new_tokens = outcome.get("tokens", 0)
+        gen.total_s = time.perf_counter() - start
+        gen.text = gen.text.strip()
+        gen.finished = True
+        yield gen.text
+
+    def _generate_locked(self, gen: Generation, streamer: TextIteratorStreamer) -> int:
+        device = self.loaded.model.device
+        input_ids = torch.tensor([gen.prompt.input_ids], device=device)
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": gen.sampling.max_new_tokens,
+            "streamer": streamer,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(gen._cancel)]),
+        }
+        if gen.sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=gen.sampling.temperature)
+            kwargs.update(top_p=gen.sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            if gen.version == BASE_VERSION:
+                if self._peft:
+                    with self.model.disable_adapter():
+                        out = self.model.generate(**kwargs)
+                else:
+                    out = self.model.generate(**kwargs)
+            else:
+                self.model.set_adapter(adapter_name(gen.version))
+                out = self.model.generate(**kwargs)
+        return int(out.shape[1] - input_ids.shape[1])
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generate when the reader went away, so the lock frees up at once."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        stop = self.flag.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,190 @@
+"""The chat UI: handlers on their own, then the real Gradio app on a free port driven
+through gradio_client, with the records checked in a real Valkey server."""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from chat_ui.app import serve
+from chat_ui.handlers import ChatService, InputError
+from rlhf_core.datasets import resolve_events
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.redis_server import connect, free_port
+from rlhf_core.serving import PolicyServer
+
+SAMPLING = (1.0, 0.9, 8)  # temperature, top_p, max_new_tokens: short answers, fast tests
+
+
+# --- handlers, without a browser ------------------------------------------------------
+@pytest.fixture()
+def service(tiny_settings, tiny_model):
+    store = FeedbackStore(connect(tiny_settings))
+    return ChatService(tiny_settings, PolicyServer(tiny_model, tiny_settings), store)
+
+
+def last(updates):
+    out = list(updates)
+    assert out and out[-1].done
+    return out
+
+
+def test_send_writes_turn_before_final_update(service):
+    seen_before_final = []
+    for update in service.send("s1", "Hello there", "Be brief.", {"max_new_tokens": 6}):
+        if update.done:
+            turn_id = update.messages[-1]["turn_id"]
+            # The final update is produced after the turn is in Redis.
+            seen_before_final.append(service.store.get_turn(turn_id))
+    (turn,) = seen_before_final
+    assert turn is not None and turn.session_id == "s1"
+    assert turn.messages[0] == {"role": "system", "content": "Be brief."}
+    assert turn.messages[-1] == {"role": "user", "content": "Hello there"}
+    assert turn.sampling["max_new_tokens"] == 6 and turn.policy_version == 0
+
+
+def test_bad_input_is_refused_with_a_clear_message(service):
+    with pytest.raises(InputError, match="empty message"):
+        list(service.send("s1", "   \n"))
+    with pytest.raises(InputError, match="limit is"):
+        list(service.send("s1", "x" * (service.settings.max_input_chars + 1)))
+    with pytest.raises(InputError, match="not a finished answer"):
+        service.vote("s1", 0, "like")
+    assert service.store.counts()["turns"] == 0
+
+
+def test_odd_unicode_is_kept(service):
+    text = "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
+    updates = last(service.send("s1", text, None, {"max_new_tokens": 4}))
+    turn = service.store.get_turn(updates[-1].messages[-1]["turn_id"])
+    user = turn.messages[-1]["content"]
+    assert "👩‍👩‍👧" in user and "\u202e" in user and "e\u0301" in user and "<|im_start|>" in user
+    assert "\ufffd" in user  # the surrogate, which UTF-8 cannot carry, is replaced
+
+
+def test_long_conversation_is_trimmed_and_said_so(tiny_settings, tiny_model, service):
+    settings = tiny_settings.model_copy(update={"max_context_tokens": 120})
+    small = ChatService(settings, PolicyServer(tiny_model, settings), service.store)
+    notices = []
+    for i in range(8):
+        for update in small.send("s1", f"question number {i} " * 4, None, {"max_new_tokens": 4}):
+            notices += update.notices
+    assert any("left out" in n for n in notices)
+    turns = small.store.turns_for_session("s1")
+    assert len(turns) == 8
+    # The system prompt and the last question always survive trimming.
+    assert turns[-1].messages[0]["role"] == "system"
+    assert turns[-1].messages[-1]["content"].startswith("question number 7")
+    assert len(turns[-1].messages) < 2 * 8
+
+
+def test_sessions_do_not_see_each_other(service):
+    last(service.send("alice", "my secret is 42", None, {"max_new_tokens": 4}))
+    updates = last(service.send("bob", "hello", None, {"max_new_tokens": 4}))
+    assert all("42" not in m["content"] for m in updates[-1].messages if m["role"] == "user")
+    turn = service.store.get_turn(updates[-1].messages[-1]["turn_id"])
+    assert all("secret" not in m["content"] for m in turn.messages)
+    with pytest.raises(InputError):  # bob has one answer only, at index 1
+        service.vote("bob", 3, "like")
+
+
+# --- the served app through gradio_client ---------------------------------------------
+@pytest.fixture()
+def app(tiny_settings):
+    settings = tiny_settings.model_copy(update={"port": free_port()})
+    served = serve(settings, block=False)
+    yield served
+    served.close()
+
+
+def text(message) -> str:
+    """A Chatbot message's text (Gradio 6 sends content as a list of parts)."""
+    content = message["content"]
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    return content
+
+
+def answers_of(result):
+    chat, answers, badge = result[:3]
+    return chat, answers, badge
+
+
+def events_by_turn(store):
+    events = list(store.events())
+    return events, resolve_events(events)
+
+
+def test_send_vote_edit_regenerate_undo_through_the_api(app):
+    store = app.service.store
+    client = Client(app.url, verbose=False)
+
+    job = client.submit("Hi! How are you?", "Be brief.", *SAMPLING, api_name="/send")
+    outputs = job.outputs()
+    chat, answers, badge = answers_of(job.result())
+    assert len(outputs) >= 2, "the answer should stream in several updates"
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert "written by v0" in text(chat[1]) and "current policy version 0" in badge
+    turn_id = answers[0]["turn_id"]
+    turn = store.get_turn(turn_id)
+    assert turn is not None and turn.policy_version == 0 and turn.sampling["max_new_tokens"] == 8
+
+    # like; a repeated like is one event; then change the vote
+    _, answers, _ = client.predict(-1, "like", api_name="/vote")
+    assert answers[0]["vote"] == "like"
+    client.predict(-1, "like", api_name="/vote")
+    _, answers, _ = client.predict(1, "dislike", api_name="/vote")
+    assert answers[0]["vote"] == "dislike"
+    events, state = events_by_turn(store)
+    assert [e.kind for e in events] == ["like", "dislike"]
+    assert state[turn_id].vote == "dislike"
+
+    # edit the answer into a better one
+    chat, answers, _ = client.predict(1, "I am fine, thanks!", api_name="/rewrite")
+    assert text(chat[1]).startswith("I am fine, thanks!")
+    _, state = events_by_turn(store)
+    assert state[turn_id].rewrite == "I am fine, thanks!"
+
+    # regenerate: a new turn on the same context, linked to the old one
+    chat, answers, _ = client.predict(-1, *SAMPLING, api_name="/regenerate")
+    new_id = answers[0]["turn_id"]
+    assert new_id != turn_id
+    new_turn = store.get_turn(new_id)
+    assert new_turn.parent_turn_id == turn_id and new_turn.messages == turn.messages
+    events, state = events_by_turn(store)
+    assert state[turn_id].regenerated
+
+    # undo brings the earlier answer back and retracts the regenerate
+    chat, answers, _, _ = client.predict(api_name="/undo")
+    assert answers[0]["turn_id"] == turn_id
+    assert text(chat[1]).startswith("I am fine, thanks!")
+    _, state = events_by_turn(store)
+    assert not state[turn_id].regenerated and state[turn_id].vote == "dislike"
+
+    # multi-turn: the second turn's context holds the first exchange (with the rewrite)
+    chat, answers, _, _ = client.predict("And then?", "Be brief.", *SAMPLING, api_name="/send")
+    second = store.get_turn(answers[1]["turn_id"])
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "user"]
+    assert second.messages[2]["content"] == "I am fine, thanks!"
+
+    status = client.predict(api_name="/status")
+    assert status["store"]["turns"] == 3 and status["current_version"] == 0
+
+    chat, answers, _ = client.predict(api_name="/new_chat")
+    assert chat == [] and answers == []
+
+
+def test_bad_input_and_separate_sessions_through_the_api(app):
+    alice, bob = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    with pytest.raises(AppError, match="empty message"):
+        alice.predict("  ", "", *SAMPLING, api_name="/send")
+    with pytest.raises(AppError, match="limit is"):
+        alice.predict("y" * 5000, "", *SAMPLING, api_name="/send")
+    with pytest.raises(AppError, match="not a finished answer"):
+        alice.predict(-1, "like", api_name="/vote")
+    chat, *_ = alice.predict("alice's question", "", *SAMPLING, api_name="/send")
+    chat, *_ = bob.predict("bob's question", "", *SAMPLING, api_name="/send")
+    assert [text(m) for m in chat if m["role"] == "user"] == ["bob's question"]
+    chat, *_ = alice.predict(api_name="/new_chat")
+    assert chat == []
