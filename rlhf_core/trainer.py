@@ -1,0 +1,721 @@
+"""PPO on one shared base model: rollouts, scoring, experience, clipped updates.
+
+One base model is in memory for the whole round. It carries two LoRA adapters on a
+:class:`peft.PeftModel`: ``"policy"`` (the causal LM being trained) and ``"reward"``
+(with a scalar head, see :mod:`rlhf_core.reward`). The value head is a
+``nn.Linear(hidden, 1)`` on the *policy adapter's* last hidden state: the policy
+forward that gives the old log-probs gives the old values for free (no extra value
+adapter forward, no extra memory), as in Ziegler et al. 2019 and TRL's
+``AutoModelForCausalLMWithValueHead``. The reference policy is the base with the
+adapters disabled (``with model.disable_adapter():``), so it costs no memory at all.
+
+Per PPO step (Ouyang et al. 2022; the math is in :mod:`rlhf_core.ppo`):
+
+1. generate answers under the policy (sampling, KV cache), left-padded prompts;
+   the response mask covers exactly the generated tokens up to and including EOS;
+2. three forwards without gradient: policy (old log-probs + values), reference
+   (adapters off), reward (reward adapter, read at the last answer token) -- or a
+   rule-based ``reward_fn(prompts, answers)`` instead of the reward model;
+3. per-token rewards ``-kl_coef * KL`` plus the (optionally normalised, clipped,
+   no-EOS-penalised) score on the last token; GAE; whitened advantages;
+4. ``ppo_epochs`` passes over mini-batches (gradient accumulation over micro-batches,
+   gradient clipping), stopping early when the approximate KL passes a bound.
+
+Log-probs are computed with the LM head applied to the answer positions only: the
+``[batch, tokens, vocab]`` logits of the prompt are never built.
+
+The loop runs under :class:`accelerate.Accelerator`: the same code runs on one CPU,
+one GPU (bf16 autocast) or several processes (``accelerate launch``). Statistics
+that span the batch (advantage whitening, score normalisation, token counts that
+weight the loss, the early-stop KL, the non-finite guard) are reduced across
+processes, so N processes with 1/N of a global batch make the same update as one
+process with all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from rlhf_core.modeling import LoadedModel
+from rlhf_core.ppo import (
+    RunningMoments,
+    compute_gae,
+    kl_penalty,
+    logprobs_from_logits,
+    make_kl_controller,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_entropy,
+    token_rewards,
+    value_loss,
+)
+from rlhf_core.reward import (
+    REWARD_ADAPTER,
+    Messages,
+    RewardModel,
+    adapter_parameters,
+    attach_adapter,
+    autocast,
+    hidden_states,
+    save_adapter,
+)
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "policy"
+VALUE_HEAD_FILE = "value_head.safetensors"
+POLICY_META_FILE = "policy_meta.json"
+
+RewardFn = Callable[[list[Messages], list[str]], Sequence[float]]
+Progress = Callable[[str, float], None]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many PPO updates in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters. Batch sizes are *global* (over all processes)."""
+
+    batch_size: int = 8  # prompts per rollout
+    mini_batch_size: int | None = None  # answers per optimiser step; None = the whole batch
+    micro_batch_size: int | None = None  # answers per forward (gradient accumulation)
+    ppo_epochs: int = 4
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 1024
+    temperature: float = 1.0
+    learning_rate: float = 3e-4
+    init_kl_coef: float = 0.05
+    target_kl: float | None = 6.0  # adaptive KL target per answer (nats); None = fixed coefficient
+    kl_horizon: float = 10000.0
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    early_stop_kl: float | None = 0.5  # stop an update when policy/approx_kl passes this
+    score_norm: bool = False  # running normalisation of scores
+    score_clip: float | None = None  # clip (normalised) scores to [-c, c]
+    no_eos_penalty: float | None = None  # subtracted from the score of an answer without EOS
+    max_consecutive_skips: int = 3
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> PPOConfig:
+        values: dict[str, Any] = {
+            "batch_size": settings.ppo_batch_size,
+            "ppo_epochs": settings.ppo_epochs,
+            "max_new_tokens": settings.ppo_new_tokens,
+            "max_prompt_tokens": settings.max_context_tokens,
+            "learning_rate": settings.learning_rate,
+            "init_kl_coef": settings.init_kl_coef,
+            "target_kl": settings.target_kl,
+            "seed": settings.seed,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class Rollout:
+    """Answers sampled for a batch of prompts (this process's share)."""
+
+    prompts: list[Messages]
+    query_ids: Tensor  # [B, P] left-padded prompts
+    query_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B, R] generated tokens, pad after the first EOS
+    response_mask: Tensor  # [B, R] float, 1.0 up to and including the first EOS
+    has_eos: Tensor  # [B] bool
+    answers: list[str]
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    old_logprobs: Tensor  # [B, R]
+    old_values: Tensor  # [B, R]
+    advantages: Tensor  # [B, R] whitened
+    returns: Tensor  # [B, R]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class PolicyValueModel(nn.Module):
+    """Policy log-probs and values from one forward under the active (policy) adapter.
+
+    This is the module that accelerate prepares (DDP-wraps): its trainable
+    parameters are the policy adapter and the value head."""
+
+    def __init__(self, peft_model: nn.Module, value_head: nn.Linear, temperature: float = 1.0):
+        super().__init__()
+        self.peft_model = peft_model
+        self.value_head = value_head
+        self.temperature = temperature
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(logprobs, values, logits)`` for the answer positions ``[B, R]``
+        (logits ``[B, R, vocab]``): position ``t`` holds the state that emits answer token ``t``."""
+        hidden = hidden_states(self.peft_model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+        logits = answer_logits(self.peft_model, hidden, self.temperature)
+        logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
+        values = self.value_head(hidden.float()).squeeze(-1)
+        return logprobs, values, logits
+
+
+def answer_logits(peft_model: nn.Module, hidden: Tensor, temperature: float = 1.0) -> Tensor:
+    logits = peft_model.get_base_model().get_output_embeddings()(hidden)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def new_value_head(hidden_size: int, device: torch.device) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1).to(device=device, dtype=torch.float32)
+    nn.init.zeros_(head.weight)  # values start at 0: no noise in the first advantages
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def prompt_token_ids(tokenizer: Any, messages: Messages, max_tokens: int) -> list[int]:
+    """Chat template with the assistant generation prompt; most recent tokens kept."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]
+
+
+def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunks(idx: Tensor, size: int) -> list[Tensor]:
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+class PPOTrainer:
+    """PPO for the ``"policy"`` adapter of ``model`` (a PeftModel on the shared base).
+
+    ``reward_model`` (a :class:`RewardModel` on the same PeftModel) or ``reward_fn``
+    gives the scores; exactly one is needed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: PPOConfig,
+        *,
+        reward_model: RewardModel | None = None,
+        reward_fn: RewardFn | None = None,
+        value_head: nn.Linear | None = None,
+        accelerator: Any = None,
+        kl_state: dict[str, float] | None = None,
+        score_state: dict[str, float] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("PPOTrainer needs exactly one of reward_model or reward_fn")
+        if POLICY_ADAPTER not in model.peft_config:
+            raise ValueError(f"the model has no {POLICY_ADAPTER!r} adapter: attach one first")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.reward_model = reward_model
+        self.reward_fn = reward_fn
+        device = next(model.parameters()).device
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision="bf16" if device.type == "cuda" else "no"
+        )
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        for name, size in (
+            ("batch_size", config.batch_size),
+            ("mini_batch_size", config.mini_batch_size),
+            ("micro_batch_size", config.micro_batch_size),
+        ):
+            if size is not None and size % self.world:
+                raise ValueError(
+                    f"{name}={size} does not split evenly over {self.world} processes: "
+                    f"make it a multiple of {self.world}"
+                )
+        model.set_adapter(POLICY_ADAPTER)  # trainable: the policy adapter only
+        hidden = model.get_base_model().config.get_text_config().hidden_size
+        self.value_head = value_head or new_value_head(hidden, device)
+        self.policy_value = PolicyValueModel(model, self.value_head, config.temperature)
+        params = adapter_parameters(model, POLICY_ADAPTER) + list(self.value_head.parameters())
+        self.params = params
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.policy_value, optimizer)
+        self.device = self.accelerator.device
+        self.kl_ctl = make_kl_controller(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        if kl_state:
+            self.kl_ctl.load_state_dict(kl_state)
+        self.score_moments = RunningMoments()
+        if score_state:
+            self.score_moments.load_state_dict(score_state)
+        eos = model.get_base_model().generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = sorted({*(e for e in eos_ids if e is not None), tokenizer.eos_token_id})
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.steps = 0
+        self._gen = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed + self.rank)  # sampling differs per process
+
+    # -- distributed helpers ------------------------------------------------------
+
+    def _sum(self, x: Tensor) -> Tensor:
+        x = x.detach().float().to(self.device)
+        return self.accelerator.reduce(x, reduction="sum") if self.world > 1 else x
+
+    def _whiten(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``masked_whiten`` with statistics over the answers of every process."""
+        if self.world == 1:
+            return masked_whiten(x, mask)
+        count, total = self._sum(mask.sum()), self._sum((x * mask).sum())
+        mean = total / count
+        var = self._sum((((x - mean) ** 2) * mask).sum()) / count
+        var = var * count / (count - 1) if count >= 2 else var
+        return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), torch.zeros_like(x))
+
+    # -- rollouts -------------------------------------------------------------------
+
+    def _shard(self, items: Sequence[Any]) -> list[Any]:
+        return list(items[self.rank :: self.world]) if self.world > 1 else list(items)
+
+    def _finish_rollout(self, prompts: list[Messages], query_ids: Tensor, query_mask: Tensor,
+                        response: Tensor) -> Rollout:
+        pad = self.tokenizer.pad_token_id
+        is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
+        # Tokens strictly after the first EOS are padding from generate, not the answer.
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        response_mask = (~after_eos).float()
+        response = torch.where(after_eos, torch.full_like(response, pad), response)
+        answers = self.tokenizer.batch_decode(
+            [row[: int(m.sum())] for row, m in zip(response, response_mask, strict=True)],
+            skip_special_tokens=True,
+        )
+        return Rollout(prompts, query_ids, query_mask, response, response_mask,
+                       is_eos.any(1), answers)
+
+    def _encode_prompts(self, prompts: list[Messages]) -> tuple[Tensor, Tensor]:
+        rows = [prompt_token_ids(self.tokenizer, m, self.config.max_prompt_tokens) for m in prompts]
+        return _left_pad(rows, self.tokenizer.pad_token_id, self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Messages]) -> Rollout:
+        """Sample one answer per prompt under the policy adapter (this process's prompts)."""
+        query_ids, query_mask = self._encode_prompts(prompts)
+        self.model.set_adapter(POLICY_ADAPTER)
+        with autocast(self.device):
+            out = self.model.generate(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                do_sample=True,
+                # Plain sampling from softmax(logits / T): PPO's ratio assumes the answers
+                # come from exactly the distribution whose log-probs it computes.
+                top_k=0,
+                top_p=1.0,
+                temperature=self.config.temperature,
+                max_new_tokens=self.config.max_new_tokens,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        return self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
+
+    def rollout_from_texts(self, prompts: list[Messages], answers: list[str]) -> Rollout:
+        """A rollout of given answers (each ends with EOS), e.g. for tests or replays."""
+        query_ids, query_mask = self._encode_prompts(prompts)
+        eos = self.tokenizer.eos_token_id
+        rows = [self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.config.max_new_tokens - 1]
+                + [eos] for a in answers]
+        width = max(len(r) for r in rows)
+        response = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            response[i, : len(row)] = torch.tensor(row)
+        return self._finish_rollout(prompts, query_ids, query_mask, response.to(self.device))
+
+    # -- scoring and experience ---------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Tensor:
+        """Raw scores ``[B]`` (float32): reward model at the last answer token, or reward_fn."""
+        if self.reward_fn is not None:
+            values = list(self.reward_fn(rollout.prompts, rollout.answers))
+            return torch.tensor(values, dtype=torch.float32, device=self.device)
+        last = rollout.query_ids.shape[1] + rollout.response_mask.sum(1).long() - 1
+        with torch.inference_mode():
+            scores = self.reward_model.forward_scores(rollout.input_ids, rollout.attention_mask, last)
+        return scores.float().clone()
+
+    def _process_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
+        config = self.config
+        if config.no_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - config.no_eos_penalty)
+        if config.score_norm:
+            everything = self.accelerator.gather(scores) if self.world > 1 else scores
+            finite = everything[torch.isfinite(everything)]
+            if finite.numel():  # a NaN score must not poison the running statistics
+                self.score_moments.update(finite)
+            scores = self.score_moments.normalize(scores)
+        if config.score_clip is not None:
+            scores = scores.clamp(-config.score_clip, config.score_clip)
+        return scores
+
+    @torch.no_grad()
+    def make_experience(self, rollout: Rollout, scores: Tensor) -> Experience:
+        """Old log-probs and values (one policy forward), reference log-probs (one
+        forward, adapters off), per-token rewards, GAE and whitened advantages."""
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        prompt_len = rollout.query_ids.shape[1]
+        mask = rollout.response_mask
+        self.model.set_adapter(POLICY_ADAPTER)
+        with autocast(self.device):
+            old_logprobs, old_values, _ = self.policy_value(input_ids, attention_mask, prompt_len)
+            with self.model.disable_adapter():
+                hidden = hidden_states(self.model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+                ref_logits = answer_logits(self.model, hidden, self.config.temperature)
+                ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
+        del hidden, ref_logits
+        kl = kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * mask
+        processed = self._process_scores(scores.to(self.device).float(), rollout.has_eos)
+        rewards, non_score = token_rewards(processed, kl, mask, self.kl_ctl.value)
+        advantages, returns = compute_gae(rewards, old_values, mask, self.config.gamma,
+                                          self.config.lam)
+        advantages = self._whiten(advantages, mask)
+        n = self._sum(torch.tensor(float(len(rollout.prompts))))
+        answer_kl = kl.sum(1)
+        stats = {
+            "objective/kl": float(self._sum(answer_kl.sum()) / n),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/scores": float(self._sum(scores.sum()) / n),
+            "objective/scores_processed": float(self._sum(processed.sum()) / n),
+            "objective/non_score_reward": float(self._sum(non_score.sum()) / n),
+            "objective/answer_tokens": float(self._sum(mask.sum()) / n),
+            "objective/eos_rate": float(self._sum(rollout.has_eos.float().sum()) / n),
+        }
+        return Experience(rollout, old_logprobs, old_values, advantages, returns, stats)
+
+    # -- update ----------------------------------------------------------------------
+
+    def _grads_finite(self) -> bool:
+        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """``ppo_epochs`` passes over mini-batches of the experience."""
+        config, acc = self.config, self.accelerator
+        rollout = exp.rollout
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        prompt_len = rollout.query_ids.shape[1]
+        mask = rollout.response_mask
+        local = len(rollout.prompts)
+        mini = (config.mini_batch_size or config.batch_size) // self.world or local
+        micro = (config.micro_batch_size or mini * self.world) // self.world or mini
+        mini, micro = min(mini, local), min(micro, mini)
+        keys = ["loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/approx_kl",
+                "policy/entropy", "value/clipfrac", "ppo/grad_norm"]
+        sums = dict.fromkeys(keys, 0.0)
+        done, skipped, early_stopped = 0, 0, False
+        self.wrapped.train()
+        for _epoch in range(config.ppo_epochs):
+            order = torch.randperm(local, generator=self._gen).to(self.device)
+            for mb in _chunks(order, mini):
+                tokens = self._sum(mask[mb].sum())  # global answer tokens in this mini-batch
+                mb_stats = dict.fromkeys(keys, 0.0)
+                parts = _chunks(mb, micro)
+                for i, idx in enumerate(parts):
+                    sync = i == len(parts) - 1
+                    with nullcontext() if sync else acc.no_sync(self.wrapped):
+                        logprobs, values, logits = self.wrapped(
+                            input_ids[idx], attention_mask[idx], prompt_len
+                        )
+                        m = mask[idx]
+                        pg_loss, pg_stats = policy_loss(
+                            logprobs, exp.old_logprobs[idx], exp.advantages[idx], m,
+                            config.cliprange,
+                        )
+                        vf_loss, vf_stats = value_loss(
+                            values, exp.old_values[idx], exp.returns[idx], m,
+                            config.cliprange_value,
+                        )
+                        if config.ent_coef:
+                            entropy = masked_mean(token_entropy(logits), m)
+                        else:
+                            with torch.no_grad():
+                                entropy = masked_mean(token_entropy(logits), m)
+                        loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+                        # Token-weighted share of the global mini-batch, times the number of
+                        # processes because DDP averages gradients over them: the update is
+                        # that of one mean over all answer tokens of the mini-batch.
+                        weight = m.sum() * self.world / tokens
+                        acc.backward(loss * weight)
+                    w = float(m.sum() / tokens)  # this process's share of the global mean
+                    for key, value in (
+                        ("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
+                        ("policy/clipfrac", pg_stats["policy/clipfrac"]),
+                        ("policy/approx_kl", pg_stats["policy/approx_kl"]),
+                        ("policy/entropy", entropy), ("value/clipfrac", vf_stats["value/clipfrac"]),
+                    ):
+                        mb_stats[key] += float(value.detach()) * w
+                    del logits
+                local_ok = float(self._grads_finite() and math.isfinite(mb_stats["loss/total"]))
+                all_ok = float(self._sum(torch.tensor(local_ok))) == self.world
+                if not all_ok:
+                    # Skipped on every process alike, so their weights stay identical.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.skipped_steps += 1
+                    self.consecutive_skips += 1
+                    log.warning("PPO: non-finite loss or gradient, step skipped (%d in a row)",
+                                self.consecutive_skips)
+                    if self.consecutive_skips >= config.max_consecutive_skips:
+                        raise NonFiniteError(
+                            f"PPO aborted: {self.consecutive_skips} updates in a row had a "
+                            f"non-finite loss or gradient ({self.skipped_steps} skipped in total); "
+                            "nothing from this round was saved. Check the rewards for NaN/inf "
+                            "(reward model or reward_fn) and lower the learning rate."
+                        )
+                    continue
+                self.consecutive_skips = 0
+                grad_norm = acc.clip_grad_norm_(self.params, config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_stats = {k: float(self._sum(torch.tensor(v))) for k, v in mb_stats.items()}
+                mb_stats["ppo/grad_norm"] = float(grad_norm)
+                for key in keys:
+                    sums[key] += mb_stats[key]
+                done += 1
+                if config.early_stop_kl is not None and mb_stats["policy/approx_kl"] > config.early_stop_kl:
+                    early_stopped = True
+                    break
+            if early_stopped:
+                break
+        self.wrapped.eval()
+        stats = {k: sums[k] / done for k in keys} if done else {}
+        stats.update({
+            "ppo/updates": float(done),
+            "ppo/skipped_steps": float(skipped),
+            "ppo/early_stopped": float(early_stopped),
+        })
+        return stats
+
+    def step(self, prompts: Sequence[Messages]) -> dict[str, float]:
+        """One PPO step on a global batch of prompts (each process takes its share)."""
+        local = self._shard(prompts)
+        if not local:
+            raise ValueError("PPOTrainer.step got no prompts for this process")
+        start = time.perf_counter()
+        rollout = self.generate(local)
+        gen_s = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = self.score(rollout)
+        exp = self.make_experience(rollout, scores)
+        score_s = time.perf_counter() - start
+        start = time.perf_counter()
+        stats = self.update(exp)
+        update_s = time.perf_counter() - start
+        kl = exp.stats["objective/kl"]
+        if math.isfinite(kl):
+            self.kl_ctl.update(kl, int(self.config.batch_size))
+        self.steps += 1
+        return {
+            **exp.stats,
+            **stats,
+            "ppo/skipped_total": float(self.skipped_steps),
+            "time/gen_s": gen_s,
+            "time/score_s": score_s,
+            "time/update_s": update_s,
+            "time/step_s": gen_s + score_s + update_s,
+        }
+
+    # -- artifacts ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
+
+    def save_policy(self, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """The policy adapter in the default PEFT layout (``PeftModel.from_pretrained(base,
+        out_dir)`` loads it), plus the value head and the trainer state for the next round.
+        Refuses non-finite weights; written to a temporary folder renamed at the end."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            raise FloatingPointError(
+                "refusing to save a policy with non-finite weights; the round must be retried"
+            )
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, POLICY_ADAPTER, tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(tmp / VALUE_HEAD_FILE))
+        meta = {"format": "rlhf-chat/policy", "format_version": 1, **self.state(),
+                "ppo_config": asdict(self.config), **(metadata or {})}
+        (tmp / POLICY_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+        return out
+
+
+# ---------------------------------------------------------------- the worker's entry
+
+
+@dataclass
+class RoundResult:
+    metrics: dict[str, float]
+    policy_dir: str
+    reward_dir: str
+
+
+def attach_policy(
+    base: LoadedModel,
+    settings: Settings,
+    policy_dir: str | os.PathLike | None,
+    lora_config: Any = None,
+) -> tuple[nn.Module, nn.Linear, dict[str, Any]]:
+    """A PeftModel on ``base.model`` with the ``"policy"`` adapter (fresh or loaded), its
+    value head and the saved trainer state. Undo with ``peft_model.unload()``.
+    ``lora_config`` overrides ``modeling.lora_config(settings)`` for a fresh adapter."""
+    model = attach_adapter(base.model, POLICY_ADAPTER, settings, policy_dir, lora_config)
+    device = next(base.model.parameters()).device
+    hidden = base.model.config.get_text_config().hidden_size
+    head = new_value_head(hidden, device)
+    meta: dict[str, Any] = {}
+    if policy_dir is not None:
+        head_file = Path(policy_dir) / VALUE_HEAD_FILE
+        if head_file.exists():  # an adapter from elsewhere may come without one
+            head.load_state_dict(load_file(str(head_file)))
+        meta_file = Path(policy_dir) / POLICY_META_FILE
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+    return model, head, meta
+
+
+def _cycle_batches(prompts: list[Messages], steps: int, size: int, seed: int) -> list[list[Messages]]:
+    """``steps`` batches of ``size`` prompts: shuffled passes over the prompts."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * size:
+        block = list(range(len(prompts)))
+        rng.shuffle(block)
+        order += block
+    return [[prompts[i] for i in order[s * size : (s + 1) * size]] for s in range(steps)]
+
+
+def run_training_round(
+    base: LoadedModel,
+    settings: Settings,
+    *,
+    pointwise: Sequence[dict[str, Any]],
+    pairs: Sequence[dict[str, Any]],
+    prompts: Sequence[Messages],
+    policy_dir: str | os.PathLike | None,
+    reward_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    heldout_pairs: Sequence[dict[str, Any]] | None = None,
+    replay_pointwise: Sequence[dict[str, Any]] = (),
+    replay_pairs: Sequence[dict[str, Any]] = (),
+    progress: Progress | None = None,
+    reward_fn: RewardFn | None = None,
+    ppo_config: PPOConfig | None = None,
+    accelerator: Any = None,
+) -> RoundResult:
+    """One training round: update the reward model, run ``settings.ppo_steps`` PPO steps of
+    ``settings.ppo_batch_size`` prompts, save both to ``out_dir/{policy,reward}``.
+
+    Adapters are attached to ``base.model`` for the round and taken out again at the
+    end (also on error), so a worker can keep one base model loaded across rounds.
+    Nothing is written unless the whole round finished with finite weights.
+    Metrics include ``reward/accuracy_before`` / ``reward/accuracy`` (held-out pairs,
+    for the gate), ``objective/kl`` (mean KL per answer over the steps, and
+    ``objective/kl_max``), ``objective/scores`` (mean score) and ``ppo/skipped_steps``.
+    """
+    if not prompts:
+        raise ValueError("run_training_round needs at least one prompt for PPO")
+    report = progress or (lambda stage, fraction: None)
+    torch.manual_seed(settings.seed)
+    out = Path(out_dir)
+    config = ppo_config or PPOConfig.from_settings(settings)
+    model, value_head, policy_meta = attach_policy(base, settings, policy_dir)
+    try:
+        reward_model = RewardModel.attach(model, base.tokenizer, settings, reward_dir)
+        metrics: dict[str, float] = {}
+        heldout = list(heldout_pairs or [])
+        if heldout:
+            before = reward_model.evaluate(heldout)
+            metrics["reward/accuracy_before"] = before["reward/accuracy"]
+            metrics["reward/margin_before"] = before["reward/margin"]
+        report("reward", 0.0)
+        start = time.perf_counter()
+        metrics.update(reward_model.train(
+            pointwise, pairs, replay_pointwise=replay_pointwise, replay_pairs=replay_pairs
+        ))
+        metrics["time/reward_train_s"] = time.perf_counter() - start
+        metrics.update(reward_model.evaluate(heldout))
+        report("reward", 1.0)
+
+        trainer = PPOTrainer(
+            model, base.tokenizer, config,
+            reward_model=None if reward_fn else reward_model, reward_fn=reward_fn,
+            value_head=value_head, accelerator=accelerator,
+            kl_state=policy_meta.get("kl_ctl"), score_state=policy_meta.get("score_moments"),
+        )
+        history: list[dict[str, float]] = []
+        batches = _cycle_batches(list(prompts), settings.ppo_steps, config.batch_size,
+                                 settings.seed + int(reward_model.meta.get("version", 0)))
+        for i, batch in enumerate(batches):
+            history.append(trainer.step(batch))
+            report("ppo", (i + 1) / len(batches))
+        for key in history[0]:
+            values = [h[key] for h in history if key in h]
+            metrics[key] = sum(values) / len(values)
+        metrics["objective/kl_max"] = max(h["objective/kl"] for h in history)
+        metrics["objective/kl_coef"] = trainer.kl_ctl.value
+        metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)
+        metrics["ppo/steps"] = float(len(history))
+
+        policy_out, reward_out = out / "policy", out / "reward"
+        if trainer.accelerator.is_main_process:
+            trainer.save_policy(policy_out, {"metrics": metrics, "base_model": base.name})
+            reward_model.save(reward_out, {"metrics": metrics})
+        trainer.accelerator.wait_for_everyone()
+        report("saved", 1.0)
+        return RoundResult(metrics=metrics, policy_dir=str(policy_out), reward_dir=str(reward_out))
+    finally:
+        # Take every LoRA layer out of the shared base again (no merge), so the next
+        # round or the serving code sees the plain base model.
+        model.unload()
+        base.model.eval()
