@@ -1,0 +1,262 @@
+"""``rlhf-chat``: run the service and look at its data.
+
+    rlhf-chat up        embedded Valkey (unless RLHF_REDIS_URL) + a Celery worker + the UI
+    rlhf-chat ui        the UI alone, against the Redis that is already running
+    rlhf-chat worker    the Celery worker alone (arguments go to ``celery worker``)
+    rlhf-chat status    turns, events, events not yet trained on, current policy version
+    rlhf-chat export --format {turns,kto,dpo,reward} --out FILE.jsonl
+
+Every command reads the same ``RLHF_*`` settings; with the embedded server, a
+command finds it through ``<data_dir>/redis.url``, so ``status`` run beside ``up``
+sees the same data. ``--prefer-data-dir DIR`` (or ``RLHF_PREFER_DATA_DIR``) puts
+the data in ``DIR/rlhf-chat`` when DIR exists and is writable: a Hugging Face
+Space's persistent ``/data`` when it is mounted, RLHF_DATA_DIR otherwise.
+
+More commands: append a ``(name, help, add_arguments, run)`` tuple to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf_core.settings import Settings, get_settings
+
+WORKER_STOP_S = 15.0  # a worker mid-round gets this long to stop before it is killed
+
+
+# --- settings ------------------------------------------------------------------------
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The process settings plus what the command line overrides."""
+    settings = get_settings()
+    update: dict[str, Any] = {}
+    prefer = getattr(args, "prefer_data_dir", None)
+    if prefer and os.path.isdir(prefer) and os.access(prefer, os.W_OK):
+        update["data_dir"] = Path(prefer) / "rlhf-chat"
+    for name in ("host", "port"):
+        if getattr(args, name, None) is not None:
+            update[name] = getattr(args, name)
+    return settings.model_copy(update=update) if update else settings
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """Environment for child processes: the same settings, and the Redis URL spelled out."""
+    env = dict(os.environ)
+    env["RLHF_DATA_DIR"] = str(settings.data_dir)
+    env["RLHF_REDIS_URL"] = redis_url
+    return env
+
+
+# --- up / ui / worker ------------------------------------------------------------------
+def worker_available() -> bool:
+    return importlib.util.find_spec("worker.__main__") is not None
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen | None:
+    if not worker_available():
+        print("note: no worker package here (worker/__main__.py); training rounds will not run.")
+        return None
+    # Its own process group, so a Ctrl-C in the terminal reaches it only through us
+    # (we stop it last, after the UI, and wait for it).
+    return subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = WORKER_STOP_S) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _exit_on_sigterm() -> None:
+    # SIGTERM (docker stop, a supervisor) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from chat_ui.app import serve
+    from rlhf_core.redis_server import start_embedded_if_needed
+
+    settings = settings_from(args)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    url, embedded = start_embedded_if_needed(settings)
+    if embedded is not None:
+        print(f"Embedded Valkey on {url} (append-only files in {embedded.data_dir})", flush=True)
+    else:
+        print(f"Using Redis at {url}", flush=True)
+    settings = settings.model_copy(update={"redis_url": url})
+    _exit_on_sigterm()
+    worker = app = None
+    restarts = 0
+    try:
+        worker = None if args.no_worker else start_worker(child_env(settings, url))
+        app = serve(settings, block=False)
+        while True:
+            time.sleep(1.0)
+            if worker is not None and worker.poll() is not None:
+                # Keep training alive, but do not spin on a worker that cannot start.
+                restarts += 1
+                print(f"worker exited with code {worker.returncode}", file=sys.stderr, flush=True)
+                worker = start_worker(child_env(settings, url)) if restarts <= 3 else None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("Shutting down…", flush=True)
+        if app is not None:
+            app.close()
+        stop_process(worker)
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from chat_ui.app import serve
+
+    _exit_on_sigterm()
+    try:
+        serve(settings_from(args), block=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    env = dict(os.environ, RLHF_DATA_DIR=str(settings.data_dir))
+    argv = [sys.executable, "-m", "worker", *args.celery_args]
+    os.execve(sys.executable, argv, env)  # the worker replaces this process
+    return 0  # not reached
+
+
+# --- status / export ---------------------------------------------------------------------
+def _store(settings: Settings):
+    from rlhf_core.feedback import FeedbackStore
+    from rlhf_core.redis_server import connect
+
+    return FeedbackStore(connect(settings))
+
+
+def current_version(settings: Settings, client: Any) -> int:
+    from rlhf_core.registry import Registry
+
+    return Registry(client, settings).current()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    store = _store(settings)
+    counts = store.counts()
+    info = {
+        **counts,
+        "current_version": current_version(settings, store.redis),
+        "redis": store.redis.connection_pool.connection_kwargs.get("host", "?")
+        + ":"
+        + str(store.redis.connection_pool.connection_kwargs.get("port", "?")),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"turns:                  {info['turns']}")
+        print(f"events:                 {info['events']}")
+        print(f"events not trained on:  {info['unconsumed']}")
+        print(f"current policy version: {info['current_version']}")
+        print(f"redis:                  {info['redis']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rlhf_core.datasets import export
+
+    settings = settings_from(args)
+    n = export(_store(settings), args.format, args.out)
+    print(f"wrote {n} {args.format} rows to {args.out}")
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (RLHF_HOST)")
+    parser.add_argument("--port", type=int, help="port of the UI (RLHF_PORT)")
+
+
+def _up_args(parser: argparse.ArgumentParser) -> None:
+    _serve_args(parser)
+    parser.add_argument("--no-worker", action="store_true", help="do not start a worker")
+
+
+def _worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery worker")
+
+
+def _status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    from rlhf_core.datasets import EXPORT_FORMATS
+
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    parser.add_argument("--out", required=True, help="JSONL file to write")
+
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+COMMANDS: list[Command] = [
+    ("up", "embedded Redis + worker + chat UI (as `make run`)", _up_args, cmd_up),
+    ("ui", "the chat UI alone, on the running Redis", _serve_args, cmd_ui),
+    ("worker", "the Celery training worker", _worker_args, cmd_worker),
+    ("status", "turns, events, untrained events, current version", _status_args, cmd_status),
+    ("export", "write feedback as JSONL in TRL's formats", _export_args, cmd_export),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-chat", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--prefer-data-dir",
+        default=os.environ.get("RLHF_PREFER_DATA_DIR"),
+        metavar="DIR",
+        help="keep data in DIR/rlhf-chat when DIR exists and is writable (env "
+        "RLHF_PREFER_DATA_DIR; a Space's /data), else in RLHF_DATA_DIR",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, run in COMMANDS:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except Exception as error:
+        from rlhf_core.redis_server import RedisUnavailableError
+
+        expected: tuple[type[BaseException], ...] = (RedisUnavailableError,)
+        # Only a command that loaded the model can fail to; importing it here costs torch.
+        if "rlhf_core.modeling" in sys.modules:
+            expected += (sys.modules["rlhf_core.modeling"].ModelLoadError,)
+        if isinstance(error, expected):
+            sys.exit(f"rlhf-chat {args.command}: {error}")
+        raise
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`rlhf-chat` as a person runs it: separate processes that find the same data, and
+the container's command (`rlhf-chat up`, as in the Dockerfile) run natively."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import tiny_env
+from gradio_client import Client
+
+from rlhf_core.datasets import read_jsonl
+from rlhf_core.feedback import Event, FeedbackStore, Turn
+from rlhf_core.redis_server import URL_FILE, EmbeddedValkey, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rlhf_chat(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chat_ui", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture()
+def embedded(tiny_settings):
+    """A Valkey server for the settings' data dir, announced in <data_dir>/redis.url as
+    `rlhf-chat up` does, and an env without RLHF_REDIS_URL: commands must find it."""
+    server = EmbeddedValkey(Path(tiny_settings.data_dir)).start()
+    server.write_url_file()
+    env = tiny_env(tiny_settings)
+    del env["RLHF_REDIS_URL"]
+    yield server, env
+    server.stop()
+
+
+def test_status_and_export_from_another_process_find_the_data(embedded):
+    server, env = embedded
+    store = FeedbackStore(redis.Redis.from_url(server.url))
+    turn = Turn("t1", "s1", "u1", [{"role": "user", "content": "Hi ✨"}], "Hello!", 0)
+    store.save_turn(turn)
+    store.record_event(Event("e1", "t1", "like", "s1", "u1"))
+
+    done = rlhf_chat("status", env=env)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"turns:\s+1\b", done.stdout) and re.search(r"events:\s+1\b", done.stdout)
+    assert re.search(r"current policy version:\s+0\b", done.stdout)
+    info = json.loads(rlhf_chat("status", "--json", env=env).stdout)
+    assert info["turns"] == 1 and info["unconsumed"] == 1 and info["current_version"] == 0
+
+    out = Path(env["RLHF_DATA_DIR"]) / "kto.jsonl"
+    done = rlhf_chat("export", "--format", "kto", "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(out)
+    assert rows == [
+        {
+            "prompt": [{"role": "user", "content": "Hi ✨"}],
+            "completion": [{"role": "assistant", "content": "Hello!"}],
+            "label": True,
+        }
+    ]
+
+
+def test_commands_say_what_to_do_without_a_server(tmp_path):
+    env = dict(os.environ, RLHF_DATA_DIR=str(tmp_path / "nothing-here"))
+    env.pop("RLHF_REDIS_URL", None)
+    done = rlhf_chat("status", env=env)
+    assert done.returncode != 0
+    assert "rlhf-chat up" in done.stderr and "RLHF_REDIS_URL" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = rlhf_chat("export", "--format", "nope", "--out", "x.jsonl", env=env)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, model_cache):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["rlhf-chat", "up"]' in dockerfile
+    assert "RLHF_PREFER_DATA_DIR=/data" in dockerfile and "RLHF_HOST=0.0.0.0" in dockerfile
+    assert "USER user" in dockerfile and "--uid 1000" in dockerfile
+
+    mount = tmp_path / "data"  # stands for the Space's persistent /data
+    mount.mkdir()
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("RLHF_REDIS_URL", None)
+    env.update(
+        RLHF_BASE_MODEL="tiny-random",
+        RLHF_MODEL_CACHE_DIR=str(model_cache),
+        RLHF_MAX_NEW_TOKENS="6",
+        RLHF_HOST="0.0.0.0",
+        RLHF_PORT=str(port),
+        RLHF_DATA_DIR=str(tmp_path / "fallback"),
+        RLHF_PREFER_DATA_DIR=str(mount),
+    )
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "chat_ui", "up"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "rlhf-chat UI on" not in log.read_text():
+            assert up.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        data_dir = mount / "rlhf-chat"
+        assert (data_dir / URL_FILE).exists(), "the embedded server belongs in the mounted /data"
+        assert not (tmp_path / "fallback").exists()
+        children = children_of(up.pid)
+        assert len(children) >= 2, "expected the Valkey server and the worker as children"
+
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        chat, answers, *_ = client.predict(
+            "Hello from the container", "", 1.0, 0.9, 6, api_name="/send"
+        )
+        assert answers[0]["turn_id"]
+        info = json.loads(rlhf_chat("status", "--json", env=env).stdout)
+        assert info["turns"] == 1
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+    assert code == 0, log.read_text()[-3000:]
+    assert "Shutting down" in log.read_text()
+    assert not any(alive(pid) for pid in children), "children outlived `rlhf-chat up`"
+    assert not (data_dir / URL_FILE).exists()
+    # The data survived the stop: a fresh server on the same folder replays the AOF.
+    with EmbeddedValkey(data_dir) as again:
+        assert FeedbackStore(redis.Redis.from_url(again.url)).counts()["turns"] == 1
