@@ -66,7 +66,6 @@ from rlhf_core.ppo import (
     value_loss,
 )
 from rlhf_core.reward import (
-    REWARD_ADAPTER,
     Messages,
     RewardModel,
     adapter_parameters,
@@ -316,8 +315,9 @@ class PPOTrainer:
     def _shard(self, items: Sequence[Any]) -> list[Any]:
         return list(items[self.rank :: self.world]) if self.world > 1 else list(items)
 
-    def _finish_rollout(self, prompts: list[Messages], query_ids: Tensor, query_mask: Tensor,
-                        response: Tensor) -> Rollout:
+    def _finish_rollout(
+        self, prompts: list[Messages], query_ids: Tensor, query_mask: Tensor, response: Tensor
+    ) -> Rollout:
         pad = self.tokenizer.pad_token_id
         is_eos = torch.isin(response, torch.tensor(self.eos_ids, device=response.device))
         # Tokens strictly after the first EOS are padding from generate, not the answer.
@@ -328,8 +328,9 @@ class PPOTrainer:
             [row[: int(m.sum())] for row, m in zip(response, response_mask, strict=True)],
             skip_special_tokens=True,
         )
-        return Rollout(prompts, query_ids, query_mask, response, response_mask,
-                       is_eos.any(1), answers)
+        return Rollout(
+            prompts, query_ids, query_mask, response, response_mask, is_eos.any(1), answers
+        )
 
     def _encode_prompts(self, prompts: list[Messages]) -> tuple[Tensor, Tensor]:
         rows = [prompt_token_ids(self.tokenizer, m, self.config.max_prompt_tokens) for m in prompts]
@@ -361,8 +362,13 @@ class PPOTrainer:
         """A rollout of given answers (each ends with EOS), e.g. for tests or replays."""
         query_ids, query_mask = self._encode_prompts(prompts)
         eos = self.tokenizer.eos_token_id
-        rows = [self.tokenizer(a, add_special_tokens=False)["input_ids"][: self.config.max_new_tokens - 1]
-                + [eos] for a in answers]
+        rows = [
+            self.tokenizer(a, add_special_tokens=False)["input_ids"][
+                : self.config.max_new_tokens - 1
+            ]
+            + [eos]
+            for a in answers
+        ]
         width = max(len(r) for r in rows)
         response = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
@@ -379,7 +385,9 @@ class PPOTrainer:
             return torch.tensor(values, dtype=torch.float32, device=self.device)
         last = rollout.query_ids.shape[1] + rollout.response_mask.sum(1).long() - 1
         with torch.inference_mode():
-            scores = self.reward_model.forward_scores(rollout.input_ids, rollout.attention_mask, last)
+            scores = self.reward_model.forward_scores(
+                rollout.input_ids, rollout.attention_mask, last
+            )
         return scores.float().clone()
 
     def _process_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
@@ -407,15 +415,18 @@ class PPOTrainer:
         with autocast(self.device):
             old_logprobs, old_values, _ = self.policy_value(input_ids, attention_mask, prompt_len)
             with self.model.disable_adapter():
-                hidden = hidden_states(self.model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
+                hidden = hidden_states(self.model, input_ids, attention_mask)[
+                    :, prompt_len - 1 : -1
+                ]
                 ref_logits = answer_logits(self.model, hidden, self.config.temperature)
                 ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
         del hidden, ref_logits
         kl = kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * mask
         processed = self._process_scores(scores.to(self.device).float(), rollout.has_eos)
         rewards, non_score = token_rewards(processed, kl, mask, self.kl_ctl.value)
-        advantages, returns = compute_gae(rewards, old_values, mask, self.config.gamma,
-                                          self.config.lam)
+        advantages, returns = compute_gae(
+            rewards, old_values, mask, self.config.gamma, self.config.lam
+        )
         advantages = self._whiten(advantages, mask)
         n = self._sum(torch.tensor(float(len(rollout.prompts))))
         answer_kl = kl.sum(1)
@@ -446,8 +457,16 @@ class PPOTrainer:
         mini = (config.mini_batch_size or config.batch_size) // self.world or local
         micro = (config.micro_batch_size or mini * self.world) // self.world or mini
         mini, micro = min(mini, local), min(micro, mini)
-        keys = ["loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/approx_kl",
-                "policy/entropy", "value/clipfrac", "ppo/grad_norm"]
+        keys = [
+            "loss/policy",
+            "loss/value",
+            "loss/total",
+            "policy/clipfrac",
+            "policy/approx_kl",
+            "policy/entropy",
+            "value/clipfrac",
+            "ppo/grad_norm",
+        ]
         sums = dict.fromkeys(keys, 0.0)
         done, skipped, early_stopped = 0, 0, False
         self.wrapped.train()
@@ -465,11 +484,17 @@ class PPOTrainer:
                         )
                         m = mask[idx]
                         pg_loss, pg_stats = policy_loss(
-                            logprobs, exp.old_logprobs[idx], exp.advantages[idx], m,
+                            logprobs,
+                            exp.old_logprobs[idx],
+                            exp.advantages[idx],
+                            m,
                             config.cliprange,
                         )
                         vf_loss, vf_stats = value_loss(
-                            values, exp.old_values[idx], exp.returns[idx], m,
+                            values,
+                            exp.old_values[idx],
+                            exp.returns[idx],
+                            m,
                             config.cliprange_value,
                         )
                         if config.ent_coef:
@@ -485,10 +510,13 @@ class PPOTrainer:
                         acc.backward(loss * weight)
                     w = float(m.sum() / tokens)  # this process's share of the global mean
                     for key, value in (
-                        ("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
+                        ("loss/policy", pg_loss),
+                        ("loss/value", vf_loss),
+                        ("loss/total", loss),
                         ("policy/clipfrac", pg_stats["policy/clipfrac"]),
                         ("policy/approx_kl", pg_stats["policy/approx_kl"]),
-                        ("policy/entropy", entropy), ("value/clipfrac", vf_stats["value/clipfrac"]),
+                        ("policy/entropy", entropy),
+                        ("value/clipfrac", vf_stats["value/clipfrac"]),
                     ):
                         mb_stats[key] += float(value.detach()) * w
                     del logits
@@ -500,8 +528,10 @@ class PPOTrainer:
                     skipped += 1
                     self.skipped_steps += 1
                     self.consecutive_skips += 1
-                    log.warning("PPO: non-finite loss or gradient, step skipped (%d in a row)",
-                                self.consecutive_skips)
+                    log.warning(
+                        "PPO: non-finite loss or gradient, step skipped (%d in a row)",
+                        self.consecutive_skips,
+                    )
                     if self.consecutive_skips >= config.max_consecutive_skips:
                         raise NonFiniteError(
                             f"PPO aborted: {self.consecutive_skips} updates in a row had a "
@@ -519,18 +549,23 @@ class PPOTrainer:
                 for key in keys:
                     sums[key] += mb_stats[key]
                 done += 1
-                if config.early_stop_kl is not None and mb_stats["policy/approx_kl"] > config.early_stop_kl:
+                if (
+                    config.early_stop_kl is not None
+                    and mb_stats["policy/approx_kl"] > config.early_stop_kl
+                ):
                     early_stopped = True
                     break
             if early_stopped:
                 break
         self.wrapped.eval()
         stats = {k: sums[k] / done for k in keys} if done else {}
-        stats.update({
-            "ppo/updates": float(done),
-            "ppo/skipped_steps": float(skipped),
-            "ppo/early_stopped": float(early_stopped),
-        })
+        stats.update(
+            {
+                "ppo/updates": float(done),
+                "ppo/skipped_steps": float(skipped),
+                "ppo/early_stopped": float(early_stopped),
+            }
+        )
         return stats
 
     def step(self, prompts: Sequence[Messages]) -> dict[str, float]:
@@ -565,9 +600,14 @@ class PPOTrainer:
     # -- artifacts ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
+        return {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+        }
 
-    def save_policy(self, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    def save_policy(
+        self, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None
+    ) -> Path:
         """The policy adapter in the default PEFT layout (``PeftModel.from_pretrained(base,
         out_dir)`` loads it), plus the value head and the trainer state for the next round.
         Refuses non-finite weights; written to a temporary folder renamed at the end."""
@@ -579,10 +619,17 @@ class PPOTrainer:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(self.model, POLICY_ADAPTER, tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(tmp / VALUE_HEAD_FILE))
-        meta = {"format": "rlhf-chat/policy", "format_version": 1, **self.state(),
-                "ppo_config": asdict(self.config), **(metadata or {})}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+            str(tmp / VALUE_HEAD_FILE),
+        )
+        meta = {
+            "format": "rlhf-chat/policy",
+            "format_version": 1,
+            **self.state(),
+            "ppo_config": asdict(self.config),
+            **(metadata or {}),
+        }
         (tmp / POLICY_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -624,7 +671,9 @@ def attach_policy(
     return model, head, meta
 
 
-def _cycle_batches(prompts: list[Messages], steps: int, size: int, seed: int) -> list[list[Messages]]:
+def _cycle_batches(
+    prompts: list[Messages], steps: int, size: int, seed: int
+) -> list[list[Messages]]:
     """``steps`` batches of ``size`` prompts: shuffled passes over the prompts."""
     rng = random.Random(seed)
     order: list[int] = []
@@ -680,22 +729,33 @@ def run_training_round(
             metrics["reward/margin_before"] = before["reward/margin"]
         report("reward", 0.0)
         start = time.perf_counter()
-        metrics.update(reward_model.train(
-            pointwise, pairs, replay_pointwise=replay_pointwise, replay_pairs=replay_pairs
-        ))
+        metrics.update(
+            reward_model.train(
+                pointwise, pairs, replay_pointwise=replay_pointwise, replay_pairs=replay_pairs
+            )
+        )
         metrics["time/reward_train_s"] = time.perf_counter() - start
         metrics.update(reward_model.evaluate(heldout))
         report("reward", 1.0)
 
         trainer = PPOTrainer(
-            model, base.tokenizer, config,
-            reward_model=None if reward_fn else reward_model, reward_fn=reward_fn,
-            value_head=value_head, accelerator=accelerator,
-            kl_state=policy_meta.get("kl_ctl"), score_state=policy_meta.get("score_moments"),
+            model,
+            base.tokenizer,
+            config,
+            reward_model=None if reward_fn else reward_model,
+            reward_fn=reward_fn,
+            value_head=value_head,
+            accelerator=accelerator,
+            kl_state=policy_meta.get("kl_ctl"),
+            score_state=policy_meta.get("score_moments"),
         )
         history: list[dict[str, float]] = []
-        batches = _cycle_batches(list(prompts), settings.ppo_steps, config.batch_size,
-                                 settings.seed + int(reward_model.meta.get("version", 0)))
+        batches = _cycle_batches(
+            list(prompts),
+            settings.ppo_steps,
+            config.batch_size,
+            settings.seed + int(reward_model.meta.get("version", 0)),
+        )
         for i, batch in enumerate(batches):
             history.append(trainer.step(batch))
             report("ppo", (i + 1) / len(batches))

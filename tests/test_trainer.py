@@ -1,0 +1,244 @@
+"""PPO trainer on the tiny model: it learns a rule, stays near the reference under a
+large KL coefficient, guards against non-finite updates, saves a loadable policy,
+and runs a whole round for the worker without leaving adapters on the shared base.
+
+Why the policy adapter here also adapts ``lm_head``: the tiny random model ties its
+output layer to embeddings of std 0.02, so its logits span about +-1.3 whatever the
+hidden state is, and its next-token distribution stays near uniform over 49k tokens
+unless the output layer itself can move. (SmolLM2 learns with attention LoRA only.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from rlhf_core.modeling import lora_config
+from rlhf_core.trainer import (
+    NonFiniteError,
+    PPOConfig,
+    PPOTrainer,
+    attach_policy,
+    run_training_round,
+)
+
+PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(8)]
+
+
+def lower_half_rule(tokenizer):
+    """Score = share of the answer's tokens whose id is in the lower half of the vocabulary."""
+    half = len(tokenizer) // 2
+
+    def reward_fn(prompts, answers):
+        out = []
+        for answer in answers:
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            out.append(sum(i < half for i in ids) / len(ids) if ids else 0.0)
+        return out
+
+    return reward_fn
+
+
+def small_lora_config(settings):
+    config = lora_config(settings)
+    config.target_modules = ["q_proj", "v_proj", "lm_head"]
+    config.r, config.lora_alpha = 8, 16
+    return config
+
+
+@pytest.fixture()
+def policy(tiny_model, tiny_settings):
+    """A fresh policy adapter on the shared tiny model; taken out again afterwards."""
+    torch.manual_seed(0)
+    model, head, _ = attach_policy(
+        tiny_model, tiny_settings, None, small_lora_config(tiny_settings)
+    )
+    yield model, head
+    model.unload()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared by several test runs: one thread per process is faster than two
+    threads that keep waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**overrides) -> PPOConfig:
+    values = dict(
+        batch_size=16,
+        ppo_epochs=4,
+        max_new_tokens=6,
+        learning_rate=3e-2,
+        init_kl_coef=0.0,
+        target_kl=None,
+        early_stop_kl=None,
+        seed=0,
+    )
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def _run(model, head, tokenizer, steps, **overrides):
+    trainer = PPOTrainer(
+        model,
+        tokenizer,
+        _config(**overrides),
+        reward_fn=lower_half_rule(tokenizer),
+        value_head=head,
+    )
+    return [trainer.step(PROMPTS * 2) for _ in range(steps)]
+
+
+def test_ppo_raises_a_rule_based_reward(policy, tiny_model):
+    model, head = policy
+    history = _run(model, head, tiny_model.tokenizer, steps=6)
+    scores = [h["objective/scores"] for h in history]
+    assert (scores[-1] + scores[-2]) / 2 > (scores[0] + scores[1]) / 2 + 0.15, scores
+    assert all(math.isfinite(h["objective/kl"]) for h in history)
+    assert history[-1]["objective/kl"] > 5.0  # it had to move away from the reference
+    for key in (
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/entropy",
+        "ppo/skipped_steps",
+        "time/gen_s",
+        "time/score_s",
+        "time/update_s",
+        "objective/kl_coef",
+    ):
+        assert math.isfinite(history[-1][key]), key
+    assert history[-1]["policy/entropy"] < history[0]["policy/entropy"]
+
+
+def test_a_large_fixed_kl_coef_keeps_the_policy_near_the_reference(policy, tiny_model):
+    model, head = policy
+    # The same seed, data and learning rate as the test above, where KL passes 5 nats.
+    history = _run(model, head, tiny_model.tokenizer, steps=6, init_kl_coef=5.0)
+    assert all(math.isfinite(h["objective/kl"]) for h in history)
+    assert max(h["objective/kl"] for h in history) < 2.0, [h["objective/kl"] for h in history]
+    assert history[-1]["objective/kl_coef"] == 5.0
+
+
+def test_non_finite_rewards_skip_the_update_and_repeated_ones_abort(policy, tiny_model):
+    model, head = policy
+    config = _config(batch_size=4, ppo_epochs=1, max_new_tokens=4, max_consecutive_skips=3)
+
+    def nan_reward(prompts, answers):
+        return [float("nan")] + [1.0] * (len(answers) - 1)
+
+    trainer = PPOTrainer(model, tiny_model.tokenizer, config, reward_fn=nan_reward, value_head=head)
+    before = [p.detach().clone() for p in trainer.params]
+    stats = trainer.step(PROMPTS[:4])
+    assert stats["ppo/skipped_steps"] == 1 and stats["ppo/updates"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+    trainer.step(PROMPTS[:4])
+    with pytest.raises(NonFiniteError, match="3 updates in a row"):
+        trainer.step(PROMPTS[:4])
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
+
+
+def test_saved_policy_loads_with_plain_peft_and_reproduces_logits(
+    tiny_model, tiny_settings, tmp_path
+):
+    torch.manual_seed(1)
+    model, head, _ = attach_policy(tiny_model, tiny_settings, None)
+    try:
+        with torch.no_grad():  # a policy that differs from the base
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        trainer = PPOTrainer(
+            model,
+            tiny_model.tokenizer,
+            _config(batch_size=4, max_new_tokens=4),
+            reward_fn=lambda p, a: [1.0] * len(a),
+            value_head=head,
+        )
+        rollout = trainer.generate(PROMPTS[:4])
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+            with model.disable_adapter():
+                base_logits = model(input_ids=ids, attention_mask=mask).logits
+        out = trainer.save_policy(tmp_path / "policy")
+    finally:
+        model.unload()
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_model.model, str(out))
+    try:
+        with torch.no_grad():
+            logits = loaded(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(logits, expected, atol=1e-5)
+        assert not torch.allclose(logits, base_logits, atol=1e-3)
+    finally:
+        loaded.unload()
+
+
+def _pairs(n):
+    out = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"Question {i}?"}]
+        out.append({"messages": messages, "chosen": f"Yes banana {i}.", "rejected": f"No {i}."})
+    return out
+
+
+def test_a_training_round_saves_both_artifacts_and_leaves_the_base_clean(
+    tiny_model, tiny_settings, tmp_path
+):
+    before = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    pointwise = [
+        {"messages": p["messages"], "answer": p["chosen"], "label": 1.0} for p in _pairs(4)
+    ]
+    stages = []
+    first = run_training_round(
+        tiny_model,
+        tiny_settings,
+        pointwise=pointwise,
+        pairs=_pairs(8),
+        prompts=PROMPTS,
+        policy_dir=None,
+        reward_dir=None,
+        out_dir=tmp_path / "round1",
+        heldout_pairs=_pairs(4),
+        progress=lambda stage, fraction: stages.append((stage, fraction)),
+    )
+    for key in (
+        "reward/accuracy_before",
+        "reward/accuracy",
+        "reward/margin",
+        "objective/kl",
+        "objective/scores",
+        "ppo/skipped_steps",
+        "loss/policy",
+    ):
+        assert math.isfinite(first.metrics[key]), key
+    assert ("ppo", 1.0) in stages and stages[-1] == ("saved", 1.0)
+    assert not any("lora" in name for name, _ in tiny_model.model.named_modules())
+    after = tiny_model.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    # The next round starts from the saved adapters (incremental), with replayed pairs.
+    second = run_training_round(
+        tiny_model,
+        tiny_settings,
+        pointwise=[],
+        pairs=_pairs(4),
+        prompts=PROMPTS,
+        policy_dir=first.policy_dir,
+        reward_dir=first.reward_dir,
+        out_dir=tmp_path / "round2",
+        heldout_pairs=_pairs(4),
+        replay_pairs=_pairs(8),
+    )
+    assert second.metrics["reward/accuracy_before"] == first.metrics["reward/accuracy"]
+    assert second.metrics["reward/train_examples"] == 12
+    assert not any("lora" in name for name, _ in tiny_model.model.named_modules())
