@@ -332,15 +332,17 @@ def build_training_tab(
             task_id = request_round(settings, reason="Train now")
         except Exception as error:
             return f"Could not queue a round: {error}"
-        return (
-            f"Round requested (task {task_id[:8]}); progress shows once a worker starts it."
-        )
+        return f"Round requested (task {task_id[:8]}); progress shows once a worker starts it."
 
     def rollback(version: Any) -> str:
         if version is None or version == "":
             return "Pick a version to roll back to."
         try:
-            Registry(client, settings).rollback(int(version))
+            version = int(float(version))
+        except (TypeError, ValueError):
+            return f"{version!r} is not a version number; pick one from the table."
+        try:
+            Registry(client, settings).rollback(version)
         except UnknownVersionError as error:
             return str(error)
         return f"Version {int(version)} is current again; every UI switches within seconds."
@@ -365,13 +367,15 @@ def build_training_tab(
     timer = gr.Timer(max(1.0, settings.version_poll_s))
 
     outputs = [status, table, quality_plot, policy_plot, version_pick]
-    timer.tick(refresh, outputs=outputs, show_progress="hidden", queue=False)
-    train_button.click(train_now, outputs=action, queue=False).then(
-        refresh, outputs=outputs, queue=False
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
+    timer.tick(refresh, outputs=outputs, show_progress="hidden", **quiet)
+    # Named endpoints: gradio_client and scripts press the same buttons a person does.
+    train_button.click(train_now, outputs=action, queue=False, api_name="train_now").then(
+        refresh, outputs=outputs, **quiet
     )
-    rollback_button.click(rollback, inputs=version_pick, outputs=action, queue=False).then(
-        refresh, outputs=outputs, queue=False
-    )
+    rollback_button.click(
+        rollback, inputs=version_pick, outputs=action, queue=False, api_name="rollback"
+    ).then(refresh, outputs=outputs, **quiet)
     return {
         "status": status,
         "train_now": train_button,

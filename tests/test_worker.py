@@ -182,3 +182,53 @@ def test_gate_failure_through_the_worker(tiny_settings, redis_client, workers, c
     assert registry.current() == 0 and registry.versions() == []
     assert store.counts()["unconsumed"] == 4
     assert "last round failed: KL" in registry.status_line()
+
+
+def _text(message) -> str:
+    content = message["content"]
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    return content
+
+
+def test_feedback_to_new_version_served_without_restart_then_rollback(
+    tiny_settings, redis_client, workers
+):
+    from gradio_client import Client
+
+    from chat_ui.app import serve
+    from rlhf_core.redis_server import free_port
+
+    settings = fast(tiny_settings).model_copy(update={"port": free_port()})
+    registry = Registry(redis_client, settings)
+    worker = workers("w1")
+    app = serve(settings, block=False)
+    try:
+        client = Client(app.url, verbose=False)
+        sampling = (1.0, 0.9, 8)
+        for i in range(settings.train_every):
+            _, answers, _ = client.predict(f"question {i}?", "", *sampling, api_name="/send")[:3]
+            assert answers[-1]["version"] == 0
+            client.predict(-1, "like" if i % 2 else "dislike", api_name="/vote")
+        # The fourth vote made a round due; the UI queued it and a worker runs it.
+        wait_for(lambda: registry.current() == 1, 240, "version 1 to be published", worker)
+        # Every UI follows the registry; this one swaps without a restart.
+        wait_for(lambda: client.predict(api_name="/status")["current_version"] == 1, 30,
+                 "the UI to serve version 1")  # fmt: skip
+        chat, answers, badge = client.predict("after?", "", *sampling, api_name="/send")[:3]
+        assert answers[-1]["version"] == 1 and "written by v1" in _text(chat[-1])
+        assert "current policy version 1" in badge
+        assert app.service.store.get_turn(answers[-1]["turn_id"]).policy_version == 1
+
+        # The Training tab's rollback button, through its API endpoint.
+        message = client.predict(0, api_name="/rollback")
+        assert "Version 0 is current again" in message and registry.current() == 0
+        wait_for(lambda: client.predict(api_name="/status")["current_version"] == 0, 30,
+                 "the UI to serve version 0 again")  # fmt: skip
+        _, answers, _ = client.predict("and now?", "", *sampling, api_name="/send")[:3]
+        assert answers[-1]["version"] == 0
+        assert "never published" in client.predict(7, api_name="/rollback")
+        assert "not a version number" in client.predict("x", api_name="/rollback")
+        assert registry.current() == 0
+    finally:
+        app.close()
