@@ -156,6 +156,12 @@ def current_version(settings: Settings, client: Any) -> int:
     return Registry(client, settings).current()
 
 
+def _training_line(settings: Settings, client: Any) -> str:
+    from rlhf_core.registry import Registry
+
+    return Registry(client, settings).status_line()  # e.g. "last round failed: KL 12 > budget 10"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     store = _store(settings)
@@ -163,6 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     info = {
         **counts,
         "current_version": current_version(settings, store.redis),
+        "training": _training_line(settings, store.redis),
         "redis": store.redis.connection_pool.connection_kwargs.get("host", "?")
         + ":"
         + str(store.redis.connection_pool.connection_kwargs.get("port", "?")),
@@ -174,6 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"events:                 {info['events']}")
         print(f"events not trained on:  {info['unconsumed']}")
         print(f"current policy version: {info['current_version']}")
+        print(f"training:               {info['training']}")
         print(f"redis:                  {info['redis']}")
     return 0
 
@@ -221,6 +229,10 @@ COMMANDS: list[Command] = [
     ("status", "turns, events, untrained events, current version", _status_args, cmd_status),
     ("export", "write feedback as JSONL in TRL's formats", _export_args, cmd_export),
 ]
+# train / versions / rollback live with the rest of the training UI code.
+from chat_ui.training import CLI_COMMANDS  # noqa: E402
+
+COMMANDS += CLI_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

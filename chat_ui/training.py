@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -388,3 +390,76 @@ def build_training_tab(
         "timer": timer,
         "refresh": refresh,
     }
+
+
+# ---------------------------------------------------------------- CLI: train / versions / rollback
+
+
+def _cli_client(args: Any) -> tuple[Settings, redis.Redis]:
+    from chat_ui.__main__ import settings_from
+    from rlhf_core.redis_server import connect
+
+    settings = settings_from(args)
+    return settings, connect(settings)
+
+
+def cmd_train(args: Any) -> int:
+    settings, client = _cli_client(args)
+    task_id = request_round(settings, reason="rlhf-chat train")
+    print(f"training round requested (task {task_id})", flush=True)
+    if not args.wait:
+        return 0
+    outcome = celery_client(settings).AsyncResult(task_id).get(timeout=args.timeout)
+    print(json.dumps(outcome, indent=2))
+    return 0 if outcome.get("status") in ("published", "skipped") else 1
+
+
+def cmd_versions(args: Any) -> int:
+    settings, client = _cli_client(args)
+    rows = versions_table(client, settings)
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    print(f"{'':2}{'version':>7} {'parent':>6} {'published':>9} {'events':>6} "
+          f"{'rm acc':>6} {'reward':>7} {'KL':>7} {'👍 rate':>7}")  # fmt: skip
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        print(
+            f"{'*' if r['current'] else ' ':2}{r['version']:>7} {fmt(r['parent'], '>6')} "
+            f"{r['published'] or '-':>9} {r['feedback used']:>6} "
+            f"{fmt(r['reward accuracy'], '>6.2f')} {fmt(r['mean reward'], '>7.3f')} "
+            f"{fmt(r['KL'], '>7.3f')} {fmt(r['👍 rate'], '>7.2f')}"
+        )
+    print(Registry(client, settings).status_line())
+    return 0
+
+
+def cmd_rollback(args: Any) -> int:
+    settings, client = _cli_client(args)
+    try:
+        Registry(client, settings).rollback(args.version)
+    except UnknownVersionError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"version {args.version} is current again; running UIs switch within seconds")
+    return 0
+
+
+def _train_args(parser: Any) -> None:
+    parser.add_argument("--wait", action="store_true", help="wait for the round and print it")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait")
+
+
+def _versions_args(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON list")
+
+
+def _rollback_args(parser: Any) -> None:
+    parser.add_argument("version", type=int, help="version to serve again (0 = base model)")
+
+
+CLI_COMMANDS = [
+    ("train", "start a training round now (--wait for its outcome)", _train_args, cmd_train),
+    ("versions", "policy versions with their metrics", _versions_args, cmd_versions),
+    ("rollback", "make an earlier version current again", _rollback_args, cmd_rollback),
+]

@@ -200,3 +200,33 @@ def test_round_status_and_failures(redis_client, tiny_settings):
     assert registry.last_round()["status"] == "failed"
     assert registry.failures()[0]["metrics"]["objective/kl"] == 12.3
     assert "last round failed: KL 12.3 > budget 10" in registry.status_line()
+
+
+def test_cli_versions_rollback_status(redis_client, tiny_settings, adapters):
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny_env
+
+    registry = Registry(redis_client, tiny_settings)
+    lock = registry.lock()
+    token = lock.acquire()
+    registry.publish(adapters[1][0], {"parent": 0, "metrics": {"reward/accuracy": 0.75}}, token)
+    lock.release()
+    registry.record_failure("KL 12.3 > budget 10")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "chat_ui", *args], env=tiny_env(tiny_settings),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    rows = json.loads(cli("versions", "--json").stdout)
+    assert [(r["version"], r["current"]) for r in rows] == [(0, ""), (1, "✓")]
+    assert rows[1]["reward accuracy"] == 0.75
+    assert "last round failed: KL 12.3 > budget 10" in cli("status").stdout
+    done = cli("rollback", "0")
+    assert done.returncode == 0 and registry.current() == 0
+    refused = cli("rollback", "9")
+    assert refused.returncode == 2 and "never published" in refused.stderr
+    assert registry.current() == 0
