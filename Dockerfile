@@ -11,7 +11,9 @@ RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
 # torch first, pinned, from the CPU index: a bare requirement would pull a multi-GB CUDA build.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# A GPU worker image passes another index (docker-compose.yml: TORCH_INDEX=.../whl/cu128).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install torch==2.13.0 --index-url ${TORCH_INDEX}
 
 COPY --chown=user pyproject.toml README.md ./
 COPY --chown=user rlhf_core rlhf_core
