@@ -50,7 +50,7 @@ def test_type_wait_like_then_export(app, tmp_path):
             # The footer appears once the answer is finished and saved.
             expect(chat).to_contain_text("written by v0", timeout=60_000)
             expect(box).to_have_value("")
-            chat.get_by_label("Like").last.click()
+            chat.get_by_label("Like", exact=True).last.click()
             store = app.service.store
             deadline = time.monotonic() + 20
             while not any(e.kind == "like" for e in store.events()):
