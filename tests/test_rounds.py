@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
+
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
 from rlhf_core.registry import Registry
 from rlhf_core.rounds import events_consumed, gate, round_is_due, run_round
@@ -27,6 +29,12 @@ def post_feedback(store: FeedbackStore, n: int, user: str = "alice", kinds=("lik
         assert store.record_event(event)
         events.append(event)
     return events
+
+
+@pytest.fixture()
+def tiny_settings(tiny_settings):
+    # One pass over the reward data keeps each real round to seconds.
+    return tiny_settings.model_copy(update={"reward_epochs": 1})
 
 
 def test_gate_rules(tiny_settings):

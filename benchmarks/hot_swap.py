@@ -1,0 +1,252 @@
+"""Hot swap under load: N concurrent streaming chats while versions are published.
+
+The real pieces: an embedded Valkey server, the chat UI served by Gradio (with its
+VersionWatcher), ``gradio_client`` streaming chats, and the registry's atomic publish.
+The default model (SmolLM2-135M-Instruct) on the CPU.
+
+Two phases of the same length: chats with no publishes (baseline), then chats while
+a new version (a LoRA adapter with random weights, saved the PEFT way) is published
+every ``--interval`` seconds. Measured:
+
+- ``swap_visible_p50_s`` / ``_p95_s``: from a publish to the first streamed update of an
+  answer served by that version (target p95 <= 2 s). PolicyServer generates one answer
+  at a time, so this includes the wait behind the answers already queued;
+- ``swap_ready_p50_s`` / ``_p95_s``: from a publish to the moment the UI hands the new
+  version to new requests (VersionWatcher: pub/sub, unpack, load beside the old one);
+- ``failed_requests``: chats that raised (target 0);
+- ``latency_p95_ratio``: p95 answer time during swaps / without (target <= 1.2).
+
+    python benchmarks/hot_swap.py [--chats 8] [--duration 40] [--interval 4] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from rlhf_core.modeling import lora_config  # noqa: E402
+from rlhf_core.redis_server import EmbeddedValkey, connect, free_port  # noqa: E402
+from rlhf_core.registry import Registry  # noqa: E402
+from rlhf_core.settings import Settings  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "hot_swap.json"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me a tip for learning Python.",
+    "Why is the sky blue?",
+    "Name three fruits.",
+    "How do I boil an egg?",
+    "What is a prime number?",
+    "Say something kind.",
+    "What does a CPU do?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def make_adapters(settings: Settings, out: Path, count: int) -> list[Path]:
+    """``count`` distinct LoRA adapters for the base model, small random B so answers
+    stay sensible (the benchmark measures swapping, not quality)."""
+    from peft import get_peft_model
+
+    from rlhf_core.modeling import load_base_model
+
+    base = load_base_model(settings, device=torch.device("cpu"))
+    model = get_peft_model(copy.deepcopy(base.model), lora_config(settings))
+    folders = []
+    for i in range(count):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 1e-3)
+        folder = out / f"adapter{i}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+class Chats:
+    """``n`` chat clients in a loop, each on its own gradio_client session."""
+
+    def __init__(self, url: str, n: int, max_new_tokens: int) -> None:
+        from gradio_client import Client
+
+        self.clients = [Client(url, verbose=False) for _ in range(n)]
+        self.max_new_tokens = max_new_tokens
+        self.records: list[dict] = []  # one per answer
+        self.first_seen: dict[int, float] = {}  # version -> first streamed update time
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def _loop(self, i: int) -> None:
+        client = self.clients[i]
+        k = 0
+        while not self.stop.is_set():
+            question = QUESTIONS[(i + k) % len(QUESTIONS)]
+            k += 1
+            start = time.time()
+            record = {"start": start, "ok": False, "version": None}
+            try:
+                job = client.submit(question, "Be brief.", 0.7, 0.9, self.max_new_tokens,
+                                    api_name="/send")  # fmt: skip
+                for update in job:
+                    answers = update[1]
+                    if answers:
+                        version = answers[-1]["version"]
+                        now = time.time()
+                        with self.lock:
+                            self.first_seen.setdefault(version, now)
+                        record["version"] = version
+                job.result()
+                record["ok"] = True
+            except Exception as error:  # counted: the target is zero
+                record["error"] = f"{type(error).__name__}: {error}"
+            record["end"] = time.time()
+            with self.lock:
+                self.records.append(record)
+            # A new chat each time keeps prompts short and comparable between phases.
+            try:
+                client.predict(api_name="/new_chat")
+            except Exception:
+                pass
+
+    def run(self, seconds: float, during=None) -> list[dict]:
+        self.stop.clear()
+        start = len(self.records)
+        threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(len(self.clients))]
+        for t in threads:
+            t.start()
+        if during is not None:
+            during(seconds)
+        else:
+            time.sleep(seconds)
+        self.stop.set()
+        for t in threads:
+            t.join(timeout=300)
+        return self.records[start:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chats", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
+    parser.add_argument("--interval", type=float, default=4.0, help="seconds between publishes")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--base-model", default=None, help="default: SmolLM2-135M-Instruct")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="hot-swap-"))
+    server = EmbeddedValkey(tmp / "valkey", fsync="everysec").start()
+    app = None
+    try:
+        settings = Settings(
+            data_dir=tmp / "data",
+            model_cache_dir=Path(os.environ.get("RLHF_MODEL_CACHE_DIR",
+                                                Path.home() / ".cache/rlhf-chat")),
+            redis_url=server.url,
+            port=free_port(),
+            device="cpu",
+            max_new_tokens=args.max_new_tokens,
+            version_poll_s=1.0,
+            train_every=10**9,  # no training rounds: publishes come from this script
+            **({"base_model": args.base_model} if args.base_model else {}),
+        )  # fmt: skip
+        n_versions = int(args.duration // args.interval) + 1
+        print(f"preparing {n_versions} adapters…", flush=True)
+        adapters = make_adapters(settings, tmp, n_versions)
+
+        from chat_ui.app import serve
+
+        app = serve(settings, block=False)
+        chats = Chats(app.url, args.chats, args.max_new_tokens)
+        chats.run(5.0)  # warm-up: first requests compile kernels, fill caches
+        print(f"baseline: {args.chats} chats for {args.duration:.0f} s", flush=True)
+        baseline = chats.run(args.duration)
+
+        registry = Registry(connect(settings), settings)
+        lock = registry.lock()
+        token = lock.acquire()
+        published: dict[int, float] = {}
+
+        def publish_loop(seconds: float) -> None:
+            deadline = time.time() + seconds
+            i = 0
+            while time.time() < deadline and i < len(adapters):
+                at = time.time()
+                version = registry.publish(adapters[i], {"benchmark": True}, token)
+                published[version] = at
+                i += 1
+                time.sleep(max(0.0, args.interval - (time.time() - at)))
+            time.sleep(max(0.0, deadline - time.time()))
+
+        print(f"swaps: publishing every {args.interval:.0f} s", flush=True)
+        swapping = chats.run(args.duration, during=publish_loop)
+        lock.release()
+
+        visible = [chats.first_seen[v] - at for v, at in published.items() if v in chats.first_seen]
+        # When the UI started giving new requests the version (the watcher's swap), as
+        # opposed to when the first such answer began streaming (after the queue ahead).
+        swapped = dict(app.watcher.swaps) if app.watcher else {}
+        ready = [swapped[v] - at for v, at in published.items() if v in swapped]
+        missed = [v for v in published if v not in chats.first_seen]
+        lat_base = [r["end"] - r["start"] for r in baseline if r["ok"]]
+        lat_swap = [r["end"] - r["start"] for r in swapping if r["ok"]]
+        failed = [r for r in baseline + swapping if not r["ok"]]
+        result = {
+            "swap_visible_p50_s": round(statistics.median(visible), 3) if visible else None,
+            "swap_visible_p95_s": round(percentile(visible, 95), 3) if visible else None,
+            "swap_visible_max_s": round(max(visible), 3) if visible else None,
+            "swap_ready_p50_s": round(statistics.median(ready), 3) if ready else None,
+            "swap_ready_p95_s": round(percentile(ready, 95), 3) if ready else None,
+            "failed_requests": len(failed),
+            "latency_p95_ratio": round(percentile(lat_swap, 95) / percentile(lat_base, 95), 3),
+            "latency_p95_baseline_s": round(percentile(lat_base, 95), 3),
+            "latency_p95_swapping_s": round(percentile(lat_swap, 95), 3),
+            "latency_p50_baseline_s": round(statistics.median(lat_base), 3),
+            "latency_p50_swapping_s": round(statistics.median(lat_swap), 3),
+            "answers_baseline": len(baseline),
+            "answers_swapping": len(swapping),
+            "versions_published": len(published),
+            "versions_never_seen": missed,
+            "errors": sorted({r.get("error", "") for r in failed})[:5],
+            "config": {
+                "chats": args.chats, "duration_s": args.duration, "interval_s": args.interval,
+                "max_new_tokens": args.max_new_tokens, "base_model": settings.base_model,
+                "device": "cpu", "cpus": os.cpu_count(), "machine": platform.machine(),
+                "torch": torch.__version__,
+            },
+        }  # fmt: skip
+        print(json.dumps(result, indent=2))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if app is not None:
+            app.close()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
