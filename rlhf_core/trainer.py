@@ -255,8 +255,10 @@ class PPOTrainer:
         self.reward_model = reward_model
         self.reward_fn = reward_fn
         device = next(model.parameters()).device
+        # cpu=True on a CPU model: under `accelerate launch` (WORLD_SIZE > 1) that is what
+        # makes accelerate start gloo (MULTI_CPU) instead of staying single-process.
         self.accelerator = accelerator or Accelerator(
-            mixed_precision="bf16" if device.type == "cuda" else "no"
+            cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
         )
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
