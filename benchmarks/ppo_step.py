@@ -189,17 +189,29 @@ def run_floor(args: argparse.Namespace) -> dict:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    """rlhf_core.trainer's real PPO step; the breakdown comes from the trainer itself."""
+    """rlhf_core.trainer's real PPO step (reward model scoring, value head, adaptive KL);
+    the gen/score/update breakdown comes from the trainer's own ``time/*`` metrics."""
     import torch
 
-    from rlhf_core import trainer as trainer_mod
     from rlhf_core.modeling import load_base_model
+    from rlhf_core.reward import RewardModel
+    from rlhf_core.trainer import PPOConfig, PPOTrainer, attach_policy
 
     torch.manual_seed(args.seed)
     settings = bench_settings(args)
     base = load_base_model(settings, device=torch.device("cpu"))
+    # Fixed-length answers, as in the floor and the TRL peer: the same shapes every step.
+    base.model.generation_config.min_new_tokens = args.new_tokens
+    model, value_head, _ = attach_policy(base, settings, None)
+    reward_model = RewardModel.attach(model, base.tokenizer, settings, None)
+    overrides = {}
+    if args.micro_batch:
+        overrides["micro_batch_size"] = args.micro_batch
+    config = PPOConfig.from_settings(settings, max_new_tokens=args.new_tokens, **overrides)
+    ppo = PPOTrainer(
+        model, base.tokenizer, config, reward_model=reward_model, value_head=value_head
+    )
     prompts = load_prompts(args)
-    ppo = trainer_mod.PPOTrainer(base, settings)
     samples = []
     for it in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -210,15 +222,23 @@ def run_ours(args: argparse.Namespace) -> dict:
             gen_s=float(metrics["time/gen_s"]),
             score_s=float(metrics["time/score_s"]),
             update_s=float(metrics["time/update_s"]),
+            ppo_updates=float(metrics.get("ppo/updates", float("nan"))),
         )
         log(
             f"[ours] {'warmup' if it == 0 else f'step{it}'}: "
             + " ".join(f"{k}={v:.2f}" for k, v in s.items())
+            + f" updates={metrics.get('ppo/updates')} kl={metrics.get('objective/kl'):.4f}"
+            + f" answer_tokens={metrics.get('objective/answer_tokens')}"
         )
         if it > 0:
             samples.append(s)
     med = median_of(samples)
-    return dict(**med, peak_rss_mb=peak_rss_mb(), model_dir=base.model_dir)
+    return dict(
+        **med,
+        peak_rss_mb=peak_rss_mb(),
+        model_dir=base.model_dir,
+        ppo_config={k: v for k, v in vars(config).items()},
+    )
 
 
 # ------------------------------------------------------------------------------ parent
@@ -279,6 +299,9 @@ def main() -> None:
     ap.add_argument("--peer-script", default=str(DEFAULT_PEER_SCRIPT))
     ap.add_argument("--peer-steps", type=int, default=3)
     ap.add_argument(
+        "--micro-batch", type=int, default=0, help="trainer micro-batch (0 = its default)"
+    )
+    ap.add_argument(
         "--only", choices=["floor", "ours"], default=None, help="skip the other measurement"
     )
     ap.add_argument("--child", choices=["floor", "ours"], default=None, help=argparse.SUPPRESS)
@@ -294,6 +317,7 @@ def main() -> None:
         "--prompts", args.prompts, "--batch", str(args.batch),
         "--new-tokens", str(args.new_tokens), "--epochs", str(args.epochs),
         "--steps", str(args.steps), "--seed", str(args.seed),
+        "--micro-batch", str(args.micro_batch),
     ]  # fmt: skip
     import torch
 
