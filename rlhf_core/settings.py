@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     target_kl: float | None = Field(
         6.0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
     )
+    demo_coef: float = Field(
+        0.5,
+        description="Weight of imitating people's rewrites in each PPO step (0 = pure PPO).",
+    )
     kl_budget: float = Field(
         10.0, description="Gate: a round whose mean KL to the reference exceeds this is rejected."
     )

@@ -242,3 +242,43 @@ def test_a_training_round_saves_both_artifacts_and_leaves_the_base_clean(
     assert second.metrics["reward/accuracy_before"] == first.metrics["reward/accuracy"]
     assert second.metrics["reward/train_examples"] == 12
     assert not any("lora" in name for name, _ in tiny_model.model.named_modules())
+
+
+def test_rewrites_are_imitated_when_demo_coef_is_set(policy, tiny_model):
+    """With a reward that says nothing (always 0), only the imitation term moves the
+    policy: the rewritten answer becomes more likely than before, and more so than
+    with demo_coef = 0."""
+    model, head = policy
+    demos = [(PROMPTS[i], "Sure! Short answer.") for i in range(4)]
+
+    def demo_nll(trainer):
+        with torch.no_grad():
+            return float(trainer._demo_loss(len(demos)))
+
+    def run(coef):
+        for p in head.parameters():
+            torch.nn.init.zeros_(p)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.zeros_(p)  # back to the base model
+        trainer = PPOTrainer(
+            model, tiny_model.tokenizer, _config(batch_size=4, ppo_epochs=2, demo_coef=coef),
+            reward_fn=lambda prompts, answers: [0.0] * len(answers), value_head=head,
+            demos=demos,
+        )  # fmt: skip
+        probe = PPOTrainer(
+            model, tiny_model.tokenizer, _config(batch_size=4, demo_coef=1.0),
+            reward_fn=lambda prompts, answers: [0.0] * len(answers), value_head=head,
+            demos=demos,
+        )  # fmt: skip
+        before = demo_nll(probe)
+        stats = [trainer.step(PROMPTS[:4]) for _ in range(3)]
+        return before, demo_nll(probe), stats
+
+    before, after, stats = run(1.0)
+    assert after < before - 1.0, (before, after)
+    assert all("loss/demo" in s for s in stats)
+    before0, after0, stats0 = run(0.0)
+    assert abs(before0 - before) < 1e-4  # same starting point
+    assert after < after0 - 0.5
+    assert all("loss/demo" not in s for s in stats0)
