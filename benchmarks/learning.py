@@ -460,6 +460,8 @@ def main() -> None:
     parser.add_argument("--time-budget-s", type=float, default=20 * 60)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "learning")
     args = parser.parse_args()
+    # SIGTERM (a timeout, Ctrl-C of a wrapper) unwinds like Ctrl-C, so the app we started stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
     write_outputs(result, args.out)
     rows = result["versions"]
