@@ -55,7 +55,9 @@ def test_bad_input_is_refused_with_a_clear_message(service):
 
 
 def test_odd_unicode_is_kept(service):
-    text = "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
+    text = (
+        "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
+    )
     updates = last(service.send("s1", text, None, {"max_new_tokens": 4}))
     turn = service.store.get_turn(updates[-1].messages[-1]["turn_id"])
     user = turn.messages[-1]["content"]
