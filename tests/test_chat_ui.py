@@ -190,3 +190,17 @@ def test_bad_input_and_separate_sessions_through_the_api(app):
     assert [text(m) for m in chat if m["role"] == "user"] == ["bob's question"]
     chat, *_ = alice.predict(api_name="/new_chat")
     assert chat == []
+
+
+def test_many_users_at_once(app):
+    clients = [Client(app.url, verbose=False) for _ in range(4)]
+    jobs = [
+        c.submit(f"user {i} asks", "", *SAMPLING, api_name="/send") for i, c in enumerate(clients)
+    ]
+    for i, job in enumerate(jobs):
+        chat, answers, *_ = job.result(timeout=120)
+        assert [text(m) for m in chat if m["role"] == "user"] == [f"user {i} asks"]
+        turn = app.service.store.get_turn(answers[0]["turn_id"])
+        assert turn.messages[-1]["content"] == f"user {i} asks"
+    turns = list(app.service.store.turns())
+    assert len(turns) == 4 and len({t.session_id for t in turns}) == 4
