@@ -254,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["worker"]:
+        # `rlhf-chat worker --queues train`: argparse's REMAINDER refuses a first argument
+        # that looks like an option, so everything after "worker" goes to celery as it is.
+        args = build_parser().parse_args(["worker"])
+        args.celery_args = argv[1:]
+    else:
+        args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
     except Exception as error:

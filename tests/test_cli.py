@@ -156,3 +156,15 @@ def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, model_c
     # The data survived the stop: a fresh server on the same folder replays the AOF.
     with EmbeddedValkey(data_dir) as again:
         assert FeedbackStore(redis.Redis.from_url(again.url)).counts()["turns"] == 1
+
+
+def test_worker_passes_celery_options_through(tmp_path):
+    """`rlhf-chat worker --queues train --help` reaches celery's own option parser."""
+    env = {**os.environ, "RLHF_REDIS_URL": "redis://127.0.0.1:1/0", "RLHF_DATA_DIR": str(tmp_path)}
+    cli = Path(sys.executable).with_name("rlhf-chat")
+    done = subprocess.run(
+        [str(cli), "worker", "--queues", "train", "--help"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--queues" in done.stdout and "unrecognized" not in done.stderr
