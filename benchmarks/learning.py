@@ -45,6 +45,7 @@ SHARED_EVAL = ROOT.parent / "shared" / "eval"
 FOOTER = re.compile(r"\n\n<sub>.*?</sub>\s*$", re.DOTALL)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see rlhf_core/__init__.py
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
