@@ -105,6 +105,10 @@ class Generation:
     prompt: Prompt
     sampling: Sampling
     version: int
+    # True unless a version was asked for: the answer then takes whatever version is
+    # current when its generation *starts* (not when it was queued), so a swap reaches
+    # the next answer served instead of the one after every queued request.
+    follow_current: bool = False
     text: str = ""
     new_tokens: int = 0
     first_token_s: float | None = None  # seconds from start to the first visible text
@@ -155,6 +159,8 @@ class PolicyServer:
         self._pins: dict[int, int] = {}  # version -> answers waiting or in flight
         self._generate_lock = threading.Lock()  # one generate (and adapter edit) at a time
         self._state_lock = threading.Lock()  # guards _current/_versions/_pins bookkeeping
+        self._turn = threading.Condition()  # lets an adapter load skip the request queue
+        self._swaps_waiting = 0
 
     # --- versions ------------------------------------------------------------
     @property
@@ -172,6 +178,19 @@ class PolicyServer:
         if version in self._versions:
             return
         name = adapter_name(version)
+        with self._turn:
+            self._swaps_waiting += 1
+        try:
+            self._load_locked(version, adapter_dir, name)
+        finally:
+            with self._turn:
+                self._swaps_waiting -= 1
+                self._turn.notify_all()
+        with self._state_lock:
+            self._versions.append(version)
+        log.info("Loaded policy version %d from %s", version, adapter_dir)
+
+    def _load_locked(self, version: int, adapter_dir: str, name: str) -> None:
         # Editing the module tree while another thread runs generate on it is unsafe.
         with self._generate_lock:
             if not self._peft:
@@ -184,9 +203,6 @@ class PolicyServer:
             else:
                 self.model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
             self.model.eval()
-        with self._state_lock:
-            self._versions.append(version)
-        log.info("Loaded policy version %d from %s", version, adapter_dir)
 
     def set_current(self, version: int) -> None:
         """Make ``version`` the one new answers use; answers in flight keep theirs."""
@@ -287,7 +303,10 @@ class PolicyServer:
             if pinned != BASE_VERSION and pinned not in self._versions:
                 raise UnknownVersionError(f"Policy version {pinned} is not loaded.")
             self._pins[pinned] = self._pins.get(pinned, 0) + 1
-        return Generation(server=self, prompt=prompt, sampling=params, version=pinned)
+        return Generation(
+            server=self, prompt=prompt, sampling=params, version=pinned,
+            follow_current=version is None,
+        )  # fmt: skip
 
     def generate(
         self, messages: list[dict[str, str]], sampling: Sampling | dict[str, Any] | None = None
@@ -310,6 +329,9 @@ class PolicyServer:
 
         def work() -> None:
             try:
+                # A pending adapter load goes before the requests still waiting.
+                with self._turn:
+                    self._turn.wait_for(lambda: not self._swaps_waiting)
                 with self._generate_lock:
                     outcome["tokens"] = self._generate_locked(gen, streamer)
             except BaseException as error:  # surfaced in the consumer thread below
@@ -345,7 +367,19 @@ class PolicyServer:
         gen.finished = True
         yield gen.text
 
+    def _repin_to_current(self, gen: Generation) -> None:
+        """Called with the generate lock held, as the answer starts."""
+        with self._state_lock:
+            if not gen.follow_current or gen.version == self._current:
+                return
+            self._pins[gen.version] -= 1
+            if not self._pins[gen.version]:
+                del self._pins[gen.version]
+            gen.version = self._current
+            self._pins[gen.version] = self._pins.get(gen.version, 0) + 1
+
     def _generate_locked(self, gen: Generation, streamer: TextIteratorStreamer) -> int:
+        self._repin_to_current(gen)
         device = self.loaded.model.device
         input_ids = torch.tensor([gen.prompt.input_ids], device=device)
         kwargs: dict[str, Any] = {

@@ -99,10 +99,16 @@ def test_hot_swap_pins_answers_in_flight_and_unloads_old_versions(tiny_settings,
     assert gen.version == 1 and gen.text == v1.text
     v2 = server.generate(CHAT, GREEDY)
     assert v2.version == 2 and v2.text != v1.text
-    # Pinned when asked for, before any token: a swap while it waits changes nothing.
+    # An answer still waiting in the queue has not started: it takes the version that is
+    # current when it starts, so a swap reaches the very next answer served.
     waiting = server.stream(CHAT, GREEDY)
+    assert waiting.version == 2
     server.set_current(1)
-    assert waiting.consume().version == 2 and waiting.text == v2.text
+    assert waiting.consume().version == 1 and waiting.text == v1.text
+    # Asking for a version pins it, whatever becomes current meanwhile.
+    pinned = server.stream(CHAT, GREEDY, version=2)
+    server.set_current(1)
+    assert pinned.consume().version == 2 and pinned.text == v2.text
 
     # Rolling back to the base model needs no adapter; old adapters get unloaded.
     server.set_current(0)
