@@ -178,6 +178,7 @@ def run_floor(args: argparse.Namespace) -> dict:
         floor_reward_s=med["reward_s"],
         floor_update_s=med["update_s"],
         floor_peak_rss_mb=peak_rss_mb(),
+        floor_samples=samples,
         model_dir=base.model_dir,
         prompt_len=P,
         seq_len=int(seq.shape[1]),
@@ -237,6 +238,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         **med,
         peak_rss_mb=peak_rss_mb(),
         model_dir=base.model_dir,
+        samples=samples,
         ppo_config={k: v for k, v in vars(config).items()},
     )
 
@@ -330,13 +332,25 @@ def main() -> None:
         torch_version=torch.__version__,
         command=" ".join([Path(sys.executable).name, *sys.argv]),
     )
+    # The load average shows how busy the (shared) machine was: timings taken while other
+    # processes compete for the cores are noisy; the per-iteration samples show how noisy.
+    out["loadavg_start"] = list(os.getloadavg())
+
+    def write(complete: bool) -> None:
+        rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+        rounded["complete"] = complete
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rounded, indent=2) + "\n")
+
     if args.only != "ours":
         out.update(run_child("floor", args, passthrough))
+        write(False)  # a partial result survives an interrupted run
     if args.only != "floor":
         ours = run_child("ours", args, passthrough)
         out.update(ours)
     if "step_s" in out and "floor_s" in out:
         out["ratio_to_floor"] = out["step_s"] / out["floor_s"]
+    write(False)
     if args.peer_python:
         peer = run_peer(args, out["model_dir"])
         out.update(
@@ -349,10 +363,9 @@ def main() -> None:
         if "step_s" in out:
             out["speedup_vs_trl"] = out["trl_step_s"] / out["step_s"]
             out["mem_ratio_vs_trl"] = out["peak_rss_mb"] / out["trl_peak_rss_mb"]
-    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    out["loadavg_end"] = list(os.getloadavg())
+    write(True)
+    print(Path(args.out).read_text())
 
 
 if __name__ == "__main__":
