@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     ppo_steps: int = Field(4, description="PPO rollout+update steps per round.")
     ppo_batch_size: int = Field(8, description="Prompts per PPO rollout.")
     ppo_epochs: int = Field(4, description="Optimisation epochs over each rollout.")
+    ppo_micro_batch_size: int | None = Field(
+        4, description="Answers per forward/backward (gradient accumulation; bounds memory)."
+    )
     ppo_new_tokens: int = Field(64, description="Tokens sampled per rollout answer.")
     init_kl_coef: float = Field(0.05, description="Initial KL penalty coefficient.")
     target_kl: float | None = Field(

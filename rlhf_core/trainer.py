@@ -129,6 +129,7 @@ class PPOConfig:
     def from_settings(cls, settings: Settings, **overrides: Any) -> PPOConfig:
         values: dict[str, Any] = {
             "batch_size": settings.ppo_batch_size,
+            "micro_batch_size": settings.ppo_micro_batch_size,
             "ppo_epochs": settings.ppo_epochs,
             "max_new_tokens": settings.ppo_new_tokens,
             "max_prompt_tokens": settings.max_context_tokens,
