@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     lora_alpha: int = Field(32, description="LoRA alpha.")
     learning_rate: float = Field(3e-4, description="Policy learning rate.")
     reward_learning_rate: float = Field(3e-4, description="Reward-model learning rate.")
-    reward_epochs: int = Field(4, description="Passes over the reward data per round.")
+    reward_epochs: int = Field(
+        2, description="Passes over the reward data (new + replayed) per round."
+    )
     ppo_steps: int = Field(4, description="PPO rollout+update steps per round.")
     ppo_batch_size: int = Field(8, description="Prompts per PPO rollout.")
     ppo_epochs: int = Field(4, description="Optimisation epochs over each rollout.")
