@@ -199,7 +199,8 @@ def evaluate_versions(
     for version in versions:
         adapter = registry.materialize(version) if version else None
         if adapter is not None:
-            model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name="eval")
+            # (not "eval": peft adds the adapter name as a module attribute, and .eval exists)
+            model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name="candidate")
         model.eval()
         answers, kls = [], []
         for start in range(0, len(contexts), args.eval_batch):
@@ -331,23 +332,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             log(f"v{new_version} served {rows[-1]['vote_to_version_s']} s after the last vote")
             version = new_version
-        loop_s = time.monotonic() - t0
+        loop = {
+            "loop_s": round(time.monotonic() - t0, 1),
+            "failed_rounds": failures,
+            "rows": rows,
+            "data_dir": str(app.data_dir),
+        }
+        # Kept before the evaluation, so `--eval-only` can redo it from the data directory.
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "loop.json").write_text(json.dumps(loop, indent=2) + "\n")
         evaluated = evaluate_versions(
             app, [0] + [r["version"] for r in rows], eval_prompts, oracle, args
         )
     finally:
         app.stop()
+    return assemble(args, loop, evaluated, time.monotonic() - started)
+
+
+def assemble(args, loop: dict[str, Any], evaluated: dict[int, dict], elapsed: float) -> dict:
     base = {"version": 0, "round": 0, "elapsed_s": 0.0, "vote_to_version_s": None}
-    versions = []
-    for row in [base, *rows]:
-        versions.append({**row, **evaluated[row["version"]]})
+    versions = [{**row, **evaluated[row["version"]]} for row in [base, *loop["rows"]]]
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "loop_s": round(loop_s, 1),
-        "elapsed_s": round(time.monotonic() - started, 1),
-        "failed_rounds": failures,
+        "loop_s": loop["loop_s"],
+        "elapsed_s": round(elapsed, 1),
+        "failed_rounds": loop["failed_rounds"],
         "versions": versions,
     }
+
+
+def eval_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate the versions of a finished loop again (its data directory is kept)."""
+    from rlhf_core.redis_server import EmbeddedValkey
+
+    started = time.monotonic()
+    loop = json.loads((args.out / "loop.json").read_text())
+    server = EmbeddedValkey(Path(loop["data_dir"])).start()
+    server.write_url_file()
+    try:
+        args.data_dir, args.url = Path(loop["data_dir"]), server.url
+        target = App.__new__(App)  # only its data_dir and redis() are used here
+        target.data_dir, target.process = args.data_dir, None
+        oracle = load_oracle(args.oracle)
+        eval_prompts = read_prompts(args.eval_prompts)[: args.eval_n]
+        versions = [0] + [r["version"] for r in loop["rows"]]
+        evaluated = evaluate_versions(target, versions, eval_prompts, oracle, args)
+    finally:
+        server.stop()
+    return assemble(args, loop, evaluated, time.monotonic() - started)
 
 
 def wait_for_version(registry, version: int, timeout: float) -> int | None:
@@ -460,10 +492,13 @@ def main() -> None:
     parser.add_argument("--round-timeout-s", type=float, default=600)
     parser.add_argument("--time-budget-s", type=float, default=20 * 60)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "learning")
+    parser.add_argument(
+        "--eval-only", action="store_true", help="evaluate again from --out/loop.json"
+    )
     args = parser.parse_args()
     # SIGTERM (a timeout, Ctrl-C of a wrapper) unwinds like Ctrl-C, so the app we started stops too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result = run(args)
+    result = eval_only(args) if args.eval_only else run(args)
     write_outputs(result, args.out)
     rows = result["versions"]
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
