@@ -419,11 +419,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = [r["version"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(
-        xs, [r["thumbs_up_rate"] for r in rows], "o-", color="tab:green", label="held-out 👍 rate"
+        xs, [r["thumbs_up_rate"] for r in rows], "o-", color="tab:green", label="held-out thumbs-up rate"
     )
     ax.axhline(rows[0]["thumbs_up_rate"], color="tab:green", ls=":", lw=1, label="base version")
     ax.set_xlabel("policy version")
-    ax.set_ylabel("👍 rate (oracle, held-out prompts)")
+    ax.set_ylabel("thumbs-up rate (oracle, held-out prompts)")
+    ax.set_xticks(xs)
     ax.set_ylim(0, 1)
     ax2 = ax.twinx()
     ax2.plot(xs, [r["kl"] for r in rows], "s--", color="tab:purple", label="KL to reference (nats)")
