@@ -437,6 +437,42 @@ class FeedbackStore:
             raise UnknownTurnError(f"Turn {event.turn_id!r} no longer exists; save it again.")
         return _text(stream_id) if status == 1 else None
 
+    @_surface_unavailable
+    def record_events(self, events: Iterable[Event]) -> list[str | None]:
+        """:meth:`record_event` for many events in two round trips (one MGET of their
+        turns, one pipeline of the same atomic script), for bulk ingestion: imports,
+        replays, a proxy that batches clicks. Same checks, same result per event;
+        nothing is written when any event is refused."""
+        events = list(events)
+        turns = self.get_turns({e.turn_id for e in events})
+        for event in events:
+            turn = turns.get(event.turn_id)
+            if turn is None:
+                raise UnknownTurnError(
+                    f"Event {event.event_id} ({event.kind}) refers to turn {event.turn_id!r}, "
+                    "which was never saved; nothing of this batch was written."
+                )
+            if turn.session_id != event.session_id:
+                raise FeedbackError(
+                    f"Event {event.event_id} comes from session {event.session_id!r} but turn "
+                    f"{event.turn_id!r} belongs to session {turn.session_id!r}; nothing of this "
+                    "batch was written."
+                )
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:
+            self._record_event(
+                keys=[
+                    seen_key(event.event_id),
+                    EVENTS_STREAM,
+                    turn_key(event.turn_id),
+                    turn_events_key(event.turn_id),
+                ],
+                args=[event.to_json(), event.event_id, event.turn_id, event.kind],
+                client=pipe,
+            )
+        results = pipe.execute()
+        return [_text(stream_id) if status == 1 else None for status, stream_id in results]
+
     def _decode_entry(self, stream_id: Any, data: dict[Any, Any] | None) -> Event | None:
         if data is None:
             return None

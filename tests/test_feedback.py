@@ -147,6 +147,24 @@ def test_record_event_is_idempotent_by_event_id(store):
     assert [e.kind for e in store.events()] == ["like"]
 
 
+def test_record_events_in_bulk_matches_one_by_one(store):
+    turns = [make_turn(f"t{i}", session_id=f"s{i % 2}") for i in range(3)]
+    for turn in turns:
+        store.save_turn(turn)
+    batch = [make_event(t, "like", event_id=f"bulk-{t.turn_id}") for t in turns]
+    batch.append(make_event(turns[0], "dislike", event_id="bulk-t0"))  # a retried click
+    ids = store.record_events(batch)
+    assert [i is not None for i in ids] == [True, True, True, False]
+    assert store.record_events(batch[:1]) == [None]  # idempotent across calls too
+    assert [(e.turn_id, e.kind) for e in store.events()] == [(t.turn_id, "like") for t in turns]
+    # One refused event refuses the batch: nothing of it is written.
+    stranger = make_event(turns[1], "like", event_id="bulk-x")
+    stranger.session_id = "someone-else"
+    with pytest.raises(fb.FeedbackError, match="nothing of this batch"):
+        store.record_events([make_event(turns[2], "dislike", event_id="bulk-y"), stranger])
+    assert store.counts()["events"] == 3
+
+
 def test_event_for_unknown_turn_or_foreign_session_is_refused(store):
     ghost = make_turn("never-saved")
     with pytest.raises(UnknownTurnError, match="A turn is written before the user can react"):
