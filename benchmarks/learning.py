@@ -419,7 +419,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     xs = [r["version"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(
-        xs, [r["thumbs_up_rate"] for r in rows], "o-", color="tab:green", label="held-out thumbs-up rate"
+        xs,
+        [r["thumbs_up_rate"] for r in rows],
+        "o-",
+        color="tab:green",
+        label="held-out thumbs-up rate",
     )
     ax.axhline(rows[0]["thumbs_up_rate"], color="tab:green", ls=":", lw=1, label="base version")
     ax.set_xlabel("policy version")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as every rlhf-chat process (rlhf_core/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as rlhf_core/__init__.py does
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -147,7 +147,9 @@ def _hub_snapshot(name: str) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+        return snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]
+        )
     except Exception as error:  # offline, unknown id, gated: all mean "not from the hub"
         log.info("hub snapshot of %s failed: %s", name, error)
         return None
@@ -209,7 +211,9 @@ def load_base_model(settings: Settings, device: torch.device | None = None) -> L
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.to(device or pick_device(settings))
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=model_dir, name=settings.base_model)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_dir=model_dir, name=settings.base_model
+    )
 
 
 def lora_config(settings: Settings, task_type: str = "CAUSAL_LM"):
