@@ -347,6 +347,36 @@ return {1, id}
 """
 
 
+def _check_event(event: Event, turn: Turn | None, suffix: str = "") -> None:
+    """Refuse an event whose turn was never saved, or that comes from another session."""
+    if turn is None:
+        raise UnknownTurnError(
+            f"Event {event.event_id} ({event.kind}) refers to turn {event.turn_id!r}, which "
+            "was never saved. A turn is written before the user can react to it: call "
+            "FeedbackStore.save_turn(turn) first." + suffix
+        )
+    if turn.session_id != event.session_id:
+        # A session only ever sees its own turns; anything else is a bug or tampering.
+        raise FeedbackError(
+            f"Event {event.event_id} comes from session {event.session_id!r} but turn "
+            f"{event.turn_id!r} belongs to session {turn.session_id!r}; a session can only "
+            "react to its own answers." + suffix
+        )
+
+
+def _event_script_args(event: Event) -> dict[str, list[str]]:
+    """Keys and arguments of the _RECORD_EVENT script for one event."""
+    return {
+        "keys": [
+            seen_key(event.event_id),
+            EVENTS_STREAM,
+            turn_key(event.turn_id),
+            turn_events_key(event.turn_id),
+        ],
+        "args": [event.to_json(), event.event_id, event.turn_id, event.kind],
+    }
+
+
 class FeedbackStore:
     """Turns and events in Redis. Thread-safe (redis-py clients are) and works
     with clients made with or without ``decode_responses``."""
@@ -410,29 +440,8 @@ class FeedbackStore:
         Raises UnknownTurnError when the turn was never written (the UI writes a
         turn before showing its buttons), and FeedbackError when the event's
         session is not the session the turn belongs to."""
-        turn = self.get_turn(event.turn_id)
-        if turn is None:
-            raise UnknownTurnError(
-                f"Event {event.event_id} ({event.kind}) refers to turn {event.turn_id!r}, which "
-                "was never saved. A turn is written before the user can react to it: call "
-                "FeedbackStore.save_turn(turn) first."
-            )
-        if turn.session_id != event.session_id:
-            # A session only ever sees its own turns; anything else is a bug or tampering.
-            raise FeedbackError(
-                f"Event {event.event_id} comes from session {event.session_id!r} but turn "
-                f"{event.turn_id!r} belongs to session {turn.session_id!r}; a session can only "
-                "react to its own answers."
-            )
-        status, stream_id = self._record_event(
-            keys=[
-                seen_key(event.event_id),
-                EVENTS_STREAM,
-                turn_key(event.turn_id),
-                turn_events_key(event.turn_id),
-            ],
-            args=[event.to_json(), event.event_id, event.turn_id, event.kind],
-        )
+        _check_event(event, self.get_turn(event.turn_id))
+        status, stream_id = self._record_event(**_event_script_args(event))
         if status == -1:  # the turn vanished between the check and the script
             raise UnknownTurnError(f"Turn {event.turn_id!r} no longer exists; save it again.")
         return _text(stream_id) if status == 1 else None
@@ -446,30 +455,10 @@ class FeedbackStore:
         events = list(events)
         turns = self.get_turns({e.turn_id for e in events})
         for event in events:
-            turn = turns.get(event.turn_id)
-            if turn is None:
-                raise UnknownTurnError(
-                    f"Event {event.event_id} ({event.kind}) refers to turn {event.turn_id!r}, "
-                    "which was never saved; nothing of this batch was written."
-                )
-            if turn.session_id != event.session_id:
-                raise FeedbackError(
-                    f"Event {event.event_id} comes from session {event.session_id!r} but turn "
-                    f"{event.turn_id!r} belongs to session {turn.session_id!r}; nothing of this "
-                    "batch was written."
-                )
+            _check_event(event, turns.get(event.turn_id), " Nothing of this batch was written.")
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            self._record_event(
-                keys=[
-                    seen_key(event.event_id),
-                    EVENTS_STREAM,
-                    turn_key(event.turn_id),
-                    turn_events_key(event.turn_id),
-                ],
-                args=[event.to_json(), event.event_id, event.turn_id, event.kind],
-                client=pipe,
-            )
+            self._record_event(**_event_script_args(event), client=pipe)
         results = pipe.execute()
         return [_text(stream_id) if status == 1 else None for status, stream_id in results]
 

@@ -160,7 +160,7 @@ def test_record_events_in_bulk_matches_one_by_one(store):
     # One refused event refuses the batch: nothing of it is written.
     stranger = make_event(turns[1], "like", event_id="bulk-x")
     stranger.session_id = "someone-else"
-    with pytest.raises(fb.FeedbackError, match="nothing of this batch"):
+    with pytest.raises(fb.FeedbackError, match="Nothing of this batch"):
         store.record_events([make_event(turns[2], "dislike", event_id="bulk-y"), stranger])
     assert store.counts()["events"] == 3
 
