@@ -64,6 +64,18 @@ def tiny_settings(tmp_path: Path, model_cache: Path, valkey) -> Settings:
     )
 
 
+@pytest.fixture()
+def app(tiny_settings):
+    """The chat app (tiny model, the test's Valkey) served on a free port, not blocking."""
+    from chat_ui.app import serve
+    from rlhf_core.redis_server import free_port
+
+    settings = tiny_settings.model_copy(update={"port": free_port()})
+    served = serve(settings, block=False)
+    yield served
+    served.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(model_cache: Path):
     """The tiny random model with the real tokenizer, loaded once per session.

@@ -7,11 +7,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chat_ui.app import serve
 from chat_ui.handlers import ChatService, InputError
 from rlhf_core.datasets import resolve_events
 from rlhf_core.feedback import FeedbackStore
-from rlhf_core.redis_server import connect, free_port
+from rlhf_core.redis_server import connect
 from rlhf_core.serving import PolicyServer
 
 SAMPLING = (1.0, 0.9, 8)  # temperature, top_p, max_new_tokens: short answers, fast tests
@@ -92,14 +91,6 @@ def test_sessions_do_not_see_each_other(service):
 
 
 # --- the served app through gradio_client ---------------------------------------------
-@pytest.fixture()
-def app(tiny_settings):
-    settings = tiny_settings.model_copy(update={"port": free_port()})
-    served = serve(settings, block=False)
-    yield served
-    served.close()
-
-
 def text(message) -> str:
     """A Chatbot message's text (Gradio 6 sends content as a list of parts)."""
     content = message["content"]

@@ -11,19 +11,9 @@ import redis
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chat_ui.app import serve
 from rlhf_core.feedback import FeedbackStore
-from rlhf_core.redis_server import free_port
 
 SAMPLING = (1.0, 0.9, 6)
-
-
-@pytest.fixture()
-def app(tiny_settings):
-    settings = tiny_settings.model_copy(update={"port": free_port()})
-    served = serve(settings, block=False)
-    yield served
-    served.close()
 
 
 def test_kill_9_redis_while_the_ui_runs(app, valkey):
