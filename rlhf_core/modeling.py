@@ -216,13 +216,21 @@ def load_base_model(settings: Settings, device: torch.device | None = None) -> L
     )
 
 
-def lora_config(settings: Settings, task_type: str = "CAUSAL_LM"):
+def lora_config(settings: Settings, task_type: str = "CAUSAL_LM", top_layers_of: int | None = None):
+    """The LoRA config of an adapter. ``top_layers_of``: the model's number of decoder
+    layers, to put the adapter on its top ``settings.reward_lora_layers`` only (the
+    reward adapter: backward then stops there, instead of running through the whole
+    network)."""
     from peft import LoraConfig
 
+    layers = None
+    if top_layers_of is not None and 0 < settings.reward_lora_layers < top_layers_of:
+        layers = list(range(top_layers_of - settings.reward_lora_layers, top_layers_of))
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=0.0,  # dropout would make PPO's old/new log-probs disagree
         target_modules=LORA_TARGET_MODULES,
+        layers_to_transform=layers,
         task_type=task_type,
     )

@@ -220,8 +220,15 @@ class RewardModel:
         meta: dict[str, Any] = {}
         if reward_dir is not None:
             meta = cls.read_meta(reward_dir)
+        text_config = model.config.get_text_config()
+        if lora_config is None:
+            from rlhf_core.modeling import lora_config as make_lora_config
+
+            # The task (is this the kind of answer people like?) reads the top
+            # layers' features; the policy adapter keeps every layer.
+            lora_config = make_lora_config(settings, top_layers_of=text_config.num_hidden_layers)
         peft_model = attach_adapter(model, REWARD_ADAPTER, settings, reward_dir, lora_config)
-        hidden = peft_model.get_base_model().config.get_text_config().hidden_size
+        hidden = text_config.hidden_size
         device = next(peft_model.parameters()).device
         head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
         if reward_dir is not None:

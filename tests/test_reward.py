@@ -115,3 +115,31 @@ def test_unload_leaves_the_shared_base_untouched(tiny_model, tiny_settings):
 def test_a_folder_that_is_not_a_reward_model_is_refused(tiny_model, tiny_settings, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved reward model"):
         RewardModel.load(tiny_model.model, tiny_model.tokenizer, tiny_settings, tmp_path)
+
+
+def test_reward_adapter_on_the_top_layers_only_leaves_the_policy_on_every_layer(
+    tiny_model, tiny_settings
+):
+    """reward_lora_layers=1 on the 2-layer tiny model: the reward adapter sits in layer 1
+    only (so its backward pass stops there) and trains; the policy adapter attached
+    beside it keeps both layers."""
+    from rlhf_core.reward import attach_adapter
+
+    settings = tiny_settings.model_copy(update={"reward_lora_layers": 1})
+    peft_model = attach_adapter(tiny_model.model, "policy", settings)
+    rm = RewardModel.attach(peft_model, tiny_model.tokenizer, settings)
+    try:
+
+        def layers_of(adapter: str) -> set[int]:
+            return {
+                int(name.split(".layers.")[1].split(".")[0])
+                for name, _ in rm.model.named_parameters()
+                if f".{adapter}." in name and "lora_A" in name
+            }
+
+        assert layers_of(REWARD_ADAPTER) == {1}
+        assert layers_of("policy") == {0, 1}
+        metrics = rm.train(pairs=_pairs(4, seed=0), epochs=1)
+        assert metrics["reward/steps"] == 1.0 and metrics["reward/skipped"] == 0.0
+    finally:
+        rm.model.unload()
