@@ -55,7 +55,9 @@ MAX_EVENTS_PER_ROUND = 512
 # One pair in HELDOUT_EVERY (by a stable hash of its context) is never trained on
 # and measures the reward model before and after every round.
 HELDOUT_EVERY = 5
-KL_KEYS = ("objective/kl", "objective/kl_final", "policy/kl")
+# The first present is gated: the KL of answers sampled as the UI samples them, after
+# the round (see PPOTrainer.served_kl); the others for rounds run by other trainers.
+KL_KEYS = ("objective/kl_served", "objective/kl", "objective/kl_final", "policy/kl")
 ACCURACY_KEY = "reward/accuracy"
 ACCURACY_BEFORE_KEYS = ("reward/accuracy_before", "reward/heldout_accuracy_before")
 

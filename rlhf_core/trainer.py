@@ -371,6 +371,45 @@ class PPOTrainer:
             )
         return self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
 
+    @torch.no_grad()
+    def served_kl(self, prompts: list[Messages], temperature: float, top_p: float) -> float:
+        """Mean log-ratio to the reference, summed over each answer, on answers sampled
+        the way the chat UI samples them (``temperature``, ``top_p``): how far what
+        people will be served has moved. The per-step ``objective/kl`` cannot say it:
+        it is measured on each step's rollouts *before* that step's update, at the
+        trainer's temperature. The learning benchmark reports the same quantity."""
+        prompts = self._shard(list(prompts))  # each process samples its share
+        query_ids, query_mask = self._encode_prompts(prompts)
+        self.model.set_adapter(POLICY_ADAPTER)
+        with autocast(self.device):
+            out = self.model.generate(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                do_sample=True,
+                top_k=0,
+                top_p=top_p,
+                temperature=temperature,
+                max_new_tokens=self.config.max_new_tokens,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        rollout = self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
+        prompt_len = query_ids.shape[1]
+
+        def answer_logprobs() -> Tensor:
+            hidden = hidden_states(self.model, rollout.input_ids, rollout.attention_mask)
+            logits = answer_logits(self.model, hidden[:, prompt_len - 1 : -1])
+            return logprobs_from_logits(logits, rollout.response_ids)
+
+        with autocast(self.device):
+            logprobs = answer_logprobs()
+            with self.model.disable_adapter():
+                ref_logprobs = answer_logprobs()
+        per_answer = ((logprobs - ref_logprobs).float() * rollout.response_mask).sum(1)
+        n = self._sum(torch.tensor(float(len(prompts))))
+        return float(self._sum(per_answer.sum()) / n)
+
     def rollout_from_texts(self, prompts: list[Messages], answers: list[str]) -> Rollout:
         """A rollout of given answers (each ends with EOS), e.g. for tests or replays."""
         query_ids, query_mask = self._encode_prompts(prompts)
@@ -802,6 +841,10 @@ def run_training_round(
             values = [h[key] for h in history if key in h]
             metrics[key] = sum(values) / len(values)
         metrics["objective/kl_max"] = max(h["objective/kl"] for h in history)
+        report("measuring KL", 1.0)
+        metrics["objective/kl_served"] = trainer.served_kl(
+            batches[-1], settings.temperature, settings.top_p
+        )
         metrics["objective/kl_coef"] = trainer.kl_ctl.value
         metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)
         metrics["ppo/steps"] = float(len(history))

@@ -41,6 +41,9 @@ def test_gate_rules(tiny_settings):
     assert gate({"objective/kl": 0.5, "reward/accuracy": 0.8}, tiny_settings) is None
     assert "non-finite" in gate({"loss/policy": math.nan}, tiny_settings)
     assert gate({"objective/kl": 12.3}, tiny_settings) == "KL 12.3 > budget 10"
+    # The KL of answers served after the round wins over the lagging per-step KL.
+    served = {"objective/kl": 0.9, "objective/kl_served": 10.9}
+    assert gate(served, tiny_settings) == "KL 10.9 > budget 10"
     zero = tiny_settings.model_copy(update={"kl_budget": 0.0})
     assert "budget of 0" in gate({"objective/kl": 0.0}, zero)
     worse = {"reward/accuracy": 0.5, "reward/accuracy_before": 0.75}

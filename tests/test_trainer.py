@@ -96,6 +96,22 @@ def _run(model, head, tokenizer, steps, **overrides):
     return [trainer.step(PROMPTS * 2) for _ in range(steps)]
 
 
+def test_served_kl_is_zero_at_the_reference_and_grows_with_training(policy, tiny_model):
+    """The gate's KL: a fresh adapter (LoRA B = 0) is the reference itself, so every
+    log-ratio is 0; after a few strong steps the answers have moved."""
+    model, head = policy
+    tokenizer = tiny_model.tokenizer
+    trainer = PPOTrainer(
+        model, tokenizer, _config(), reward_fn=lower_half_rule(tokenizer), value_head=head
+    )
+    assert trainer.served_kl(PROMPTS * 2, temperature=0.7, top_p=0.9) == pytest.approx(
+        0.0, abs=1e-4
+    )
+    for _ in range(4):
+        trainer.step(PROMPTS * 2)
+    assert trainer.served_kl(PROMPTS * 2, temperature=1.0, top_p=1.0) > 1.0
+
+
 def test_ppo_raises_a_rule_based_reward(policy, tiny_model):
     model, head = policy
     history = _run(model, head, tiny_model.tokenizer, steps=6)
