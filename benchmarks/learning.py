@@ -181,6 +181,7 @@ def evaluate_versions(
     from peft import PeftModel
 
     from rlhf_core.modeling import load_base_model
+    from rlhf_core.ppo import logprobs_from_logits, token_kl
     from rlhf_core.registry import Registry
     from rlhf_core.settings import Settings
 
@@ -202,7 +203,7 @@ def evaluate_versions(
             # (not "eval": peft adds the adapter name as a module attribute, and .eval exists)
             model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name="candidate")
         model.eval()
-        answers, kls = [], []
+        answers, kls, ratios = [], [], []
         for start in range(0, len(contexts), args.eval_batch):
             batch = contexts[start : start + args.eval_batch]
             enc = tokenizer.apply_chat_template(
@@ -225,16 +226,20 @@ def evaluate_versions(
                 logits = model(input_ids=out, attention_mask=attention).logits[
                     :, prompt_len - 1 : -1
                 ]
-                logp = torch.log_softmax(logits.float(), -1).gather(-1, response[..., None])[..., 0]
                 if adapter is not None:
                     with model.disable_adapter():
                         ref_logits = model(input_ids=out, attention_mask=attention).logits
                     ref_logits = ref_logits[:, prompt_len - 1 : -1]
-                    ref = torch.log_softmax(ref_logits.float(), -1)
-                    ref = ref.gather(-1, response[..., None])[..., 0]
-                    kls.extend(((logp - ref) * mask).sum(1).tolist())
+                    # KL of the next-token distributions along the served answers (what
+                    # the training gate measures too), and the sampled log-ratio of the
+                    # answers themselves (reported as log_ratio).
+                    kls.extend((token_kl(logits, ref_logits) * mask).sum(1).tolist())
+                    logp = logprobs_from_logits(logits, response)
+                    ref = logprobs_from_logits(ref_logits, response)
+                    ratios.extend(((logp - ref) * mask).sum(1).tolist())
                 else:
                     kls.extend([0.0] * len(batch))
+                    ratios.extend([0.0] * len(batch))
             for row, m in zip(response, mask, strict=True):
                 answers.append(tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip())
         liked = [bool(oracle.judge(p, a)) for p, a in zip(eval_prompts, answers, strict=True)]
@@ -243,6 +248,7 @@ def evaluate_versions(
         results[version] = {
             "thumbs_up_rate": sum(liked) / len(liked),
             "kl": sum(kls) / len(kls),
+            "log_ratio": sum(ratios) / len(ratios),
             "mean_words": sum(len(a.split()) for a in answers) / len(answers),
             "rm_accuracy": metrics.get("reward/accuracy"),
             "samples": [
@@ -313,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if new_version is None:
                 last = registry.last_round() or {}
                 failures.append({"round": round_index + 1, **last})
-                log(f"round {round_index + 1}: no new version ({last})")
+                log(f"round {round_index + 1}: no new version ({last.get('reason', last)})")
                 continue
             # the first answer the app serves from the new version
             while True:
@@ -453,17 +459,26 @@ def report(result: dict[str, Any]) -> str:
         f"rewrite rate {s['rewrite_rate']}, seed {s['seed']}; loop {result['loop_s']:.0f} s, "
         f"total {result['elapsed_s']:.0f} s.",
         "",
-        "| version | 👍 rate | KL (nats) | mean words | RM accuracy | elapsed s | vote→version s |",
-        "|---|---|---|---|---|---|---|",
+        "KL: per answer, the exact KL of the version's next-token distribution to the base "
+        "model's, summed along the held-out answers as served (temperature "
+        f"{s['temperature']}, top-p {s['top_p']}); log-ratio: log p(answer) - log p_base(answer) "
+        "of those same answers.",
+        "",
+        "| version | 👍 rate | KL (nats) | log-ratio | mean words | RM accuracy | elapsed s "
+        "| vote→version s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rm = "" if r.get("rm_accuracy") is None else f"{float(r['rm_accuracy']):.2f}"
+        ratio = f"{r['log_ratio']:.2f}" if "log_ratio" in r else ""
         lines.append(
-            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {r['kl']:.2f} | {r['mean_words']:.1f} "
-            f"| {rm} | {r['elapsed_s']} | {r['vote_to_version_s'] or ''} |"
+            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {r['kl']:.2f} | {ratio} "
+            f"| {r['mean_words']:.1f} | {rm} | {r['elapsed_s']} | {r['vote_to_version_s'] or ''} |"
         )
     if result["failed_rounds"]:
-        lines += ["", f"Rounds that published nothing: {result['failed_rounds']}"]
+        lines += ["", "Rounds that published nothing:", ""]
+        for failed in result["failed_rounds"]:
+            lines.append(f"- round {failed.get('round')}: {failed.get('reason', failed)}")
     for label, row in (("base version", rows[0]), ("last version", rows[-1])):
         lines += ["", f"## Spot check: {label} (v{row['version']})", ""]
         for sample in row["samples"][:4]:

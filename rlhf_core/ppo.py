@@ -47,6 +47,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "token_entropy",
+    "token_kl",
     "token_rewards",
     "value_loss",
 ]
@@ -163,6 +164,22 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ KL
+
+
+def token_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact ``KL(softmax(logits) || softmax(ref_logits))`` per token, summed over the
+    whole vocabulary: ``sum_v p_v (log p_v - log q_v)``.
+
+    logits, ref_logits: ``[batch, tokens, vocab]``; returns ``[batch, tokens]``. Unlike a
+    sampled estimate (``kl_penalty``), it does not depend on which token was drawn, so
+    summed along answers sampled any way (the UI's temperature and top-p) it is the KL
+    of the policy's next-token distributions on the contexts people actually see.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits, ref_logits = logits.float(), ref_logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    logq = torch.log_softmax(ref_logits, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:

@@ -447,17 +447,20 @@ class RewardModel:
         epochs: int | None = None,
     ) -> dict[str, float]:
         """Train on new feedback mixed with replayed older feedback (so an incremental
-        round does not forget). Examples of both kinds are shuffled together and cut
-        into batches of ``config.batch_size``. Returns mean metrics over the steps."""
-        items = [("point", e) for e in [*pointwise, *replay_pointwise]]
-        items += [("pair", p) for p in [*pairs, *replay_pairs]]
-        if not items:
+        round does not forget). The first epoch shuffles both kinds together; later
+        epochs pass over the new feedback only (the replayed examples were trained on in
+        the rounds that brought them, and come back in later rounds' replays). Batches
+        of ``config.batch_size``. Returns mean metrics over the steps."""
+        new_items = [("point", e) for e in pointwise] + [("pair", p) for p in pairs]
+        replayed = [("point", e) for e in replay_pointwise] + [("pair", p) for p in replay_pairs]
+        if not new_items and not replayed:
             return {"reward/steps": 0.0}
         rng = random.Random(self.config.seed + int(self.meta.get("version", 0)))
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         steps = 0
-        for _ in range(epochs if epochs is not None else self.config.epochs):
+        for epoch in range(epochs if epochs is not None else self.config.epochs):
+            items = new_items + replayed if epoch == 0 else list(new_items)
             rng.shuffle(items)
             for batch in _batches(items, self.config.batch_size):
                 stats = self.train_step(
@@ -471,7 +474,7 @@ class RewardModel:
         metrics = {k: sums[k] / counts[k] for k in sums}
         metrics["reward/skipped"] = sums.get("reward/skipped", 0.0)
         metrics["reward/steps"] = float(steps)
-        metrics["reward/train_examples"] = float(len(items))
+        metrics["reward/train_examples"] = float(len(new_items) + len(replayed))
         return metrics
 
     def evaluate(self, pairs: Sequence[dict[str, Any]], batch_size: int = 16) -> dict[str, float]:

@@ -80,7 +80,8 @@ class Settings(BaseSettings):
         "its backward pass stops there, which makes reward training about 2x faster.",
     )
     reward_epochs: int = Field(
-        2, description="Passes over the reward data (new + replayed) per round."
+        2,
+        description="Passes over the new reward data per round (replayed older data: one).",
     )
     ppo_steps: int = Field(4, description="PPO rollout+update steps per round.")
     ppo_batch_size: int = Field(8, description="Prompts per PPO rollout.")

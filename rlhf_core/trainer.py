@@ -62,6 +62,7 @@ from rlhf_core.ppo import (
     masked_whiten,
     policy_loss,
     token_entropy,
+    token_kl,
     token_rewards,
     value_loss,
 )
@@ -373,11 +374,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def served_kl(self, prompts: list[Messages], temperature: float, top_p: float) -> float:
-        """Mean log-ratio to the reference, summed over each answer, on answers sampled
-        the way the chat UI samples them (``temperature``, ``top_p``): how far what
-        people will be served has moved. The per-step ``objective/kl`` cannot say it:
-        it is measured on each step's rollouts *before* that step's update, at the
-        trainer's temperature. The learning benchmark reports the same quantity."""
+        """How far what people will be served has moved: answers are sampled the way
+        the chat UI samples them (``temperature``, ``top_p``), and along each answer the
+        exact KL of the policy's next-token distribution to the reference's is summed
+        (``token_kl``); the mean over answers. The per-step ``objective/kl`` cannot say
+        it: it is measured on each step's rollouts *before* that step's update. The
+        learning benchmark reports the same quantity."""
         prompts = self._shard(list(prompts))  # each process samples its share
         query_ids, query_mask = self._encode_prompts(prompts)
         self.model.set_adapter(POLICY_ADAPTER)
@@ -397,16 +399,15 @@ class PPOTrainer:
         rollout = self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
         prompt_len = query_ids.shape[1]
 
-        def answer_logprobs() -> Tensor:
+        def next_token_logits() -> Tensor:
             hidden = hidden_states(self.model, rollout.input_ids, rollout.attention_mask)
-            logits = answer_logits(self.model, hidden[:, prompt_len - 1 : -1])
-            return logprobs_from_logits(logits, rollout.response_ids)
+            return answer_logits(self.model, hidden[:, prompt_len - 1 : -1])
 
         with autocast(self.device):
-            logprobs = answer_logprobs()
+            logits = next_token_logits()
             with self.model.disable_adapter():
-                ref_logprobs = answer_logprobs()
-        per_answer = ((logprobs - ref_logprobs).float() * rollout.response_mask).sum(1)
+                ref_logits = next_token_logits()
+        per_answer = (token_kl(logits, ref_logits) * rollout.response_mask).sum(1)
         n = self._sum(torch.tensor(float(len(prompts))))
         return float(self._sum(per_answer.sum()) / n)
 
@@ -788,6 +789,7 @@ def run_training_round(
     if not prompts:
         raise ValueError("run_training_round needs at least one prompt for PPO")
     report = progress or (lambda stage, fraction: None)
+    round_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     out = Path(out_dir)
     config = ppo_config or PPOConfig.from_settings(settings)
@@ -842,14 +844,17 @@ def run_training_round(
             metrics[key] = sum(values) / len(values)
         metrics["objective/kl_max"] = max(h["objective/kl"] for h in history)
         report("measuring KL", 1.0)
+        start = time.perf_counter()
         metrics["objective/kl_served"] = trainer.served_kl(
             batches[-1], settings.temperature, settings.top_p
         )
+        metrics["time/served_kl_s"] = time.perf_counter() - start
         metrics["objective/kl_coef"] = trainer.kl_ctl.value
         metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)
         metrics["ppo/steps"] = float(len(history))
 
         policy_out, reward_out = out / "policy", out / "reward"
+        metrics["time/training_round_s"] = time.perf_counter() - round_start
         if trainer.accelerator.is_main_process:
             trainer.save_policy(policy_out, {"metrics": metrics, "base_model": base.name})
             reward_model.save(reward_out, {"metrics": metrics})

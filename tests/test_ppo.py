@@ -27,6 +27,7 @@ from rlhf_core.ppo import (
     masked_whiten,
     policy_loss,
     token_entropy,
+    token_kl,
     token_rewards,
     value_loss,
 )
@@ -332,6 +333,18 @@ def test_logprobs_and_entropy_match_plain_softmax():
     assert close(entropy_from_logits(logits, mask), (ent[0, :2].sum() + ent[1, 3:].sum()) / 4, 1e-9)
     # uniform logits: entropy is log(vocab)
     assert close(token_entropy(torch.zeros(1, 1, 11)), [[math.log(11)]])
+
+
+def test_token_kl_by_hand():
+    # p = softmax([0, ln 3]) = (1/4, 3/4), q = uniform (1/2, 1/2):
+    # KL = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.1732868 + 0.3040988 = 0.1308120
+    logits = T([[[0.0, math.log(3.0)]]], dtype=torch.float64)
+    ref = T([[[0.0, 0.0]]], dtype=torch.float64)
+    assert close(token_kl(logits, ref), [[0.25 * math.log(0.5) + 0.75 * math.log(1.5)]], 1e-12)
+    assert abs(float(token_kl(logits, ref)[0, 0]) - 0.1308120) < 1e-7
+    # the same distribution (logits shifted by a constant): 0; KL is not symmetric
+    assert close(token_kl(logits, logits + 5.0), [[0.0]], 1e-12)
+    assert float(token_kl(ref, logits)[0, 0]) != float(token_kl(logits, ref)[0, 0])
 
 
 # ---------------------------------------------------------------- KL controllers

@@ -143,3 +143,10 @@ def test_reward_adapter_on_the_top_layers_only_leaves_the_policy_on_every_layer(
         assert metrics["reward/steps"] == 1.0 and metrics["reward/skipped"] == 0.0
     finally:
         rm.model.unload()
+
+
+def test_replayed_feedback_is_seen_once_per_round_new_feedback_every_epoch(fresh_reward):
+    # batch 8: epoch 1 = 8 new + 8 replayed pairs (2 steps), epoch 2 = the 8 new (1 step)
+    metrics = fresh_reward.train(pairs=_pairs(8, seed=5), replay_pairs=_pairs(8, seed=6), epochs=2)
+    assert metrics["reward/steps"] == 3.0
+    assert metrics["reward/train_examples"] == 16.0
