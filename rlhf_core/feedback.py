@@ -342,6 +342,7 @@ return 0
 # Returns {status, stream id} per event: 1 written, 0 a duplicate (the id it was
 # written with). The caller has checked that every turn exists (turns are never
 # deleted), so there is nothing to refuse here.
+SCRIPT_BATCH = 500  # events per script call
 _RECORD_EVENTS = """
 local out = {}
 for i = 0, #ARGV / 4 - 1 do
@@ -446,7 +447,7 @@ class FeedbackStore:
     @_surface_unavailable
     def record_events(self, events: Iterable[Event]) -> list[str | None]:
         """:meth:`record_event` for many events in two round trips (one MGET of their
-        turns, one atomic script for the whole batch), for bulk ingestion: imports,
+        turns, one atomic script per 500 events), for bulk ingestion: imports,
         replays, a proxy that batches clicks. Same checks, same result per event;
         nothing is written when any event is refused."""
         events = list(events)
@@ -454,13 +455,20 @@ class FeedbackStore:
             return []
         sessions = self._turn_sessions({e.turn_id for e in events})
         suffix = " Nothing of this batch was written." if len(events) > 1 else ""
-        keys, args = [EVENTS_STREAM], []
         for event in events:
             _check_event(event, sessions.get(event.turn_id), suffix)
-            keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
-            args += [event.to_json(), event.event_id, event.turn_id, event.kind]
-        results = self._record_events(keys=keys, args=args)
-        return [_text(stream_id) if status == 1 else None for status, stream_id in results]
+        results: list[str | None] = []
+        # A script blocks the server while it runs: a huge import goes in slices.
+        for start in range(0, len(events), SCRIPT_BATCH):
+            keys, args = [EVENTS_STREAM], []
+            for event in events[start : start + SCRIPT_BATCH]:
+                keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
+                args += [event.to_json(), event.event_id, event.turn_id, event.kind]
+            results += [
+                _text(stream_id) if status == 1 else None
+                for status, stream_id in self._record_events(keys=keys, args=args)
+            ]
+        return results
 
     def _turn_sessions(self, turn_ids: Iterable[str]) -> dict[str, str]:
         """turn id -> its session id, for the turns that exist (one MGET; only the one

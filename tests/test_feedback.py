@@ -165,6 +165,19 @@ def test_record_events_in_bulk_matches_one_by_one(store):
     assert store.counts()["events"] == 3
 
 
+def test_a_bulk_import_larger_than_one_script_keeps_order_and_idempotency(store):
+    turn = make_turn("t-bulk")
+    store.save_turn(turn)
+    n = 2 * fb.SCRIPT_BATCH + 1
+    batch = [make_event(turn, "like", event_id=f"imp-{i}") for i in range(n)]
+    batch[-1] = make_event(turn, "like", event_id="imp-0")  # a repeat from the first slice
+    ids = store.record_events(batch)
+    assert len(ids) == n and ids[-1] is None and None not in ids[:-1]
+    assert len(set(ids[:-1])) == n - 1
+    assert [e.event_id for e in store.events()] == [f"imp-{i}" for i in range(n - 1)]
+    assert store.counts()["events"] == n - 1
+
+
 def test_event_for_unknown_turn_or_foreign_session_is_refused(store):
     ghost = make_turn("never-saved")
     with pytest.raises(UnknownTurnError, match="A turn is written before the user can react"):

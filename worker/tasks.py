@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 
 from rlhf_core.redis_server import connect
 from rlhf_core.registry import Registry, worker_name
@@ -35,6 +36,21 @@ def base_model():
 
             _base = load_base_model(_settings)
         return _base
+
+
+@worker_process_init.connect
+def _preload_base_model(**_: Any) -> None:
+    """Load the base model as soon as a pool process starts (in the background, so the
+    worker comes up at once), not when the first round arrives: the first
+    vote-to-version wait should not include it. A round that comes first waits on the lock."""
+
+    def load() -> None:
+        try:
+            base_model()
+        except Exception:  # the round will raise it again, with its own report
+            log.exception("preloading the base model failed")
+
+    threading.Thread(target=load, name="preload-base-model", daemon=True).start()
 
 
 @app.task(
