@@ -415,6 +415,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     (out / "learning.md").write_text(report(result))
 
 
+KL_BUDGET = 10.0  # RLHF_KL_BUDGET's default: the gate rejects a round above it
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -432,15 +435,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
         label="held-out thumbs-up rate",
     )
     ax.axhline(rows[0]["thumbs_up_rate"], color="tab:green", ls=":", lw=1, label="base version")
-    ax.set_xlabel("policy version")
+    ax.set_xlabel("policy version (minutes since the users started)")
     ax.set_ylabel("thumbs-up rate (oracle, held-out prompts)")
-    ax.set_xticks(xs)
+    ax.set_xticks(xs, [f"v{r['version']}\n{r['elapsed_s'] / 60:.0f} min" for r in rows])
     ax.set_ylim(0, 1)
     ax2 = ax.twinx()
     ax2.plot(xs, [r["kl"] for r in rows], "s--", color="tab:purple", label="KL to reference (nats)")
+    ax2.axhline(KL_BUDGET, color="tab:purple", ls=":", lw=1, label="KL budget (gate)")
     ax2.set_ylabel("mean KL per answer (nats)")
+    ax2.set_ylim(0, max(KL_BUDGET * 1.2, *[r["kl"] * 1.1 for r in rows]))
     oracle = Path(result["settings"]["oracle"]).stem
-    ax.set_title(f"rlhf-chat learning from {oracle} ({result['loop_s'] / 60:.0f} min)")
+    ax.set_title(f"rlhf-chat learning from {oracle}")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
