@@ -14,7 +14,9 @@ in the same run, on the same Valkey server and the same model.
    and encode them with the same ``Event.to_json`` inside the timing (any writer
    has to). Also reported: one event per call from 8 threads, as the UI's 8
    reaction workers write single clicks.
-3. The latency of one vote through the UI's HTTP API (``/vote``), p50 and p99.
+3. The latency of one vote through the UI's HTTP API (``/vote``), p50 and p99: plain
+   HTTP on Gradio's /call API, and through ``gradio_client`` (which adds its own
+   50 ms polling loop).
 
     python benchmarks/serving.py --out benchmarks/results/serving.json
 """
@@ -253,22 +255,48 @@ def bench_ingest(args, redis_url: str) -> dict:
 
 
 def bench_vote(args, url: str) -> dict:
+    """A vote on an answer of the same chat, through Gradio's HTTP API (POST
+    /gradio_api/call/vote with the chat's session, then read the result's event
+    stream until it completes), on one keep-alive connection. Also timed through
+    ``gradio_client.Client.predict``, which polls its queue every 50 ms."""
+    import httpx
     from gradio_client import Client
 
     client = Client(url, verbose=False)
     client.predict(api_name="/new_chat")
     _, answers, *_ = client.predict(PROMPT, SYSTEM, 0.7, 0.9, 8, api_name="/send")
     index = answers[-1]["index"]
-    latencies = []
-    for i in range(args.votes + 10):
-        start = time.perf_counter()
-        client.predict(index, "like" if i % 2 else "dislike", api_name="/vote")
-        if i >= 10:  # the first calls warm connections up
-            latencies.append((time.perf_counter() - start) * 1000)
+    http = httpx.Client(base_url=url.rstrip("/") + "/gradio_api", timeout=30)
+
+    def vote_http(kind: str) -> None:
+        body = {"data": [index, kind], "session_hash": client.session_hash}
+        event_id = http.post("/call/vote", json=body).raise_for_status().json()["event_id"]
+        with http.stream("GET", f"/call/vote/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: complete"):
+                    return
+                if line.startswith("event: error"):
+                    raise RuntimeError(f"vote failed: {line}")
+        raise RuntimeError("vote stream ended without a result")
+
+    def timed(vote) -> list[float]:
+        latencies = []
+        for i in range(args.votes + 10):
+            start = time.perf_counter()
+            vote("like" if i % 2 else "dislike")
+            if i >= 10:  # the first calls warm connections up
+                latencies.append((time.perf_counter() - start) * 1000)
+        return latencies
+
+    over_http = timed(vote_http)
+    with_client = timed(lambda kind: client.predict(index, kind, api_name="/vote"))
+    http.close()
     return {
-        "vote_p50_ms": percentile(latencies, 50),
-        "vote_p99_ms": percentile(latencies, 99),
-        "votes": len(latencies),
+        "vote_p50_ms": percentile(over_http, 50),
+        "vote_p99_ms": percentile(over_http, 99),
+        "votes": len(over_http),
+        "vote_gradio_client_p50_ms": percentile(with_client, 50),
+        "vote_gradio_client_p99_ms": percentile(with_client, 99),
     }
 
 
