@@ -351,8 +351,14 @@ class PPOTrainer:
         return _left_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[Messages]) -> Rollout:
-        """Sample one answer per prompt under the policy adapter (this process's prompts)."""
+    def generate(
+        self, prompts: list[Messages], temperature: float | None = None, top_p: float = 1.0
+    ) -> Rollout:
+        """Sample one answer per prompt under the policy adapter (this process's prompts).
+
+        The defaults are PPO's rollouts: plain sampling from softmax(logits / T) at the
+        trainer's temperature, since PPO's ratio assumes the answers come from exactly
+        the distribution whose log-probs it computes. ``served_kl`` passes the UI's."""
         query_ids, query_mask = self._encode_prompts(prompts)
         self.model.set_adapter(POLICY_ADAPTER)
         with autocast(self.device):
@@ -360,11 +366,9 @@ class PPOTrainer:
                 input_ids=query_ids,
                 attention_mask=query_mask,
                 do_sample=True,
-                # Plain sampling from softmax(logits / T): PPO's ratio assumes the answers
-                # come from exactly the distribution whose log-probs it computes.
                 top_k=0,
-                top_p=1.0,
-                temperature=self.config.temperature,
+                top_p=top_p,
+                temperature=self.config.temperature if temperature is None else temperature,
                 max_new_tokens=self.config.max_new_tokens,
                 eos_token_id=self.eos_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -380,24 +384,8 @@ class PPOTrainer:
         (``token_kl``); the mean over answers. The per-step ``objective/kl`` cannot say
         it: it is measured on each step's rollouts *before* that step's update. The
         learning benchmark reports the same quantity."""
-        prompts = self._shard(list(prompts))  # each process samples its share
-        query_ids, query_mask = self._encode_prompts(prompts)
-        self.model.set_adapter(POLICY_ADAPTER)
-        with autocast(self.device):
-            out = self.model.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                do_sample=True,
-                top_k=0,
-                top_p=top_p,
-                temperature=temperature,
-                max_new_tokens=self.config.max_new_tokens,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-            )
-        rollout = self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
-        prompt_len = query_ids.shape[1]
+        rollout = self.generate(self._shard(list(prompts)), temperature, top_p)
+        prompt_len = rollout.query_ids.shape[1]
 
         def next_token_logits() -> Tensor:
             hidden = hidden_states(self.model, rollout.input_ids, rollout.attention_mask)
@@ -408,7 +396,7 @@ class PPOTrainer:
             with self.model.disable_adapter():
                 ref_logits = next_token_logits()
         per_answer = (token_kl(logits, ref_logits) * rollout.response_mask).sum(1)
-        n = self._sum(torch.tensor(float(len(prompts))))
+        n = self._sum(torch.tensor(float(len(rollout.prompts))))
         return float(self._sum(per_answer.sum()) / n)
 
     def rollout_from_texts(self, prompts: list[Messages], answers: list[str]) -> Rollout:
