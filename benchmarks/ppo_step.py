@@ -202,14 +202,15 @@ def run_ours(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     settings = bench_settings(args)
     base = load_base_model(settings, device=torch.device("cpu"))
-    # Fixed-length answers, as in the floor and the TRL peer: the same shapes every step.
-    base.model.generation_config.min_new_tokens = args.new_tokens
     model, value_head, _ = attach_policy(base, settings, None)
     reward_model = RewardModel.attach(model, base.tokenizer, settings, None)
     overrides = {}
     if args.micro_batch:
         overrides["micro_batch_size"] = args.micro_batch
-    config = PPOConfig.from_settings(settings, max_new_tokens=args.new_tokens, **overrides)
+    # Fixed-length answers, as in the floor and the TRL peer: the same shapes every step.
+    config = PPOConfig.from_settings(
+        settings, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **overrides
+    )
     ppo = PPOTrainer(
         model, base.tokenizer, config, reward_model=reward_model, value_head=value_head
     )

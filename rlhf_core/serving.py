@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
 from rlhf_core.settings import Settings
 
@@ -52,39 +53,6 @@ class UnknownVersionError(KeyError):
 
 def adapter_name(version: int) -> str:
     return f"v{version}"
-
-
-@dataclass
-class Sampling:
-    """Sampling settings of one answer; stored with the turn so training knows them."""
-
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Sampling:
-        return cls(settings.temperature, settings.top_p, settings.max_new_tokens)
-
-    @classmethod
-    def coerce(cls, value: Sampling | dict[str, Any] | None, settings: Settings) -> Sampling:
-        """Fill missing fields from the settings and clamp to ranges generate accepts."""
-        base = cls.from_settings(settings)
-        if isinstance(value, Sampling):
-            value = value.as_dict()
-        merged = {**base.as_dict(), **{k: v for k, v in (value or {}).items() if v is not None}}
-        return cls(
-            temperature=min(max(float(merged["temperature"]), 0.0), 2.0),
-            top_p=min(max(float(merged["top_p"]), 0.01), 1.0),
-            max_new_tokens=min(max(int(merged["max_new_tokens"]), 1), 4096),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens,
-        }
 
 
 @dataclass
@@ -161,6 +129,7 @@ class PolicyServer:
         self._state_lock = threading.Lock()  # guards _current/_versions/_pins bookkeeping
         self._turn = threading.Condition()  # lets an adapter load skip the request queue
         self._swaps_waiting = 0
+        self._stop_ids = stop_token_ids(loaded.model, self.tokenizer)
 
     # --- versions ------------------------------------------------------------
     @property
@@ -382,19 +351,16 @@ class PolicyServer:
         self._repin_to_current(gen)
         device = self.loaded.model.device
         input_ids = torch.tensor([gen.prompt.input_ids], device=device)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": gen.sampling.max_new_tokens,
-            "streamer": streamer,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled(gen._cancel)]),
-        }
-        if gen.sampling.temperature > 0:
-            kwargs.update(do_sample=True, temperature=gen.sampling.temperature)
-            kwargs.update(top_p=gen.sampling.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # The same arguments as PPO's rollouts and the KL gate (rlhf_core.generation).
+        kwargs = generate_kwargs(
+            gen.sampling, eos_token_id=self._stop_ids, pad_token_id=self.tokenizer.pad_token_id
+        )
+        kwargs.update(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(gen._cancel)]),
+        )
         with torch.inference_mode():
             if gen.version == BASE_VERSION:
                 if self._peft:

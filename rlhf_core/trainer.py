@@ -51,6 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
 from rlhf_core.ppo import (
     RunningMoments,
@@ -100,6 +101,7 @@ class PPOConfig:
     micro_batch_size: int | None = None  # answers per forward (gradient accumulation)
     ppo_epochs: int = 4
     max_new_tokens: int = 64
+    min_new_tokens: int | None = None  # benchmarks only: fixed-length rollouts
     max_prompt_tokens: int = 1024
     temperature: float = 1.0
     learning_rate: float = 3e-4
@@ -298,9 +300,8 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         if score_state:
             self.score_moments.load_state_dict(score_state)
-        eos = model.get_base_model().generation_config.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = sorted({*(e for e in eos_ids if e is not None), tokenizer.eos_token_id})
+        self.eos_ids = stop_token_ids(model, tokenizer)
+        self.rollout_sampling = Sampling(config.temperature, 1.0, config.max_new_tokens)
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.steps = 0
@@ -351,40 +352,36 @@ class PPOTrainer:
         return _left_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     @torch.no_grad()
-    def generate(
-        self, prompts: list[Messages], temperature: float | None = None, top_p: float = 1.0
-    ) -> Rollout:
+    def generate(self, prompts: list[Messages], sampling: Sampling | None = None) -> Rollout:
         """Sample one answer per prompt under the policy adapter (this process's prompts).
 
-        The defaults are PPO's rollouts: plain sampling from softmax(logits / T) at the
-        trainer's temperature, since PPO's ratio assumes the answers come from exactly
+        The default is PPO's rollouts: plain sampling from softmax(logits / T) at the
+        trainer's temperature (top-p 1, no top-k, nothing inherited from the base's
+        generation_config), since PPO's ratio assumes the answers come from exactly
         the distribution whose log-probs it computes. ``served_kl`` passes the UI's."""
+        if sampling is None:
+            sampling = self.rollout_sampling
         query_ids, query_mask = self._encode_prompts(prompts)
         self.model.set_adapter(POLICY_ADAPTER)
+        kwargs = generate_kwargs(
+            sampling,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            min_new_tokens=self.config.min_new_tokens,
+        )
         with autocast(self.device):
-            out = self.model.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                do_sample=True,
-                top_k=0,
-                top_p=top_p,
-                temperature=self.config.temperature if temperature is None else temperature,
-                max_new_tokens=self.config.max_new_tokens,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-            )
+            out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
         return self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
 
     @torch.no_grad()
-    def served_kl(self, prompts: list[Messages], temperature: float, top_p: float) -> float:
+    def served_kl(self, prompts: list[Messages], sampling: Sampling) -> float:
         """How far what people will be served has moved: answers are sampled the way
         the chat UI samples them (``temperature``, ``top_p``), and along each answer the
         exact KL of the policy's next-token distribution to the reference's is summed
         (``token_kl``); the mean over answers. The per-step ``objective/kl`` cannot say
         it: it is measured on each step's rollouts *before* that step's update. The
         learning benchmark reports the same quantity."""
-        rollout = self.generate(self._shard(list(prompts)), temperature, top_p)
+        rollout = self.generate(self._shard(list(prompts)), sampling)
         prompt_len = rollout.query_ids.shape[1]
 
         def next_token_logits() -> Tensor:
@@ -834,7 +831,7 @@ def run_training_round(
         report("measuring KL", 1.0)
         start = time.perf_counter()
         metrics["objective/kl_served"] = trainer.served_kl(
-            batches[-1], settings.temperature, settings.top_p
+            batches[-1], Sampling.from_settings(settings)
         )
         metrics["time/served_kl_s"] = time.perf_counter() - start
         metrics["objective/kl_coef"] = trainer.kl_ctl.value

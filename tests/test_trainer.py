@@ -16,6 +16,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from rlhf_core.generation import Sampling
 from rlhf_core.modeling import lora_config
 from rlhf_core.trainer import (
     NonFiniteError,
@@ -104,12 +105,10 @@ def test_served_kl_is_zero_at_the_reference_and_grows_with_training(policy, tiny
     trainer = PPOTrainer(
         model, tokenizer, _config(), reward_fn=lower_half_rule(tokenizer), value_head=head
     )
-    assert trainer.served_kl(PROMPTS * 2, temperature=0.7, top_p=0.9) == pytest.approx(
-        0.0, abs=1e-4
-    )
+    assert trainer.served_kl(PROMPTS * 2, Sampling(0.7, 0.9, 6)) == pytest.approx(0.0, abs=1e-4)
     for _ in range(4):
         trainer.step(PROMPTS * 2)
-    assert trainer.served_kl(PROMPTS * 2, temperature=1.0, top_p=1.0) > 1.0
+    assert trainer.served_kl(PROMPTS * 2, Sampling(1.0, 1.0, 6)) > 1.0
 
 
 def test_ppo_raises_a_rule_based_reward(policy, tiny_model):
