@@ -339,12 +339,15 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     policy = PolicyServer(loaded, settings)
     client = connect(settings)
     store = FeedbackStore(client)
-    service = ChatService(
-        settings, policy, store, on_event=lambda: training.request_round_if_due(settings, store)
-    )
     watcher = None
     if watch_versions:
-        watcher = training.VersionWatcher(policy, settings, client=client).start()
+        watcher = training.VersionWatcher(policy, settings, client=client)
+    service = ChatService(
+        settings, policy, store, on_event=lambda: training.request_round_if_due(settings, store),
+        route=watcher.version_for if watcher is not None else None,
+    )  # fmt: skip
+    if watcher is not None:
+        watcher.start()
     demo = build_app(settings, service)
     return ChatApp(settings=settings, service=service, demo=demo, watcher=watcher)
 

@@ -40,7 +40,7 @@ import redis
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn, clean_text, new_id
 from rlhf_core.redis_server import RedisUnavailableError
-from rlhf_core.serving import ContextTooLongError, Generation, PolicyServer
+from rlhf_core.serving import ContextTooLongError, Generation, PolicyServer, UnknownVersionError
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,14 @@ class ChatService:
         policy: PolicyServer,
         store: FeedbackStore,
         on_event: Callable[[], Any] | None = None,
+        route: Callable[[str], int | None] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
         self.store = store
         self.on_event = on_event  # e.g. "start a training round if enough feedback arrived"
+        # user id -> the version to serve them (a canary's sticky share), None = current.
+        self.route = route
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
 
@@ -226,9 +229,16 @@ class ChatService:
         context += [{"role": m["role"], "content": m["content"]} for m in session.messages]
         return context
 
-    def _start(self, context: list[dict[str, str]], sampling: dict[str, Any] | None) -> Generation:
+    def _start(
+        self, context: list[dict[str, str]], sampling: dict[str, Any] | None, user_id: str = ""
+    ) -> Generation:
+        version = self.route(user_id) if self.route is not None else None
         try:
-            return self.policy.stream(context, sampling)
+            try:
+                return self.policy.stream(context, sampling, version=version)
+            except UnknownVersionError:
+                # The candidate was just decided and unloaded: serve the current version.
+                return self.policy.stream(context, sampling)
         except ContextTooLongError as error:
             raise InputError(str(error)) from error
 
@@ -305,7 +315,7 @@ class ChatService:
             epoch = session.epoch
             context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
             shown = self.view(session) + [{"role": "user", "content": text}]
-        gen = self._start(context, sampling)
+        gen = self._start(context, sampling, session.user_id)
         notices = self._trim_notice(gen)
         yield from self._stream(session, gen, shown, notices)
         turn = self._turn(session, gen)
@@ -332,7 +342,7 @@ class ChatService:
             epoch = session.epoch
             context = list(old["context"])
             shown = self.view(session)[:index]
-        gen = self._start(context, sampling)
+        gen = self._start(context, sampling, session.user_id)
         notices = self._trim_notice(gen)
         yield from self._stream(session, gen, shown, notices)
         turn = self._turn(session, gen, parent=old["turn_id"])

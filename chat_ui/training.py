@@ -120,6 +120,15 @@ class VersionWatcher:
         self._sync_lock = threading.Lock()
         self.last_error: str | None = None
         self.swaps: list[tuple[int, float]] = []  # (version, time it became current here)
+        # The registry's candidate, once its adapter is loaded here (None: no canary).
+        self.candidate: dict[str, Any] | None = None
+
+    def version_for(self, user_id: str) -> int | None:
+        """The version to serve this user: the candidate for its sticky share while a
+        canary is out (and loaded here), else None = the current version."""
+        from rlhf_core.canary import version_for
+
+        return version_for(user_id, self.candidate)
 
     def _client(self) -> redis.Redis:
         if self.client is None:
@@ -133,6 +142,7 @@ class VersionWatcher:
         with self._sync_lock:
             registry = Registry(self._client(), self.settings)
             target = registry.current()
+            self._sync_candidate(registry)
             if target == self.server.current_version:
                 return target
             if target == 0:
@@ -146,6 +156,14 @@ class VersionWatcher:
             self.swaps.append((target, time.time()))
             log.info("now serving policy version %d", target)
             return target
+
+    def _sync_candidate(self, registry: Registry) -> None:
+        candidate = registry.candidate()
+        if candidate is not None and candidate["version"] not in self.server.loaded_versions:
+            folder = registry.materialize(candidate["version"], self.cache_dir)
+            self.server.load_adapter(candidate["version"], str(folder))
+            log.info("loaded candidate version %d", candidate["version"])
+        self.candidate = candidate
 
     def _safe_sync(self) -> None:
         try:

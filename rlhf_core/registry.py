@@ -59,6 +59,11 @@ K_LAST_ROUND = PREFIX + "last_round"
 K_FAILURES = PREFIX + "failures"
 K_POINTER_LOG = PREFIX + "pointer_log"
 K_REQUESTED = PREFIX + "round_requested"
+# Live A/B (see rlhf_core.canary): the candidate being evaluated, versions that passed
+# the gate while it was out, and every decision with its numbers.
+K_CANDIDATE = PREFIX + "candidate"
+K_CANDIDATE_QUEUE = PREFIX + "candidate_queue"
+K_DECISIONS = PREFIX + "decisions"
 
 # A staged inline artifact that was never published (the worker died first)
 # expires on its own instead of leaking memory.
@@ -66,8 +71,17 @@ STAGED_TTL_S = 24 * 3600
 KINDS = ("policy", "reward")
 
 
+PUBLISH_KEYS = (
+    LOCK_KEY, K_CURRENT, K_NEXT, K_VERSIONS, K_USED, K_POINTER_LOG, K_CANDIDATE, K_CANDIDATE_QUEUE
+)  # fmt: skip
+
+
 class StaleTokenError(RuntimeError):
     """A publish came from a round that no longer holds the training lock."""
+
+
+class CandidateError(RuntimeError):
+    """A canary operation that does not fit the present state (no candidate, another one)."""
 
 
 class UnknownVersionError(KeyError):
@@ -77,9 +91,12 @@ class UnknownVersionError(KeyError):
         return str(self.args[0]) if self.args else "unknown version"
 
 
-# KEYS: lock, current, next, versions, used, pointer_log
+# KEYS: lock, current, next, versions, used, pointer_log, candidate, candidate_queue
 # ARGV: token, meta_json, created_at, version_key_prefix, channel, artifact, storage,
-#       n_blobs, blob keys..., stream ids...
+#       canary_share, n_blobs, blob keys..., stream ids...
+# With canary_share > 0 the new version does not become current: it becomes the
+# candidate (served to that share of users), or waits in the queue while another
+# candidate is out (never two candidates at once).
 _PUBLISH = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= ARGV[1] then
@@ -87,23 +104,96 @@ if holder ~= ARGV[1] then
 end
 local v = redis.call('INCR', KEYS[3])
 local previous = redis.call('GET', KEYS[2]) or '0'
+local share = tonumber(ARGV[8])
+local role = 'current'
+if share > 0 then
+  if redis.call('EXISTS', KEYS[7]) == 1 then
+    role = 'queued'
+  else
+    role = 'candidate'
+  end
+end
 redis.call('HSET', ARGV[4] .. v, 'version', v, 'meta', ARGV[2], 'created_at', ARGV[3],
            'previous_current', previous, 'fencing_token', ARGV[1],
-           'artifact', ARGV[6], 'storage', ARGV[7])
+           'artifact', ARGV[6], 'storage', ARGV[7], 'published_as', role)
 redis.call('RPUSH', KEYS[4], v)
-redis.call('SET', KEYS[2], v)
-local n_blobs = tonumber(ARGV[8])
-for i = 9, 8 + n_blobs do
+if role == 'current' then
+  redis.call('SET', KEYS[2], v)
+elseif role == 'candidate' then
+  redis.call('HSET', KEYS[7], 'version', v, 'baseline', previous, 'share', ARGV[8],
+             'started_at', ARGV[3], 'started_by', 'publish')
+else
+  redis.call('RPUSH', KEYS[8], v)
+end
+local n_blobs = tonumber(ARGV[9])
+for i = 10, 9 + n_blobs do
   redis.call('PERSIST', ARGV[i])
 end
-for i = 9 + n_blobs, #ARGV do
+for i = 10 + n_blobs, #ARGV do
   redis.call('HSET', KEYS[5], ARGV[i], v)
 end
-local msg = '{"version": ' .. v .. ', "reason": "publish", "at": ' .. ARGV[3] .. '}'
-redis.call('LPUSH', KEYS[6], msg)
-redis.call('LTRIM', KEYS[6], 0, 999)
+local reason = 'publish'
+if role ~= 'current' then
+  reason = role
+end
+local msg = '{"version": ' .. v .. ', "reason": "' .. reason .. '", "at": ' .. ARGV[3] .. '}'
+if role == 'current' then
+  redis.call('LPUSH', KEYS[6], msg)
+  redis.call('LTRIM', KEYS[6], 0, 999)
+end
 redis.call('PUBLISH', ARGV[5], msg)
-return {v, ''}
+return {v, role}
+"""
+
+# KEYS: candidate, current, pointer_log, decisions, candidate_queue
+# ARGV: expected candidate version, action (promote|rollback), decision json, channel, at
+# Compare-and-set on the candidate: of two deciders (two workers, a worker and an
+# admin) only the first acts. Then the newest queued version (if any) becomes the
+# next candidate, against whatever is current now.
+_DECIDE = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if version ~= ARGV[1] then
+  return {0, version or ''}
+end
+local share = redis.call('HGET', KEYS[1], 'share')
+if ARGV[2] == 'promote' then
+  redis.call('SET', KEYS[2], version)
+  local msg = '{"version": ' .. version .. ', "reason": "promote", "at": ' .. ARGV[5] .. '}'
+  redis.call('LPUSH', KEYS[3], msg)
+  redis.call('LTRIM', KEYS[3], 0, 999)
+end
+redis.call('DEL', KEYS[1])
+redis.call('LPUSH', KEYS[4], ARGV[3])
+redis.call('LTRIM', KEYS[4], 0, 999)
+local nxt = redis.call('RPOP', KEYS[5])
+redis.call('DEL', KEYS[5])
+local current = redis.call('GET', KEYS[2]) or '0'
+if nxt then
+  redis.call('HSET', KEYS[1], 'version', nxt, 'baseline', current, 'share', share,
+             'started_at', ARGV[5], 'started_by', 'queue')
+end
+redis.call('PUBLISH', ARGV[4], '{"version": ' .. current .. ', "reason": "' .. ARGV[2] ..
+           '", "candidate": ' .. version .. ', "at": ' .. ARGV[5] .. '}')
+return {1, nxt or ''}
+"""
+
+# KEYS: candidate, current; ARGV: version, version key, share, at, by, channel
+_START_CANDIDATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'version')}
+end
+if redis.call('EXISTS', ARGV[2]) == 0 then
+  return {-1, ''}
+end
+local current = redis.call('GET', KEYS[2]) or '0'
+if current == ARGV[1] then
+  return {-2, current}
+end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'baseline', current, 'share', ARGV[3],
+           'started_at', ARGV[4], 'started_by', ARGV[5])
+redis.call('PUBLISH', ARGV[6], '{"version": ' .. ARGV[1] .. ', "reason": "candidate", "at": ' ..
+           ARGV[4] .. '}')
+return {1, ARGV[1]}
 """
 
 # KEYS: current, pointer_log; ARGV: version, version_key, channel, at
@@ -256,6 +346,8 @@ class Registry:
         self.settings = settings
         self._publish = client.register_script(_PUBLISH)
         self._rollback = client.register_script(_ROLLBACK)
+        self._decide = client.register_script(_DECIDE)
+        self._start_candidate = client.register_script(_START_CANDIDATE)
 
     # ------------------------------------------------------------------ lock
     def lock(self, ttl_s: float | None = None) -> TrainingLock:
@@ -291,6 +383,7 @@ class Registry:
             fencing_token=int(fields["fencing_token"]),
             artifact=fields["artifact"],
             storage=fields["storage"],
+            published_as=fields.get("published_as", "current"),
         )
         meta.setdefault("parent", meta["previous_current"])
         meta.setdefault("reward_version", meta["version"] if "reward" in meta["kinds"] else None)
@@ -335,6 +428,7 @@ class Registry:
         *,
         reward_dir: str | Path | None = None,
         stream_ids: Iterable[str] = (),
+        canary_share: float = 0.0,
     ) -> int:
         """Store the adapter(s), then atomically make them the next current version.
 
@@ -342,7 +436,13 @@ class Registry:
         are the feedback entries this version trained on; they are marked used in
         the same atomic step. Raises :class:`StaleTokenError` when
         ``fencing_token`` is not the lock's current holder.
+
+        With ``canary_share`` > 0 the version becomes the *candidate* instead (served
+        to that share of users until :meth:`decide`), or, while another candidate is
+        out, waits in the candidate queue; ``get(v)["published_as"]`` says which.
         """
+        if not 0.0 <= canary_share <= 1.0:
+            raise ValueError(f"canary share must be in [0, 1], got {canary_share}")
         folders = {"policy": Path(adapter_dir)}
         if reward_dir is not None:
             folders["reward"] = Path(reward_dir)
@@ -372,7 +472,7 @@ class Registry:
         ids = [_text(s) for s in stream_ids]
         meta.setdefault("events_used", len(ids))
         result = self._publish(
-            keys=[LOCK_KEY, K_CURRENT, K_NEXT, K_VERSIONS, K_USED, K_POINTER_LOG],
+            keys=[*PUBLISH_KEYS],
             args=[
                 str(fencing_token),
                 json.dumps(meta),
@@ -381,6 +481,7 @@ class Registry:
                 CHANNEL,
                 artifact,
                 "inline" if inline else "shared",
+                repr(float(canary_share)),
                 len(blob_keys),
                 *blob_keys,
                 *ids,
@@ -398,7 +499,10 @@ class Registry:
                 f"lock (holder: {holder or 'nobody'}). The round outlived its lease "
                 f"(RLHF_LOCK_TTL_S={self.settings.lock_ttl_s}); its events stay for the next round."
             )
-        log.info("published version %s (%s, %.1f MB)", version, meta["kinds"], total / 2**20)
+        log.info(
+            "published version %s as %s (%s, %.1f MB)", version, holder, meta["kinds"],
+            total / 2**20,
+        )  # fmt: skip
         return version
 
     def _write_shared(self, artifact: str, folders: dict[str, Path]) -> None:
@@ -422,6 +526,86 @@ class Registry:
                 f"Known versions: {self.versions() or 'none (0 = base model)'}"
             )
         return int(version)
+
+    # ------------------------------------------------------------ canary
+    def candidate(self) -> dict[str, Any] | None:
+        """The version under live evaluation: {version, baseline, share, started_at,
+        started_by}, or None when no canary is out."""
+        raw = self.client.hgetall(K_CANDIDATE)
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return {
+            "version": int(fields["version"]),
+            "baseline": int(fields["baseline"]),
+            "share": float(fields["share"]),
+            "started_at": float(fields["started_at"]),
+            "started_by": fields.get("started_by", ""),
+        }
+
+    def candidate_queue(self) -> list[int]:
+        """Versions that passed the gate while a candidate was out, oldest first; the
+        newest becomes the next candidate when the current one is decided."""
+        return [int(v) for v in self.client.lrange(K_CANDIDATE_QUEUE, 0, -1)]
+
+    def start_candidate(self, version: int, share: float, by: str = "admin") -> None:
+        """Put a published version (e.g. an older one, or the same adapter published
+        twice) out as the candidate, against the current version."""
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"The canary share must be in (0, 1], got {share}.")
+        code, detail = self._start_candidate(
+            keys=[K_CANDIDATE, K_CURRENT],
+            args=[int(version), f"{PREFIX}version:{int(version)}", repr(float(share)),
+                  repr(time.time()), by, CHANNEL],
+        )  # fmt: skip
+        code = int(code)
+        if code == 0:
+            raise CandidateError(
+                f"Version {_text(detail)} is already the candidate; promote or roll it back "
+                "first (`rlhf-chat ab promote` / `rlhf-chat ab rollback`)."
+            )
+        if code == -1:
+            raise UnknownVersionError(
+                f"Version {version} was never published; known versions: {self.versions()}"
+            )
+        if code == -2:
+            raise CandidateError(f"Version {version} is already current; pick another version.")
+
+    def set_candidate_share(self, share: float) -> None:
+        """Change the share of users the running candidate serves."""
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"The canary share must be in (0, 1], got {share}.")
+        if not self.client.exists(K_CANDIDATE):
+            raise CandidateError("No candidate is out; nothing to change.")
+        self.client.hset(K_CANDIDATE, "share", repr(float(share)))
+        self.client.publish(CHANNEL, json.dumps({"reason": "share", "share": share}))
+
+    def decide(self, version: int, action: str, record: dict[str, Any]) -> int | None:
+        """End the canary of ``version``: 'promote' makes it current, 'rollback' keeps
+        the current version. ``record`` (the numbers behind the decision, who decided)
+        goes into the decisions log. Returns the next candidate started from the
+        queue (or None); raises CandidateError when ``version`` is not the candidate
+        (someone else decided first)."""
+        if action not in ("promote", "rollback"):
+            raise ValueError(f"action must be 'promote' or 'rollback', got {action!r}")
+        at = time.time()
+        entry = {"version": int(version), "action": action, "at": at, **record}
+        ok, detail = self._decide(
+            keys=[K_CANDIDATE, K_CURRENT, K_POINTER_LOG, K_DECISIONS, K_CANDIDATE_QUEUE],
+            args=[int(version), action, json.dumps(entry, default=float), CHANNEL, repr(at)],
+        )
+        detail = _text(detail)
+        if int(ok) == 0:
+            raise CandidateError(
+                f"Version {version} is not the candidate (now: {detail or 'none'}); "
+                "nothing was changed."
+            )
+        log.info("canary of version %s: %s (%s)", version, action, record.get("reason", ""))
+        return int(detail) if detail else None
+
+    def decisions(self, count: int = 50) -> list[dict[str, Any]]:
+        """Canary decisions, newest first, each with its numbers."""
+        return [json.loads(m) for m in self.client.lrange(K_DECISIONS, 0, count - 1)]
 
     # ----------------------------------------------------------- artifacts
     def materialize(
@@ -528,6 +712,11 @@ class Registry:
     def status_line(self) -> str:
         """One line for ``rlhf-chat status`` and the Training tab."""
         parts = [f"current version {self.current()}"]
+        candidate = self.candidate()
+        if candidate is not None:
+            parts.append(
+                f"candidate version {candidate['version']} serving {candidate['share']:.0%}"
+            )
         progress = self.progress()
         if progress and progress["running"]:
             parts.append(f"round running: {progress['stage']} {progress['fraction']:.0%}")
@@ -536,7 +725,9 @@ class Registry:
             if last["status"] == "failed":
                 parts.append(f"last round failed: {last['reason']}")
             elif last["status"] == "published":
-                parts.append(f"last round published version {last.get('version')}")
+                role = last.get("role", "current")
+                as_what = "" if role == "current" else f" as {role}"
+                parts.append(f"last round published version {last.get('version')}{as_what}")
             else:
                 parts.append(f"last round {last['status']}: {last['reason']}")
         return "; ".join(parts)

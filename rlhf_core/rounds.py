@@ -75,6 +75,7 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     token: int | None = None
     duration_s: float = 0.0
+    role: str = ""  # a published version's: current, candidate (canary) or queued
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,9 +292,12 @@ def run_round(
             "duration_s": time.monotonic() - started,
         }  # fmt: skip
         try:
+            # With a canary share the version becomes the candidate (or waits for the
+            # one out to be decided); the parent stays the current version either way.
             version = registry.publish(
-                result.policy_dir, metadata, token, reward_dir=result.reward_dir, stream_ids=taken
-            )
+                result.policy_dir, metadata, token, reward_dir=result.reward_dir,
+                stream_ids=taken, canary_share=settings.canary_share,
+            )  # fmt: skip
         except StaleTokenError as error:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)
             return done(RoundOutcome("failed", str(error), None, parent, len(taken), metrics))
@@ -301,10 +305,17 @@ def run_round(
         # or never happen (crash) -- the next round then acks them in step 3.
         store.ack(taken)
         taken = []
-        registry.record_round("published", version=version, events=len(events), parent=parent)
+        role = registry.get(version)["published_as"]
+        registry.record_round(
+            "published", version=version, events=len(events), parent=parent, role=role
+        )
         report("published", 1.0)
-        log.info("round %s published version %s from %d events", token, version, len(events))
-        return done(RoundOutcome("published", "", version, parent, len(events), metrics))
+        log.info(
+            "round %s published version %s (%s) from %d events", token, version, role, len(events)
+        )
+        outcome = RoundOutcome("published", "", version, parent, len(events), metrics)
+        outcome.role = role
+        return done(outcome)
     except BaseException as error:
         # Includes Celery's SoftTimeLimitExceeded. Events stay unacked for the next round.
         why = f"{type(error).__name__}: {error}"

@@ -112,6 +112,42 @@ class Settings(BaseSettings):
         0.0, description="Testing only: sleep this long inside each round (crash tests)."
     )
 
+    # --- live A/B (canary) -------------------------------------------------------
+    canary_share: float = Field(
+        0.0,
+        description="Share of users (by a stable hash) a new version serves as a candidate "
+        "before it is promoted; 0 = a version that passes the gate is current at once.",
+    )
+    canary_alpha: float = Field(
+        0.05, description="Error rate of each automatic canary decision (always-valid mSPRT)."
+    )
+    canary_min_votes: int = Field(
+        100, description="Candidate votes (👍/👎/rewrites) needed before it can be promoted."
+    )
+    canary_burn_in: int = Field(
+        20, description="Votes per version before the canary test decides anything."
+    )
+    canary_margin: float = Field(
+        0.05,
+        description="Promote when the candidate's 👍 rate is not worse than the current one's "
+        "by more than this, with confidence (0 = only when better).",
+    )
+    canary_mixture_sd: float = Field(
+        0.1, description="mSPRT mixture sd: the 👍-rate difference the test is tuned to."
+    )
+    canary_timeout_s: float = Field(
+        86400.0, description="A canary still undecided after this long takes the timeout action."
+    )
+    canary_timeout_action: str = Field(
+        "rollback", description="'rollback' (keep the current version) or 'promote' at timeout."
+    )
+    canary_max_votes_per_user: int = Field(
+        50, description="Votes one person counts in a canary (so one person cannot decide it)."
+    )
+    canary_check_s: float = Field(
+        15.0, description="How often each worker looks at the running canary."
+    )
+
     def resolved_artifact_dir(self) -> Path:
         return Path(self.artifact_dir) if self.artifact_dir else Path(self.data_dir) / "artifacts"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from rlhf_core.redis_server import connect
 from rlhf_core.registry import Registry, worker_name
@@ -51,6 +51,26 @@ def _preload_base_model(**_: Any) -> None:
             log.exception("preloading the base model failed")
 
     threading.Thread(target=load, name="preload-base-model", daemon=True).start()
+
+
+_canary_loop = None
+
+
+@worker_ready.connect
+def _start_canary_loop(**_: Any) -> None:
+    """Every worker looks at the running canary every RLHF_CANARY_CHECK_S (in the main
+    process, beside the pool, so a long round does not delay a rollback). Two workers
+    deciding at once is harmless: the registry applies only the first decision."""
+    global _canary_loop
+    from rlhf_core.canary import CanaryLoop
+
+    _canary_loop = CanaryLoop(_settings).start()
+
+
+@worker_shutdown.connect
+def _stop_canary_loop(**_: Any) -> None:
+    if _canary_loop is not None:
+        _canary_loop.stop()
 
 
 @app.task(

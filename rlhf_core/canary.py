@@ -1,0 +1,227 @@
+"""The live A/B loop: who gets the candidate, what people think of it, and the decision.
+
+A version that passes the offline gate while ``RLHF_CANARY_SHARE`` > 0 becomes the
+registry's *candidate* (see :meth:`Registry.publish`): it serves that share of users,
+picked by a stable hash of the user (:func:`version_for`), and the rest keep the current
+version (the *baseline*). Every answer records the version that wrote it, so the live
+👍 rate of each comes from the feedback store (:func:`live_votes`): the final vote on
+each answer written since the canary started, a rewrite counting as 👎, at most
+``RLHF_CANARY_MAX_VOTES_PER_USER`` answers per person. :func:`check` compares the two
+with the always-valid test of :mod:`rlhf_core.live_eval` and, when it decides, promotes
+or rolls back through the registry, recording the numbers. Workers call it every
+``RLHF_CANARY_CHECK_S`` seconds; an admin can decide instead (:func:`override`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+
+from rlhf_core.datasets import resolve_events
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.live_eval import ABResult, Rule, decide, in_candidate_arm
+from rlhf_core.registry import CandidateError, Registry
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Turns written up to this long before the canary started (by another machine's
+# clock) still count; anything older belongs to the period before the comparison.
+CLOCK_SLACK_S = 2.0
+
+
+def rule_from(settings: Settings) -> Rule:
+    return Rule(
+        alpha=settings.canary_alpha,
+        tau=settings.canary_mixture_sd,
+        burn_in=settings.canary_burn_in,
+        min_votes=settings.canary_min_votes,
+        margin=settings.canary_margin,
+        timeout_s=settings.canary_timeout_s,
+        timeout_action=settings.canary_timeout_action,
+    )
+
+
+def salt(candidate: dict[str, Any]) -> str:
+    """Each candidate draws its own users, so the same people are not always first."""
+    return f"canary-v{candidate['version']}"
+
+
+def version_for(user_id: str, candidate: dict[str, Any] | None) -> int | None:
+    """The version this user is served while ``candidate`` is out: the candidate's for
+    its share of users, else None (= the current version)."""
+    if not candidate:
+        return None
+    if in_candidate_arm(user_id, candidate["share"], salt(candidate)):
+        return int(candidate["version"])
+    return None
+
+
+def live_votes(
+    store: FeedbackStore,
+    versions: tuple[int, ...],
+    since: float,
+    max_per_user: int,
+) -> dict[int, tuple[int, int]]:
+    """version -> (likes, votes) on answers written since ``since`` by these versions.
+
+    Each answer counts once, with its final state (votes changed or undone count as
+    they ended): a 👍 is a like; a 👎 or a rewrite (the person wanted another answer)
+    is not. A person counts at most ``max_per_user`` answers per version, the
+    earliest ones. Only events after ``since`` are read (stream ids are times)."""
+    start = f"{max(0, int((since - CLOCK_SLACK_S) * 1000))}-0"
+    events = [event for _, event in store.event_entries(start=start)]
+    turns = store.get_turns({e.turn_id for e in events})
+    states = resolve_events(e for e in events if e.turn_id in turns)
+    by_user: dict[tuple[int, str], list[tuple[float, bool]]] = defaultdict(list)
+    for turn_id, state in states.items():
+        turn = turns[turn_id]
+        if turn.policy_version not in versions or turn.created_at < since - CLOCK_SLACK_S:
+            continue
+        if state.rewrite is not None:
+            liked = False
+        elif state.vote is not None:
+            liked = state.vote == "like"
+        else:
+            continue
+        by_user[(turn.policy_version, turn.user_id)].append((turn.created_at, liked))
+    out = {v: [0, 0] for v in versions}
+    for (version, _), votes in by_user.items():
+        for _, liked in sorted(votes)[:max_per_user]:
+            out[version][0] += liked
+            out[version][1] += 1
+    return {v: (likes, n) for v, (likes, n) in out.items()}
+
+
+def evaluate(
+    client: redis.Redis, settings: Settings, now: float | None = None
+) -> tuple[dict[str, Any], ABResult] | None:
+    """The running canary and one look at it (no decision is applied); None when no
+    candidate is out."""
+    registry = Registry(client, settings)
+    candidate = registry.candidate()
+    if candidate is None:
+        return None
+    c, b = candidate["version"], candidate["baseline"]
+    votes = live_votes(
+        FeedbackStore(client), (c, b), candidate["started_at"], settings.canary_max_votes_per_user
+    )
+    now = time.time() if now is None else now
+    result = decide(*votes[c], *votes[b], rule_from(settings), now - candidate["started_at"])
+    return candidate, result
+
+
+def check(client: redis.Redis, settings: Settings, now: float | None = None) -> dict | None:
+    """Look at the canary and apply the decision when there is one. Returns the
+    recorded decision, or None (no canary, or still collecting). Safe to call from
+    several workers at once: the registry applies only the first decision."""
+    looked = evaluate(client, settings, now)
+    if looked is None:
+        return None
+    candidate, result = looked
+    if result.action == "continue":
+        return None
+    record = {
+        "by": "automatic",
+        "baseline": candidate["baseline"],
+        "share": candidate["share"],
+        "started_at": candidate["started_at"],
+        "reason": result.reason,
+        "numbers": result.to_dict(),
+        "rule": rule_from(settings).__dict__,
+    }
+    try:
+        nxt = Registry(client, settings).decide(candidate["version"], result.action, record)
+    except CandidateError:
+        return None  # someone else decided first
+    record.update(version=candidate["version"], action=result.action, next_candidate=nxt)
+    return record
+
+
+def override(
+    client: redis.Redis, settings: Settings, action: str, by: str = "admin"
+) -> dict[str, Any]:
+    """An admin ends the canary now ('promote' or 'rollback'); the numbers so far are
+    recorded with it. Raises CandidateError when no candidate is out."""
+    looked = evaluate(client, settings)
+    if looked is None:
+        raise CandidateError("No candidate is out; nothing to promote or roll back.")
+    candidate, result = looked
+    record = {
+        "by": by,
+        "baseline": candidate["baseline"],
+        "share": candidate["share"],
+        "started_at": candidate["started_at"],
+        "reason": f"admin override ({by}); the test said: {result.reason}",
+        "numbers": result.to_dict(),
+    }
+    nxt = Registry(client, settings).decide(candidate["version"], action, record)
+    record.update(version=candidate["version"], action=action, next_candidate=nxt)
+    return record
+
+
+def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """Everything the Training tab and `rlhf-chat ab status` show."""
+    registry = Registry(client, settings)
+    looked = evaluate(client, settings)
+    out: dict[str, Any] = {
+        "current": registry.current(),
+        "candidate": None,
+        "queued": registry.candidate_queue(),
+        "decisions": registry.decisions(),
+        "canary_share_setting": settings.canary_share,
+    }
+    if looked is not None:
+        candidate, result = looked
+        out["candidate"] = candidate
+        out["look"] = result.to_dict()
+    return out
+
+
+class CanaryLoop:
+    """A thread that calls :func:`check` every ``canary_check_s`` seconds (workers run
+    one; several are harmless). Errors are logged and retried at the next tick."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        import threading
+
+        self.settings = settings
+        self.client = client
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.decisions: list[dict[str, Any]] = []
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.canary_check_s):
+            try:
+                if self.client is None:
+                    from rlhf_core.redis_server import connect
+
+                    self.client = connect(self.settings)
+                decision = check(self.client, self.settings)
+                if decision is not None:
+                    self.decisions.append(decision)
+                    log.info(
+                        "canary v%s: %s (%s)",
+                        decision["version"], decision["action"], decision["reason"],
+                    )  # fmt: skip
+            except Exception:  # the next tick tries again; a worker must not die of it
+                log.exception("canary check failed")
+
+    def start(self) -> CanaryLoop:
+        import threading
+
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="canary-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

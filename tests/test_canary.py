@@ -1,0 +1,205 @@
+"""The canary against a real Valkey: candidate state in the registry, live votes from
+the feedback store, automatic and admin decisions, the queue of later versions."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from rlhf_core import canary
+from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
+from rlhf_core.registry import CHANNEL, CandidateError, Registry, UnknownVersionError
+from tests.test_registry import adapters  # noqa: F401  (fixture)
+
+
+def publish(registry: Registry, folder, share: float = 0.0) -> int:
+    lock = registry.lock()
+    token = lock.acquire()
+    try:
+        return registry.publish(folder, {"parent": registry.current()}, token, canary_share=share)
+    finally:
+        lock.release()
+
+
+def answer(
+    store: FeedbackStore, user: str, version: int, kind: str | None, created_at=None
+) -> Turn:
+    """One answer written by ``version`` for ``user``, with one reaction."""
+    turn = Turn(
+        turn_id=new_id(), session_id=f"{user}-s", user_id=user,
+        messages=[{"role": "user", "content": f"hi from {user}"}], answer="hello",
+        policy_version=version, created_at=created_at or time.time(),
+    )  # fmt: skip
+    store.save_turn(turn)
+    if kind is not None:
+        store.record_event(Event.new(turn.turn_id, kind, turn.session_id, user))
+    return turn
+
+
+@pytest.fixture()
+def settings(tiny_settings):
+    return tiny_settings.model_copy(
+        update={"canary_share": 0.5, "canary_burn_in": 5, "canary_min_votes": 30}
+    )
+
+
+def test_publish_with_a_share_makes_a_candidate_then_queues(redis_client, settings, adapters):  # noqa: F811
+    registry = Registry(redis_client, settings)
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    v1 = publish(registry, adapters[1][0])  # no share: current at once, as before
+    assert registry.current() == v1 and registry.candidate() is None
+    v2 = publish(registry, adapters[2][0], share=0.2)
+    assert registry.current() == v1  # the candidate is not current
+    cand = registry.candidate()
+    assert (cand["version"], cand["baseline"], cand["share"]) == (v2, v1, 0.2)
+    assert registry.get(v2)["published_as"] == "candidate"
+    # A round that passes its gate while the canary runs does not start a second one.
+    v3 = publish(registry, adapters[1][0], share=0.2)
+    v4 = publish(registry, adapters[2][0], share=0.2)
+    assert registry.candidate()["version"] == v2 and registry.candidate_queue() == [v3, v4]
+    assert registry.get(v3)["published_as"] == "queued"
+    assert "candidate version 2 serving 20%" in registry.status_line()
+
+    # Rolling back v2 keeps v1 and starts the newest queued version against it.
+    nxt = registry.decide(v2, "rollback", {"reason": "test"})
+    assert nxt == v4 and registry.current() == v1
+    assert registry.candidate()["version"] == v4 and registry.candidate()["baseline"] == v1
+    assert registry.candidate_queue() == []
+    # A second decision on v2 (another worker) changes nothing.
+    with pytest.raises(CandidateError, match="not the candidate"):
+        registry.decide(v2, "promote", {})
+    assert registry.decide(v4, "promote", {"reason": "good"}) is None
+    assert registry.current() == v4 and registry.candidate() is None
+    assert [(d["version"], d["action"]) for d in registry.decisions()] == [
+        (v4, "promote"),
+        (v2, "rollback"),
+    ]
+    assert [m["reason"] for m in registry.pointer_log()] == ["promote", "publish"]
+
+    messages = []
+    deadline = time.monotonic() + 5
+    while len(messages) < 6 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message:
+            messages.append(json.loads(message["data"])["reason"])
+    pubsub.close()
+    assert messages == ["publish", "candidate", "queued", "queued", "rollback", "promote"]
+
+
+def test_admin_starts_candidate_and_changes_share(redis_client, settings, adapters):  # noqa: F811
+    registry = Registry(redis_client, settings)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0])
+    with pytest.raises(CandidateError, match="already current"):
+        registry.start_candidate(v2, 0.1)
+    with pytest.raises(UnknownVersionError, match="never published"):
+        registry.start_candidate(9, 0.1)
+    with pytest.raises(CandidateError, match="No candidate"):
+        registry.set_candidate_share(0.3)
+    registry.start_candidate(v1, 0.1, by="admin:alice")
+    assert registry.candidate()["baseline"] == v2 and registry.candidate()["started_by"] == (
+        "admin:alice"
+    )
+    with pytest.raises(CandidateError, match="already the candidate"):
+        registry.start_candidate(v1, 0.1)
+    registry.set_candidate_share(0.3)
+    assert registry.candidate()["share"] == 0.3
+    with pytest.raises(ValueError, match="share"):
+        registry.set_candidate_share(1.5)
+
+
+def test_live_votes_count_final_state_rewrites_and_per_user_cap(redis_client, settings):
+    store = FeedbackStore(redis_client)
+    since = time.time() - 1
+    old = answer(store, "old", 1, None, created_at=since - 3600)  # before the canary
+    store.record_event(Event.new(old.turn_id, "like", "old-s", "old"))  # voted on later
+    for user, version, kind in [
+        ("a", 2, "like"), ("a", 2, "dislike"), ("b", 2, "like"), ("c", 1, "like"),
+        ("c", 1, None), ("d", 1, "dislike"), ("e", 3, "like"),
+    ]:  # fmt: skip
+        answer(store, user, version, kind)
+    rewritten = answer(store, "b", 2, "like")
+    store.record_event(Event.new(rewritten.turn_id, "rewrite", "b-s", "b", "better text"))
+    undone = answer(store, "d", 1, "dislike")
+    store.record_event(Event.new(undone.turn_id, "undo", "d-s", "d"))
+
+    counts = canary.live_votes(store, (2, 1), since, max_per_user=50)
+    # v2: a like, a dislike, b like, b like-then-rewrite (a 👎) -> 2 of 4.
+    # v1: c like, d dislike; not the unvoted answer, the undone dislike, or the
+    # answer written before the canary started (voted on since) -> 1 of 2. v3 is no arm.
+    assert counts == {2: (2, 4), 1: (1, 2)}
+    # One answer per person: a's first (like), b's first (like).
+    assert canary.live_votes(store, (2, 1), since, max_per_user=1)[2] == (2, 2)
+    assert canary.live_votes(store, (2, 1), time.time() + 60, 50) == {2: (0, 0), 1: (0, 0)}
+
+
+def test_check_rolls_back_a_worse_candidate_and_records_numbers(redis_client, settings, adapters):  # noqa: F811
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    assert canary.check(redis_client, settings) is None  # no votes yet
+    for k in range(30):  # baseline liked 24/30, candidate 6/30
+        answer(store, f"u{k}", v1, "like" if k % 5 else "dislike")
+        answer(store, f"w{k}", v2, "dislike" if k % 5 else "like")
+    decision = canary.check(redis_client, settings)
+    assert decision["action"] == "rollback" and decision["version"] == v2
+    numbers = decision["numbers"]
+    assert (numbers["candidate_likes"], numbers["candidate_votes"]) == (6, 30)
+    assert (numbers["baseline_likes"], numbers["baseline_votes"]) == (24, 30)
+    assert numbers["interval"][1] < 0 and numbers["p_value"] < settings.canary_alpha
+    assert registry.current() == v1 and registry.candidate() is None
+    recorded = registry.decisions()[0]
+    assert recorded["by"] == "automatic" and recorded["numbers"]["difference"] == pytest.approx(
+        -0.6
+    )
+    assert canary.check(redis_client, settings) is None  # nothing left to decide
+
+
+def test_check_promotes_after_min_votes_and_times_out(redis_client, settings, adapters):  # noqa: F811
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    for k in range(29):
+        answer(store, f"u{k}", v1, "like" if k % 2 else "dislike")
+        answer(store, f"w{k}", v2, "like")
+    assert canary.check(redis_client, settings) is None  # 29 < canary_min_votes
+    answer(store, "w-last", v2, "like")
+    decision = canary.check(redis_client, settings)
+    assert decision["action"] == "promote" and registry.current() == v2
+
+    # An undecided canary takes the timeout action, stated in the decision. (The
+    # answers above, older than the clock slack, are not part of the new canary.)
+    time.sleep(canary.CLOCK_SLACK_S + 0.1)
+    registry.start_candidate(v1, 0.5)
+    later = time.time() + settings.canary_timeout_s + 1
+    decision = canary.check(redis_client, settings, now=later)
+    assert decision["action"] == "rollback" and "timeout" in decision["reason"]
+    assert registry.current() == v2
+
+
+def test_admin_override_records_the_numbers(redis_client, settings, adapters):  # noqa: F811
+    registry = Registry(redis_client, settings)
+    with pytest.raises(CandidateError, match="No candidate"):
+        canary.override(redis_client, settings, "promote")
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    answer(FeedbackStore(redis_client), "x", v2, "like")
+    record = canary.override(redis_client, settings, "promote", by="admin:root")
+    assert record["numbers"]["candidate_votes"] == 1 and registry.current() == v2
+    assert registry.decisions()[0]["by"] == "admin:root"
+    status = canary.status(redis_client, settings)
+    assert status["candidate"] is None and status["current"] == v2 and v1 == 1
+
+
+def test_version_for_is_sticky_per_user():
+    candidate = {"version": 4, "share": 0.5}
+    picks = {u: canary.version_for(u, candidate) for u in (f"user{k}" for k in range(400))}
+    assert set(picks.values()) == {4, None}
+    assert 150 < sum(v == 4 for v in picks.values()) < 250
+    assert all(canary.version_for(u, candidate) == v for u, v in picks.items())
+    assert canary.version_for("anyone", None) is None
