@@ -16,13 +16,15 @@ Gradio session (``request.session_hash``): one per browser tab or client.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
-from chat_ui import training
+from chat_ui import training, validation
 from chat_ui.handlers import EMPTY_ANSWER, STORE_ERRORS, ChatService, InputError, Update
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.modeling import load_base_model
@@ -96,11 +98,11 @@ def render(update: Update) -> tuple[list[dict[str, str]], list[dict[str, Any]], 
 def feedback_values(messages: list[dict[str, Any]]) -> list[str | None]:
     """The 👍/👎 state the Chatbot shows per answer, from the session (so an undone vote
     or a new chat resets the icons)."""
-    return [
-        {"like": "Like", "dislike": "Dislike"}.get(m.get("vote") or "")
-        for m in messages
-        if m["role"] == "assistant"
-    ]
+    return feedback_labels([m.get("vote") for m in messages if m["role"] == "assistant"])
+
+
+def feedback_labels(votes: list[str | None]) -> list[str | None]:
+    return [{"like": "Like", "dislike": "Dislike"}.get(v or "") for v in votes]
 
 
 def _notify(update: Update, shown: set[str]) -> None:
@@ -110,21 +112,60 @@ def _notify(update: Update, shown: set[str]) -> None:
             gr.Warning(notice)
 
 
+INPUT_TITLE = "Cannot do that"
+STORE_TITLE = "Feedback store unreachable"
+SERVER_TITLE = "Something went wrong"
+
+
 def _fail(error: Exception) -> gr.Error:
+    """Every exception that reaches the page, as a message a person can act on."""
+    if isinstance(error, gr.Error):
+        return error
     if isinstance(error, InputError):
-        return gr.Error(str(error), title="Cannot do that")
-    return gr.Error(f"{STORE_DOWN}\n\n({error})", title="Feedback store unreachable")
+        return gr.Error(str(error), title=INPUT_TITLE)
+    if isinstance(error, STORE_ERRORS):
+        return gr.Error(f"{STORE_DOWN}\n\n({error})", title=STORE_TITLE)
+    # A bug of ours: the person gets what to do, the log gets the traceback.
+    log.exception("unexpected error in a UI handler")
+    return gr.Error(
+        f"The server could not do that ({type(error).__name__}); your chat is as it was. "
+        "Try again; if it keeps failing, start a new chat or reload the page.",
+        title=SERVER_TITLE,
+    )
 
 
-def _text(value: Any) -> str:
-    """Chatbot edit values may come as a string or as a list of text parts."""
-    if isinstance(value, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
-    return "" if value is None else str(value)
+def guarded(fn):
+    """The UI boundary: no exception leaves a handler as anything but a clear gr.Error.
+    A streaming handler that fails first puts the page back to what the session holds
+    (``restore(request)``), so a failed answer does not stay on screen half-written."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as error:
+                raise _fail(error) from error
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            raise _fail(error) from error
+
+    return call
 
 
-def _sampling(temperature: Any, top_p: Any, max_new_tokens: Any) -> dict[str, Any]:
-    return {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+def unchecked(component: gr.components.Component) -> gr.components.Component:
+    """The component's value reaches the handler as sent, to be checked by
+    chat_ui.validation: Gradio's own range check of a slider or number lets NaN through
+    and answers text with a Python error. (Set on the instance: a subclass of a
+    component makes Gradio write a .pyi file next to this module.)"""
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
 
 
 # --- the page ----------------------------------------------------------------------
@@ -168,16 +209,24 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
                         lines=3,
                         elem_id="system-prompt",
                     )
-                    temperature = gr.Slider(
-                        0.0, 2.0, settings.temperature, step=0.05, label="Temperature"
+                    temperature = unchecked(
+                        gr.Slider(
+                            *validation.TEMPERATURE_RANGE,
+                            settings.temperature,
+                            step=0.05,
+                            label="Temperature",
+                        )
                     )
-                    top_p = gr.Slider(0.05, 1.0, settings.top_p, step=0.05, label="Top-p")
-                    max_new_tokens = gr.Slider(
-                        1, 1024, settings.max_new_tokens, step=1, label="Max new tokens"
+                    top_p = unchecked(
+                        gr.Slider(*validation.TOP_P_RANGE, settings.top_p, step=0.05, label="Top-p")
                     )
+                    max_new_tokens = unchecked(gr.Slider(
+                        *validation.MAX_NEW_TOKENS_RANGE, settings.max_new_tokens, step=1,
+                        label="Max new tokens",
+                    ))  # fmt: skip
             # Inputs of the API-only endpoints (/vote, /rewrite, /regenerate by index).
             with gr.Row(visible=False):
-                api_index = gr.Number(-1, precision=0, label="answer index")
+                api_index = unchecked(gr.Number(-1, precision=0, label="answer index"))
                 api_kind = gr.Textbox("like", label="vote: like, dislike or unvote")
                 api_text = gr.Textbox("", label="rewritten answer")
                 vote_button = gr.Button("vote")
@@ -187,91 +236,123 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
                 status_json = gr.JSON(label="status")
         with gr.Tab("Training"):
             training.build_training_tab(
-                settings, client=store.redis, store=store, server=service.policy
-            )
+                settings, client=store.redis, store=store, server=service.policy,
+                swap_error=lambda: service.watcher.last_error if service.watcher else None,
+            )  # fmt: skip
         timer = gr.Timer(max(2.0, settings.version_poll_s))
 
         # --- listeners ------------------------------------------------------------------
         outputs = [chatbot, answers, policy_badge]
         sampling_inputs = [temperature, top_p, max_new_tokens]
 
+        def sampling_of(temp, p, max_new) -> dict[str, Any]:
+            return validation.sampling(temp, p, max_new, settings)
+
+        def restore(request: gr.Request):
+            """The page as the session holds it (after a failed answer)."""
+            try:
+                session = service.session(request.session_hash)
+                return render(Update(service.view(session), version=service.policy.current_version))
+            except Exception:
+                return (gr.skip(),) * 3
+
+        @guarded
         def on_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
             try:
-                for update in service.send(
-                    request.session_hash, message, system, _sampling(temp, p, max_new)
-                ):
+                sampling = sampling_of(temp, p, max_new)
+                for update in service.send(request.session_hash, message, system, sampling):
                     _notify(update, shown)
                     yield (*render(update), "")
-            except (InputError, *STORE_ERRORS) as error:
-                raise _fail(error) from error
+            except Exception:
+                # The message goes back into the box: nothing the person typed is lost.
+                yield (*restore(request), message if isinstance(message, str) else gr.skip())
+                raise
 
+        @guarded
         def stream_regenerate(index, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
             try:
-                for update in service.regenerate(
-                    request.session_hash, int(index), _sampling(temp, p, max_new)
-                ):
+                sampling = sampling_of(temp, p, max_new)
+                for update in service.regenerate(request.session_hash, index, sampling):
                     _notify(update, shown)
                     yield render(update)
-            except (InputError, *STORE_ERRORS) as error:
-                raise _fail(error) from error
+            except Exception:
+                yield restore(request)
+                raise
 
+        @guarded
         def on_retry(data: gr.RetryData, temp, p, max_new, request: gr.Request):
             # The retry icon sits on the user message: its answer is the next message.
-            yield from stream_regenerate(int(data.index) + 1, temp, p, max_new, request)
+            index = validation.answer_index(data.index) + 1
+            yield from stream_regenerate(index, temp, p, max_new, request)
 
         def call(method, *args):
-            try:
-                update = method(*args)
-            except (InputError, *STORE_ERRORS) as error:
-                raise _fail(error) from error
+            update = method(*args)
             _notify(update, set())
             return update
 
-        def on_vote(index, kind, request: gr.Request):
-            return render(call(service.vote, request.session_hash, int(index), str(kind)))
+        def render_or_skip(update: Update):
+            # done=False: the vote landed on the answer still streaming; the stream
+            # keeps drawing the page, redrawing it here would flicker.
+            return render(update) if update.done else (gr.skip(),) * 3
 
+        @guarded
+        def on_vote(index, kind, request: gr.Request):
+            return render_or_skip(call(service.vote, request.session_hash, index, kind))
+
+        @guarded
         def on_like(data: gr.LikeData, request: gr.Request):
             kind = {True: "like", False: "dislike"}.get(data.liked, "unvote")
             return on_vote(data.index, kind, request)
 
+        @guarded
         def on_rewrite(index, text, request: gr.Request):
-            return render(call(service.rewrite, request.session_hash, int(index), _text(text)))
+            return render(call(service.rewrite, request.session_hash, index, text))
 
+        @guarded
         def on_edit(data: gr.EditData, request: gr.Request):
             session = service.session(request.session_hash)
-            index = int(data.index)
+            index = validation.answer_index(data.index)
             if not (0 <= index < len(session.messages)) or (
                 session.messages[index]["role"] != "assistant"
             ):
                 gr.Warning(
-                    "Only answers can be edited. To change your question, use Undo and "
-                    "send it again."
+                    "Only finished answers can be edited. To change your question, use Undo "
+                    "and send it again."
                 )
                 return render(Update(service.view(session), version=service.policy.current_version))
             return on_rewrite(index, data.value, request)
 
+        @guarded
         def on_undo(request: gr.Request):
             update = call(service.undo, request.session_hash)
             return (*render(update), update.textbox if update.textbox is not None else gr.skip())
 
+        @guarded
         def on_new_chat(request: gr.Request):
             return render(call(service.new_chat, request.session_hash))
 
+        @guarded
         def on_status(request: gr.Request):
             return service.status(request.session_hash)
 
+        @guarded
         def on_tick(request: gr.Request):
             status = service.status(request.session_hash)
             return badge(status["current_version"], status["store_ok"])
 
+        @guarded
         def sync_feedback(request: gr.Request):
-            session = service.session(request.session_hash)
-            return gr.Chatbot(feedback_value=feedback_values(session.messages))
+            return gr.Chatbot(feedback_value=feedback_labels(service.feedback_state(
+                request.session_hash
+            )))  # fmt: skip
 
         def on_unload(request: gr.Request):
-            service.drop_session(request.session_hash)
+            try:
+                service.drop_session(request.session_hash)
+            except Exception:  # the tab is gone: nobody to tell
+                log.exception("dropping session failed")
 
         # One generation at a time across all users (the PolicyServer serves one
         # anyway); the queue shows waiting people their position.
@@ -348,6 +429,7 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     )  # fmt: skip
     if watcher is not None:
         watcher.start()
+        service.watcher = watcher
     demo = build_app(settings, service)
     return ChatApp(settings=settings, service=service, demo=demo, watcher=watcher)
 

@@ -28,7 +28,6 @@ The rules the handlers keep:
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -38,26 +37,22 @@ from typing import Any
 
 import redis
 
-from rlhf_core.feedback import Event, FeedbackStore, Turn, clean_text, new_id
+from chat_ui import validation
+from chat_ui.validation import InputError
+from rlhf_core.feedback import Event, FeedbackError, FeedbackStore, Turn, clean_text, new_id
 from rlhf_core.redis_server import RedisUnavailableError
 from rlhf_core.serving import ContextTooLongError, Generation, PolicyServer, UnknownVersionError
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-VOTES = {"like": "like", "dislike": "dislike", "unvote": "unvote", "none": "unvote", "": "unvote"}
-# Shown under every answer; stripped again from an edited answer (the editor shows it).
-FOOTER_RE = re.compile(r"\s*<sub>written by v\d+[^<]*</sub>\s*$")
+VOTES = validation.VOTE_KINDS
 EMPTY_ANSWER = "*(the model returned an empty answer)*"
 MAX_SESSIONS = 10_000  # oldest idle sessions are forgotten beyond this
 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
 STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
-
-
-class InputError(ValueError):
-    """The person's input cannot be used; the message says what to do instead."""
 
 
 @dataclass
@@ -80,6 +75,11 @@ class ChatSession:
     messages: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)  # the undo stack
     pending: dict[str, Turn] = field(default_factory=dict)  # turns not yet in Redis
+    # Events that must follow a pending turn (a regenerate, a vote clicked mid-stream):
+    # written, in order, right after the pending turns.
+    pending_events: list[Event] = field(default_factory=list)
+    # The answer being streamed: its index on the page and votes clicked on it meanwhile.
+    streaming: dict[str, Any] | None = None
     reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
     epoch: int = 0  # bumped when the conversation is replaced (new chat)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -88,18 +88,7 @@ class ChatSession:
 
 def validate_message(text: Any, settings: Settings) -> str:
     """The user's message, cleaned, or InputError saying what is wrong with it."""
-    if not isinstance(text, str):
-        raise InputError("The message must be text.")
-    text = clean_text(text).strip()
-    if not text:
-        raise InputError("Type a message first: an empty message cannot be answered.")
-    if len(text) > settings.max_input_chars:
-        raise InputError(
-            f"Your message is {len(text):,} characters long; the limit is "
-            f"{settings.max_input_chars:,} (RLHF_MAX_INPUT_CHARS). Shorten it or send it in parts; "
-            "your text is still in the box."
-        )
-    return text
+    return validation.message(text, settings)
 
 
 class ChatService:
@@ -119,13 +108,13 @@ class ChatService:
         self.on_event = on_event  # e.g. "start a training round if enough feedback arrived"
         # user id -> the version to serve them (a canary's sticky share), None = current.
         self.route = route
+        self.watcher: Any = None  # the hot-swap watcher, whose last error status shows
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
 
     # --- sessions --------------------------------------------------------------
     def session(self, session_id: str, user_id: str | None = None) -> ChatSession:
-        if not session_id:
-            raise InputError("No session id: reload the page.")
+        session_id = validation.session_id(session_id)
         with self._sessions_lock:
             found = self._sessions.get(session_id)
             if found is None:
@@ -162,13 +151,26 @@ class ChatService:
 
     # --- store helpers -----------------------------------------------------------
     def _flush(self, session: ChatSession) -> None:
-        """Save the session's pending turns (raises FeedbackUnavailable if Redis is down)."""
+        """Save the session's pending turns, then its pending events (raises
+        FeedbackUnavailable if Redis is down; what was not written stays pending)."""
         for turn_id, turn in list(session.pending.items()):
-            self.store.save_turn(turn)
+            try:
+                self.store.save_turn(turn)
+            except FeedbackError:
+                # Not a store outage: this turn can never be stored (a bug upstream of the
+                # checks). Keeping it would make every later call of the session fail.
+                log.exception("Turn %s cannot be stored; dropped from session", turn_id)
             del session.pending[turn_id]
             for m in session.messages:
                 if m.get("turn_id") == turn_id:
                     m["saved"] = True
+        while session.pending_events:
+            event = session.pending_events[0]
+            try:
+                self.store.record_event(event)
+            except FeedbackError:
+                log.exception("Event %s cannot be stored; dropped", event.event_id)
+            session.pending_events.pop(0)
 
     def _save(self, session: ChatSession, turn: Turn) -> list[str]:
         """Save a new turn; when Redis is down keep it pending and say so."""
@@ -184,10 +186,19 @@ class ChatService:
             ]
 
     def _record(
-        self, session: ChatSession, turn_id: str, kind: str, text: str | None = None
+        self,
+        session: ChatSession,
+        turn_id: str,
+        kind: str,
+        text: str | None = None,
+        *,
+        queue: bool = False,
     ) -> None:
-        """Record one reaction with an id fixed by the session's history of this turn."""
-        self._flush(session)
+        """Record one reaction with an id fixed by the session's history of this turn.
+
+        When the store is unreachable the reaction is refused (FeedbackUnavailable, and
+        nothing changes), unless ``queue``: then it waits in the session, behind the
+        pending turns, and is written with them (a regenerate whose answer is shown)."""
         n = session.reactions.get(turn_id, 0)
         event = Event(
             event_id=f"{turn_id}:{n}:{kind}",
@@ -197,8 +208,18 @@ class ChatService:
             user_id=session.user_id,
             text=text,
         )
-        self.store.record_event(event)
+        session.pending_events.append(event)
         session.reactions[turn_id] = n + 1
+        try:
+            self._flush(session)
+        except STORE_ERRORS:
+            if queue:
+                log.warning("%s on %s kept pending: the store is unreachable", kind, turn_id)
+                return
+            if event in session.pending_events:
+                session.pending_events.remove(event)
+                session.reactions[turn_id] = n
+            raise
         if self.on_event is not None:
             try:
                 self.on_event()
@@ -207,10 +228,7 @@ class ChatService:
 
     def _answer_at(self, session: ChatSession, index: int) -> tuple[int, dict[str, Any]]:
         n = len(session.messages)
-        try:
-            index = int(index)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"Answer index must be a whole number, got {index!r}.") from error
+        index = validation.answer_index(index)
         if index < 0:
             index += n
         if not 0 <= index < n or session.messages[index]["role"] != "assistant":
@@ -224,7 +242,7 @@ class ChatService:
     def _context(self, session: ChatSession, system_prompt: str | None) -> list[dict[str, str]]:
         system = clean_text(
             system_prompt if system_prompt is not None else self.settings.system_prompt
-        )
+        )  # checked by validation.system_prompt before this
         context = [{"role": "system", "content": system.strip()}] if system.strip() else []
         context += [{"role": m["role"], "content": m["content"]} for m in session.messages]
         return context
@@ -310,23 +328,30 @@ class ChatService:
         """Stream an answer to ``text``; the last update comes after the turn is saved."""
         session = self.session(session_id, user_id)
         text = validate_message(text, self.settings)
+        system_prompt = validation.system_prompt(system_prompt, self.settings)
+        sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
             self._try_flush(session)
             epoch = session.epoch
             context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
             shown = self.view(session) + [{"role": "user", "content": text}]
-        gen = self._start(context, sampling, session.user_id)
-        notices = self._trim_notice(gen)
-        yield from self._stream(session, gen, shown, notices)
-        turn = self._turn(session, gen)
-        with session.lock:
-            notices = notices + self._save(session, turn)
-            answer = self._answer_message(gen, turn)
-            answer["saved"] = turn.turn_id not in session.pending
-            if session.epoch == epoch:
-                session.messages += [{"role": "user", "content": text}, answer]
-                session.actions.append({"kind": "send", "turn_id": turn.turn_id, "text": text})
-            final = self._update(session, notices=notices)
+            stream = self._begin_stream(session, len(shown))
+        try:
+            gen = self._start(context, sampling, session.user_id)
+            notices = self._trim_notice(gen)
+            yield from self._stream(session, gen, shown, notices)
+            turn = self._turn(session, gen)
+            with session.lock:
+                notices = notices + self._save(session, turn)
+                answer = self._answer_message(gen, turn)
+                answer["saved"] = turn.turn_id not in session.pending
+                if session.epoch == epoch:
+                    session.messages += [{"role": "user", "content": text}, answer]
+                    session.actions.append({"kind": "send", "turn_id": turn.turn_id, "text": text})
+                    self._apply_deferred_votes(session, stream, answer)
+                final = self._update(session, notices=notices)
+        finally:
+            self._end_stream(session, stream)
         # Yield outside the lock: Gradio may resume a generator on another thread.
         yield final
 
@@ -334,48 +359,95 @@ class ChatService:
         self, session_id: str, index: int = -1, sampling: dict[str, Any] | None = None
     ) -> Iterator[Update]:
         """A new answer in place of the one at ``index`` (same context, so the two
-        can form a preference pair); later messages are dropped, as in a retry."""
+        can form a preference pair); later messages are dropped, as in a retry.
+
+        The ``regenerate`` event is recorded only together with the new answer: a
+        generation that fails (or a closed tab) leaves no event behind, so a later Undo
+        takes back what the person sees, not a regenerate that never showed."""
         session = self.session(session_id)
+        sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
             index, old = self._answer_at(session, index)
-            self._record(session, old["turn_id"], "regenerate")
             epoch = session.epoch
             context = list(old["context"])
             shown = self.view(session)[:index]
-        gen = self._start(context, sampling, session.user_id)
-        notices = self._trim_notice(gen)
-        yield from self._stream(session, gen, shown, notices)
-        turn = self._turn(session, gen, parent=old["turn_id"])
-        with session.lock:
-            notices = notices + self._save(session, turn)
-            answer = self._answer_message(gen, turn)
-            answer["saved"] = turn.turn_id not in session.pending
-            if (
-                session.epoch == epoch
-                and index < len(session.messages)
-                and (session.messages[index].get("turn_id") == old["turn_id"])
-            ):
-                removed = session.messages[index:]
-                session.messages = session.messages[:index] + [answer]
-                session.actions.append(
-                    {
-                        "kind": "regenerate",
-                        "turn_id": old["turn_id"],
-                        "index": index,
-                        "removed": removed,
-                    }
-                )
-            final = self._update(session, notices=notices)
+            stream = self._begin_stream(session, index)
+        try:
+            gen = self._start(context, sampling, session.user_id)
+            notices = self._trim_notice(gen)
+            yield from self._stream(session, gen, shown, notices)
+            turn = self._turn(session, gen, parent=old["turn_id"])
+            with session.lock:
+                notices = notices + self._save(session, turn)
+                answer = self._answer_message(gen, turn)
+                answer["saved"] = turn.turn_id not in session.pending
+                if (
+                    session.epoch == epoch
+                    and index < len(session.messages)
+                    and (session.messages[index].get("turn_id") == old["turn_id"])
+                ):
+                    # Queued behind the new turn when the store is down: the page shows
+                    # the new answer, so the store gets the regenerate with it.
+                    self._record(session, old["turn_id"], "regenerate", queue=True)
+                    removed = session.messages[index:]
+                    session.messages = session.messages[:index] + [answer]
+                    session.actions.append(
+                        {
+                            "kind": "regenerate",
+                            "turn_id": old["turn_id"],
+                            "index": index,
+                            "removed": removed,
+                        }
+                    )
+                    self._apply_deferred_votes(session, stream, answer)
+                final = self._update(session, notices=notices)
+        finally:
+            self._end_stream(session, stream)
         yield final
+
+    # --- answers still streaming ------------------------------------------------------
+    def _begin_stream(self, session: ChatSession, index: int) -> dict[str, Any]:
+        stream = {"index": index, "votes": []}
+        session.streaming = stream
+        return stream
+
+    def _end_stream(self, session: ChatSession, stream: dict[str, Any]) -> None:
+        with session.lock:
+            if session.streaming is stream:
+                session.streaming = None
+
+    def _apply_deferred_votes(
+        self, session: ChatSession, stream: dict[str, Any], answer: dict[str, Any]
+    ) -> None:
+        """A 👍/👎 clicked while the answer streamed counts once the answer is stored:
+        the last click wins, recorded like a vote on the finished answer."""
+        if not stream["votes"]:
+            return
+        kind = stream["votes"][-1]
+        new = None if kind == "unvote" else kind
+        if answer.get("vote") == new:
+            return
+        self._record(session, answer["turn_id"], kind, queue=True)
+        session.actions.append({"kind": "vote", "turn_id": answer["turn_id"], "prev": None})
+        answer["vote"] = new
 
     # --- reactions ---------------------------------------------------------------
     def vote(self, session_id: str, index: int, kind: str) -> Update:
-        """👍 / 👎 / remove the vote on the answer at ``index`` (negative counts from the end)."""
-        if kind not in VOTES:
-            raise InputError(f"Unknown vote {kind!r}; use 'like', 'dislike' or 'unvote'.")
-        kind = VOTES[kind]
+        """👍 / 👎 / remove the vote on the answer at ``index`` (negative counts from the end).
+
+        On the answer still streaming, the vote is kept and recorded when the answer is
+        stored; the returned update then has ``done=False`` (the page keeps streaming)."""
+        kind = validation.vote_kind(kind)
+        index = validation.answer_index(index)
         session = self.session(session_id)
         with session.lock:
+            stream = session.streaming
+            if stream is not None:
+                if index < 0:  # the page shows the streaming answer last
+                    index += stream["index"] + 1
+                if index == stream["index"]:
+                    stream["votes"].append(kind)
+                    return self._update(session, done=False)
             _, msg = self._answer_at(session, index)
             new = None if kind == "unvote" else kind
             if msg.get("vote") == new:
@@ -385,24 +457,25 @@ class ChatService:
             msg["vote"] = new
             return self._update(session)
 
+    def feedback_state(self, session_id: str) -> list[str | None]:
+        """The vote of every answer the page shows, the one streaming included."""
+        session = self.session(session_id)
+        with session.lock:
+            stream = session.streaming
+            shown = session.messages[: stream["index"]] if stream else session.messages
+            votes = [m.get("vote") for m in shown if m["role"] == "assistant"]
+            if stream is not None:
+                last = stream["votes"][-1] if stream["votes"] else "unvote"
+                votes.append(None if last == "unvote" else last)
+            return votes
+
     def rewrite(self, session_id: str, index: int, text: Any) -> Update:
         """Replace the answer at ``index`` by the user's edited version."""
         session = self.session(session_id)
-        if not isinstance(text, str):
-            raise InputError("The edited answer must be text.")
-        text = FOOTER_RE.sub("", clean_text(text)).strip()
+        validation.edited_text(text)  # its type, before any work
         with session.lock:
             _, msg = self._answer_at(session, index)
-            if not text:
-                raise InputError(
-                    "An edited answer cannot be empty. To say the answer is bad, use 👎; "
-                    "to get another one, use Regenerate."
-                )
-            if len(text) > max(self.settings.max_input_chars, 4 * len(msg["content"])):
-                raise InputError(
-                    f"The edited answer is {len(text):,} characters long; the limit is "
-                    f"{self.settings.max_input_chars:,}. Shorten it."
-                )
+            text = validation.rewrite(text, self.settings, len(msg["content"]))
             if text == msg["content"]:
                 return self._update(session)
             self._record(session, msg["turn_id"], "rewrite", text)
@@ -475,6 +548,7 @@ class ChatService:
             "current_version": self.policy.current_version,
             "loaded_versions": self.policy.loaded_versions,
             "model": self.settings.base_model,
+            "swap_error": getattr(self.watcher, "last_error", None),
         }
         if session_id:
             session = self.session(session_id)

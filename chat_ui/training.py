@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from chat_ui import validation
 from rlhf_core.datasets import load_feedback, resolve_feedback
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import discover_url
@@ -30,6 +31,7 @@ from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
 
+SWAP_RETRY_S = 60.0  # a version whose adapter failed to load is tried again after this
 TRAIN_TASK = "rlhf.train_round"  # worker/celery_app.py; by name, not by import
 TRAIN_QUEUE = "train"
 
@@ -119,6 +121,7 @@ class VersionWatcher:
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
         self.last_error: str | None = None
+        self._failed: dict[int, tuple[float, str]] = {}  # version -> (when, why) it failed
         self.swaps: list[tuple[int, float]] = []  # (version, time it became current here)
         # The registry's candidate, once its adapter is loaded here (None: no canary).
         self.candidate: dict[str, Any] | None = None
@@ -142,26 +145,52 @@ class VersionWatcher:
         with self._sync_lock:
             registry = Registry(self._client(), self.settings)
             target = registry.current()
-            self._sync_candidate(registry)
-            if target == self.server.current_version:
-                return target
-            if target == 0:
-                self.server.set_current(0)
-            else:
-                folder = registry.materialize(target, self.cache_dir)
-                # Loading beside the old adapter first: requests keep being served by
-                # the old version until the new one is ready.
-                self.server.load_adapter(target, str(folder))
+            try:
+                self._sync_candidate(registry)
+                candidate_error = None
+            except Exception as error:  # a broken candidate must not block the current one
+                candidate_error = error
+            if target != self.server.current_version:
+                if target != 0:
+                    # Loading beside the old adapter first: requests keep being served by
+                    # the old version until the new one is ready.
+                    self._load(registry, target)
                 self.server.set_current(target)
-            self.swaps.append((target, time.time()))
-            log.info("now serving policy version %d", target)
+                self.swaps.append((target, time.time()))
+                log.info("now serving policy version %d", target)
+            if candidate_error is not None:
+                raise candidate_error
             return target
+
+    def _load(self, registry: Registry, version: int) -> None:
+        """Load a version's adapter beside the others, read in full first: a corrupt
+        adapter fails here, not half-way into the served model (peft injects the LoRA
+        layers before it reads the weights). A version that failed is tried again only
+        after SWAP_RETRY_S, not at every poll."""
+        if version in self.server.loaded_versions:
+            return
+        failed = self._failed.get(version)
+        if failed is not None and time.monotonic() - failed[0] < SWAP_RETRY_S:
+            raise RuntimeError(failed[1])
+        # Imported here: the CLI imports this module and must not pay for torch.
+        from rlhf_core.modeling import forget_materialized, verify_adapter
+
+        folder = None
+        try:
+            folder = registry.materialize(version, self.cache_dir)
+            verify_adapter(folder)
+            self.server.load_adapter(version, str(folder))
+        except Exception as error:
+            why = f"version {version} cannot be served: {type(error).__name__}: {error}"[:500]
+            self._failed[version] = (time.monotonic(), why)
+            forget_materialized(folder)  # unpacked afresh from the registry next time
+            raise RuntimeError(why) from error
+        self._failed.pop(version, None)
 
     def _sync_candidate(self, registry: Registry) -> None:
         candidate = registry.candidate()
         if candidate is not None and candidate["version"] not in self.server.loaded_versions:
-            folder = registry.materialize(candidate["version"], self.cache_dir)
-            self.server.load_adapter(candidate["version"], str(folder))
+            self._load(registry, candidate["version"])
             log.info("loaded candidate version %d", candidate["version"])
         self.candidate = candidate
 
@@ -169,9 +198,11 @@ class VersionWatcher:
         try:
             self.sync()
             self.last_error = None
-        except (redis.RedisError, OSError, UnknownVersionError, ValueError) as error:
-            # Try again at the next message or poll; the old version keeps serving.
-            self.last_error = f"{type(error).__name__}: {error}"
+        except Exception as error:
+            # Any error at all (Redis, a corrupt or truncated adapter, safetensors, PEFT):
+            # the old version keeps serving, the thread lives on, the next message or
+            # poll tries again, and status and the Training tab show why.
+            self.last_error = f"{type(error).__name__}: {error}"[:500]
             log.warning("could not switch policy version: %s", self.last_error)
 
     def _run(self) -> None:
@@ -190,9 +221,9 @@ class VersionWatcher:
                     # Returns at a message or after a quiet poll interval: check either way.
                     pubsub.get_message(timeout=self.settings.version_poll_s)
                     self._safe_sync()
-            except redis.RedisError as error:
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.warning("version watcher lost Redis (%s); retrying", error)
+            except Exception as error:  # Redis gone, or anything else: never let the thread die
+                self.last_error = f"{type(error).__name__}: {error}"[:500]
+                log.warning("version watcher: %s; retrying", self.last_error)
                 self._stop.wait(self.settings.version_poll_s)
             finally:
                 if pubsub is not None:
@@ -281,9 +312,11 @@ def versions_table(client: redis.Redis, settings: Settings) -> list[dict[str, An
     return rows
 
 
-def status_markdown(client: redis.Redis, settings: Settings) -> str:
+def status_markdown(client: redis.Redis, settings: Settings, swap_error: str | None = None) -> str:
     registry = Registry(client, settings)
     lines = [f"**Serving version {registry.current()}** · {registry.status_line()}"]
+    if swap_error:
+        lines.append(f"⚠️ This UI keeps serving its version: {swap_error}")
     progress = registry.progress()
     if progress and progress["running"]:
         lines.append(f"Round in progress: **{progress['stage']}** — {progress['fraction']:.0%}")
@@ -318,6 +351,7 @@ def build_training_tab(
     client: redis.Redis | None = None,
     store: FeedbackStore | None = None,
     server: Any = None,
+    swap_error: Any = None,
     **_: Any,
 ) -> dict[str, Any]:
     """The Training tab's layout and listeners; call inside ``with gr.Tab("Training"):``.
@@ -338,7 +372,7 @@ def build_training_tab(
             table, quality, policy = _frames(rows)
             choices = [r["version"] for r in rows]
             return (
-                status_markdown(client, settings),
+                status_markdown(client, settings, swap_error() if swap_error else None),
                 table,
                 quality,
                 policy,
@@ -358,14 +392,13 @@ def build_training_tab(
         if version is None or version == "":
             return "Pick a version to roll back to."
         try:
-            version = int(float(version))
-        except (TypeError, ValueError):
-            return f"{version!r} is not a version number; pick one from the table."
-        try:
+            version = validation.version(version)
             Registry(client, settings).rollback(version)
-        except UnknownVersionError as error:
-            return str(error)
-        return f"Version {int(version)} is current again; every UI switches within seconds."
+        except (validation.InputError, UnknownVersionError) as error:
+            return f"{error} Pick a version from the table."
+        except redis.RedisError as error:
+            return f"Redis is unreachable ({error}); try again in a few seconds."
+        return f"Version {version} is current again; every UI switches within seconds."
 
     status = gr.Markdown("Loading…", elem_id="training-status")
     with gr.Row():

@@ -15,11 +15,14 @@ When nothing works, one :class:`ModelLoadError` says what was tried and what to 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,44 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 class ModelLoadError(RuntimeError):
     """The base model could not be found anywhere; the message says what to do."""
+
+
+class CorruptAdapterError(ValueError):
+    """An adapter folder cannot be read as a LoRA adapter."""
+
+
+def verify_adapter(folder: str | Path) -> None:
+    """Read an adapter folder in full (config and every tensor) without touching a model,
+    so that a corrupt or truncated adapter is refused before it is half-loaded into the
+    served model (peft injects the LoRA layers before it reads the weights)."""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        PeftConfig.from_pretrained(str(folder))
+        weights = folder / "adapter_model.safetensors"
+        if weights.exists():
+            tensors = load_file(str(weights))
+        else:
+            tensors = torch.load(folder / "adapter_model.bin", weights_only=True)
+    except Exception as error:
+        raise CorruptAdapterError(f"adapter in {folder} cannot be read: {error}") from error
+    if not tensors:
+        raise CorruptAdapterError(f"adapter in {folder} holds no weights")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CorruptAdapterError(f"adapter in {folder} has non-finite weights: {bad[:3]}")
+
+
+def forget_materialized(folder: str | Path | None) -> None:
+    """Delete a locally unpacked adapter folder (only those under an ``adapters`` cache;
+    a shared artifact folder is never touched), so the next use unpacks it afresh."""
+    if folder is None:
+        return
+    folder = Path(folder)
+    if folder.parent.parent.name == "adapters":
+        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 @dataclass
@@ -100,7 +141,35 @@ def _save_loadable(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     tmp.rename(out)
 
 
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One process at a time builds ``out``: the UI and the worker of a first `make run`
+    both need the model and would each convert it (tens of seconds) into the same folder.
+    The others wait on the lock and then find the finished folder (an OS file lock: it is
+    released when its holder dies, so a killed conversion does not block the next)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as handle:
+        start = time.perf_counter()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("Waiting for another process to finish building %s", out)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.warning("Waited %.1f s for %s", time.perf_counter() - start, out)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _dequantize_bundled_gguf(out: Path) -> Path:
+    with _build_lock(out):
+        if _is_model_folder(out):  # built by the process we waited for
+            return out
+        return _dequantize_locked(out)
+
+
+def _dequantize_locked(out: Path) -> Path:
     gguf = bundled_gguf_path()
     if gguf is None:
         raise FileNotFoundError(f"package {GGUF_PACKAGE} not installed")
@@ -118,6 +187,13 @@ def _dequantize_bundled_gguf(out: Path) -> Path:
 def _build_tiny_random(out: Path, settings: Settings) -> Path:
     """A 2-layer random Llama with the real SmolLM2 tokenizer (so chat templates,
     EOS handling and padding are exercised as in production)."""
+    with _build_lock(out):
+        if _is_model_folder(out):
+            return out
+        return _build_tiny_random_locked(out, settings)
+
+
+def _build_tiny_random_locked(out: Path, settings: Settings) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_default_model_dir(settings))
     config = AutoConfig.for_model(
         "llama",

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the chat UI listens on.")
     port: int = Field(7860, description="Port of the chat UI.")
     max_input_chars: int = Field(4000, description="Longest user message accepted.")
+    max_system_prompt_chars: int = Field(
+        4000, description="Longest system prompt accepted from the page."
+    )
     max_context_tokens: int = Field(
         1536, description="Prompt budget; older turns are trimmed beyond it."
     )
@@ -60,6 +63,11 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(256, description="Default answer length limit, in tokens.")
     version_poll_s: float = Field(
         2.0, description="How often a UI checks the registry in case a pub/sub message was missed."
+    )
+    session_idle_s: float = Field(
+        3600.0,
+        description="A chat session nobody has touched this long (an open tab polls, a closed "
+        "one does not) is dropped from memory, after its unsaved answers are saved.",
     )
     redis_timeout_s: float = Field(
         2.0, description="Socket timeout for Redis calls from the UI (a clear error, not a hang)."
@@ -107,6 +115,17 @@ class Settings(BaseSettings):
         30.0,
         description="Training lock lease; renewed while a round runs, so a killed worker "
         "blocks the next round for at most this long.",
+    )
+    round_check_s: float = Field(
+        15.0,
+        description="Workers check this often for a round that is due (enough feedback, or a "
+        "round whose worker died): a killed round re-runs without waiting for new feedback.",
+    )
+    keep_adapters: int = Field(
+        20,
+        description="Stored adapters: the newest this-many versions keep their weights (and "
+        "the current one and the newest reward model); older ones cannot be rolled back to. "
+        "0 = keep all.",
     )
     debug_round_delay_s: float = Field(
         0.0, description="Testing only: sleep this long inside each round (crash tests)."
