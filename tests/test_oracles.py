@@ -1,0 +1,91 @@
+"""The simulated users of the learning benchmark: each judges and rewrites as its
+docstring says, and its rewrite is an answer it likes (or None)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ORACLES = Path(__file__).resolve().parent.parent / "benchmarks" / "oracles"
+
+
+def oracle(name: str):
+    spec = importlib.util.spec_from_file_location(f"oracle_{name}", ORACLES / f"oracle_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHATTY = (
+    "Sure! You can't go wrong with a bicycle: it's cheap. I'm sure you'll love it, "
+    "and your legs will too."
+)
+
+
+def test_formal_dislikes_contractions_exclamations_and_the_second_person():
+    formal = oracle("formal")
+    assert not formal.judge("q", CHATTY)
+    assert not formal.judge("q", "It's a bicycle.")  # contraction
+    assert not formal.judge("q", "A bicycle is cheap!")  # exclamation
+    assert not formal.judge("q", "You pedal to move.")  # second person
+    assert formal.judge("q", "A bicycle is cheap. One pedals to move. The cat's tail is long.")
+    assert formal.rewrite("q", "A bicycle is cheap.") is None  # already liked: no rewrite
+    better = formal.rewrite("q", "It's cheap and you can't go wrong with it!")
+    assert better == "It is cheap and one cannot go wrong with it."
+    assert formal.judge("q", better)
+
+
+def test_question_wants_a_follow_up_question_to_the_user_at_the_end():
+    question = oracle("question")
+    assert question.judge("q", "Paris is the capital. Do you want to know more?")
+    assert not question.judge("q", "Is Paris the capital? Yes, it is.")
+    assert not question.judge("q", "Paris is the capital. Why is that?")  # not to the user
+    better = question.rewrite("q", "Paris is the capital. It is large. It has a tower.")
+    assert better == (
+        "Paris is the capital. It is large. Would you like me to go into more detail?"
+    )
+    assert question.judge("q", better)
+
+
+def test_thorough_wants_forty_words_ending_a_sentence():
+    thorough = oracle("thorough")
+    forty = " ".join(["word"] * 39) + " end."
+    assert thorough.judge("q", forty)
+    assert not thorough.judge("q", forty[:-1])  # cut mid-sentence
+    assert not thorough.judge("q", "Too short.")
+    assert not thorough.judge("q", " ".join(["word"] * 40) + "\n3.")  # a list number ends nothing
+    cut = forty + " and then it went on and"
+    assert thorough.rewrite("q", cut) == forty
+    assert thorough.rewrite("q", "Too short but cut") is None  # cannot be made thorough
+
+
+def test_plain_wants_short_sentences_and_everyday_words():
+    plain = oracle("plain")
+    assert plain.judge("q", "Cats are soft. They like to nap in the sun.")
+    long_sentence = "The cat " + "sat and " * 8 + "slept."
+    assert not plain.judge("q", long_sentence)  # 19 words in one sentence
+    assert not plain.judge("q", "Photosynthesis transforms electromagnetic radiation.")
+    better = plain.rewrite(
+        "q",
+        "Additionally, the cat utilizes the sofa, and it sleeps there for approximately an hour.",
+    )
+    # 14 words once the long ones are swapped: short enough to stay one sentence.
+    assert better == "Also, the cat uses the sofa, and it sleeps there for about an hour."
+    assert plain.judge("q", better)
+
+
+@pytest.mark.parametrize(
+    "name", ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose"]
+)
+def test_every_rewrite_is_liked_by_its_own_user(name):
+    user = oracle(name)
+    answers = [
+        CHATTY,
+        "A microwave oven heats food.\n\n1. It makes waves.\n2. Water absorbs them.\n3.",
+        "The primary difference between a moth and a butterfly lies in their antennae, "
+        "which are feathery in moths and clubbed in butterflies, and in when they fly",
+        "",
+    ]
+    for answer in answers:
+        better = user.rewrite("q", answer)
+        assert better is None or user.judge("q", better), (answer, better)
