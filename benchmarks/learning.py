@@ -251,6 +251,10 @@ def evaluate_versions(
             "log_ratio": sum(ratios) / len(ratios),
             "mean_words": sum(len(a.split()) for a in answers) / len(answers),
             "rm_accuracy": metrics.get("reward/accuracy"),
+            # What the round's gate measured on its own samples, beside the held-out
+            # figure above: the two should agree within the gate's error.
+            "gate_kl": metrics.get("objective/kl_served"),
+            "gate_kl_ucb": metrics.get("objective/kl_served_ucb"),
             "samples": [
                 {"prompt": p, "answer": a, "liked": ok}
                 for p, a, ok in list(zip(eval_prompts, answers, liked, strict=True))[:6]
@@ -358,7 +362,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def assemble(args, loop: dict[str, Any], evaluated: dict[int, dict], elapsed: float) -> dict:
     base = {"version": 0, "round": 0, "elapsed_s": 0.0, "vote_to_version_s": None}
     versions = [{**row, **evaluated[row["version"]]} for row in [base, *loop["rows"]]]
+    overrides = {k: v for k, v in os.environ.items() if k.startswith("RLHF_")}
     return {
+        # The exact command and every RLHF_ override: "defaults" means this dict is empty.
+        "command": " ".join(["python", *sys.argv]),
+        "env_overrides": overrides,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "loop_s": loop["loop_s"],
         "elapsed_s": round(elapsed, 1),
@@ -464,21 +472,33 @@ def report(result: dict[str, Any]) -> str:
         f"rewrite rate {s['rewrite_rate']}, seed {s['seed']}; loop {result['loop_s']:.0f} s, "
         f"total {result['elapsed_s']:.0f} s.",
         "",
+        f"Command: `{' '.join(f'{k}={v}' for k, v in result.get('env_overrides', {}).items())}"
+        f"{' ' if result.get('env_overrides') else ''}{result.get('command', '')}`",
+        "",
         "KL: per answer, the exact KL of the version's next-token distribution to the base "
         "model's, summed along the held-out answers as served (temperature "
         f"{s['temperature']}, top-p {s['top_p']}); log-ratio: log p(answer) - log p_base(answer) "
         "of those same answers.",
         "",
-        "| version | 👍 rate | KL (nats) | log-ratio | mean words | RM accuracy | elapsed s "
-        "| vote→version s |",
-        "|---|---|---|---|---|---|---|---|",
+        "Gate KL: what the round's gate measured on its own samples (its upper bound in brackets).",
+        "",
+        "| version | 👍 rate | KL (nats) | gate KL | log-ratio | mean words | RM accuracy "
+        "| elapsed s | vote→version s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def number(value: Any, fmt: str = ".2f") -> str:
+        return "" if value is None else format(float(value), fmt)
+
     for r in rows:
-        rm = "" if r.get("rm_accuracy") is None else f"{float(r['rm_accuracy']):.2f}"
-        ratio = f"{r['log_ratio']:.2f}" if "log_ratio" in r else ""
+        gate = number(r.get("gate_kl"))
+        if r.get("gate_kl_ucb") is not None:
+            gate += f" [{number(r['gate_kl_ucb'])}]"
         lines.append(
-            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {r['kl']:.2f} | {ratio} "
-            f"| {r['mean_words']:.1f} | {rm} | {r['elapsed_s']} | {r['vote_to_version_s'] or ''} |"
+            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {r['kl']:.2f} | {gate} "
+            f"| {number(r.get('log_ratio'))} | {r['mean_words']:.1f} "
+            f"| {number(r.get('rm_accuracy'))} | {r['elapsed_s']} "
+            f"| {r['vote_to_version_s'] or ''} |"
         )
     if result["failed_rounds"]:
         lines += ["", "Rounds that published nothing:", ""]
