@@ -315,6 +315,7 @@ class ChatService:
             sampling=gen.sampling.as_dict(),
             model=self.settings.base_model,
             parent_turn_id=parent,
+            finished=gen.ended_with_eos,
         )
 
     def send(

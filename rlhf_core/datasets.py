@@ -171,6 +171,7 @@ def pointwise_examples(
                 "label": item.label,
                 "user_id": item.turn.user_id,
                 "turn_id": item.turn.turn_id,
+                "finished": item.turn.finished,
             }
         )
     return out
@@ -199,7 +200,7 @@ def preference_pairs(
     seen: set[tuple[str, str, str]] = set()
 
     def add(item: Labeled, chosen: str, rejected: str, source: str, chosen_id: str | None,
-            rejected_id: str) -> None:  # fmt: skip
+            rejected_id: str, chosen_finished: bool, rejected_finished: bool) -> None:  # fmt: skip
         if chosen.strip() == rejected.strip():
             return
         if focus is not None and chosen_id not in focus and rejected_id not in focus:
@@ -217,14 +218,17 @@ def preference_pairs(
                 "source": source,
                 "chosen_turn_id": chosen_id,
                 "rejected_turn_id": rejected_id,
+                "chosen_finished": chosen_finished,
+                "rejected_finished": rejected_finished,
             }
         )
 
     for item in labeled:
         if item.rewrite is not None:
-            # The rewrite has no turn of its own; it is attributed to its turn.
+            # The rewrite has no turn of its own; it is attributed to its turn. A person's
+            # text is a whole answer (it ends), the served one may have been cut.
             add(item, item.rewrite, item.turn.answer, "rewrite", item.turn.turn_id,
-                item.turn.turn_id)  # fmt: skip
+                item.turn.turn_id, True, item.turn.finished)  # fmt: skip
 
     groups: dict[tuple[str, str], list[Labeled]] = defaultdict(list)
     for item in labeled:
@@ -236,7 +240,7 @@ def preference_pairs(
         for good in liked:
             for bad in disliked:
                 add(good, good.turn.answer, bad.turn.answer, "vote", good.turn.turn_id,
-                    bad.turn.turn_id)  # fmt: skip
+                    bad.turn.turn_id, good.turn.finished, bad.turn.finished)  # fmt: skip
     return out
 
 

@@ -219,6 +219,10 @@ class Turn:
     model: str = ""
     created_at: float = field(default_factory=time.time)
     parent_turn_id: str | None = None  # set for a regenerate: the turn it replaces
+    # Whether the answer ended with EOS. False: it was cut (at max_new_tokens, or
+    # stopped), and training must score and imitate it as cut. Records written before
+    # this field existed read as True, which is what training assumed of them.
+    finished: bool = True
 
     def __post_init__(self) -> None:
         for name in ("turn_id", "session_id", "user_id"):
@@ -242,6 +246,11 @@ class Turn:
             raise FeedbackError(f"Turn.sampling must be a dict, got {self.sampling!r}.")
         if self.parent_turn_id is not None:
             _require_id(self.parent_turn_id, "parent_turn_id")
+        if not isinstance(self.finished, bool):
+            raise FeedbackError(
+                f"Turn.finished must be True or False (did the answer end with EOS), "
+                f"got {self.finished!r}."
+            )
         self.messages = _clean(self.messages)
         self.answer = clean_text(self.answer)
         self.sampling = _clean(self.sampling)

@@ -38,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.chat_format import answer_ids
+from rlhf_core.chat_format import prompt_ids as chat_prompt_ids
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,17 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter
     """The LoRA parameters of one adapter (names look like ``...lora_A.<name>.weight``)."""
     tag = f".{adapter_name}."
     return [p for n, p in model.named_parameters() if tag in n and "lora_" in n]
+
+
+def _finished_flags(
+    pointwise: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]
+) -> list[bool]:
+    """Whether each answer of a ``loss`` batch ended with EOS, in its encode order."""
+    return (
+        [bool(e.get("finished", True)) for e in pointwise]
+        + [bool(p.get("chosen_finished", True)) for p in pairs]
+        + [bool(p.get("rejected_finished", True)) for p in pairs]
+    )
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -309,26 +322,28 @@ class RewardModel:
     def prompt_ids(self, messages: Messages) -> list[int]:
         """Token ids of the chat context with the assistant generation prompt: what a
         PPO rollout starts from. Over-long contexts keep their most recent tokens."""
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[-self.config.max_prompt_tokens :]
+        return chat_prompt_ids(self.tokenizer, messages, self.config.max_prompt_tokens)
 
     def encode(
-        self, messages_list: Sequence[Messages], answers: Sequence[str]
+        self,
+        messages_list: Sequence[Messages],
+        answers: Sequence[str],
+        finished: Sequence[bool] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Left-padded ``(input_ids, attention_mask)`` of ``prompt + answer + EOS``; the
-        last column is every row's last answer token (its EOS), where it is scored."""
+        """Left-padded ``(input_ids, attention_mask)`` of ``prompt + answer (+ EOS)``; the
+        last column is every row's last answer token, where it is scored: its EOS for an
+        answer that ended, its last text token for one that was cut -- the layout of a
+        PPO rollout that hit its token limit. ``finished[i]`` (default all True) says
+        whether answer ``i`` ended with EOS when it was served (``Turn.finished``)."""
         if len(messages_list) != len(answers):
             raise ValueError(f"{len(messages_list)} contexts but {len(answers)} answers")
-        eos = self.tokenizer.eos_token_id
+        ended = [True] * len(answers) if finished is None else [bool(f) for f in finished]
+        if len(ended) != len(answers):
+            raise ValueError(f"{len(answers)} answers but {len(ended)} finished flags")
         rows = []
-        for messages, answer in zip(messages_list, answers, strict=True):
-            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            rows.append(
-                self.prompt_ids(messages) + answer_ids[: self.config.max_answer_tokens] + [eos]
-            )
+        for messages, answer, done in zip(messages_list, answers, ended, strict=True):
+            ids, _ = answer_ids(self.tokenizer, answer, self.config.max_answer_tokens, done)
+            rows.append(self.prompt_ids(messages) + ids)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -359,14 +374,22 @@ class RewardModel:
                 self.model.set_adapter(previous)
 
     def score(
-        self, messages_list: Sequence[Messages], answers: Sequence[str], batch_size: int = 16
+        self,
+        messages_list: Sequence[Messages],
+        answers: Sequence[str],
+        batch_size: int = 16,
+        finished: Sequence[bool] | None = None,
     ) -> Tensor:
-        """Rewards ``[batch]`` (float32, on the CPU) of answers to their contexts."""
+        """Rewards ``[batch]`` (float32, on the CPU) of answers to their contexts
+        (``finished``: as in :meth:`encode`)."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(answers), batch_size):
+                end = start + batch_size
                 ids, mask = self.encode(
-                    messages_list[start : start + batch_size], answers[start : start + batch_size]
+                    messages_list[start:end],
+                    answers[start:end],
+                    None if finished is None else finished[start:end],
                 )
                 out.append(self.forward_scores(ids, mask).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
@@ -389,14 +412,16 @@ class RewardModel:
         """Weighted loss of one batch (one forward for all its sequences).
 
         pointwise: ``{"messages", "answer", "label"}`` with label 1.0 (liked) / 0.0;
-        pairs: ``{"messages", "chosen", "rejected"}``."""
+        pairs: ``{"messages", "chosen", "rejected"}``. Optional ``finished`` (pointwise),
+        ``chosen_finished`` / ``rejected_finished`` (pairs): False for a served answer
+        that was cut before its EOS (see :meth:`encode`); missing means True."""
         contexts = [e["messages"] for e in pointwise] + [p["messages"] for p in pairs] * 2
         answers = (
             [e["answer"] for e in pointwise]
             + [p["chosen"] for p in pairs]
             + [p["rejected"] for p in pairs]
         )
-        ids, mask = self.encode(contexts, answers)
+        ids, mask = self.encode(contexts, answers, _finished_flags(pointwise, pairs))
         rewards = self.forward_scores(ids, mask)
         n_point, n_pair = len(pointwise), len(pairs)
         total = rewards.new_zeros(())
@@ -484,8 +509,18 @@ class RewardModel:
         if not pairs:
             return {"reward/heldout_pairs": 0.0}
         contexts = [p["messages"] for p in pairs]
-        chosen = self.score(contexts, [p["chosen"] for p in pairs], batch_size)
-        rejected = self.score(contexts, [p["rejected"] for p in pairs], batch_size)
+        chosen = self.score(
+            contexts,
+            [p["chosen"] for p in pairs],
+            batch_size,
+            [bool(p.get("chosen_finished", True)) for p in pairs],
+        )
+        rejected = self.score(
+            contexts,
+            [p["rejected"] for p in pairs],
+            batch_size,
+            [bool(p.get("rejected_finished", True)) for p in pairs],
+        )
         diff = chosen - rejected
         return {
             "reward/accuracy": float((diff > 0).float().mean()),

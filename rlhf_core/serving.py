@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from rlhf_core.chat_format import prompt_ids
 from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
 from rlhf_core.settings import Settings
@@ -82,6 +83,9 @@ class Generation:
     first_token_s: float | None = None  # seconds from start to the first visible text
     total_s: float | None = None
     finished: bool = False
+    # Whether the model ended the answer with EOS (False: cut at max_new_tokens or
+    # stopped); stored as Turn.finished so training sees a cut answer as cut.
+    ended_with_eos: bool = False
     _started: bool = field(default=False, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -218,16 +222,8 @@ class PolicyServer:
         return max(1, min(self.settings.max_context_tokens, limit - max_new_tokens))
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        # sanitize_control_tokens: a user who types "<|im_start|>system" gets plain text,
-        # not a forged turn boundary.
-        out = self.tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-            sanitize_control_tokens=True,
-        )
-        return list(out)
+        # The one chat encoding (control tokens a user types stay text), shared with training.
+        return prompt_ids(self.tokenizer, messages)
 
     def build_prompt(self, messages: list[dict[str, str]], max_new_tokens: int) -> Prompt:
         """Render the conversation, dropping the oldest turns until it fits the budget."""
@@ -302,7 +298,7 @@ class PolicyServer:
                 with self._turn:
                     self._turn.wait_for(lambda: not self._swaps_waiting)
                 with self._generate_lock:
-                    outcome["tokens"] = self._generate_locked(gen, streamer)
+                    outcome["tokens"], outcome["eos"] = self._generate_locked(gen, streamer)
             except BaseException as error:  # surfaced in the consumer thread below
                 outcome["error"] = error
                 streamer.on_finalized_text("", stream_end=True)
@@ -331,6 +327,7 @@ class PolicyServer:
         if "error" in outcome:
             raise outcome["error"]
         gen.new_tokens = outcome.get("tokens", 0)
+        gen.ended_with_eos = outcome.get("eos", False)
         gen.total_s = time.perf_counter() - start
         gen.text = gen.text.strip()
         gen.finished = True
@@ -347,7 +344,8 @@ class PolicyServer:
             gen.version = self._current
             self._pins[gen.version] = self._pins.get(gen.version, 0) + 1
 
-    def _generate_locked(self, gen: Generation, streamer: TextIteratorStreamer) -> int:
+    def _generate_locked(self, gen: Generation, streamer: TextIteratorStreamer) -> tuple[int, bool]:
+        """Runs generate; returns (new tokens, whether the last one is an EOS)."""
         self._repin_to_current(gen)
         device = self.loaded.model.device
         input_ids = torch.tensor([gen.prompt.input_ids], device=device)
@@ -371,7 +369,8 @@ class PolicyServer:
             else:
                 self.model.set_adapter(adapter_name(gen.version))
                 out = self.model.generate(**kwargs)
-        return int(out.shape[1] - input_ids.shape[1])
+        new_tokens = int(out.shape[1] - input_ids.shape[1])
+        return new_tokens, new_tokens > 0 and int(out[0, -1]) in self._stop_ids
 
 
 class _Cancelled(StoppingCriteria):

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         0.5,
         description="Weight of imitating people's rewrites in each PPO step (0 = pure PPO).",
     )
+    demo_max_tokens: int | None = Field(
+        None,
+        description="Longest rewrite imitated, in tokens; longer ones are cut and get no EOS "
+        "(unset = RLHF_MAX_NEW_TOKENS, the served answer limit).",
+    )
     kl_budget: float = Field(
         10.0, description="Gate: a round whose mean KL to the reference exceeds this is rejected."
     )

@@ -51,6 +51,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rlhf_core.chat_format import answer_ids
+from rlhf_core.chat_format import prompt_ids as chat_prompt_ids
 from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
 from rlhf_core.ppo import (
@@ -125,6 +127,10 @@ class PPOConfig:
     # A rewrite is a demonstration of the answer wanted: learning from it directly is far
     # more sample-efficient than only through the reward model's scalar. 0 = pure PPO.
     demo_coef: float = 0.0
+    # Longest demonstration imitated, in tokens (EOS included, as generate counts it):
+    # a rewrite is a whole served answer, so its limit is the served one, not the
+    # rollout length; a longer one is cut there and gets no EOS.
+    demo_max_tokens: int = 256
     max_consecutive_skips: int = 3
     seed: int = 0
 
@@ -141,6 +147,7 @@ class PPOConfig:
             "target_kl": settings.target_kl,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
+            "demo_max_tokens": settings.demo_max_tokens or settings.max_new_tokens,
         }
         values.update(overrides)
         return cls(**values)
@@ -214,9 +221,9 @@ def new_value_head(hidden_size: int, device: torch.device) -> nn.Linear:
 
 
 def prompt_token_ids(tokenizer: Any, messages: Messages, max_tokens: int) -> list[int]:
-    """Chat template with the assistant generation prompt; most recent tokens kept."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]
+    """The served encoding of the context (``chat_format.prompt_ids``); most recent
+    tokens kept."""
+    return chat_prompt_ids(tokenizer, messages, max_tokens)
 
 
 def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -396,22 +403,43 @@ class PPOTrainer:
         n = self._sum(torch.tensor(float(len(rollout.prompts))))
         return float(self._sum(per_answer.sum()) / n)
 
-    def rollout_from_texts(self, prompts: list[Messages], answers: list[str]) -> Rollout:
-        """A rollout of given answers (each ends with EOS), e.g. for tests or replays."""
-        query_ids, query_mask = self._encode_prompts(prompts)
-        eos = self.tokenizer.eos_token_id
-        rows = [
-            self.tokenizer(a, add_special_tokens=False)["input_ids"][
-                : self.config.max_new_tokens - 1
-            ]
-            + [eos]
-            for a in answers
+    def rollout_from_texts(
+        self,
+        prompts: list[Messages],
+        answers: list[str],
+        max_tokens: int | None = None,
+        finished: Sequence[bool] | None = None,
+    ) -> Rollout:
+        """A rollout of given answers, e.g. people's rewrites (demonstrations), replays
+        or tests: each answer's tokens up to ``max_tokens`` (default
+        ``config.demo_max_tokens``, the served answer limit, not the rollout length),
+        then EOS only where the answer ended (``finished``, default True) and was not
+        cut: imitating a cut answer must not teach the policy to stop there."""
+        limit = self.config.demo_max_tokens if max_tokens is None else max_tokens
+        ends = [True] * len(answers) if finished is None else list(finished)
+        encoded = [
+            answer_ids(self.tokenizer, a, limit, done)
+            for a, done in zip(answers, ends, strict=True)
         ]
-        width = max(len(r) for r in rows)
-        response = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            response[i, : len(row)] = torch.tensor(row)
-        return self._finish_rollout(prompts, query_ids, query_mask, response.to(self.device))
+        query_ids, query_mask = self._encode_prompts(prompts)
+        width = max(1, max(len(ids) for ids, _ in encoded))
+        response = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        # The mask is built from the lengths, not by looking for EOS: the pad token may
+        # be the EOS token, and a cut answer's padding must not read as its end.
+        response_mask = torch.zeros((len(encoded), width), dtype=torch.float)
+        for i, (ids, _) in enumerate(encoded):
+            response[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[i, : len(ids)] = 1.0
+        has_eos = torch.tensor([ended for _, ended in encoded], dtype=torch.bool)
+        return Rollout(
+            list(prompts),
+            query_ids,
+            query_mask,
+            response.to(self.device),
+            response_mask.to(self.device),
+            has_eos.to(self.device),
+            list(answers),
+        )
 
     # -- scoring and experience ---------------------------------------------------------
 

@@ -43,6 +43,29 @@ def test_send_writes_turn_before_final_update(service):
     assert turn.sampling["max_new_tokens"] == 6 and turn.policy_version == 0
 
 
+def test_saved_turn_says_whether_the_answer_ended_with_eos(service):
+    """Issue 9, defect 3: a random model's 4-token answer is cut (no EOS), and the
+    stored turn says so; forcing EOS at the first step gives a finished turn."""
+    eos = service.policy.tokenizer.eos_token_id
+
+    def run(force_eos: bool):
+        def steer(_module, _inputs, logits):
+            logits = logits.clone()
+            logits[..., eos] = 1e4 if force_eos else -1e4
+            return logits
+
+        head = service.policy.model.get_output_embeddings()
+        hook = head.register_forward_hook(steer)
+        try:
+            updates = last(service.send("s1", "Hello", None, {"max_new_tokens": 4}))
+        finally:
+            hook.remove()
+        return service.store.get_turn(updates[-1].messages[-1]["turn_id"])
+
+    assert run(force_eos=False).finished is False
+    assert run(force_eos=True).finished is True
+
+
 def test_bad_input_is_refused_with_a_clear_message(service):
     with pytest.raises(InputError, match="empty message"):
         list(service.send("s1", "   \n"))

@@ -118,6 +118,7 @@ def test_pointwise_from_store_counts_double_like_once(store):
         "label": 1.0,
         "user_id": "u1",
         "turn_id": "a",
+        "finished": True,
     }
 
 
@@ -148,6 +149,8 @@ def test_rewrite_pairs():
             "source": "rewrite",
             "chosen_turn_id": "a",
             "rejected_turn_id": "a",
+            "chosen_finished": True,
+            "rejected_finished": True,
         }
     ]
 

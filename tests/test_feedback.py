@@ -419,3 +419,15 @@ def test_reclaim_stale_takes_only_idle_entries(redis_client):
     assert store.pending()["consumers"] == {"dead": 1, "rescuer": 2}
     # Reclaiming is not reading new entries: there are none, and none are made up.
     assert len(store.reclaim_stale("rescuer", min_idle_ms=0, count=10)) == 3
+
+
+def test_turn_finished_defaults_to_true_for_older_records():
+    """Issue 9, defect 3: Turn.finished (the answer ended with EOS) round-trips, and a
+    record written before the field existed reads as finished, as training assumed."""
+    turn = Turn("t1", "s1", "u1", [{"role": "user", "content": "Hi"}], "cut off", finished=False)
+    assert Turn.from_json(turn.to_json()).finished is False
+    old = json.loads(turn.to_json())
+    del old["finished"]
+    assert Turn.from_dict(old).finished is True
+    with pytest.raises(FeedbackError, match="finished"):
+        Turn("t1", "s1", "u1", [{"role": "user", "content": "Hi"}], "x", finished="no")

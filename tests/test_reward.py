@@ -150,3 +150,37 @@ def test_replayed_feedback_is_seen_once_per_round_new_feedback_every_epoch(fresh
     metrics = fresh_reward.train(pairs=_pairs(8, seed=5), replay_pairs=_pairs(8, seed=6), epochs=2)
     assert metrics["reward/steps"] == 3.0
     assert metrics["reward/train_examples"] == 16.0
+
+
+def test_a_cut_answer_is_encoded_as_cut(fresh_reward):
+    """Issue 9, defect 3: a served answer that was cut (Turn.finished False) gets no EOS,
+    so it is scored at its last token, as a PPO rollout that hit its limit is; an answer
+    longer than the reward model's limit is cut too."""
+    tok = fresh_reward.tokenizer
+    eos = tok.eos_token_id
+    messages = [{"role": "user", "content": "Hi"}]
+    ids, mask = fresh_reward.encode(
+        [messages, messages], ["All done.", "And then the"], [True, False]
+    )
+    prompt = fresh_reward.prompt_ids(messages)
+    done = ids[0][mask[0].bool()].tolist()
+    cut = ids[1][mask[1].bool()].tolist()
+    assert done == prompt + tok.encode("All done.", add_special_tokens=False) + [eos]
+    assert cut == prompt + tok.encode("And then the", add_special_tokens=False)
+    fresh_reward.config.max_answer_tokens = 3
+    ids, mask = fresh_reward.encode([messages], ["one two three four five six"])
+    assert (
+        ids[0][mask[0].bool()].tolist()[len(prompt) :]
+        == tok.encode("one two three four five six", add_special_tokens=False)[:3]
+    )
+    # The losses and evaluation read the flags from the examples.
+    point = {"messages": messages, "answer": "And then the", "label": 0.0, "finished": False}
+    pair = {"messages": messages, "chosen": "All done.", "rejected": "And then the",
+            "chosen_finished": True, "rejected_finished": False}  # fmt: skip
+    rewards = fresh_reward.score([messages], ["And then the"], finished=[False])
+    with torch.no_grad():
+        loss, _ = fresh_reward.loss([point], [])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(rewards, torch.zeros(1))
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    diff = fresh_reward.score([messages], ["All done."]) - rewards
+    assert fresh_reward.evaluate([pair])["reward/margin"] == pytest.approx(float(diff), abs=1e-5)

@@ -129,3 +129,27 @@ def test_reader_that_leaves_early_frees_the_model(server):
     # The next answer is not stuck behind the abandoned one.
     assert server.generate(CHAT, {"max_new_tokens": 3}).new_tokens <= 3
     assert server._pins == {}
+
+
+@pytest.mark.parametrize("eos_at_step", [3, None])
+def test_generation_reports_whether_the_answer_ended_with_eos(server, eos_at_step):
+    """Issue 9, defect 3: a cut answer is stored as cut (Turn.finished comes from here)."""
+    eos = server.tokenizer.eos_token_id
+    calls = {"n": 0}
+
+    def steer(_module, _inputs, logits):
+        # The random model ends where this test says: EOS forced at one step, or never.
+        calls["n"] += 1
+        logits = logits.clone()
+        logits[..., eos] = 1e4 if calls["n"] == eos_at_step else -1e4
+        return logits
+
+    hook = server.model.get_output_embeddings().register_forward_hook(steer)
+    try:
+        gen = server.generate(CHAT, {"temperature": 0.0, "max_new_tokens": 6})
+    finally:
+        hook.remove()
+    if eos_at_step is None:
+        assert gen.new_tokens == 6 and gen.ended_with_eos is False
+    else:
+        assert gen.new_tokens == eos_at_step and gen.ended_with_eos is True

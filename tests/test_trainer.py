@@ -297,3 +297,37 @@ def test_rewrites_are_imitated_when_demo_coef_is_set(policy, tiny_model):
     assert abs(before0 - before) < 1e-4  # same starting point
     assert after < after0 - 0.5
     assert all("loss/demo" not in s for s in stats0)
+
+
+def test_demonstrations_keep_their_length_and_a_cut_one_gets_no_eos(policy, tiny_model):
+    """Issue 9, defect 2: a rewrite longer than the rollout length (6 tokens here) is
+    imitated whole up to the demonstration limit, with its EOS; one longer than that
+    limit is cut there and has no EOS in its loss."""
+    model, head = policy
+    tok = tiny_model.tokenizer
+    eos = tok.eos_token_id
+    long_answer = " ".join(f"word{i}" for i in range(40))
+    n = len(tok.encode(long_answer, add_special_tokens=False))
+    assert n > 20
+    trainer = PPOTrainer(
+        model, tok, _config(batch_size=4, demo_max_tokens=n + 1),
+        reward_fn=lambda prompts, answers: [0.0] * len(answers), value_head=head,
+    )  # fmt: skip
+    whole = trainer.rollout_from_texts(PROMPTS[:2], [long_answer, "Short."])
+    assert int(whole.response_mask[0].sum()) == n + 1  # every token, then EOS
+    assert whole.response_ids[0, n] == eos and bool(whole.has_eos[0])
+    short = tok.encode("Short.", add_special_tokens=False)
+    assert int(whole.response_mask[1].sum()) == len(short) + 1 and bool(whole.has_eos[1])
+    cut = trainer.rollout_from_texts(PROMPTS[:1], [long_answer], max_tokens=10)
+    assert int(cut.response_mask[0].sum()) == 10 and not bool(cut.has_eos[0])
+    assert eos not in cut.response_ids[0, :10].tolist()
+    unfinished = trainer.rollout_from_texts(PROMPTS[:1], ["Short."], finished=[False])
+    assert int(unfinished.response_mask[0].sum()) == len(short)
+    assert not bool(unfinished.has_eos[0])
+
+
+def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
+    settings = tiny_settings.model_copy(update={"max_new_tokens": 200, "ppo_new_tokens": 16})
+    assert PPOConfig.from_settings(settings).demo_max_tokens == 200
+    settings = settings.model_copy(update={"demo_max_tokens": 50})
+    assert PPOConfig.from_settings(settings).demo_max_tokens == 50
