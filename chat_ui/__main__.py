@@ -4,7 +4,7 @@
     rlhf-chat ui        the UI alone, against the Redis that is already running
     rlhf-chat worker    the Celery worker alone (arguments go to ``celery worker``)
     rlhf-chat status    turns, events, events not yet trained on, current policy version
-    rlhf-chat export --format {turns,kto,dpo,reward} --out FILE.jsonl
+    rlhf-chat export --format {turns,kto,dpo,reward,arena} --out FILE.jsonl
 
 Every command reads the same ``RLHF_*`` settings; with the embedded server, a
 command finds it through ``<data_dir>/redis.url``, so ``status`` run beside ``up``

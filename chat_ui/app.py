@@ -25,7 +25,14 @@ from typing import Any
 import gradio as gr
 
 from chat_ui import training, validation
-from chat_ui.handlers import EMPTY_ANSWER, STORE_ERRORS, ChatService, InputError, Update
+from chat_ui.handlers import (
+    EMPTY_ANSWER,
+    STORE_ERRORS,
+    ArenaUpdate,
+    ChatService,
+    InputError,
+    Update,
+)
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.modeling import load_base_model
 from rlhf_core.redis_server import connect
@@ -168,6 +175,25 @@ def unchecked(component: gr.components.Component) -> gr.components.Component:
     return component
 
 
+PICKS = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both are bad"}
+
+
+def arena_view(update: ArenaUpdate) -> tuple[str, str, str]:
+    """The two answers, and after the pick, which version wrote which."""
+    a = update.a or ("*(writing…)*" if not update.done else EMPTY_ANSWER)
+    b = update.b or ("*(waiting for A…)*" if not update.done else EMPTY_ANSWER)
+    if update.picked is None:
+        result = "Pick the better answer." if update.done else "Both versions are answering…"
+    else:
+        va, vb = update.versions or (None, None)
+        result = (
+            f"You picked **{PICKS[update.picked]}**. Answer A was written by **v{va}**, "
+            f"answer B by **v{vb}**. Thank you: the pick trains the reward model and counts "
+            "in the live comparison of the two versions."
+        )
+    return a, b, result
+
+
 # --- the page ----------------------------------------------------------------------
 def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
     store = service.store
@@ -234,6 +260,36 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
                 status_button = gr.Button("status")
                 answers = gr.JSON(label="answers")
                 status_json = gr.JSON(label="status")
+        with gr.Tab("Arena"):
+            gr.Markdown(
+                "Two versions of the model answer the same message; you do not see which is "
+                "which. Pick the better answer (or a tie, or both bad): it teaches the reward "
+                "model and counts in the comparison of versions."
+            )
+            with gr.Row():
+                arena_box = gr.Textbox(
+                    show_label=False, placeholder="A message for both versions",
+                    elem_id="arena-message", scale=6,
+                )  # fmt: skip
+                arena_send = gr.Button("Send to both", variant="primary", elem_id="arena-send")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("#### Answer A")
+                    arena_a = gr.Markdown("", elem_id="arena-a")
+                with gr.Column():
+                    gr.Markdown("#### Answer B")
+                    arena_b = gr.Markdown("", elem_id="arena-b")
+            with gr.Row():
+                pick_buttons = {
+                    "a": gr.Button("👈 A is better", elem_id="arena-pick-a"),
+                    "b": gr.Button("👉 B is better", elem_id="arena-pick-b"),
+                    "tie": gr.Button("🤝 Tie", elem_id="arena-pick-tie"),
+                    "both_bad": gr.Button("👎 Both are bad", elem_id="arena-pick-both-bad"),
+                }
+            arena_result = gr.Markdown("", elem_id="arena-result")
+            with gr.Row(visible=False):
+                arena_outcome = gr.Textbox("a", label="pick: a, b, tie or both_bad")
+                arena_pick_api = gr.Button("arena pick")
         with gr.Tab("Training"):
             training.build_training_tab(
                 settings, client=store.redis, store=store, server=service.policy,
@@ -348,6 +404,20 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
                 request.session_hash
             )))  # fmt: skip
 
+        @guarded
+        def on_arena_send(message, system, temp, p, max_new, request: gr.Request):
+            shown: set[str] = set()
+            sampling = sampling_of(temp, p, max_new)
+            for update in service.arena_send(request.session_hash, message, system, sampling):
+                _notify(Update([], notices=update.notices), shown)
+                yield (*arena_view(update), "")
+
+        @guarded
+        def on_arena_pick(outcome, request: gr.Request):
+            update = service.arena_pick(request.session_hash, outcome)
+            _notify(Update([], notices=update.notices), set())
+            return arena_view(update)
+
         def on_unload(request: gr.Request):
             try:
                 service.drop_session(request.session_hash)
@@ -401,6 +471,30 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             **sync
         )
         status_button.click(on_status, None, status_json, api_name="status", queue=False)
+        arena_outputs = [arena_a, arena_b, arena_result]
+        arena_send_inputs = [arena_box, system_prompt, *sampling_inputs]
+        arena_send.click(
+            on_arena_send, arena_send_inputs, [*arena_outputs, arena_box], api_name="arena_send",
+            **generate,
+        )  # fmt: skip
+        arena_box.submit(
+            on_arena_send, arena_send_inputs, [*arena_outputs, arena_box],
+            api_visibility="private", **generate,
+        )  # fmt: skip
+        arena_pick_api.click(
+            on_arena_pick, arena_outcome, arena_outputs, api_name="arena_pick", **reactions
+        )
+
+        def picker(outcome: str):
+            def pick(request: gr.Request):
+                return on_arena_pick(outcome, request)
+
+            return pick
+
+        for outcome, button in pick_buttons.items():
+            button.click(
+                picker(outcome), None, arena_outputs, api_visibility="private", **reactions
+            )
         timer.tick(
             on_tick,
             None,
@@ -426,6 +520,7 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     service = ChatService(
         settings, policy, store, on_event=lambda: training.request_round_if_due(settings, store),
         route=watcher.version_for if watcher is not None else None,
+        arena_versions=lambda: training.arena_pair(policy, watcher),
     )  # fmt: skip
     if watcher is not None:
         watcher.start()

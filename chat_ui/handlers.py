@@ -28,6 +28,7 @@ The rules the handlers keep:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -39,7 +40,16 @@ import redis
 
 from chat_ui import validation
 from chat_ui.validation import InputError
-from rlhf_core.feedback import Event, FeedbackError, FeedbackStore, Turn, clean_text, new_id
+from rlhf_core.feedback import (
+    BATTLE_OUTCOMES,
+    Battle,
+    Event,
+    FeedbackError,
+    FeedbackStore,
+    Turn,
+    clean_text,
+    new_id,
+)
 from rlhf_core.redis_server import RedisUnavailableError
 from rlhf_core.serving import ContextTooLongError, Generation, PolicyServer, UnknownVersionError
 from rlhf_core.settings import Settings
@@ -67,6 +77,18 @@ class Update:
 
 
 @dataclass
+class ArenaUpdate:
+    """What the Arena tab shows: two anonymous answers, and after the pick, who wrote them."""
+
+    a: str = ""
+    b: str = ""
+    done: bool = False
+    picked: str | None = None
+    versions: tuple[int, int] | None = None  # revealed after the pick
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ChatSession:
     session_id: str
     user_id: str
@@ -82,6 +104,7 @@ class ChatSession:
     streaming: dict[str, Any] | None = None
     reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
     epoch: int = 0  # bumped when the conversation is replaced (new chat)
+    arena: dict[str, Any] | None = None  # the last arena battle: turns, versions, pick
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     touched: float = field(default_factory=time.monotonic)
 
@@ -101,6 +124,7 @@ class ChatService:
         store: FeedbackStore,
         on_event: Callable[[], Any] | None = None,
         route: Callable[[str], int | None] | None = None,
+        arena_versions: Callable[[], tuple[int, int] | None] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -109,6 +133,9 @@ class ChatService:
         # user id -> the version to serve them (a canary's sticky share), None = current.
         self.route = route
         self.watcher: Any = None  # the hot-swap watcher, whose last error status shows
+        # The two versions an arena battle compares (candidate and current, or the two
+        # newest), None when only one version exists.
+        self.arena_versions = arena_versions
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
 
@@ -531,6 +558,100 @@ class ChatService:
             session.messages = []
             session.epoch += 1
             return self._update(session)
+
+    # --- arena -------------------------------------------------------------------
+    def arena_send(
+        self,
+        session_id: str,
+        text: Any,
+        system_prompt: str | None = None,
+        sampling: dict[str, Any] | None = None,
+    ) -> Iterator[ArenaUpdate]:
+        """Two versions answer ``text`` one after the other, shown as A and B in a random
+        order; both answers are saved as turns. The last update comes after both are saved."""
+        session = self.session(session_id)
+        text = validate_message(text, self.settings)
+        system_prompt = validation.system_prompt(system_prompt, self.settings)
+        sampling = validation.sampling_dict(sampling, self.settings)
+        pair = self.arena_versions() if self.arena_versions is not None else None
+        if pair is None:
+            raise InputError(
+                "The arena compares two versions, and this service has only one so far. "
+                "It opens after the first training round publishes a version."
+            )
+        versions = list(pair)
+        random.shuffle(versions)  # anonymous: the person cannot know which side is which
+        system = clean_text(
+            system_prompt if system_prompt is not None else self.settings.system_prompt
+        ).strip()
+        context = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        answers = ["", ""]
+        turns: list[Turn] = []
+        notices: list[str] = []
+        for side, version in enumerate(versions):
+            try:
+                gen = self.policy.stream(context, sampling, version=version)
+            except UnknownVersionError as error:
+                raise InputError(
+                    "One of the versions was just unloaded (a new version arrived). "
+                    "Send the message again."
+                ) from error
+            except ContextTooLongError as error:
+                raise InputError(str(error)) from error
+            for partial in gen:
+                answers[side] = partial
+                yield ArenaUpdate(a=answers[0], b=answers[1])
+            turn = self._turn(session, gen)
+            turns.append(turn)
+        with session.lock:
+            for turn in turns:
+                notices += self._save(session, turn)
+            session.arena = {
+                "battle_id": new_id(),
+                "turns": (turns[0].turn_id, turns[1].turn_id),
+                "versions": (turns[0].policy_version, turns[1].policy_version),
+                "answers": (answers[0], answers[1]),
+                "picked": None,
+            }
+        yield ArenaUpdate(a=answers[0], b=answers[1], done=True, notices=notices)
+
+    def arena_pick(self, session_id: str, outcome: str) -> ArenaUpdate:
+        """The person's pick: a (A is better), b, tie or both_bad. Recorded with the two
+        votes it stands for; then the versions are revealed."""
+        if not isinstance(outcome, str) or outcome not in BATTLE_OUTCOMES:
+            shown = outcome[:20] if isinstance(outcome, str) else type(outcome).__name__
+            raise InputError(f"Unknown pick {shown!r}; use one of {', '.join(BATTLE_OUTCOMES)}.")
+        session = self.session(session_id)
+        with session.lock:
+            arena = session.arena
+            if arena is None:
+                raise InputError("Send a message in the arena first; then pick the better answer.")
+            if arena["picked"] is not None:
+                return ArenaUpdate(
+                    *arena["answers"], done=True, picked=arena["picked"],
+                    versions=arena["versions"], notices=["You already picked for this message."],
+                )  # fmt: skip
+            self._flush(session)
+            battle = Battle(
+                battle_id=arena["battle_id"],
+                session_id=session.session_id,
+                user_id=session.user_id,
+                turn_a=arena["turns"][0],
+                turn_b=arena["turns"][1],
+                version_a=arena["versions"][0],
+                version_b=arena["versions"][1],
+                outcome=outcome,
+            )
+            self.store.record_battle(battle)
+            arena["picked"] = outcome
+        if self.on_event is not None:
+            try:
+                self.on_event()
+            except Exception:
+                log.exception("on_event hook failed after an arena pick")
+        return ArenaUpdate(*arena["answers"], done=True, picked=outcome, versions=arena["versions"])
 
     # --- status ------------------------------------------------------------------
     def _try_flush(self, session: ChatSession) -> bool:

@@ -25,7 +25,7 @@ from chat_ui import validation
 from rlhf_core.datasets import load_feedback, resolve_feedback
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import discover_url
-from rlhf_core.registry import CHANNEL, Registry, UnknownVersionError
+from rlhf_core.registry import CHANNEL, CandidateError, Registry, UnknownVersionError
 from rlhf_core.rounds import round_is_due
 from rlhf_core.settings import Settings
 
@@ -245,6 +245,19 @@ class VersionWatcher:
             self._thread = None
 
 
+def arena_pair(server: Any, watcher: VersionWatcher | None) -> tuple[int, int] | None:
+    """The two versions an arena battle compares: the candidate and the current version
+    while a canary is out (its picks then count in the decision), else the current
+    version and the newest other one loaded here; None when only one is loaded."""
+    current = server.current_version
+    candidate = watcher.candidate if watcher is not None else None
+    loaded = server.loaded_versions
+    if candidate and candidate["version"] in loaded and candidate["version"] != current:
+        return candidate["version"], current
+    others = [v for v in loaded if v != current]
+    return (max(others), current) if others else None
+
+
 # ---------------------------------------------------------------- data for the tab
 
 ACCURACY_KEYS = ("reward/accuracy",)
@@ -328,6 +341,114 @@ def status_markdown(client: redis.Redis, settings: Settings, swap_error: str | N
     return "\n\n".join(lines)
 
 
+# ---------------------------------------------------------------- live A/B and arena
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def ab_markdown(status: dict[str, Any]) -> str:
+    """The canary in words and one table: for the Training tab and `rlhf-chat ab status`."""
+    candidate = status.get("candidate")
+    if candidate is None:
+        share = status.get("canary_share_setting", 0.0)
+        lines = [f"**No candidate out**; version {status['current']} serves everyone."]
+        lines.append(
+            f"The next version that passes the gate becomes a candidate for {share:.0%} of users "
+            "(RLHF_CANARY_SHARE)."
+            if share > 0
+            else "RLHF_CANARY_SHARE is 0: a version that passes the gate is served to "
+            "everyone at once (start a canary with `rlhf-chat ab start VERSION --share 0.2`)."
+        )
+        return "\n\n".join(lines)
+    look = status["look"]
+    c, b = candidate["version"], candidate["baseline"]
+    lines = [
+        f"**Candidate v{c}** serves {candidate['share']:.0%} of users, v{b} the rest "
+        f"(since {_when(candidate['started_at'])}, started by {candidate['started_by']}).",
+        "| version | role | 👍 | votes | 👍 rate | 95% interval (Wilson) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for version, role, prefix in ((c, "candidate", "candidate"), (b, "current", "baseline")):
+        low, high = look[f"{prefix}_interval"]
+        lines.append(
+            f"| v{version} | {role} | {look[f'{prefix}_likes']} | {look[f'{prefix}_votes']} | "
+            f"{_pct(look[f'{prefix}_rate'])} | [{low:.2f}, {high:.2f}] |"
+        )
+    table = "\n".join(lines[1:])
+    text = [lines[0], table]
+    if look["difference"] is not None:
+        low, high = look["interval"]
+        text.append(
+            f"Difference (candidate − current) {look['difference']:+.3f}, always-valid interval "
+            f"[{low:+.3f}, {high:+.3f}], mSPRT p = {look['p_value']:.3g}."
+        )
+    text.append(f"Now: **{look['action']}** — {look['reason']}.")
+    if status.get("queued"):
+        text.append(f"Waiting to be the next candidate: v{status['queued'][-1]}.")
+    return "\n\n".join(text)
+
+
+def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for d in decisions:
+        n = d.get("numbers") or {}
+        interval = n.get("interval")
+        rows.append(
+            {
+                "when": _when(d["at"]),
+                "version": d["version"],
+                "against": d.get("baseline"),
+                "action": d["action"],
+                "by": d.get("by", ""),
+                "candidate 👍/votes": f"{n.get('candidate_likes', 0)}/"
+                f"{n.get('candidate_votes', 0)}",
+                "current 👍/votes": f"{n.get('baseline_likes', 0)}/{n.get('baseline_votes', 0)}",
+                "difference": n.get("difference"),
+                "interval": f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "",
+                "p": n.get("p_value"),
+                "reason": d.get("reason", ""),
+            }
+        )
+    return rows
+
+
+_board_cache: dict[int, tuple[int, list[dict[str, Any]]]] = {}
+
+
+def leaderboard_rows(store: FeedbackStore, rounds: int = 1000) -> list[dict[str, Any]]:
+    """Bradley-Terry ratings with bootstrap 95% intervals over every arena battle
+    (cached until a new battle arrives: the bootstrap refits ``rounds`` times)."""
+    from rlhf_core.live_eval import leaderboard
+
+    battles = store.battles()
+    cached = _board_cache.get(id(store.redis))
+    if cached and cached[0] == len(battles):
+        return cached[1]
+    rows = leaderboard(
+        [(b["version_a"], b["version_b"], b["outcome"]) for b in battles], rounds=rounds
+    )
+    out = [
+        {
+            "rank": k + 1,
+            "version": r["version"],
+            "rating": round(r["rating"], 1),
+            "95% interval": f"[{r['low']:.0f}, {r['high']:.0f}]",
+            "battles": r["battles"],
+            "wins": r["wins"],
+            "ties": r["ties"],
+        }
+        for k, r in enumerate(rows)
+    ]
+    _board_cache[id(store.redis)] = (len(battles), out)
+    return out
+
+
 def _frames(rows: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
     import pandas as pd
 
@@ -366,20 +487,30 @@ def build_training_tab(
 
             client = connect(settings)
 
+    import pandas as pd
+
+    from rlhf_core import canary
+
+    feedback = store if store is not None else FeedbackStore(client)
+
     def refresh():
         try:
             rows = versions_table(client, settings)
             table, quality, policy = _frames(rows)
             choices = [r["version"] for r in rows]
+            ab = canary.status(client, settings)
             return (
                 status_markdown(client, settings, swap_error() if swap_error else None),
                 table,
                 quality,
                 policy,
                 gr.update(choices=choices),
+                ab_markdown(ab),
+                pd.DataFrame(decision_rows(ab["decisions"])),
+                pd.DataFrame(leaderboard_rows(feedback)),
             )
         except redis.RedisError as error:
-            return (f"Redis is unreachable: {error}",) + (gr.skip(),) * 4
+            return (f"Redis is unreachable: {error}",) + (gr.skip(),) * 7
 
     def train_now() -> str:
         try:
@@ -387,6 +518,21 @@ def build_training_tab(
         except Exception as error:
             return f"Could not queue a round: {error}"
         return f"Round requested (task {task_id[:8]}); progress shows once a worker starts it."
+
+    def ab_decide(action: str) -> str:
+        try:
+            record = canary.override(client, settings, action, by="admin (Training tab)")
+        except CandidateError as error:
+            return str(error)
+        verb = "is current now" if action == "promote" else "was rolled back"
+        return f"Candidate v{record['version']} {verb}; every UI follows within seconds."
+
+    def ab_share(share: Any) -> str:
+        try:
+            Registry(client, settings).set_candidate_share(float(share))
+        except (CandidateError, ValueError, TypeError) as error:
+            return str(error)
+        return f"The candidate now serves {float(share):.0%} of users."
 
     def rollback(version: Any) -> str:
         if version is None or version == "":
@@ -417,9 +563,21 @@ def build_training_tab(
             x="version", y="value", color="metric", title="Mean reward and KL", height=260
         )
     table = gr.Dataframe(label="Versions", interactive=False, elem_id="versions-table")
+    gr.Markdown("### Live A/B (canary)")
+    ab_status = gr.Markdown("Loading…", elem_id="ab-status")
+    with gr.Row():
+        promote_button = gr.Button("Promote candidate", elem_id="ab-promote")
+        demote_button = gr.Button("Roll back candidate", elem_id="ab-rollback")
+        share_pick = gr.Number(0.2, label="Candidate share", minimum=0.01, maximum=1.0, step=0.05)
+        share_button = gr.Button("Set share", elem_id="ab-share")
+    decisions = gr.Dataframe(label="Canary decisions", interactive=False, elem_id="ab-decisions")
+    board = gr.Dataframe(
+        label="Arena leaderboard (Bradley-Terry, bootstrap 95% intervals)",
+        interactive=False, elem_id="leaderboard",
+    )  # fmt: skip
     timer = gr.Timer(max(1.0, settings.version_poll_s))
 
-    outputs = [status, table, quality_plot, policy_plot, version_pick]
+    outputs = [status, table, quality_plot, policy_plot, version_pick, ab_status, decisions, board]
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
     timer.tick(refresh, outputs=outputs, show_progress="hidden", **quiet)
     # Named endpoints: gradio_client and scripts press the same buttons a person does.
@@ -428,6 +586,15 @@ def build_training_tab(
     )
     rollback_button.click(
         rollback, inputs=version_pick, outputs=action, queue=False, api_name="rollback"
+    ).then(refresh, outputs=outputs, **quiet)
+    promote_button.click(
+        lambda: ab_decide("promote"), outputs=action, queue=False, api_name="ab_promote"
+    ).then(refresh, outputs=outputs, **quiet)
+    demote_button.click(
+        lambda: ab_decide("rollback"), outputs=action, queue=False, api_name="ab_rollback"
+    ).then(refresh, outputs=outputs, **quiet)
+    share_button.click(
+        ab_share, inputs=share_pick, outputs=action, queue=False, api_name="ab_share"
     ).then(refresh, outputs=outputs, **quiet)
     return {
         "status": status,
@@ -440,6 +607,9 @@ def build_training_tab(
         "policy_plot": policy_plot,
         "timer": timer,
         "refresh": refresh,
+        "ab_status": ab_status,
+        "decisions": decisions,
+        "leaderboard": board,
     }
 
 
@@ -496,6 +666,92 @@ def cmd_rollback(args: Any) -> int:
     return 0
 
 
+def cmd_ab(args: Any) -> int:
+    from rlhf_core import canary
+
+    settings, client = _cli_client(args)
+    registry = Registry(client, settings)
+    try:
+        if args.action == "status":
+            status = canary.status(client, settings)
+            if args.json:
+                print(json.dumps(status, default=str))
+                return 0
+            print(ab_markdown(status).replace("**", ""))
+            rows = decision_rows(status["decisions"])
+            if rows:
+                print("\ndecisions (newest first):")
+            for r in rows:
+                print(
+                    f"  {r['when']}  v{r['version']} vs v{r['against']}: {r['action']} by "
+                    f"{r['by']}; candidate {r['candidate 👍/votes']}, current "
+                    f"{r['current 👍/votes']}, interval {r['interval'] or '-'}; {r['reason']}"
+                )
+            return 0
+        if args.action == "check":
+            decision = canary.check(client, settings)
+            print(json.dumps(decision, default=str) if decision else "no decision yet")
+            return 0
+        if args.action in ("promote", "rollback"):
+            record = canary.override(client, settings, args.action, by="admin (cli)")
+            print(f"candidate v{record['version']}: {args.action} ({record['reason']})")
+            if record.get("next_candidate"):
+                print(f"v{record['next_candidate']} is the candidate now")
+            return 0
+        if args.action == "start":
+            if args.version is None:
+                print("say which version: rlhf-chat ab start VERSION --share 0.2", file=sys.stderr)
+                return 2
+            registry.start_candidate(args.version, args.share, by="admin (cli)")
+            print(f"v{args.version} is the candidate for {args.share:.0%} of users")
+            return 0
+        if args.action == "share":
+            registry.set_candidate_share(args.share)
+            print(f"the candidate now serves {args.share:.0%} of users")
+            return 0
+    except (CandidateError, UnknownVersionError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 2
+
+
+def cmd_leaderboard(args: Any) -> int:
+    settings, client = _cli_client(args)
+    rows = leaderboard_rows(FeedbackStore(client), rounds=args.rounds)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no arena battles yet (turn on the arena in the Chat tab)")
+        return 0
+    print(f"{'rank':>4} {'version':>7} {'rating':>7} {'95% interval':>14} {'battles':>7} "
+          f"{'wins':>5} {'ties':>5}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['rank']:>4} {r['version']:>7} {r['rating']:>7.1f} {r['95% interval']:>14} "
+            f"{r['battles']:>7} {r['wins']:>5} {r['ties']:>5}"
+        )
+    return 0
+
+
+def _ab_args(parser: Any) -> None:
+    parser.add_argument(
+        "action",
+        choices=["status", "check", "promote", "rollback", "start", "share"],
+        help="status: the canary and its numbers; check: decide now if the test can; "
+        "promote / rollback: end the canary (admin override); start VERSION: put a version "
+        "out as the candidate; share: change the candidate's share",
+    )
+    parser.add_argument("version", nargs="?", type=int, help="for start: the version")
+    parser.add_argument("--share", type=float, default=0.2, help="share of users (0-1]")
+    parser.add_argument("--json", action="store_true", help="status as one JSON object")
+
+
+def _leaderboard_args(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON list")
+    parser.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds")
+
+
 def _train_args(parser: Any) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for the round and print it")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait")
@@ -513,4 +769,7 @@ CLI_COMMANDS = [
     ("train", "start a training round now (--wait for its outcome)", _train_args, cmd_train),
     ("versions", "policy versions with their metrics", _versions_args, cmd_versions),
     ("rollback", "make an earlier version current again", _rollback_args, cmd_rollback),
-]
+    ("ab", "live A/B of a candidate version: status, promote, rollback, start", _ab_args, cmd_ab),
+    ("leaderboard", "arena ratings (Bradley-Terry, 95% intervals)", _leaderboard_args,
+     cmd_leaderboard),
+]  # fmt: skip

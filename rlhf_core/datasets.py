@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 from rlhf_core.feedback import Event, FeedbackStore, Turn
 
 Vote = Literal["like", "dislike"]
-EXPORT_FORMATS: tuple[str, ...] = ("turns", "kto", "dpo", "reward")
+EXPORT_FORMATS: tuple[str, ...] = ("turns", "kto", "dpo", "reward", "arena")
 
 T = TypeVar("T")
 
@@ -438,6 +438,34 @@ def to_turn_rows(
     return rows
 
 
+def to_arena_rows(
+    battles: Iterable[Mapping[str, Any]], turns: Mapping[str, Turn]
+) -> list[dict[str, Any]]:
+    """Arena battles, as FastChat logs them, in DPO's conversational shape: {"prompt",
+    "chosen", "rejected"} when the pick has a winner (ties and both-bad have neither),
+    plus "answer_a", "answer_b", "version_a", "version_b", "outcome". The decisive ones
+    are also in the dpo/reward exports (a pick is a 👍 and a 👎 on one context)."""
+    rows = []
+    for b in battles:
+        a, bb = turns.get(b["turn_a"]), turns.get(b["turn_b"])
+        if a is None or bb is None:
+            continue  # the turns were deleted (a person asked to forget their data)
+        row: dict[str, Any] = {
+            "prompt": chat_messages(a.messages),
+            "answer_a": _assistant(a.answer),
+            "answer_b": _assistant(bb.answer),
+            "version_a": b["version_a"],
+            "version_b": b["version_b"],
+            "outcome": b["outcome"],
+            "user_id": b["user_id"],
+        }
+        if b["outcome"] in ("a", "b"):
+            win, lose = (a, bb) if b["outcome"] == "a" else (bb, a)
+            row["chosen"], row["rejected"] = _assistant(win.answer), _assistant(lose.answer)
+        rows.append(row)
+    return rows
+
+
 _BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "turns": to_turn_rows,
     "kto": to_kto_rows,
@@ -450,10 +478,14 @@ def export_rows(
     store: FeedbackStore, format: str, events: Iterable[Event] | None = None
 ) -> list[dict[str, Any]]:
     """Rows of one export format from the whole store (or from ``events``' turns)."""
-    if format not in _BUILDERS:
+    if format not in EXPORT_FORMATS:
         raise ValueError(
             f"Unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
         )
+    if format == "arena":
+        battles = store.battles()
+        ids = {t for b in battles for t in (b["turn_a"], b["turn_b"])}
+        return to_arena_rows(battles, store.get_turns(ids))
     turns, all_events = load_feedback(store, events)
     return _BUILDERS[format](turns, all_events)
 
@@ -493,5 +525,5 @@ def export(
     path: str | os.PathLike[str],
     events: Iterable[Event] | None = None,
 ) -> int:
-    """Write one export format (turns, kto, dpo, reward) as JSONL; returns the row count."""
+    """Write one export format (turns, kto, dpo, reward, arena) as JSONL; returns the row count."""
     return write_jsonl(export_rows(store, format, events), path)

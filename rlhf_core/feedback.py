@@ -9,6 +9,8 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:event_seen:{event_id}``    idempotency marker; its value is the event's stream id.
 - ``rlhf:turn_events:{turn_id}``    list: stream ids of the events on one turn, in order.
 - ``rlhf:events:invalid``           stream: entries that could not be decoded (kept for a person).
+- ``rlhf:arena``                    stream: arena battles (two versions, one message, a pick).
+- ``rlhf:battle_seen:{battle_id}``  idempotency marker of a battle's pick.
 
 Every write is one Lua script, so a crash (of the client or of the server: the
 embedded server logs each script's effects as one MULTI/EXEC block with
@@ -47,6 +49,7 @@ PREFIX = "rlhf:"
 TURNS_STREAM = f"{PREFIX}turns"
 EVENTS_STREAM = f"{PREFIX}events"
 INVALID_STREAM = f"{PREFIX}events:invalid"
+ARENA_STREAM = f"{PREFIX}arena"
 GROUP = "trainers"
 
 EventKind = Literal["like", "dislike", "unvote", "rewrite", "regenerate", "undo"]
@@ -76,6 +79,10 @@ def session_turns_key(session_id: str) -> str:
 
 def turn_events_key(turn_id: str) -> str:
     return f"{PREFIX}turn_events:{turn_id}"
+
+
+def battle_seen_key(battle_id: str) -> str:
+    return f"{PREFIX}battle_seen:{battle_id}"
 
 
 def new_id() -> str:
@@ -330,6 +337,57 @@ class Event:
 
 _EVENT_FIELDS = tuple(f.name for f in fields(Event))
 
+BATTLE_OUTCOMES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
+# What a pick says about each answer, as ordinary votes: the winner 👍 and the loser 👎
+# (so the pick is a preference pair for the reward model and a vote for the canary);
+# a tie is 👍 for both, both-bad 👎 for both (labels, no pair).
+_PICK_VOTES = {
+    "a": ("like", "dislike"),
+    "b": ("dislike", "like"),
+    "tie": ("like", "like"),
+    "both_bad": ("dislike", "dislike"),
+}
+
+
+@dataclass
+class Battle:
+    """One arena comparison: two versions answered one message anonymously (as answer
+    A and answer B, two saved turns) and the person picked."""
+
+    battle_id: str
+    session_id: str
+    user_id: str
+    turn_a: str
+    turn_b: str
+    version_a: int
+    version_b: int
+    outcome: str  # one of BATTLE_OUTCOMES
+    created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        for name in ("battle_id", "session_id", "user_id", "turn_a", "turn_b"):
+            _require_id(getattr(self, name), name)
+        if self.outcome not in BATTLE_OUTCOMES:
+            raise FeedbackError(
+                f"Unknown arena pick {self.outcome!r}; pick one of {', '.join(BATTLE_OUTCOMES)}."
+            )
+        if self.turn_a == self.turn_b:
+            raise FeedbackError("An arena battle needs two different answers.")
+        self.version_a, self.version_b = int(self.version_a), int(self.version_b)
+
+    def events(self) -> list[Event]:
+        """The votes the pick stands for, with ids fixed by the battle (a retry writes
+        nothing twice)."""
+        kinds = _PICK_VOTES[self.outcome]
+        return [
+            Event(f"arena:{self.battle_id}:{side}", turn, kind, self.session_id, self.user_id)
+            for side, turn, kind in (("a", self.turn_a, kinds[0]), ("b", self.turn_b, kinds[1]))
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------
 # the store
 # --------------------------------------------------------------------------
@@ -371,6 +429,27 @@ return out
 """
 
 
+# The battle and its two votes, all or nothing. KEYS: arena stream, battle marker, events
+# stream, then per event: seen marker, turn-events list. ARGV: battle json, then per event:
+# event json, event id, turn id, kind. Returns 0 when the battle was already recorded.
+_RECORD_BATTLE = """
+if not redis.call('SET', KEYS[2], '1', 'NX') then
+  return 0
+end
+redis.call('XADD', KEYS[1], '*', 'battle', ARGV[1])
+for i = 0, (#ARGV - 1) / 4 - 1 do
+  local seen_key, index_key, a = KEYS[2 * i + 4], KEYS[2 * i + 5], 4 * i + 1
+  if not redis.call('GET', seen_key) then
+    local id = redis.call('XADD', KEYS[3], '*', 'event', ARGV[a + 1], 'event_id', ARGV[a + 2],
+                          'turn_id', ARGV[a + 3], 'kind', ARGV[a + 4])
+    redis.call('SET', seen_key, id)
+    redis.call('RPUSH', index_key, id)
+  end
+end
+return 1
+"""
+
+
 def _check_event(event: Event, turn_session: str | None, suffix: str = "") -> None:
     """Refuse an event whose turn was never saved, or that comes from another session."""
     if turn_session is None:
@@ -398,6 +477,7 @@ class FeedbackStore:
         # register_script retries with SCRIPT LOAD when a restarted server lost its cache.
         self._save_turn = redis_client.register_script(_SAVE_TURN)
         self._record_events = redis_client.register_script(_RECORD_EVENTS)
+        self._record_battle = redis_client.register_script(_RECORD_BATTLE)
         self._group_ready = False
 
     # ---- turns -----------------------------------------------------------
@@ -478,6 +558,32 @@ class FeedbackStore:
                 for status, stream_id in self._record_events(keys=keys, args=args)
             ]
         return results
+
+    # ---- arena -------------------------------------------------------------
+
+    @_surface_unavailable
+    def record_battle(self, battle: Battle) -> bool:
+        """Record an arena pick and the two votes it stands for, atomically. Returns
+        False when this battle was already picked (a retry, or a second click)."""
+        events = battle.events()
+        sessions = self._turn_sessions({e.turn_id for e in events})
+        for event in events:
+            _check_event(event, sessions.get(event.turn_id), " Nothing was written.")
+        keys = [ARENA_STREAM, battle_seen_key(battle.battle_id), EVENTS_STREAM]
+        args = [_to_json(battle.to_dict(), f"Battle {battle.battle_id}")]
+        for event in events:
+            keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
+            args += [event.to_json(), event.event_id, event.turn_id, event.kind]
+        return bool(self._record_battle(keys=keys, args=args))
+
+    @_surface_unavailable
+    def battles(self) -> list[dict[str, Any]]:
+        """Every arena battle, oldest first, as dicts (Battle fields)."""
+        out = []
+        for _, entries in self._scan(ARENA_STREAM, 1000):
+            for _, data in entries:
+                out.append(json.loads(_text(_field(data, "battle"))))
+        return out
 
     def _turn_sessions(self, turn_ids: Iterable[str]) -> dict[str, str]:
         """turn id -> its session id, for the turns that exist (one MGET; only the one

@@ -268,6 +268,11 @@ def in_candidate_arm(user_id: str, share: float, salt: str) -> bool:
 
 # --------------------------------------------------------------------------- Bradley-Terry
 
+# The prior on strengths (natural-log scale): N(0, 1/L2), sd 3.2 = about 550 Elo points.
+# FastChat fits without one on thousands of battles; a young service has a handful, and
+# one unbeaten battle would otherwise put a version thousands of points ahead.
+L2 = 0.1
+
 # One battle: (model a, model b, outcome) with outcome "a", "b", "tie" or "both_bad".
 Battle = tuple[int, int, str]
 OUTCOMES = ("a", "b", "tie", "both_bad")
@@ -331,7 +336,7 @@ def _fit_bt(
 
 
 def bradley_terry(
-    battles: Iterable[Battle], models: Sequence[int] | None = None, l2: float = 1e-3
+    battles: Iterable[Battle], models: Sequence[int] | None = None, l2: float = L2
 ) -> dict[int, float]:
     """Elo-scale Bradley-Terry ratings (mean ELO_INIT): a gap of d points means
     P(win) = 1 / (1 + 10^(-d/400)). ``l2`` is a weak prior toward equal ratings
@@ -347,7 +352,7 @@ def bradley_terry(
 
 
 def leaderboard(
-    battles: Iterable[Battle], rounds: int = 1000, seed: int = 0, l2: float = 1e-3
+    battles: Iterable[Battle], rounds: int = 1000, seed: int = 0, l2: float = L2
 ) -> list[dict[str, Any]]:
     """Ratings with bootstrap 95% intervals (FastChat: resample the battles with
     replacement ``rounds`` times, refit, take the 2.5% and 97.5% quantiles), best first.

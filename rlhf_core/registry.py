@@ -94,9 +94,9 @@ class UnknownVersionError(KeyError):
 # KEYS: lock, current, next, versions, used, pointer_log, candidate, candidate_queue
 # ARGV: token, meta_json, created_at, version_key_prefix, channel, artifact, storage,
 #       canary_share, n_blobs, blob keys..., stream ids...
-# With canary_share > 0 the new version does not become current: it becomes the
-# candidate (served to that share of users), or waits in the queue while another
-# candidate is out (never two candidates at once).
+# While a candidate is out, the new version waits in the queue (never two candidates,
+# and the baseline does not move under a running comparison). Otherwise, with
+# canary_share > 0 it becomes the candidate (served to that share of users), else current.
 _PUBLISH = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= ARGV[1] then
@@ -106,12 +106,10 @@ local v = redis.call('INCR', KEYS[3])
 local previous = redis.call('GET', KEYS[2]) or '0'
 local share = tonumber(ARGV[8])
 local role = 'current'
-if share > 0 then
-  if redis.call('EXISTS', KEYS[7]) == 1 then
-    role = 'queued'
-  else
-    role = 'candidate'
-  end
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  role = 'queued'
+elseif share > 0 then
+  role = 'candidate'
 end
 redis.call('HSET', ARGV[4] .. v, 'version', v, 'meta', ARGV[2], 'created_at', ARGV[3],
            'previous_current', previous, 'fencing_token', ARGV[1],
@@ -438,8 +436,9 @@ class Registry:
         ``fencing_token`` is not the lock's current holder.
 
         With ``canary_share`` > 0 the version becomes the *candidate* instead (served
-        to that share of users until :meth:`decide`), or, while another candidate is
-        out, waits in the candidate queue; ``get(v)["published_as"]`` says which.
+        to that share of users until :meth:`decide`). While a candidate is out (also
+        one an admin started), a new version waits in the candidate queue whatever the
+        share; ``get(v)["published_as"]`` says which.
         """
         if not 0.0 <= canary_share <= 1.0:
             raise ValueError(f"canary share must be in [0, 1], got {canary_share}")

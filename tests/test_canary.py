@@ -107,6 +107,10 @@ def test_admin_starts_candidate_and_changes_share(redis_client, settings, adapte
         registry.start_candidate(v1, 0.1)
     registry.set_candidate_share(0.3)
     assert registry.candidate()["share"] == 0.3
+    # A round that passes while this canary runs waits, even with no share set: the
+    # baseline must not move under a running comparison.
+    v3 = publish(registry, adapters[1][0], share=0.0)
+    assert registry.get(v3)["published_as"] == "queued" and registry.current() == v2
     with pytest.raises(ValueError, match="share"):
         registry.set_candidate_share(1.5)
 
@@ -203,3 +207,50 @@ def test_version_for_is_sticky_per_user():
     assert 150 < sum(v == 4 for v in picks.values()) < 250
     assert all(canary.version_for(u, candidate) == v for u, v in picks.items())
     assert canary.version_for("anyone", None) is None
+
+
+def test_cli_ab_and_leaderboard(redis_client, settings, adapters):  # noqa: F811
+    import subprocess
+    import sys
+
+    from rlhf_core.feedback import Battle
+    from tests.conftest import tiny_env
+
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0])
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "chat_ui", *args], env=tiny_env(settings),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert "No candidate out" in cli("ab", "status").stdout
+    started = cli("ab", "start", str(v1), "--share", "0.25")
+    assert started.returncode == 0, started.stderr
+    assert registry.candidate()["version"] == v1 and registry.candidate()["share"] == 0.25
+    refused = cli("ab", "start", str(v1))
+    assert refused.returncode == 2 and "already the candidate" in refused.stderr
+    answer(store, "x", v1, "like")
+    answer(store, "y", v2, "dislike")
+    shown = cli("ab", "status").stdout
+    assert "Candidate v1 serves 25% of users" in shown and "| v1 | candidate | 1 | 1 |" in shown
+    assert json.loads(cli("ab", "status", "--json").stdout)["look"]["candidate_votes"] == 1
+    assert cli("ab", "share", "--share", "0.5").returncode == 0
+    assert registry.candidate()["share"] == 0.5
+    assert "no decision yet" in cli("ab", "check").stdout
+    done = cli("ab", "promote")
+    assert done.returncode == 0 and registry.current() == v1
+    shown = cli("ab", "status").stdout
+    assert "v1 vs v2: promote by admin (cli)" in shown
+    assert cli("ab", "rollback").returncode == 2  # nothing out any more
+
+    # Two arena battles: v2 beats v1 twice.
+    for k in range(2):
+        a, b = answer(store, "z", v2, None), answer(store, "z", v1, None)
+        store.record_battle(Battle(f"b{k}", "z-s", "z", a.turn_id, b.turn_id, v2, v1, "a"))
+    rows = json.loads(cli("leaderboard", "--json", "--rounds", "50").stdout)
+    assert [r["version"] for r in rows] == [v2, v1] and rows[0]["wins"] == 2
+    assert "rank" in cli("leaderboard").stdout
