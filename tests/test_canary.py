@@ -254,3 +254,31 @@ def test_cli_ab_and_leaderboard(redis_client, settings, adapters):  # noqa: F811
     rows = json.loads(cli("leaderboard", "--json", "--rounds", "50").stdout)
     assert [r["version"] for r in rows] == [v2, v1] and rows[0]["wins"] == 2
     assert "rank" in cli("leaderboard").stdout
+
+
+def test_a_round_during_a_canary_trains_on_both_arms_and_queues(
+    redis_client,
+    settings,
+    tiny_model,
+    adapters,  # noqa: F811
+):
+    from rlhf_core.rounds import run_round
+
+    settings = settings.model_copy(update={"reward_epochs": 1})
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    events = []
+    for k in range(3):
+        for version, kind in ((v1, "like"), (v2, "dislike")):
+            turn = answer(store, f"user{k}-{version}", version, kind)
+            events += [e.event_id for e in store.events_for_turns([turn.turn_id])]
+    outcome = run_round(settings, redis_client, tiny_model, consumer_name="w1")
+    assert outcome.status == "published", outcome.reason
+    assert outcome.role == "queued" and outcome.parent == v1  # trained from the current
+    meta = registry.get(outcome.version)
+    assert sorted(meta["event_ids"]) == sorted(events)  # feedback on both versions' answers
+    assert registry.candidate()["version"] == v2 and registry.current() == v1
+    assert registry.candidate_queue() == [outcome.version]
+    assert f"published version {outcome.version} as queued" in registry.status_line()
