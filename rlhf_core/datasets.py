@@ -26,6 +26,7 @@ one round, the exports pass everything. ``load_feedback`` gathers them from a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -332,45 +333,195 @@ def load_feedback(
     return list(turns.values()), store.events_for_turns(turns)
 
 
+# --------------------------------------------------------------------------
+# the held-out split and the per-user window
+# --------------------------------------------------------------------------
+
+# One context in HELDOUT_EVERY (by a stable hash of the context) is held out: every
+# example derived from it -- its thumbs, its vote pairs, its rewrites, new or replayed --
+# stays out of training in every round, and its pairs measure the reward model before
+# and after each round (the gate's "held-out accuracy not worse"). Splitting by context
+# rather than by example keeps an answer and its regenerate on the same side.
+HELDOUT_EVERY = 5
+
+
+def is_heldout(item: Any) -> bool:
+    """Whether a context is held out. ``item``: a list of messages, or anything with
+    ``messages`` (an example or pair dict, a Turn). The only place the split is decided."""
+    if isinstance(item, Mapping):
+        messages = item["messages"]
+    elif isinstance(item, Sequence) and not isinstance(item, str):
+        messages = item
+    else:
+        messages = item.messages
+    digest = hashlib.sha1(context_key(messages).encode()).digest()
+    return digest[0] % HELDOUT_EVERY == 0
+
+
+def split_heldout(examples: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """``(train, heldout)`` by :func:`is_heldout`, order kept."""
+    train: list[dict[str, Any]] = []
+    heldout: list[dict[str, Any]] = []
+    for example in examples:
+        (heldout if is_heldout(example) else train).append(example)
+    return train, heldout
+
+
+def window_budgets(
+    users: Iterable[Any],
+    max_per_user: int | None,
+    window_rounds: int,
+    recent_user_events: Sequence[Mapping[str, int]] = (),
+) -> dict[Any, int | None]:
+    """Events each user may still train in this round: ``max_per_user`` a round on
+    average over a window of ``window_rounds`` rounds (this one and the ``window_rounds
+    - 1`` published before it, whose per-user counts are ``recent_user_events``), so
+    ``max_per_user * window_rounds`` minus what the user trained in the earlier rounds
+    of the window. None: no cap."""
+    if max_per_user is None:
+        return {user: None for user in users}
+    if max_per_user < 1 or window_rounds < 1:
+        raise ValueError(
+            f"max_per_user and window_rounds must be at least 1 (max_per_user None for no "
+            f"cap), got max_per_user={max_per_user}, window_rounds={window_rounds}."
+        )
+    earlier = list(recent_user_events)[-(window_rounds - 1) :] if window_rounds > 1 else []
+    used: dict[Any, int] = defaultdict(int)
+    for counts in earlier:
+        for user, n in counts.items():
+            used[user] += int(n)
+    return {user: max(0, max_per_user * window_rounds - used[user]) for user in users}
+
+
 @dataclass
 class RoundData:
-    """What one training round learns from."""
+    """Everything one training round trains on and measures with, built once by
+    :func:`round_datasets`: the rounds module asks for it and hands it to the trainer."""
 
-    pointwise: list[dict[str, Any]]
-    pairs: list[dict[str, Any]]
-    prompts: list[list[dict[str, Any]]]  # contexts of the turns this round's events touch
-    turn_ids: list[str]  # turns touched by the round's events
-    stats: dict[str, int]
+    entries: list[tuple[str, Event]]  # (stream id, event) this round trains on
+    capped: list[tuple[str, Event]]  # over the user's window budget: consumed, never trained
+    pointwise: list[dict[str, Any]]  # new thumbs, held-out contexts removed
+    pairs: list[dict[str, Any]]  # new pairs, held-out contexts removed
+    replay_pointwise: list[dict[str, Any]]  # older thumbs mixed in (no held-out, per-user cap)
+    replay_pairs: list[dict[str, Any]]
+    heldout_pairs: list[dict[str, Any]]  # every held-out pair in the store: measures only
+    prompts: list[list[dict[str, Any]]]  # PPO: this round's contexts, then replayed ones
+    turn_ids: list[str]  # turns touched by the trained events
+    user_events: dict[str, int]  # trained events per user; later rounds' window reads it
+    seed: int  # this round's seed (derived from the round)
+    labelled: int = 0  # new votes and rewrites, held-out ones included
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def events(self) -> list[Event]:
+        return [event for _, event in self.entries]
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return [sid for sid, _ in self.entries]
 
 
 def round_datasets(
     store: FeedbackStore,
-    events: Sequence[Event],
+    entries: Sequence[tuple[str, Event]],
     *,
     max_per_user: int | None = None,
+    window_rounds: int = 1,
+    recent_user_events: Sequence[Mapping[str, int]] = (),
+    n_prompts: int = 0,
     seed: int = 0,
 ) -> RoundData:
-    """Datasets for one round from its events (as read with ``read_unconsumed``):
-    pointwise examples of the touched turns, pairs with a touched side, the
-    touched turns' contexts as prompts; each list capped per user."""
-    turns, history = load_feedback(store, events)
+    """The whole dataset of one round from its unconsumed ``entries`` (as read with
+    ``read_unconsumed``), in one value:
+
+    1. the per-user window: each user keeps at most their budget (:func:`window_budgets`)
+       of these events, a seeded sample; the rest are ``capped`` -- the caller acks them
+       untrained, so a flood neither comes back round after round nor, read oldest
+       first, holds back everyone else's newer feedback;
+    2. pointwise examples of the touched turns and pairs with a touched side (the full
+       event history of those turns is read, so an unvote cancels an older like), minus
+       every held-out context;
+    3. a replay of older feedback, as many of each kind as the new ones: never a
+       held-out context, never a touched turn, at most ``max_per_user`` examples of any
+       one user in the pool it is drawn from (a prolific user's history must not come
+       back to dominate either);
+    4. every held-out pair in the store (to measure the reward model);
+    5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones.
+    """
+    users = dict.fromkeys(event.user_id for _, event in entries)
+    budgets = window_budgets(users, max_per_user, window_rounds, recent_user_events)
+    rng = random.Random(seed)
+    keep: set[str] = set()
+    # Sorted by repr so the sample depends only on the seed and the data.
+    for user in sorted(users, key=repr):
+        ids = [sid for sid, event in entries if event.user_id == user]
+        budget = budgets[user]
+        keep.update(ids if budget is None or len(ids) <= budget else rng.sample(ids, budget))
+    kept = [(sid, event) for sid, event in entries if sid in keep]
+    capped = [(sid, event) for sid, event in entries if sid not in keep]
+    events = [event for _, event in kept]
+
+    turns, history = load_feedback(store, events) if events else ([], [])
     touched = list(dict.fromkeys(e.turn_id for e in events))
     focus = set(touched)
-    pointwise = pointwise_examples(turns, history, focus=focus)
-    pairs = preference_pairs(turns, history, focus=focus)
+    window_cap = None if max_per_user is None else max_per_user * window_rounds
+    # A pair combines votes (liked x disliked answers), so it is capped on its own too.
+    all_pointwise = cap_per_user(pointwise_examples(turns, history, focus=focus), window_cap, seed)
+    all_pairs = cap_per_user(preference_pairs(turns, history, focus=focus), window_cap, seed)
+    pointwise, heldout_point = split_heldout(all_pointwise)
+    pairs, heldout_new_pairs = split_heldout(all_pairs)
+
+    old_turns, old_events = load_feedback(store) if events else ([], [])
+    old_point, _ = split_heldout(
+        p for p in pointwise_examples(old_turns, old_events) if p["turn_id"] not in focus
+    )
+    store_pairs = preference_pairs(old_turns, old_events)
+    old_pairs, _ = split_heldout(
+        p for p in store_pairs if not {p["chosen_turn_id"], p["rejected_turn_id"]} & focus
+    )
+    heldout_pairs = [p for p in store_pairs if is_heldout(p)]
+    replay_rng = random.Random(seed + 1)
+    old_point = cap_per_user(old_point, max_per_user, seed)
+    old_pairs = cap_per_user(old_pairs, max_per_user, seed)
+    replay_point = replay_rng.sample(old_point, min(len(pointwise), len(old_point)))
+    replay_pairs = replay_rng.sample(old_pairs, min(len(pairs), len(old_pairs)))
+
     prompts = ppo_prompts([t for t in turns if t.turn_id in focus])
-    capped_pointwise = cap_per_user(pointwise, max_per_user, seed)
-    capped_pairs = cap_per_user(pairs, max_per_user, seed)
+    if events and len(prompts) < n_prompts:
+        prompts += replay_prompts(store, n_prompts - len(prompts), seed + 2, exclude=prompts)
+
+    user_events: dict[str, int] = defaultdict(int)
+    for event in events:
+        user_events[event.user_id] += 1
     stats = {
         "events": len(events),
+        "events_capped": len(capped),
         "turns": len(focus),
-        "pointwise": len(capped_pointwise),
-        "pairs": len(capped_pairs),
-        "pointwise_dropped_by_cap": len(pointwise) - len(capped_pointwise),
-        "pairs_dropped_by_cap": len(pairs) - len(capped_pairs),
-        "users": len({e.user_id for e in events}),
+        "users": len(user_events),
+        "pointwise": len(pointwise),
+        "pairs": len(pairs),
+        "pointwise_heldout": len(heldout_point),
+        "pairs_heldout": len(heldout_new_pairs),
+        "replay_pointwise": len(replay_point),
+        "replay_pairs": len(replay_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "prompts": len(prompts),
     }
-    return RoundData(capped_pointwise, capped_pairs, prompts, touched, stats)
+    return RoundData(
+        entries=kept,
+        capped=capped,
+        pointwise=pointwise,
+        pairs=pairs,
+        replay_pointwise=replay_point,
+        replay_pairs=replay_pairs,
+        heldout_pairs=heldout_pairs,
+        prompts=prompts,
+        turn_ids=touched,
+        user_events=dict(user_events),
+        seed=seed,
+        labelled=len(all_pointwise) + len(all_pairs),
+        stats=stats,
+    )
 
 
 # --------------------------------------------------------------------------

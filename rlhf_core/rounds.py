@@ -12,7 +12,9 @@ Crash safety, step by step (a worker may be killed at any line):
    so they are reclaimed at once (``min_idle_ms=0``).
 3. Drop entries a published version already trained on (the registry records
    them atomically with the publish) -- a crash between publish and ack must not
-   count an event twice; they are acked now.
+   count an event twice; they are acked now. Ask ``datasets.round_datasets`` once for
+   everything the round trains on; entries over their user's window cap are acked
+   untrained (losing them in a crash loses nothing that would have trained).
 4. Train into a private temporary folder. A crash here leaves nothing visible.
 5. Gate. Pass: one atomic publish (refused if our token is stale), then ack.
    Fail: record why, hand the events back (still unacked) for the next round.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import shutil
 import tempfile
 import time
@@ -34,15 +35,7 @@ from typing import Any
 
 import redis
 
-from rlhf_core.datasets import (
-    cap_per_user,
-    context_key,
-    load_feedback,
-    pointwise_examples,
-    preference_pairs,
-    replay_prompts,
-    round_datasets,
-)
+from rlhf_core.datasets import is_heldout, round_datasets
 from rlhf_core.feedback import Event, FeedbackStore
 from rlhf_core.registry import Registry, StaleTokenError
 from rlhf_core.settings import Settings
@@ -52,9 +45,6 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 # Events read per round at most; more wait for the next round.
 MAX_EVENTS_PER_ROUND = 512
-# One pair in HELDOUT_EVERY (by a stable hash of its context) is never trained on
-# and measures the reward model before and after every round.
-HELDOUT_EVERY = 5
 # The first present is gated: the KL of answers sampled as the UI samples them, after
 # the round (see PPOTrainer.served_kl); the others for rounds run by other trainers.
 KL_KEYS = ("objective/kl_served", "objective/kl", "objective/kl_final", "policy/kl")
@@ -81,10 +71,21 @@ class RoundOutcome:
         return asdict(self)
 
 
-def is_heldout(pair: dict[str, Any]) -> bool:
-    """A stable split by context, so a held-out pair is never trained on in any round."""
-    digest = hashlib.sha1(context_key(pair["messages"]).encode()).digest()
-    return digest[0] % HELDOUT_EVERY == 0
+def round_seed(base_seed: int, token: int) -> int:
+    """The seed of one round, from the base seed (RLHF_SEED) and the round's fencing
+    token: rounds draw different samples (replay, caps, PPO batches, sampling) while a
+    rerun of the same round draws the same ones. Hashed rather than added, so that
+    neighbouring rounds' derived streams (``seed + 1`` ...) do not coincide."""
+    digest = hashlib.sha256(f"{base_seed}/{token}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def recent_user_events(registry: Registry, rounds: int) -> list[dict[str, int]]:
+    """Trained events per user of the last ``rounds`` published versions, oldest first
+    (versions published before this was recorded count as none)."""
+    if rounds <= 0:
+        return []
+    return [registry.get(v).get("user_events", {}) for v in registry.versions()[-rounds:]]
 
 
 def gate(metrics: dict[str, float], settings: Settings) -> str | None:
@@ -122,28 +123,6 @@ def round_is_due(settings: Settings, client: redis.Redis) -> bool:
     if last and last.get("status") == "failed" and "events_total" in last:
         return counts["events"] - int(last["events_total"]) >= settings.train_every
     return True
-
-
-def _replay(
-    store: FeedbackStore, focus: set[str], n_point: int, n_pairs: int, seed: int
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """Older feedback mixed into this round (so the models do not forget it), and
-    every held-out pair in the store."""
-    turns, events = load_feedback(store)
-    old_point = [p for p in pointwise_examples(turns, events) if p["turn_id"] not in focus]
-    pairs = preference_pairs(turns, events)
-    heldout = [p for p in pairs if is_heldout(p)]
-    old_pairs = [
-        p
-        for p in pairs
-        if not is_heldout(p) and not {p["chosen_turn_id"], p["rejected_turn_id"]} & focus
-    ]
-    rng = random.Random(seed)
-    return (
-        rng.sample(old_point, min(n_point, len(old_point))),
-        rng.sample(old_pairs, min(n_pairs, len(old_pairs))),
-        heldout,
-    )
 
 
 def _sleep_for_tests(seconds: float, report: ProgressFn) -> None:
@@ -202,39 +181,40 @@ def run_round(
             store.ack(already)
             entries = [(sid, ev) for sid, ev in entries if sid not in already]
             taken = [sid for sid, _ in entries]
-        # The per-user cap on the batch: the rest go back for the next round.
-        kept = cap_per_user(
-            entries, settings.max_events_per_user, settings.seed, user_of=lambda e: e[1].user_id
-        )
-        kept_ids = {sid for sid, _ in kept}
-        store.release(consumer_name, [sid for sid in taken if sid not in kept_ids])
-        taken = [sid for sid, _ in kept]
-        if not kept:
+        if not entries:
             registry.record_round("skipped", "no new feedback")
             return done(RoundOutcome("skipped", "no new feedback"))
         if settings.debug_round_delay_s > 0:
             _sleep_for_tests(settings.debug_round_delay_s, report)
 
         report("building datasets", 0.05)
-        events: list[Event] = [ev for _, ev in kept]
         data = round_datasets(
-            store, events, max_per_user=settings.max_events_per_user, seed=settings.seed
+            store,
+            entries,
+            max_per_user=settings.max_events_per_user,
+            window_rounds=settings.user_window_rounds,
+            recent_user_events=recent_user_events(registry, settings.user_window_rounds - 1),
+            n_prompts=settings.ppo_batch_size,
+            seed=round_seed(settings.seed, token),
         )
-        pairs = [p for p in data.pairs if not is_heldout(p)]
-        if not data.pointwise and not data.pairs:
+        if data.capped:
+            # Over their user's window budget: consumed without training (they stay in
+            # the stream for exports). Handed back, they would return every round.
+            log.info("%d events over their users' window cap, not trained", len(data.capped))
+            store.ack([sid for sid, _ in data.capped])
+        taken = data.stream_ids
+        if not data.entries:
+            why = f"all {len(data.capped)} new events are over their users' window cap"
+            registry.record_round("skipped", why, events=0, capped=len(data.capped))
+            return done(RoundOutcome("skipped", why))
+        if not data.labelled:
             # Only regenerates/undos/unvotes: nothing to learn, and their effect on
             # later votes is read from the per-turn history anyway.
             store.ack(taken)
             why = f"no votes or rewrites in {len(taken)} new events"
             registry.record_round("skipped", why, events=len(taken))
             return done(RoundOutcome("skipped", why, events=len(taken)))
-        replay_point, replay_pairs, heldout = _replay(
-            store, set(data.turn_ids), len(data.pointwise), len(pairs), settings.seed + token
-        )
-        prompts = data.prompts + replay_prompts(
-            store, max(0, settings.ppo_batch_size - len(data.prompts)), settings.seed + token,
-            exclude=data.prompts,
-        )  # fmt: skip
+        events: list[Event] = data.events
 
         parent = registry.current()
         work_dir = Path(tempfile.mkdtemp(prefix=f"round{token}-", dir=_rounds_dir(settings)))
@@ -252,16 +232,17 @@ def run_round(
 
         result = run_training_round(
             base,
-            settings,
+            # Every seed of the round (sampling, shuffles, batches) comes from the round.
+            settings.model_copy(update={"seed": data.seed}),
             pointwise=data.pointwise,
-            pairs=pairs,
-            prompts=prompts,
+            pairs=data.pairs,
+            prompts=data.prompts,
             policy_dir=str(policy_dir) if policy_dir else None,
             reward_dir=str(reward_dir) if reward_dir else None,
             out_dir=str(work_dir / "out"),
-            heldout_pairs=heldout,
-            replay_pointwise=replay_point,
-            replay_pairs=replay_pairs,
+            heldout_pairs=data.heldout_pairs,
+            replay_pointwise=data.replay_pointwise,
+            replay_pairs=data.replay_pairs,
             progress=train_progress,
         )
         metrics = {k: float(v) for k, v in result.metrics.items()}
@@ -281,10 +262,11 @@ def run_round(
             "parent": parent,
             "events_used": len(taken),
             "event_ids": [ev.event_id for ev in events],
-            "users": len({ev.user_id for ev in events}),
-            "data": data.stats | {"replay_pointwise": len(replay_point),
-                                  "replay_pairs": len(replay_pairs), "heldout_pairs": len(heldout),
-                                  "prompts": len(prompts)},
+            "users": len(data.user_events),
+            # Read back by later rounds for the per-user window (recent_user_events).
+            "user_events": data.user_events,
+            "seed": data.seed,
+            "data": data.stats,
             "metrics": metrics,
             "reward_parent": reward_from,
             "reason": reason,
@@ -353,6 +335,8 @@ __all__: Sequence[str] = (
     "events_consumed",
     "gate",
     "is_heldout",
+    "recent_user_events",
     "round_is_due",
+    "round_seed",
     "run_round",
 )

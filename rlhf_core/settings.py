@@ -76,7 +76,15 @@ class Settings(BaseSettings):
     # --- training ----------------------------------------------------------
     train_every: int = Field(16, description="New feedback events that start a training round.")
     max_events_per_user: int = Field(
-        8, description="Per-user cap on events in one round, so one person cannot dominate it."
+        8,
+        description="Per-user cap: one user's events train at most this many a round on average "
+        "over RLHF_USER_WINDOW_ROUNDS rounds; events over it are consumed untrained.",
+    )
+    user_window_rounds: int = Field(
+        4,
+        ge=1,
+        description="Window of the per-user cap, in published rounds (this one included): a "
+        "user trains at most RLHF_MAX_EVENTS_PER_USER x this many events in any such window.",
     )
     lora_r: int = Field(16, description="LoRA rank of the policy and reward adapters.")
     lora_alpha: int = Field(32, description="LoRA alpha.")
@@ -115,7 +123,11 @@ class Settings(BaseSettings):
         10.0, description="Gate: a round whose mean KL to the reference exceeds this is rejected."
     )
     round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
-    seed: int = Field(0, description="Seed of training rounds.")
+    seed: int = Field(
+        0,
+        description="Base seed of training rounds; each round's seed is derived from it and "
+        "the round.",
+    )
     lock_ttl_s: float = Field(
         30.0,
         description="Training lock lease; renewed while a round runs, so a killed worker "

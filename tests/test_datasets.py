@@ -226,25 +226,73 @@ def test_ppo_prompts_distinct_recent_first():
 # ---------------------------------------------------------------- one round
 
 
+def _entries(store: FeedbackStore, events: list[Event]) -> list[tuple[str, Event]]:
+    return [(store.record_event(e), e) for e in events]
+
+
+def _prompt(heldout: bool) -> str:
+    """A user message whose context (with SYSTEM) is, or is not, held out."""
+    i = 0
+    while ds.is_heldout([SYSTEM, {"role": "user", "content": f"p{i}"}]) != heldout:
+        i += 1
+    return f"p{i}"
+
+
 def test_round_datasets_uses_full_history_and_siblings(store):
-    o, r = turn("o", "bad"), turn("r", "good", parent="o")
+    prompt = _prompt(heldout=False)
+    o, r = turn("o", "bad", prompt=prompt), turn("r", "good", parent="o", prompt=prompt)
     noisy = [turn(f"n{i}", f"ans {i}", user="spammer", session="s9", prompt=f"q{i}")
              for i in range(10)]  # fmt: skip
     save(store, [o, r, *noisy], [ev(o, "like"), ev(o, "dislike")])  # earlier round
-    round_events = [ev(r, "like")] + [ev(n, "like") for n in noisy]
-    for e in round_events:
-        store.record_event(e)
-    data = ds.round_datasets(store, round_events, max_per_user=3, seed=0)
+    entries = _entries(store, [ev(r, "like")] + [ev(n, "like") for n in noisy])
+    data = ds.round_datasets(store, entries, max_per_user=3, seed=0)
     # The disliked sibling came from an earlier round, and still forms the pair.
     assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("good", "bad")]
-    assert Counter(x["user_id"] for x in data.pointwise) == {"u1": 1, "spammer": 3}
-    assert data.stats["pointwise_dropped_by_cap"] == 7
-    assert set(data.turn_ids) == {"r", *(n.turn_id for n in noisy)}
-    assert len(data.prompts) == 11
+    assert Counter(e.user_id for e in data.events) == {"u1": 1, "spammer": 3}
+    assert len(data.capped) == 7 and data.stats["events_capped"] == 7
+    assert data.user_events == {"u1": 1, "spammer": 3}
+    assert len(data.pointwise) + data.stats["pointwise_heldout"] == 4
+    assert set(data.turn_ids) == {"r", *(e.turn_id for e in data.events)}
+    assert len(data.prompts) == 4
     # With an unvote in the round, the history-aware label disappears.
     unvote = ev(r, "unvote")
-    store.record_event(unvote)
-    assert ds.round_datasets(store, [unvote]).pointwise == []
+    assert ds.round_datasets(store, _entries(store, [unvote])).pointwise == []
+
+
+def test_heldout_contexts_stay_out_of_every_training_list(store):
+    """Issue 9, defect 1: thumbs, vote pairs and rewrites of a held-out context -- new
+    or replayed -- never reach training; its pairs only measure."""
+    held, kept = _prompt(heldout=True), _prompt(heldout=False)
+    old = [turn(f"old{i}", f"old {i}", prompt=p) for i, p in enumerate([held, kept, held, kept])]
+    save(store, old, [ev(old[0], "like"), ev(old[1], "dislike"), ev(old[2], "dislike"),
+                      ev(old[3], "like"), ev(old[0], "rewrite", "better")])  # fmt: skip
+    new = [turn(f"new{i}", f"new {i}", prompt=p, session=f"s{i}") for i, p in enumerate(
+        [held, kept, held, kept])]  # fmt: skip
+    save(store, new, [])
+    entries = _entries(store, [ev(new[0], "like"), ev(new[1], "like"), ev(new[2], "dislike"),
+                               ev(new[2], "rewrite", "fixed"), ev(new[3], "dislike")])  # fmt: skip
+    data = ds.round_datasets(store, entries, seed=3)
+    trained = [*data.pointwise, *data.pairs, *data.replay_pointwise, *data.replay_pairs]
+    assert trained and not any(ds.is_heldout(x) for x in trained)
+    assert {p["turn_id"] for p in data.pointwise} == {"new1", "new3"}
+    assert {p["turn_id"] for p in data.replay_pointwise} == {"old1", "old3"}
+    # One user's liked x disliked answers to one context pair up: 3 new vote pairs and
+    # the new rewrite on the held-out context, 3 new vote pairs on the other.
+    assert data.stats["pointwise_heldout"] == 2 and data.stats["pairs_heldout"] == 4
+    assert len(data.pairs) == 3
+    measured = {(p["chosen"], p["rejected"]) for p in data.heldout_pairs}
+    assert {("better", "old 0"), ("fixed", "new 2"), ("old 0", "old 2")} <= measured
+    assert len(measured) == 6 and all(ds.is_heldout(p) for p in data.heldout_pairs)
+
+
+def test_window_budget_counts_the_earlier_rounds_of_the_window():
+    budgets = ds.window_budgets(["a", "b", "c"], 2, 3, [{"a": 9}, {"a": 1, "b": 4}, {"b": 1}])
+    # Window of 3 rounds: the 2 before this one count; budget 2 x 3 = 6 per user.
+    assert budgets == {"a": 5, "b": 1, "c": 6}
+    assert ds.window_budgets(["a"], 2, 1, [{"a": 9}]) == {"a": 2}
+    assert ds.window_budgets(["a"], None, 3) == {"a": None}
+    with pytest.raises(ValueError, match="at least 1"):
+        ds.window_budgets(["a"], 2, 0)
 
 
 def test_replay_prompts_sampled_from_all_turns(store):

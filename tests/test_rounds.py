@@ -8,8 +8,8 @@ import math
 import pytest
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
-from rlhf_core.registry import Registry
-from rlhf_core.rounds import events_consumed, gate, round_is_due, run_round
+from rlhf_core.registry import LOCK_TOKEN_KEY, Registry
+from rlhf_core.rounds import events_consumed, gate, round_is_due, round_seed, run_round
 
 
 def post_feedback(store: FeedbackStore, n: int, user: str = "alice", kinds=("like", "dislike")):
@@ -62,10 +62,12 @@ def test_busy_when_another_round_holds_the_lock(redis_client, tiny_settings, tin
 
 
 def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings, tiny_model):
-    settings = tiny_settings.model_copy(update={"max_events_per_user": 3})
+    """Issue 9, defect 9: the cap bounds a user over a window of rounds, and the events
+    over it are consumed untrained instead of coming back round after round."""
+    settings = tiny_settings.model_copy(update={"max_events_per_user": 2, "user_window_rounds": 2})
     store = FeedbackStore(redis_client)
     registry = Registry(redis_client, settings)
-    alice = post_feedback(store, 5, "alice")
+    alice = post_feedback(store, 6, "alice")
     bob = post_feedback(store, 2, "bob")
     assert round_is_due(settings, redis_client)
     stages = []
@@ -74,24 +76,107 @@ def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings
         progress=lambda stage, fraction: stages.append((stage, fraction)),
     )  # fmt: skip
     assert outcome.status == "published", outcome.reason
-    assert outcome.version == 1 and registry.current() == 1 and outcome.events == 5
+    assert outcome.version == 1 and registry.current() == 1 and outcome.events == 6
     meta = registry.get(1)
     used = set(meta["event_ids"])
-    assert {e.event_id for e in bob} <= used  # bob's 2 and 3 of alice's 5
-    assert len(used & {e.event_id for e in alice}) == 3
+    assert {e.event_id for e in bob} <= used  # bob's 2 and 4 of alice's 6 (2 a round x 2)
+    assert len(used & {e.event_id for e in alice}) == 4
+    assert meta["user_events"] == {"alice": 4, "bob": 2} and meta["data"]["events_capped"] == 2
     assert meta["parent"] == 0 and "reward" in meta["kinds"]
     assert stages[-1] == ("published", 1.0) and any(s == "gate" for s, _ in stages)
-    # Alice's two capped events wait for the next round, which takes them.
-    assert store.counts()["unconsumed"] == 2
+    # Alice's two capped events do not wait for the next round.
+    assert store.counts()["unconsumed"] == 0 and store.pending()["pending"] == 0
+    # Her window (this round and the one before) is spent: her new events are consumed
+    # untrained while carol's train.
+    alice2 = post_feedback(store, 3, "alice")
+    carol = post_feedback(store, 2, "carol")
     second = run_round(settings, redis_client, tiny_model, consumer_name="w1")
     assert second.status == "published" and second.version == 2
+    assert set(registry.get(2)["event_ids"]) == {e.event_id for e in carol}
     assert registry.get(2)["parent"] == 1 and registry.get(2)["reward_parent"] == 1
     assert store.counts()["unconsumed"] == 0 and store.pending()["pending"] == 0
+    # Round 1 left the window: alice may train again.
+    alice3 = post_feedback(store, 2, "alice")
+    third = run_round(settings, redis_client, tiny_model, consumer_name="w1")
+    assert third.status == "published"
+    assert set(registry.get(3)["event_ids"]) == {e.event_id for e in alice3}
     consumed = events_consumed(registry)
-    assert sorted(consumed) == sorted(e.event_id for e in alice + bob)
+    assert not set(consumed) & {e.event_id for e in alice2}
     assert all(len(v) == 1 for v in consumed.values())
     assert run_round(settings, redis_client, tiny_model, consumer_name="w1").status == "skipped"
     assert registry.last_round()["status"] == "skipped"
+
+
+def _spy(calls: list[dict], stop: bool = False):
+    """The real run_training_round, with its arguments recorded (and, with ``stop``,
+    the round ended right there, before any training)."""
+    from rlhf_core.trainer import run_training_round
+
+    def spy(base, settings, **kwargs):
+        calls.append({"seed": settings.seed, **kwargs})
+        if stop:
+            raise RuntimeError("stopped by the test")
+        return run_training_round(base, settings, **kwargs)
+
+    return spy
+
+
+def test_heldout_contexts_never_train_in_any_round(redis_client, tiny_settings, tiny_model):
+    """Issue 9, defect 1: pointwise examples and pairs of held-out contexts, new and
+    replayed, stay out of reward training; their pairs measure the reward model."""
+    from rlhf_core.datasets import is_heldout
+
+    store = FeedbackStore(redis_client)
+
+    def prompts(heldout: bool, n: int, start: int = 0) -> list[str]:
+        out, i = [], start
+        while len(out) < n:
+            if is_heldout([{"role": "user", "content": f"Question {i}?"}]) == heldout:
+                out.append(f"Question {i}?")
+            i += 1
+        return out
+
+    def post(texts: list[str], user: str) -> None:
+        for text in texts:  # an answer and its regenerate, one liked, one disliked
+            for answer, kind in (("Fine.", "like"), ("Bad answer here.", "dislike")):
+                turn = Turn(new_id(), f"{user}-s", user, [{"role": "user", "content": text}],
+                            answer)  # fmt: skip
+                store.save_turn(turn)
+                store.record_event(Event.new(turn.turn_id, kind, f"{user}-s", user))
+
+    calls: list[dict] = []
+    post(prompts(True, 2) + prompts(False, 2), "alice")
+    first = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1",
+                      run_training_round=_spy(calls))  # fmt: skip
+    assert first.status == "published", first.reason
+    post(prompts(True, 2, start=100) + prompts(False, 2, start=100), "bob")
+    second = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1",
+                       run_training_round=_spy(calls))  # fmt: skip
+    assert second.status == "published", second.reason
+    for call in calls:
+        trained = [*call["pointwise"], *call["pairs"], *call["replay_pointwise"],
+                   *call["replay_pairs"]]  # fmt: skip
+        assert trained and not [x["messages"] for x in trained if is_heldout(x)]
+        assert call["heldout_pairs"] and all(is_heldout(p) for p in call["heldout_pairs"])
+    assert calls[1]["replay_pointwise"]  # the second round replays the first's feedback
+    assert len(calls[1]["heldout_pairs"]) == 4  # both rounds' held-out contexts measure
+
+
+def test_every_round_has_its_own_seed(redis_client, tiny_settings, tiny_model):
+    """Issue 9, defect 10: the seed comes from the base seed and the round."""
+    store = FeedbackStore(redis_client)
+    calls: list[dict] = []
+    tokens = []
+    for _ in range(2):
+        post_feedback(store, 4)
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1",
+                      run_training_round=_spy(calls, stop=True))  # fmt: skip
+        tokens.append(int(redis_client.get(LOCK_TOKEN_KEY)))  # the round's fencing token
+    seeds = [c["seed"] for c in calls]
+    assert tokens[0] != tokens[1] and seeds[0] != seeds[1]
+    assert seeds == [round_seed(tiny_settings.seed, t) for t in tokens]
+    assert round_seed(tiny_settings.seed + 1, tokens[0]) != seeds[0]
 
 
 def test_gate_failure_keeps_version_and_events(redis_client, tiny_settings, tiny_model):
