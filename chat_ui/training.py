@@ -25,7 +25,13 @@ from chat_ui import validation
 from rlhf_core.datasets import load_feedback, resolve_feedback
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import discover_url
-from rlhf_core.registry import CHANNEL, CandidateError, Registry, UnknownVersionError
+from rlhf_core.registry import (
+    CHANNEL,
+    K_DECISIONS,
+    CandidateError,
+    Registry,
+    UnknownVersionError,
+)
 from rlhf_core.rounds import round_is_due
 from rlhf_core.settings import Settings
 
@@ -418,6 +424,27 @@ def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+_ab_cache: dict[int, tuple[float, tuple[int, str], dict[str, Any]]] = {}
+
+
+def ab_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """rlhf_core.canary.status, cached a few seconds while neither the events nor the
+    canary change: every open Training tab polls it, and it reads every vote since the
+    canary started."""
+    from rlhf_core import canary
+
+    key = (
+        FeedbackStore(client).counts()["events"],
+        repr((Registry(client, settings).candidate(), client.llen(K_DECISIONS))),
+    )
+    cached = _ab_cache.get(id(client))
+    if cached and cached[1] == key and time.monotonic() - cached[0] < THUMBS_CACHE_S:
+        return cached[2]
+    status = canary.status(client, settings)
+    _ab_cache[id(client)] = (time.monotonic(), key, status)
+    return status
+
+
 _board_cache: dict[int, tuple[int, list[dict[str, Any]]]] = {}
 
 
@@ -498,7 +525,7 @@ def build_training_tab(
             rows = versions_table(client, settings)
             table, quality, policy = _frames(rows)
             choices = [r["version"] for r in rows]
-            ab = canary.status(client, settings)
+            ab = ab_status(client, settings)
             return (
                 status_markdown(client, settings, swap_error() if swap_error else None),
                 table,
