@@ -591,7 +591,7 @@ def build_training_tab(
         )
     table = gr.Dataframe(label="Versions", interactive=False, elem_id="versions-table")
     gr.Markdown("### Live A/B (canary)")
-    ab_status = gr.Markdown("Loading…", elem_id="ab-status")
+    ab_box = gr.Markdown("Loading…", elem_id="ab-status")
     with gr.Row():
         promote_button = gr.Button("Promote candidate", elem_id="ab-promote")
         demote_button = gr.Button("Roll back candidate", elem_id="ab-rollback")
@@ -604,7 +604,7 @@ def build_training_tab(
     )  # fmt: skip
     timer = gr.Timer(max(1.0, settings.version_poll_s))
 
-    outputs = [status, table, quality_plot, policy_plot, version_pick, ab_status, decisions, board]
+    outputs = [status, table, quality_plot, policy_plot, version_pick, ab_box, decisions, board]
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
     timer.tick(refresh, outputs=outputs, show_progress="hidden", **quiet)
     # Named endpoints: gradio_client and scripts press the same buttons a person does.
@@ -634,7 +634,7 @@ def build_training_tab(
         "policy_plot": policy_plot,
         "timer": timer,
         "refresh": refresh,
-        "ab_status": ab_status,
+        "ab_status": ab_box,
         "decisions": decisions,
         "leaderboard": board,
     }
