@@ -45,6 +45,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "mean_upper_bound",
     "policy_loss",
     "token_entropy",
     "token_kl",
@@ -328,6 +329,12 @@ class AdaptiveKLController:
 
     ``e = clip(KL / target - 1, -0.2, 0.2)``; ``kl_coef <- kl_coef * (1 + e * n_steps / horizon)``.
     ``current_kl`` is the KL of a whole answer (summed over its tokens), as in the paper.
+
+    ``horizon`` is in samples: after ``horizon`` samples at a KL of at least 1.2x the
+    target the coefficient has grown by about 20% (``e`` is clipped). Ziegler et al. use
+    10,000 for runs of millions of samples; a round here samples a few dozen answers, so
+    the trainer sets it to one round's samples (Settings.kl_horizon): up to about +-20%
+    per round, a doubling in four rounds.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
@@ -377,6 +384,24 @@ def make_kl_controller(
     if target is None:
         return FixedKLController(init_kl_coef)
     return AdaptiveKLController(init_kl_coef, target, horizon)
+
+
+def mean_upper_bound(x: Tensor, z: float = 1.645) -> tuple[float, float]:
+    """Sample mean of ``x`` (any shape, >= 1 element) and its upper confidence bound
+    ``mean + z * s / sqrt(n)``, with ``s`` the unbiased standard deviation (0 for n = 1).
+
+    By the central limit theorem the true mean lies below the bound with probability
+    about ``Phi(z)`` (z = 1.645: one-sided 95%). The KL gate decides on this bound, so
+    that a policy passes only when its served KL is within budget with that confidence,
+    not when a handful of lucky samples happened to be short.
+    """
+    x = x.detach().double().flatten()
+    n = x.numel()
+    if n == 0:
+        raise ValueError("mean_upper_bound needs at least one sample")
+    mean = float(x.mean())
+    std = float(x.std(unbiased=True)) if n > 1 else 0.0
+    return mean, mean + z * std / math.sqrt(n)
 
 
 # ------------------------------------------------------------- reward normaliser

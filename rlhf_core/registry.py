@@ -13,6 +13,12 @@ Everything that several processes must agree on about versions lives here, under
 - ``used`` hash: feedback stream id -> version that trained on it, so that a
   round that crashed between publish and ack cannot count an event twice.
 - ``round`` hash: the progress of the round in flight; ``last_round``, ``failures``.
+- ``reward:{r}`` hash, ``reward_versions`` list, ``reward_next`` counter and
+  ``reward_current``: reward models, versioned on their own. A round whose policy the
+  gate refuses for KL still publishes the reward model it trained, so the feedback it
+  learned from is not thrown away (and not trained on twice).
+- ``trainer_state``: the PPO KL controller after the last round, published or refused:
+  a round refused for KL leaves a larger coefficient for the next one.
 
 Publishing is one Lua script: it checks the caller's fencing token against the lock
 holder, allocates the version number, writes the metadata, moves the pointer,
@@ -64,6 +70,10 @@ K_REQUESTED = PREFIX + "round_requested"
 K_CANDIDATE = PREFIX + "candidate"
 K_CANDIDATE_QUEUE = PREFIX + "candidate_queue"
 K_DECISIONS = PREFIX + "decisions"
+K_REWARD_NEXT = PREFIX + "reward_next"
+K_REWARD_VERSIONS = PREFIX + "reward_versions"
+K_REWARD_CURRENT = PREFIX + "reward_current"
+K_TRAINER_STATE = PREFIX + "trainer_state"
 
 # A staged inline artifact that was never published (the worker died first)
 # expires on its own instead of leaking memory.
@@ -192,6 +202,24 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'baseline', current, 'share', AR
 redis.call('PUBLISH', ARGV[6], '{"version": ' .. ARGV[1] .. ', "reason": "candidate", "at": ' ..
            ARGV[4] .. '}')
 return {1, ARGV[1]}
+"""
+
+# KEYS: lock, reward_next, reward_versions, reward_current
+# ARGV: token, meta_json, created_at, reward_key_prefix, artifact, storage, blob keys...
+_PUBLISH_REWARD = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  return {-1, holder or ''}
+end
+local r = redis.call('INCR', KEYS[2])
+redis.call('HSET', ARGV[4] .. r, 'version', r, 'meta', ARGV[2], 'created_at', ARGV[3],
+           'fencing_token', ARGV[1], 'artifact', ARGV[5], 'storage', ARGV[6])
+redis.call('RPUSH', KEYS[3], r)
+redis.call('SET', KEYS[4], r)
+for i = 7, #ARGV do
+  redis.call('PERSIST', ARGV[i])
+end
+return {r, ''}
 """
 
 # KEYS: current, pointer_log; ARGV: version, version_key, channel, at
@@ -343,6 +371,7 @@ class Registry:
         self.client = client
         self.settings = settings
         self._publish = client.register_script(_PUBLISH)
+        self._publish_reward = client.register_script(_PUBLISH_REWARD)
         self._rollback = client.register_script(_ROLLBACK)
         self._decide = client.register_script(_DECIDE)
         self._start_candidate = client.register_script(_START_CANDIDATE)
@@ -451,20 +480,7 @@ class Registry:
                     f"{kind} adapter folder {folder} has no adapter_config.json; save it with "
                     "PeftModel.save_pretrained before publishing"
                 )
-        artifact = uuid.uuid4().hex
-        total = sum(_folder_bytes(f) for f in folders.values())
-        inline = total <= self.settings.inline_artifact_max_mb * 1024 * 1024
-        blob_keys: list[str] = []
-        if inline:
-            pipe = self.client.pipeline(transaction=True)
-            for kind, folder in folders.items():
-                key = f"{PREFIX}blob:{artifact}:{kind}"
-                pipe.set(key, _tar_folder(folder), ex=STAGED_TTL_S)
-                blob_keys.append(key)
-            pipe.execute()
-        else:
-            self._write_shared(artifact, folders)
-
+        artifact, inline, blob_keys, total = self._stage(folders)
         meta = dict(metadata)
         meta["kinds"] = sorted(folders)
         meta["size_bytes"] = total
@@ -488,11 +504,7 @@ class Registry:
         )
         version, holder = int(result[0]), _text(result[1])
         if version < 0:
-            # Nothing points at the staged artifact: drop it now rather than at its TTL.
-            if blob_keys:
-                self.client.delete(*blob_keys)
-            else:
-                shutil.rmtree(self.settings.resolved_artifact_dir() / artifact, ignore_errors=True)
+            self._unstage(artifact, blob_keys)
             raise StaleTokenError(
                 f"Refused to publish: fencing token {fencing_token} no longer holds the training "
                 f"lock (holder: {holder or 'nobody'}). The round outlived its lease "
@@ -503,6 +515,111 @@ class Registry:
             total / 2**20,
         )  # fmt: skip
         return version
+
+    def _stage(self, folders: dict[str, Path]) -> tuple[str, bool, list[str], int]:
+        """Write the folders under a fresh artifact id, before the publish script that
+        makes them visible: inline blobs with a TTL (the script persists them) or the
+        shared folder. Returns ``(artifact, inline, blob_keys, total_bytes)``."""
+        artifact = uuid.uuid4().hex
+        total = sum(_folder_bytes(f) for f in folders.values())
+        inline = total <= self.settings.inline_artifact_max_mb * 1024 * 1024
+        blob_keys: list[str] = []
+        if inline:
+            pipe = self.client.pipeline(transaction=True)
+            for kind, folder in folders.items():
+                key = f"{PREFIX}blob:{artifact}:{kind}"
+                pipe.set(key, _tar_folder(folder), ex=STAGED_TTL_S)
+                blob_keys.append(key)
+            pipe.execute()
+        else:
+            self._write_shared(artifact, folders)
+        return artifact, inline, blob_keys, total
+
+    def _unstage(self, artifact: str, blob_keys: list[str]) -> None:
+        # Nothing points at the staged artifact: drop it now rather than at its TTL.
+        if blob_keys:
+            self.client.delete(*blob_keys)
+        else:
+            shutil.rmtree(self.settings.resolved_artifact_dir() / artifact, ignore_errors=True)
+
+    # ------------------------------------------------------- reward models
+    def publish_reward(
+        self, reward_dir: str | Path, metadata: dict[str, Any], fencing_token: int
+    ) -> int:
+        """Store a reward model as the next reward version (its own counter, 1, 2, ...)
+        and make it the one the next round starts from. Refused with
+        :class:`StaleTokenError` when ``fencing_token`` no longer holds the lock."""
+        folder = Path(reward_dir)
+        if not (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(
+                f"reward adapter folder {folder} has no adapter_config.json; save it with "
+                "RewardModel.save before publishing"
+            )
+        artifact, inline, blob_keys, total = self._stage({"reward": folder})
+        meta = {**metadata, "kinds": ["reward"], "size_bytes": total}
+        result = self._publish_reward(
+            keys=[LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT],
+            args=[
+                str(fencing_token),
+                json.dumps(meta),
+                repr(time.time()),
+                f"{PREFIX}reward:",
+                artifact,
+                "inline" if inline else "shared",
+                *blob_keys,
+            ],
+        )
+        version, holder = int(result[0]), _text(result[1])
+        if version < 0:
+            self._unstage(artifact, blob_keys)
+            raise StaleTokenError(
+                f"Refused to publish a reward model: fencing token {fencing_token} no longer "
+                f"holds the training lock (holder: {holder or 'nobody'})."
+            )
+        return version
+
+    def current_reward(self) -> int:
+        """The reward version the next round starts from (0 = none published on its own)."""
+        value = self.client.get(K_REWARD_CURRENT)
+        return int(value) if value is not None else 0
+
+    def reward_versions(self) -> list[int]:
+        return [int(v) for v in self.client.lrange(K_REWARD_VERSIONS, 0, -1)]
+
+    def get_reward(self, version: int) -> dict[str, Any]:
+        raw = self.client.hgetall(f"{PREFIX}reward:{version}")
+        if not raw:
+            raise UnknownVersionError(
+                f"Reward version {version} was never published; known: {self.reward_versions()}"
+            )
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        meta = json.loads(fields["meta"])
+        meta.update(
+            version=int(fields["version"]),
+            created_at=float(fields["created_at"]),
+            artifact=fields["artifact"],
+            storage=fields["storage"],
+        )
+        return meta
+
+    def materialize_reward(
+        self, version: int, local_cache_dir: str | Path | None = None
+    ) -> Path | None:
+        """A local folder holding reward version ``version`` (None for 0)."""
+        if version == 0:
+            return None
+        meta = self.get_reward(version)
+        return self._materialize_artifact(
+            meta["artifact"], meta["storage"], "reward", f"r{version}", local_cache_dir
+        )
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        """The KL controller state the last round left (published or refused)."""
+        raw = self.client.get(K_TRAINER_STATE)
+        return json.loads(raw) if raw else None
+
+    def set_trainer_state(self, state: dict[str, Any]) -> None:
+        self.client.set(K_TRAINER_STATE, json.dumps(state))
 
     def _write_shared(self, artifact: str, folders: dict[str, Path]) -> None:
         root = self.settings.resolved_artifact_dir()
@@ -620,8 +737,20 @@ class Registry:
         meta = self.get(version)
         if kind not in meta["kinds"]:
             return None
-        artifact = meta["artifact"]
-        if meta["storage"] == "shared":
+        return self._materialize_artifact(
+            meta["artifact"], meta["storage"], kind, f"v{version}", local_cache_dir
+        )
+
+    def _materialize_artifact(
+        self,
+        artifact: str,
+        storage: str,
+        kind: str,
+        label: str,
+        local_cache_dir: str | Path | None,
+    ) -> Path:
+        version = label
+        if storage == "shared":
             folder = self.settings.resolved_artifact_dir() / artifact / kind
             if not (folder / "adapter_config.json").exists():
                 raise FileNotFoundError(
@@ -630,7 +759,7 @@ class Registry:
                 )
             return folder
         cache = Path(local_cache_dir or Path(self.settings.data_dir) / "adapters")
-        out = cache / f"v{version}-{artifact}" / kind
+        out = cache / f"{label}-{artifact}" / kind
         if (out / "adapter_config.json").exists():
             return out
         data = self.client.get(f"{PREFIX}blob:{artifact}:{kind}")
@@ -721,7 +850,10 @@ class Registry:
             parts.append(f"round running: {progress['stage']} {progress['fraction']:.0%}")
         last = self.last_round()
         if last:
-            if last["status"] == "failed":
+            if last["status"] == "failed" and last.get("kl_budget_reached"):
+                # Said plainly: rounds keep training the reward model, the policy stays.
+                parts.append(f"KL budget reached: {last['reason']}")
+            elif last["status"] == "failed":
                 parts.append(f"last round failed: {last['reason']}")
             elif last["status"] == "published":
                 role = last.get("role", "current")

@@ -16,8 +16,14 @@ Crash safety, step by step (a worker may be killed at any line):
    everything the round trains on; entries over their user's window cap are acked
    untrained (losing them in a crash loses nothing that would have trained).
 4. Train into a private temporary folder. A crash here leaves nothing visible.
-5. Gate. Pass: one atomic publish (refused if our token is stale), then ack.
-   Fail: record why, hand the events back (still unacked) for the next round.
+5. Gate. Pass: publish the reward model (its own version), then one atomic publish
+   of the policy (refused if our token is stale), then ack.
+   Refused for KL (the policy moved too far from the base or from its parent): the
+   reward model is published all the same and the events are acked -- it learned from
+   them, and handing them back would train it on them twice and retrain a policy that
+   cannot go further, round after round. The KL controller's larger coefficient is kept
+   for the next round (``Registry.set_trainer_state``).
+   Any other failure: record why, hand the events back (still unacked) for the next round.
 """
 
 from __future__ import annotations
@@ -45,9 +51,19 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, float], None]
 # Events read per round at most; more wait for the next round.
 MAX_EVENTS_PER_ROUND = 512
-# The first present is gated: the KL of answers sampled as the UI samples them, after
-# the round (see PPOTrainer.served_kl); the others for rounds run by other trainers.
-KL_KEYS = ("objective/kl_served", "objective/kl", "objective/kl_final", "policy/kl")
+# The first present is gated: the 95% upper bound of the KL of answers sampled as the UI
+# samples them, after the round (trainer.gate_samples_kl); the others for rounds run by
+# other trainers.
+KL_KEYS = (
+    "objective/kl_served_ucb",
+    "objective/kl_served",
+    "objective/kl",
+    "objective/kl_final",
+    "policy/kl",
+)
+# The same to the version the round started from, against RLHF_KL_ROUND_BUDGET.
+KL_PARENT_KEYS = ("objective/kl_parent_ucb", "objective/kl_parent")
+KL_TOTAL, KL_ROUND = "kl_total", "kl_round"
 ACCURACY_KEY = "reward/accuracy"
 ACCURACY_BEFORE_KEYS = ("reward/accuracy_before", "reward/heldout_accuracy_before")
 
@@ -89,27 +105,44 @@ def recent_user_events(registry: Registry, rounds: int) -> list[dict[str, int]]:
 
 
 def gate(metrics: dict[str, float], settings: Settings) -> str | None:
-    """Why a round must not be published, or None when it passes.
+    """Why a round must not be published, or None when it passes (see :func:`gate_check`)."""
+    return gate_check(metrics, settings)[0]
 
-    - every metric finite (a NaN loss means broken weights);
-    - KL to the reference within ``settings.kl_budget`` (a budget of 0 or less
-      admits no change at all, so it rejects every trained round);
-    - held-out reward-model accuracy not below the accuracy before the round.
+
+def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | None, str | None]:
+    """``(reason, kind)`` why a round must not be published, ``(None, None)`` when it passes.
+
+    - every metric finite (a NaN loss means broken weights); kind ``"non-finite"``;
+    - the served KL to the base within ``settings.kl_budget`` (its 95% upper bound when
+      measured, else its mean; a budget of 0 or less admits no change at all); kind
+      :data:`KL_TOTAL`;
+    - the served KL to the parent version within ``settings.kl_round_budget`` (how far
+      one round may move what people are served); kind :data:`KL_ROUND`;
+    - held-out reward-model accuracy not below the accuracy before the round; ``"reward"``.
     """
     bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
-        return f"non-finite metrics: {', '.join(bad)}"
-    kl = next((metrics[k] for k in KL_KEYS if k in metrics), None)
-    budget = settings.kl_budget
-    if kl is not None and (kl > budget or budget <= 0):
-        if kl > budget:
-            return f"KL {kl:.3g} > budget {budget:g}"
-        return f"KL {kl:.3g} with a budget of {budget:g} (a budget of 0 admits no change)"
+        return f"non-finite metrics: {', '.join(bad)}", "non-finite"
     after = metrics.get(ACCURACY_KEY)
     before = next((metrics[k] for k in ACCURACY_BEFORE_KEYS if k in metrics), None)
     if after is not None and before is not None and after < before - 1e-9:
-        return f"held-out reward accuracy {after:.2f} < {before:.2f} before the round"
-    return None
+        return f"held-out reward accuracy {after:.2f} < {before:.2f} before the round", "reward"
+    key = next((k for k in KL_KEYS if k in metrics), None)
+    budget = settings.kl_budget
+    if key is not None:
+        kl = metrics[key]
+        bound = " (95% bound)" if key.endswith("_ucb") else ""
+        if kl > budget:
+            return f"KL {kl:.3g}{bound} > budget {budget:g}", KL_TOTAL
+        if budget <= 0:
+            why = f"KL {kl:.3g} with a budget of {budget:g} (a budget of 0 admits no change)"
+            return why, KL_TOTAL
+    key = next((k for k in KL_PARENT_KEYS if k in metrics), None)
+    if key is not None and metrics[key] > settings.kl_round_budget:
+        bound = " (95% bound)" if key.endswith("_ucb") else ""
+        limit = settings.kl_round_budget
+        return f"KL to the parent {metrics[key]:.3g}{bound} > round budget {limit:g}", KL_ROUND
+    return None, None
 
 
 def round_is_due(settings: Settings, client: redis.Redis) -> bool:
@@ -219,8 +252,12 @@ def run_round(
         parent = registry.current()
         work_dir = Path(tempfile.mkdtemp(prefix=f"round{token}-", dir=_rounds_dir(settings)))
         policy_dir = registry.materialize(parent, work_dir / "in")
-        reward_from = registry.latest_reward_version()
-        reward_dir = registry.materialize(reward_from, work_dir / "in", kind="reward")
+        reward_from = registry.current_reward()
+        if reward_from:
+            reward_dir = registry.materialize_reward(reward_from, work_dir / "in")
+        else:  # reward models published inside policy versions (before reward versions)
+            legacy = registry.latest_reward_version()
+            reward_dir = registry.materialize(legacy, work_dir / "in", kind="reward")
 
         report("loading model", 0.08)
         base = base_model() if callable(base_model) else base_model
@@ -230,6 +267,10 @@ def run_round(
         def train_progress(stage: str, fraction: float) -> None:
             report(stage, 0.1 + 0.8 * max(0.0, min(1.0, fraction)))
 
+        train_kwargs: dict[str, Any] = {}
+        kl_state = (registry.trainer_state() or {}).get("kl_ctl")
+        if kl_state:
+            train_kwargs["kl_state"] = kl_state
         result = run_training_round(
             base,
             # Every seed of the round (sampling, shuffles, batches) comes from the round.
@@ -244,10 +285,33 @@ def run_round(
             replay_pointwise=data.replay_pointwise,
             replay_pairs=data.replay_pairs,
             progress=train_progress,
+            **train_kwargs,
         )
         metrics = {k: float(v) for k, v in result.metrics.items()}
         report("gate", 0.92)
-        why = gate(metrics, settings)
+        why, kind = gate_check(metrics, settings)
+        trainer_state = getattr(result, "trainer_state", None)
+        if kind in (KL_TOTAL, KL_ROUND):
+            # The reward model learned from these events whatever the policy did: keep it
+            # (its own version), ack the events, keep the larger KL coefficient.
+            log.warning("round %s: policy refused (%s); publishing its reward model", token, why)
+            reward_version = registry.publish_reward(
+                result.reward_dir,
+                {"metrics": metrics, "reward_parent": reward_from, "policy_refused": why,
+                 "events_used": len(taken), "base_model": settings.base_model},
+                token,
+            )  # fmt: skip
+            if trainer_state:
+                registry.set_trainer_state(trainer_state)
+            store.ack(taken)
+            registry.record_failure(
+                why, metrics=metrics, events=len(taken), events_total=events_total,
+                parent=parent, reward_version=reward_version,
+                kl_budget_reached=kind == KL_TOTAL, kl_round_refused=kind == KL_ROUND,
+            )  # fmt: skip
+            taken = []
+            report("rejected", 1.0)
+            return done(RoundOutcome("failed", why, None, parent, len(events), metrics))
         if why is not None:
             log.warning("round %s rejected: %s", token, why)
             registry.record_failure(
@@ -258,6 +322,16 @@ def run_round(
             return done(RoundOutcome("failed", why, None, parent, len(taken), metrics))
 
         report("publishing", 0.95)
+        try:
+            reward_version = registry.publish_reward(
+                result.reward_dir,
+                {"metrics": metrics, "reward_parent": reward_from, "events_used": len(taken),
+                 "base_model": settings.base_model},
+                token,
+            )  # fmt: skip
+        except StaleTokenError as error:
+            registry.record_failure(str(error), events=len(taken), events_total=events_total)
+            return done(RoundOutcome("failed", str(error), None, parent, len(taken), metrics))
         metadata = {
             "parent": parent,
             "events_used": len(taken),
@@ -269,6 +343,7 @@ def run_round(
             "data": data.stats,
             "metrics": metrics,
             "reward_parent": reward_from,
+            "reward_version": reward_version,
             "reason": reason,
             "base_model": settings.base_model,
             "duration_s": time.monotonic() - started,
@@ -277,14 +352,16 @@ def run_round(
             # With a canary share the version becomes the candidate (or waits for the
             # one out to be decided); the parent stays the current version either way.
             version = registry.publish(
-                result.policy_dir, metadata, token, reward_dir=result.reward_dir,
-                stream_ids=taken, canary_share=settings.canary_share,
+                result.policy_dir, metadata, token, stream_ids=taken,
+                canary_share=settings.canary_share,
             )  # fmt: skip
         except StaleTokenError as error:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)
             return done(RoundOutcome("failed", str(error), None, parent, len(taken), metrics))
         # Durable now (the version records the stream ids): acknowledging may fail
         # or never happen (crash) -- the next round then acks them in step 3.
+        if trainer_state:
+            registry.set_trainer_state(trainer_state)
         store.ack(taken)
         taken = []
         role = registry.get(version)["published_as"]
@@ -334,6 +411,7 @@ __all__: Sequence[str] = (
     "RoundOutcome",
     "events_consumed",
     "gate",
+    "gate_check",
     "is_heldout",
     "recent_user_events",
     "round_is_due",

@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     target_kl: float | None = Field(
         6.0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
     )
+    kl_horizon: float | None = Field(
+        None,
+        description="Samples over which the adaptive KL coefficient moves by up to 20% "
+        "(Ziegler et al. 2019); unset = one round's samples (PPO steps x batch size).",
+    )
+    missing_eos_penalty: float | None = Field(
+        1.0,
+        description="Subtracted from the normalised score of a PPO answer cut without EOS "
+        "(as TRL's missing_eos_penalty); unset = no penalty.",
+    )
     demo_coef: float = Field(
         0.5,
         description="Weight of imitating people's rewrites in each PPO step (0 = pure PPO).",
@@ -120,7 +130,19 @@ class Settings(BaseSettings):
         "(unset = RLHF_MAX_NEW_TOKENS, the served answer limit).",
     )
     kl_budget: float = Field(
-        10.0, description="Gate: a round whose mean KL to the reference exceeds this is rejected."
+        10.0,
+        description="Gate: a round is refused when the 95% upper bound of the served KL of "
+        "its policy to the base model (nats per answer) exceeds this.",
+    )
+    kl_round_budget: float = Field(
+        8.0,
+        description="Gate: a round is refused when the 95% upper bound of the served KL of "
+        "its policy to the version it started from exceeds this.",
+    )
+    gate_samples: int = Field(
+        16,
+        description="Answers the KL gate samples as served (RLHF_MAX_NEW_TOKENS, temperature, "
+        "top-p) to measure the served KL; more: a tighter bound, a longer gate.",
     )
     round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
     seed: int = Field(

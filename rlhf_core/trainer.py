@@ -63,6 +63,7 @@ from rlhf_core.ppo import (
     make_kl_controller,
     masked_mean,
     masked_whiten,
+    mean_upper_bound,
     policy_loss,
     token_entropy,
     token_kl,
@@ -109,7 +110,10 @@ class PPOConfig:
     learning_rate: float = 3e-4
     init_kl_coef: float = 0.05
     target_kl: float | None = 6.0  # adaptive KL target per answer (nats); None = fixed coefficient
-    kl_horizon: float = 10000.0
+    # Samples over which the adaptive coefficient moves by up to 20% (Ziegler et al. use
+    # 10,000 samples of a long run; a round here has ~32, so the coefficient must react
+    # within a round or two). from_settings: one round's samples by default.
+    kl_horizon: float = 32.0
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
@@ -119,9 +123,15 @@ class PPOConfig:
     ent_coef: float = 0.0
     max_grad_norm: float = 1.0
     early_stop_kl: float | None = 0.5  # stop an update when policy/approx_kl passes this
-    score_norm: bool = False  # running normalisation of scores
+    # Running normalisation of scores (mean 0, std 1 over the scores seen so far): the
+    # reward model's raw scores sit at 4-7 while a zero-initialised critic moves by at most
+    # cliprange_value per update, so on raw scores it lags the returns for many rounds.
+    score_norm: bool = True
     score_clip: float | None = None  # clip (normalised) scores to [-c, c]
-    no_eos_penalty: float | None = None  # subtracted from the score of an answer without EOS
+    # Subtracted from the (normalised) score of an answer that was cut at max_new_tokens
+    # without EOS, as TRL's missing_eos_penalty: such an answer is not one people were
+    # served whole, and the reward model scores it at a token that ends nothing.
+    missing_eos_penalty: float | None = 1.0
     # Weight of the imitation loss on people's rewrites (mean NLL of the rewritten answer),
     # added to each PPO optimiser step, as InstructGPT's PPO-ptx adds a supervised loss.
     # A rewrite is a demonstration of the answer wanted: learning from it directly is far
@@ -145,6 +155,8 @@ class PPOConfig:
             "learning_rate": settings.learning_rate,
             "init_kl_coef": settings.init_kl_coef,
             "target_kl": settings.target_kl,
+            "kl_horizon": settings.kl_horizon or settings.ppo_steps * settings.ppo_batch_size,
+            "missing_eos_penalty": settings.missing_eos_penalty,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
             "demo_max_tokens": settings.demo_max_tokens or settings.max_new_tokens,
@@ -381,27 +393,79 @@ class PPOTrainer:
         return self._finish_rollout(prompts, query_ids, query_mask, out[:, query_ids.shape[1] :])
 
     @torch.no_grad()
-    def served_kl(self, prompts: list[Messages], sampling: Sampling) -> float:
-        """How far what people will be served has moved: answers are sampled the way
-        the chat UI samples them (``temperature``, ``top_p``), and along each answer the
+    def served_kl_samples(
+        self,
+        prompts: Sequence[Messages],
+        sampling: Sampling,
+        parent_adapter: str | None = None,
+        chunk: int = 16,
+        positions: int = 64,
+    ) -> tuple[Tensor, Tensor | None]:
+        """How far what people will be served has moved, one number per answer.
+
+        One answer per prompt (repeat prompts for more samples) is sampled exactly as
+        the chat UI samples it (``sampling``: its temperature, top-p and token limit,
+        through :func:`rlhf_core.generation.generate_kwargs`), and along each answer the
         exact KL of the policy's next-token distribution to the reference's is summed
-        (``token_kl``); the mean over answers. The per-step ``objective/kl`` cannot say
-        it: it is measured on each step's rollouts *before* that step's update. The
-        learning benchmark reports the same quantity."""
-        rollout = self.generate(self._shard(list(prompts)), sampling)
+        (``token_kl``). With ``parent_adapter`` (the version this round started from,
+        loaded as a second adapter) the KL to it is summed along the same answers.
+        Returns ``(to_reference, to_parent)``, each ``[n]`` over every process's answers.
+        The per-step ``objective/kl`` cannot stand in for it: it is measured on T=1
+        rollouts of ``ppo_new_tokens`` tokens, each step *before* that step's update.
+
+        ``chunk`` answers are generated together; the LM head is applied ``positions``
+        answer tokens at a time, so the ``[chunk, positions, vocab]`` logits bound the
+        memory (49k vocabulary: 16 x 64 x 49k floats = 200 MB) whatever the answer length.
+        """
+        local = self._shard(list(prompts))
+        to_ref: list[Tensor] = []
+        to_parent: list[Tensor] = []
+        head = self.model.get_base_model().get_output_embeddings()
+        for start in range(0, len(local), chunk):
+            rollout = self.generate(local[start : start + chunk], sampling)
+            mask = rollout.response_mask
+            with autocast(self.device):
+                policy_h = self._answer_hidden(rollout)
+                with self.model.disable_adapter():
+                    ref_h = self._answer_hidden(rollout)
+                parent_h = None
+                if parent_adapter is not None:
+                    self.model.set_adapter(parent_adapter)
+                    try:
+                        parent_h = self._answer_hidden(rollout)
+                    finally:
+                        self.model.set_adapter(POLICY_ADAPTER)
+                kl_ref = torch.zeros(mask.shape[0], device=mask.device)
+                kl_parent = torch.zeros_like(kl_ref)
+                for t in range(0, mask.shape[1], positions):
+                    window = slice(t, t + positions)
+                    logits = head(policy_h[:, window])
+                    kl_ref += (token_kl(logits, head(ref_h[:, window])) * mask[:, window]).sum(1)
+                    if parent_h is not None:
+                        kl = token_kl(logits, head(parent_h[:, window]))
+                        kl_parent += (kl * mask[:, window]).sum(1)
+            to_ref.append(kl_ref.float())
+            if parent_h is not None:
+                to_parent.append(kl_parent.float())
+        ref_all = torch.cat(to_ref).to(self.device)
+        parent_all = torch.cat(to_parent).to(self.device) if to_parent else None
+        if self.world > 1:
+            ref_all = self.accelerator.gather(ref_all)
+            parent_all = self.accelerator.gather(parent_all) if parent_all is not None else None
+        return ref_all.cpu(), parent_all.cpu() if parent_all is not None else None
+
+    def _answer_hidden(self, rollout: Rollout) -> Tensor:
+        """Last hidden states ``[B, R, hidden]`` at the positions that emit the answer
+        tokens, under the active adapter (untempered: the exact KL compares the models)."""
         prompt_len = rollout.query_ids.shape[1]
+        hidden = hidden_states(self.model, rollout.input_ids, rollout.attention_mask)
+        return hidden[:, prompt_len - 1 : -1]
 
-        def next_token_logits() -> Tensor:
-            hidden = hidden_states(self.model, rollout.input_ids, rollout.attention_mask)
-            return answer_logits(self.model, hidden[:, prompt_len - 1 : -1])
-
-        with autocast(self.device):
-            logits = next_token_logits()
-            with self.model.disable_adapter():
-                ref_logits = next_token_logits()
-        per_answer = (token_kl(logits, ref_logits) * rollout.response_mask).sum(1)
-        n = self._sum(torch.tensor(float(len(rollout.prompts))))
-        return float(self._sum(per_answer.sum()) / n)
+    def served_kl(self, prompts: Sequence[Messages], sampling: Sampling) -> float:
+        """Mean served KL to the reference over one answer per prompt (see
+        :meth:`served_kl_samples`); the learning benchmark reports the same quantity."""
+        to_ref, _ = self.served_kl_samples(prompts, sampling)
+        return float(to_ref.mean())
 
     def rollout_from_texts(
         self,
@@ -457,15 +521,19 @@ class PPOTrainer:
         return scores.float().clone()
 
     def _process_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
+        """Normalise (running moments), then penalise answers without EOS, then clip.
+        The penalty comes after the normalisation so that it is in units of the scores'
+        standard deviation whatever the reward model's scale, and it does not enter the
+        moments (they describe the reward model, not the penalty)."""
         config = self.config
-        if config.no_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - config.no_eos_penalty)
         if config.score_norm:
             everything = self.accelerator.gather(scores) if self.world > 1 else scores
             finite = everything[torch.isfinite(everything)]
             if finite.numel():  # a NaN score must not poison the running statistics
                 self.score_moments.update(finite)
             scores = self.score_moments.normalize(scores)
+        if config.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
@@ -478,6 +546,7 @@ class PPOTrainer:
         prompt_len = rollout.query_ids.shape[1]
         mask = rollout.response_mask
         self.model.set_adapter(POLICY_ADAPTER)
+        self.wrapped.eval()  # the mode of the new log-probs in update()
         with autocast(self.device):
             old_logprobs, old_values, _ = self.policy_value(input_ids, attention_mask, prompt_len)
             with self.model.disable_adapter():
@@ -536,7 +605,11 @@ class PPOTrainer:
         ]
         sums = dict.fromkeys(keys, 0.0)
         done, skipped, early_stopped = 0, 0, False
-        self.wrapped.train()
+        # Eval mode, as when the old log-probs were taken (make_experience): with any
+        # dropout, train-mode log-probs would differ from the old ones before the first
+        # update and the ratio would not start at 1 (Huang et al., "The N Implementation
+        # Details of RLHF with PPO": dropout off in RLHF).
+        self.wrapped.eval()
         for _epoch in range(config.ppo_epochs):
             order = torch.randperm(local, generator=self._gen).to(self.device)
             for mb in _chunks(order, mini):
@@ -732,6 +805,9 @@ class RoundResult:
     metrics: dict[str, float]
     policy_dir: str
     reward_dir: str
+    # The KL controller after the round, kept by the registry whether or not the policy
+    # is published: a round refused for KL must leave a larger coefficient behind.
+    trainer_state: dict[str, Any] = field(default_factory=dict)
 
 
 def attach_policy(
@@ -756,6 +832,59 @@ def attach_policy(
         if meta_file.exists():
             meta = json.loads(meta_file.read_text())
     return model, head, meta
+
+
+PARENT_ADAPTER = "parent"
+GATE_Z = 1.645  # one-sided 95% upper confidence bound
+
+
+def gate_samples_kl(
+    trainer: PPOTrainer,
+    settings: Settings,
+    prompts: Sequence[Messages],
+    parent_dir: str | os.PathLike | None,
+) -> dict[str, float]:
+    """The KL gate's measurement: ``settings.gate_samples`` answers sampled as served
+    (``Sampling.from_settings``: the UI's temperature, top-p and ``max_new_tokens``), over
+    the round's distinct prompts in turn; per answer the summed exact KL to the base and
+    to the parent version (loaded beside the policy for the measurement; the base itself
+    when this is the first version). Returns means and 95% upper confidence bounds.
+
+    Samples and cost per round (default 16 answers of up to ``max_new_tokens`` = 256
+    tokens): one batched generation of 16 x 256 tokens (16x the tokens of one PPO
+    rollout of 8 x 64) plus three forwards over them (policy, base, parent). On the tiny
+    model, where answers never stop early, ``benchmarks/gate_cost.py`` measured 20 s for
+    16 samples (10 s for 8, 39 s for 32) against 3.3 s per PPO step. The bound: one-sided
+    95%, ``mean + 1.645 s / sqrt(n)``; with n = 16 it sits 0.41 standard deviations of
+    the per-answer KL above the mean.
+    """
+    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
+    n = max(2, int(settings.gate_samples))
+    n -= n % trainer.world  # an even share per process
+    picks = [unique[i % len(unique)] for i in range(max(n, trainer.world))]
+    parent = None
+    if parent_dir is not None:
+        trainer.model.load_adapter(str(parent_dir), adapter_name=PARENT_ADAPTER)
+        trainer.model.set_adapter(POLICY_ADAPTER)
+        parent = PARENT_ADAPTER
+    try:
+        to_ref, to_parent = trainer.served_kl_samples(
+            picks, Sampling.from_settings(settings), parent_adapter=parent
+        )
+    finally:
+        if parent is not None:
+            trainer.model.delete_adapter(PARENT_ADAPTER)
+    mean, ucb = mean_upper_bound(to_ref, GATE_Z)
+    # Version 1's parent is the base: its KL to the parent is its KL to the base.
+    p_mean, p_ucb = mean_upper_bound(to_parent, GATE_Z) if to_parent is not None else (mean, ucb)
+    return {
+        "objective/kl_served": mean,
+        "objective/kl_served_ucb": ucb,
+        "objective/kl_served_max": float(to_ref.max()),
+        "objective/kl_parent": p_mean,
+        "objective/kl_parent_ucb": p_ucb,
+        "gate/samples": float(to_ref.numel()),
+    }
 
 
 def _cycle_batches(
@@ -788,6 +917,7 @@ def run_training_round(
     reward_fn: RewardFn | None = None,
     ppo_config: PPOConfig | None = None,
     accelerator: Any = None,
+    kl_state: dict[str, float] | None = None,
 ) -> RoundResult:
     """One training round: update the reward model, run ``settings.ppo_steps`` PPO steps of
     ``settings.ppo_batch_size`` prompts, save both to ``out_dir/{policy,reward}``.
@@ -798,6 +928,12 @@ def run_training_round(
     Metrics include ``reward/accuracy_before`` / ``reward/accuracy`` (held-out pairs,
     for the gate), ``objective/kl`` (mean KL per answer over the steps, and
     ``objective/kl_max``), ``objective/scores`` (mean score) and ``ppo/skipped_steps``.
+
+    The gate's measurement (:func:`gate_samples_kl`): ``objective/kl_served`` and
+    ``objective/kl_served_ucb`` (KL to the base of answers sampled as served, mean and
+    95% upper bound), ``objective/kl_parent`` / ``objective/kl_parent_ucb`` (the same to
+    the version this round started from). ``kl_state``: the KL controller's state from
+    the last round, published or not (else the parent policy's).
     """
     if not prompts:
         raise ValueError("run_training_round needs at least one prompt for PPO")
@@ -834,8 +970,9 @@ def run_training_round(
             reward_fn=reward_fn,
             value_head=value_head,
             accelerator=accelerator,
-            kl_state=policy_meta.get("kl_ctl"),
-            score_state=policy_meta.get("score_moments"),
+            kl_state=kl_state or policy_meta.get("kl_ctl"),
+            # No score_state: the reward model was retrained above, so the scale of its
+            # scores is new and last round's moments would normalise with a stale one.
             demos=[
                 (p["messages"], p["chosen"])
                 for p in [*pairs, *replay_pairs]
@@ -858,9 +995,7 @@ def run_training_round(
         metrics["objective/kl_max"] = max(h["objective/kl"] for h in history)
         report("measuring KL", 1.0)
         start = time.perf_counter()
-        metrics["objective/kl_served"] = trainer.served_kl(
-            batches[-1], Sampling.from_settings(settings)
-        )
+        metrics.update(gate_samples_kl(trainer, settings, list(prompts), policy_dir))
         metrics["time/served_kl_s"] = time.perf_counter() - start
         metrics["objective/kl_coef"] = trainer.kl_ctl.value
         metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)
@@ -873,7 +1008,12 @@ def run_training_round(
             reward_model.save(reward_out, {"metrics": metrics})
         trainer.accelerator.wait_for_everyone()
         report("saved", 1.0)
-        return RoundResult(metrics=metrics, policy_dir=str(policy_out), reward_dir=str(reward_out))
+        return RoundResult(
+            metrics=metrics,
+            policy_dir=str(policy_out),
+            reward_dir=str(reward_out),
+            trainer_state=trainer.state(),
+        )
     finally:
         # Take every LoRA layer out of the shared base again (no merge), so the next
         # round or the serving code sees the plain base model.

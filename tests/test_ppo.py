@@ -25,6 +25,7 @@ from rlhf_core.ppo import (
     masked_mean,
     masked_var,
     masked_whiten,
+    mean_upper_bound,
     policy_loss,
     token_entropy,
     token_kl,
@@ -397,3 +398,26 @@ def test_running_moments_equal_statistics_of_everything_seen():
     assert abs(float(normalized.mean())) < 1e-6
     with pytest.raises(ValueError, match="empty"):
         moments.update(torch.zeros(0))
+
+
+def test_mean_upper_bound_by_hand():
+    """[1..5]: mean 3, s = sqrt(2.5) = 1.58114, bound 3 + 1.645 * 1.58114 / sqrt(5) = 4.16319."""
+    mean, ucb = mean_upper_bound(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert mean == pytest.approx(3.0)
+    assert ucb == pytest.approx(4.16319, abs=1e-5)
+    assert mean_upper_bound(torch.tensor([7.0])) == (7.0, 7.0)
+    with pytest.raises(ValueError, match="at least one sample"):
+        mean_upper_bound(torch.tensor([]))
+
+
+def test_adaptive_kl_controller_moves_within_one_round_by_hand():
+    """Issue 9 defect 4. A round's horizon (4 steps x 8 answers = 32) at twice the target:
+    e = clip(12/6 - 1) = 0.2 each step, x (1 + 0.2 * 8/32) = x1.05 per step, so
+    0.05 -> 0.05 * 1.05**4 = 0.0607753 in one round (with 10,000: 0.0500320)."""
+    ctl = AdaptiveKLController(init_kl_coef=0.05, target=6.0, horizon=32)
+    for _ in range(4):
+        ctl.update(12.0, 8)
+    assert ctl.value == pytest.approx(0.0607753, abs=1e-7)
+    # And back down below the target: e = clip(3/6 - 1) = -0.2, x0.95 per step.
+    ctl.update(3.0, 8)
+    assert ctl.value == pytest.approx(0.0607753 * 0.95, abs=1e-7)

@@ -230,3 +230,34 @@ def test_cli_versions_rollback_status(redis_client, tiny_settings, adapters):
     refused = cli("rollback", "9")
     assert refused.returncode == 2 and "never published" in refused.stderr
     assert registry.current() == 0
+
+
+def test_reward_models_are_versioned_on_their_own(
+    redis_client, tiny_settings, tiny_model, adapters, tmp_path
+):
+    """Issue 9 defect 5: a round whose policy is refused keeps its reward model, so the
+    reward model has its own counter and pointer, beside the policy versions."""
+    registry = Registry(redis_client, tiny_settings)
+    assert registry.current_reward() == 0 and registry.materialize_reward(0) is None
+    (folder1, weights1), (folder2, _) = adapters[1], adapters[2]
+    lock = registry.lock()
+    token = lock.acquire()
+    assert registry.publish_reward(folder1, {"policy_refused": "KL 12 > budget 10"}, token) == 1
+    assert registry.publish_reward(folder2, {}, token) == 2
+    assert registry.current_reward() == 2 and registry.reward_versions() == [1, 2]
+    assert registry.versions() == [] and registry.current() == 0  # no policy version
+    assert registry.get_reward(1)["policy_refused"] == "KL 12 > budget 10"
+    path = registry.materialize_reward(1, tmp_path / "cache")
+    assert _lora_equal(_load(tiny_model, path), weights1)
+    lock.release()
+    with pytest.raises(StaleTokenError):
+        registry.publish_reward(folder1, {}, token)
+    assert registry.current_reward() == 2
+    registry.set_trainer_state({"kl_ctl": {"value": 0.07}})
+    assert registry.trainer_state() == {"kl_ctl": {"value": 0.07}}
+
+
+def test_status_says_when_the_kl_budget_is_reached(redis_client, tiny_settings):
+    registry = Registry(redis_client, tiny_settings)
+    registry.record_failure("KL 11 (95% bound) > budget 10", kl_budget_reached=True)
+    assert "KL budget reached: KL 11 (95% bound) > budget 10" in registry.status_line()

@@ -9,7 +9,16 @@ import pytest
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
 from rlhf_core.registry import LOCK_TOKEN_KEY, Registry
-from rlhf_core.rounds import events_consumed, gate, round_is_due, round_seed, run_round
+from rlhf_core.rounds import (
+    KL_ROUND,
+    KL_TOTAL,
+    events_consumed,
+    gate,
+    gate_check,
+    round_is_due,
+    round_seed,
+    run_round,
+)
 
 
 def post_feedback(store: FeedbackStore, n: int, user: str = "alice", kinds=("like", "dislike")):
@@ -50,6 +59,26 @@ def test_gate_rules(tiny_settings):
     assert "0.50 < 0.75" in gate(worse, tiny_settings)
 
 
+def test_gate_decides_on_the_upper_bound_and_the_round_budget(tiny_settings):
+    """Issue 9 defect 5: the gate reads the 95% upper bound of the served KL when the
+    trainer measured it (a mean of 9 with a bound of 11 does not pass a budget of 10),
+    and refuses a round that moved the served policy further than RLHF_KL_ROUND_BUDGET
+    from its parent even when the total is within budget."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 4.0})
+    near = {"objective/kl_served": 9.0, "objective/kl_served_ucb": 11.0}
+    assert gate_check(near, settings) == ("KL 11 (95% bound) > budget 10", KL_TOTAL)
+    jump = {"objective/kl_served_ucb": 8.0, "objective/kl_parent_ucb": 5.0}
+    assert gate_check(jump, settings) == (
+        "KL to the parent 5 (95% bound) > round budget 4",
+        KL_ROUND,
+    )
+    fine = {"objective/kl_served_ucb": 8.0, "objective/kl_parent_ucb": 3.0}
+    assert gate_check(fine, settings) == (None, None)
+    # A worse reward model is thrown away whole, whatever the KL.
+    worse = {"reward/accuracy": 0.5, "reward/accuracy_before": 0.75, **near}
+    assert gate_check(worse, settings)[1] == "reward"
+
+
 def test_busy_when_another_round_holds_the_lock(redis_client, tiny_settings, tiny_model):
     store = FeedbackStore(redis_client)
     post_feedback(store, 4)
@@ -82,7 +111,7 @@ def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings
     assert {e.event_id for e in bob} <= used  # bob's 2 and 4 of alice's 6 (2 a round x 2)
     assert len(used & {e.event_id for e in alice}) == 4
     assert meta["user_events"] == {"alice": 4, "bob": 2} and meta["data"]["events_capped"] == 2
-    assert meta["parent"] == 0 and "reward" in meta["kinds"]
+    assert meta["parent"] == 0 and meta["reward_version"] == 1 == registry.current_reward()
     assert stages[-1] == ("published", 1.0) and any(s == "gate" for s, _ in stages)
     # Alice's two capped events do not wait for the next round.
     assert store.counts()["unconsumed"] == 0 and store.pending()["pending"] == 0
@@ -179,7 +208,13 @@ def test_every_round_has_its_own_seed(redis_client, tiny_settings, tiny_model):
     assert round_seed(tiny_settings.seed + 1, tokens[0]) != seeds[0]
 
 
-def test_gate_failure_keeps_version_and_events(redis_client, tiny_settings, tiny_model):
+def test_kl_refusal_keeps_the_reward_model_and_says_the_budget_is_reached(
+    redis_client, tiny_settings, tiny_model
+):
+    """Issue 9 defect 5: a policy refused for KL keeps the version served, but the reward
+    model it trained is published as a reward version and the events are acked (on main
+    they went back unacked and the next round retrained on them, round after round); the
+    status says the budget is reached; the KL controller's state is kept."""
     settings = tiny_settings.model_copy(update={"kl_budget": 0.0})
     store = FeedbackStore(redis_client)
     registry = Registry(redis_client, settings)
@@ -187,16 +222,24 @@ def test_gate_failure_keeps_version_and_events(redis_client, tiny_settings, tiny
     outcome = run_round(settings, redis_client, tiny_model, consumer_name="w1")
     assert outcome.status == "failed" and "KL" in outcome.reason
     assert registry.current() == 0 and registry.versions() == []
-    assert registry.last_round()["status"] == "failed"
-    assert "last round failed: KL" in registry.status_line()
-    assert store.counts()["unconsumed"] == 4  # left for the next round
-    # The same events do not trigger another automatic round; new feedback does.
+    assert registry.current_reward() == 1
+    last = registry.last_round()
+    assert last["status"] == "failed" and last["kl_budget_reached"] and last["reward_version"] == 1
+    assert "KL budget reached: KL" in registry.status_line()
+    from chat_ui.training import status_markdown  # the Training tab's status line
+
+    assert "KL budget reached: KL" in status_markdown(redis_client, settings)
+    assert store.counts()["unconsumed"] == 0 and store.pending()["pending"] == 0
+    assert "value" in registry.trainer_state()["kl_ctl"]
     assert not round_is_due(settings, redis_client)
     post_feedback(store, 4, "bob")
     assert round_is_due(settings, redis_client)
-    # With a sane budget the next round uses all eight, each exactly once.
+    # With a sane budget the next round learns from the new events only, starting from
+    # the reward model the refused round left.
     ok = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w2")
-    assert ok.status == "published" and ok.events == 8
+    assert ok.status == "published" and ok.events == 4
+    meta = registry.get(ok.version)
+    assert meta["reward_parent"] == 1 and meta["reward_version"] == 2
     assert store.counts()["unconsumed"] == 0
 
 

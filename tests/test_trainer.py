@@ -18,11 +18,14 @@ from peft import PeftModel
 
 from rlhf_core.generation import Sampling
 from rlhf_core.modeling import lora_config
+from rlhf_core.ppo import make_kl_controller
+from rlhf_core.settings import Settings
 from rlhf_core.trainer import (
     NonFiniteError,
     PPOConfig,
     PPOTrainer,
     attach_policy,
+    gate_samples_kl,
     run_training_round,
 )
 
@@ -331,3 +334,120 @@ def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
     assert PPOConfig.from_settings(settings).demo_max_tokens == 200
     settings = settings.model_copy(update={"demo_max_tokens": 50})
     assert PPOConfig.from_settings(settings).demo_max_tokens == 50
+
+
+def test_the_default_kl_controller_moves_measurably_in_one_round():
+    """Issue 9 defect 4: at twice the target KL for one round of default settings
+    (4 steps of 8 answers, horizon = those 32 samples) the coefficient grows by
+    1.05**4 = 1.2155x. On main (horizon 10,000 samples) it grew 1.00006x."""
+    settings = Settings()
+    config = PPOConfig.from_settings(settings)
+    ctl = make_kl_controller(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    for _ in range(settings.ppo_steps):
+        ctl.update(2 * config.target_kl, config.batch_size)
+    assert ctl.value == pytest.approx(config.init_kl_coef * 1.05**4, rel=1e-6)
+
+
+def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
+    """Issue 9 defect 3 (PPO half): by default scores are normalised with running moments
+    (defect 7) and an answer without EOS loses RLHF_MISSING_EOS_PENALTY = 1 (in units of
+    the scores' std). Scores 1..4: mean 2.5, std sqrt(1.25) = 1.118034, normalised
+    -1.341641, -0.447214, 0.447214, 1.341641; the 2nd and 4th have no EOS: -1 each."""
+    model, head = policy
+    config = PPOConfig.from_settings(Settings())
+    trainer = PPOTrainer(
+        model, tiny_model.tokenizer, config, reward_fn=lower_half_rule(tiny_model.tokenizer),
+        value_head=head,
+    )  # fmt: skip
+    processed = trainer._process_scores(
+        torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([True, False, True, False])
+    )
+    torch.testing.assert_close(
+        processed, torch.tensor([-1.341641, -1.447214, 0.447214, 0.341641]), atol=1e-5, rtol=0
+    )
+
+
+def test_old_and_new_logprobs_are_taken_in_the_same_mode(tiny_model, tiny_settings):
+    """Issue 9 defect 8: with dropout in the adapter and a learning rate of 0, the first
+    update's ratio must be exactly 1 (old log-probs in eval mode, new ones in train mode
+    gave an approximate KL of about 0.1 nats per token on main)."""
+    config = small_lora_config(tiny_settings)
+    config.lora_dropout = 0.5
+    torch.manual_seed(0)
+    model, head, _ = attach_policy(tiny_model, tiny_settings, None, config)
+    try:
+        with torch.no_grad():  # LoRA B = 0 would make dropout invisible
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+        trainer = PPOTrainer(
+            model, tiny_model.tokenizer, _config(batch_size=4, ppo_epochs=1, learning_rate=0.0),
+            reward_fn=lower_half_rule(tiny_model.tokenizer), value_head=head,
+        )  # fmt: skip
+        stats = trainer.step(PROMPTS[:4])
+    finally:
+        model.unload()
+    assert stats["policy/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["policy/clipfrac"] == 0.0
+
+
+def test_the_critic_follows_a_fixed_reward_within_a_round(policy, tiny_model, tiny_settings):
+    """Issue 9 defect 7: raw scores of 5-7 against a zero-initialised value head with an
+    absolute value clip of 0.2 kept the value loss at about 9 over a whole round on main.
+    With the default running normalisation the targets are O(1): the loss is below 1 and
+    falls over the round."""
+    model, head = policy
+    tokenizer = tiny_model.tokenizer
+    rule = lower_half_rule(tokenizer)
+
+    def fixed_reward(prompts, answers):
+        return [5.0 + 2.0 * s for s in rule(prompts, answers)]
+
+    config = PPOConfig.from_settings(
+        tiny_settings.model_copy(update={"ppo_steps": 4}),
+        batch_size=8, micro_batch_size=None, max_new_tokens=8, learning_rate=3e-4,
+    )  # fmt: skip
+    trainer = PPOTrainer(model, tokenizer, config, reward_fn=fixed_reward, value_head=head)
+    losses = [trainer.step(PROMPTS)["loss/value"] for _ in range(4)]
+    assert max(losses) < 1.0, losses
+    assert (losses[2] + losses[3]) / 2 < (losses[0] + losses[1]) / 2, losses
+
+
+def test_the_gate_samples_as_served_and_measures_kl_to_the_parent(
+    policy, tiny_model, tiny_settings, tmp_path
+):
+    """Issue 9 defect 5: the gate samples RLHF_GATE_SAMPLES answers with the served
+    max_new_tokens (not PPO's), and measures the KL to the parent version as well as to
+    the base: with the parent = the policy itself it is 0 while the KL to the base is not."""
+    model, head = policy
+    tokenizer = tiny_model.tokenizer
+    settings = tiny_settings.model_copy(
+        update={"max_new_tokens": 12, "ppo_new_tokens": 4, "gate_samples": 6}
+    )
+    trainer = PPOTrainer(
+        model, tokenizer, _config(batch_size=4, max_new_tokens=4),
+        reward_fn=lower_half_rule(tokenizer), value_head=head,
+    )  # fmt: skip
+    for _ in range(3):
+        trainer.step(PROMPTS[:4])
+    trainer.save_policy(tmp_path / "parent")
+    lengths = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs["max_new_tokens"])
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        metrics = gate_samples_kl(trainer, settings, PROMPTS[:4], tmp_path / "parent")
+    finally:
+        del model.generate
+    assert set(lengths) == {12}
+    assert metrics["gate/samples"] == 6
+    assert metrics["objective/kl_served"] > 0.5
+    assert metrics["objective/kl_served_ucb"] >= metrics["objective/kl_served"]
+    assert metrics["objective/kl_parent"] == pytest.approx(0.0, abs=1e-3)
+    assert "parent" not in model.peft_config  # taken out again
+    fresh = gate_samples_kl(trainer, settings, PROMPTS[:4], None)  # version 1: parent = base
+    assert fresh["objective/kl_parent"] == fresh["objective/kl_served"]
