@@ -56,6 +56,15 @@ def main(out_file: str) -> None:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     named += [(f"value_head.{n}", p) for n, p in head.named_parameters()]
     before = {n: p.detach().clone() for n, p in named}
+    grads: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        # The gradients as the optimiser sees them (after DDP's all-reduce and clipping).
+        grads.update({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
     stats = trainer.update(exp)
     assert stats["ppo/updates"] == 1, stats
     if trainer.accelerator.is_main_process:
@@ -63,6 +72,7 @@ def main(out_file: str) -> None:
         torch.save(
             {
                 "deltas": deltas,
+                "grads": grads,
                 "stats": stats,
                 "world": trainer.world,
                 "kl": exp.stats["objective/kl"],

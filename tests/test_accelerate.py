@@ -72,13 +72,19 @@ def test_two_process_update_matches_the_single_process_update(tiny_model, model_
     assert one["world"] == 1 and two["world"] == 2
     assert abs(one["kl"] - two["kl"]) < 1e-4
     assert one["deltas"].keys() == two["deltas"].keys()
-    # Adam's first step is about lr * sign(grad): entries whose gradient is near Adam's
-    # eps amplify float-rounding differences, so the tolerance is a share of lr.
+    # The same gradients (what DDP must guarantee), to float rounding relative to each
+    # tensor's largest entry. Adam's first step is about lr * g / (|g| + eps), which turns
+    # the rounding of a gradient near eps into a step difference of a few % of lr, so the
+    # steps themselves are compared on average and the largest entry only loosely.
+    assert one["grads"].keys() == two["grads"].keys() and one["grads"]
+    for name, grad in one["grads"].items():
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((grad - two["grads"][name]).abs().max()) < 1e-4 * scale, name
     lr = 1e-2
     for name, delta in one["deltas"].items():
         other = two["deltas"][name]
         diff = (delta - other).abs()
-        assert float(diff.max()) < 1e-2 * lr, (name, float(diff.max()))
+        assert float(diff.max()) < 5e-2 * lr, (name, float(diff.max()))
         assert float(diff.mean()) < 1e-3 * lr, (name, float(diff.mean()))
         assert float(delta.abs().max()) > 0.5 * lr  # it was really updated
     for key in ("loss/policy", "loss/value", "policy/approx_kl"):
