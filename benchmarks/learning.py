@@ -180,11 +180,15 @@ def evaluate_versions(
     import torch
     from peft import PeftModel
 
+    from rlhf_core.chat_format import prompt_ids
+    from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
     from rlhf_core.modeling import load_base_model
     from rlhf_core.ppo import logprobs_from_logits, token_kl
     from rlhf_core.registry import Registry
+    from rlhf_core.reward import position_ids_from
     from rlhf_core.settings import Settings
 
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
     settings = Settings(
         data_dir=app.data_dir, base_model=args.model, model_cache_dir=args.model_cache_dir
     )
@@ -206,30 +210,37 @@ def evaluate_versions(
         answers, kls, ratios = [], [], []
         for start in range(0, len(contexts), args.eval_batch):
             batch = contexts[start : start + args.eval_batch]
-            enc = tokenizer.apply_chat_template(
-                batch, add_generation_prompt=True, padding=True, return_tensors="pt",
-                return_dict=True,
-            )  # fmt: skip
+            # The chat encoding and the generate() arguments the app serves with (and the
+            # gate samples with): no inherited top_k or repetition penalty.
+            rows = [prompt_ids(tokenizer, messages) for messages in batch]
+            width = max(len(r) for r in rows)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            prompt_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            stops = stop_token_ids(model, tokenizer)
             torch.manual_seed(args.seed + start)  # same sampling noise for every version
             with torch.inference_mode():
                 out = model.generate(
-                    **enc, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                )  # fmt: skip
-                prompt_len = enc["input_ids"].shape[1]
+                    input_ids=input_ids,
+                    attention_mask=prompt_mask,
+                    **generate_kwargs(sampling, eos_token_id=stops, pad_token_id=pad),
+                )
+                prompt_len = input_ids.shape[1]
                 response = out[:, prompt_len:]
-                # answer mask: generated tokens up to and including the first EOS
-                is_eos = response == tokenizer.eos_token_id
+                # answer mask: generated tokens up to and including the first stop token
+                is_eos = torch.isin(response, torch.tensor(stops))
                 after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
                 mask = (~after_eos).float()
-                attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
-                logits = model(input_ids=out, attention_mask=attention).logits[
-                    :, prompt_len - 1 : -1
-                ]
+                attention = torch.cat([prompt_mask, mask.long()], dim=1)
+                forward = {
+                    "input_ids": out,
+                    "attention_mask": attention,
+                    "position_ids": position_ids_from(attention),
+                }
+                logits = model(**forward).logits[:, prompt_len - 1 : -1]
                 if adapter is not None:
                     with model.disable_adapter():
-                        ref_logits = model(input_ids=out, attention_mask=attention).logits
-                    ref_logits = ref_logits[:, prompt_len - 1 : -1]
+                        ref_logits = model(**forward).logits[:, prompt_len - 1 : -1]
                     # KL of the next-token distributions along the served answers (what
                     # the training gate measures too), and the sampled log-ratio of the
                     # answers themselves (reported as log_ratio).

@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         description="Gate: a round is refused when the 95% upper bound of the served KL of "
         "its policy to the version it started from exceeds this.",
     )
+    kl_backtrack_steps: int = Field(
+        2,
+        ge=0,
+        description="When a round's update overshoots a KL budget, halve it toward the parent "
+        "version up to this many times (each a new served-KL measurement) before refusing it.",
+    )
     gate_samples: int = Field(
         16,
         description="Answers the KL gate samples as served (RLHF_MAX_NEW_TOKENS, temperature, "

@@ -887,6 +887,52 @@ def gate_samples_kl(
     }
 
 
+def set_update_fraction(
+    params: Sequence[nn.Parameter],
+    start: Sequence[Tensor],
+    end: Sequence[Tensor],
+    fraction: float,
+) -> None:
+    """Set every parameter to ``start + fraction * (end - start)`` in place: 1 is the
+    round's full update, 0 the policy the round started from."""
+    with torch.no_grad():
+        for param, a, b in zip(params, start, end, strict=True):
+            param.copy_(a + fraction * (b - a))
+
+
+def within_kl_budget(metrics: dict[str, float], settings: Settings) -> bool:
+    """The gate's two KL conditions (see ``rounds.gate_check``) on one measurement."""
+    total = metrics.get("objective/kl_served_ucb", metrics.get("objective/kl_served", 0.0))
+    parent = metrics.get("objective/kl_parent_ucb", metrics.get("objective/kl_parent", 0.0))
+    return total <= settings.kl_budget and parent <= settings.kl_round_budget
+
+
+def backtrack_to_kl_budget(
+    measure: Callable[[float], dict[str, float]],
+    fits: Callable[[dict[str, float]], bool],
+    max_halvings: int,
+) -> tuple[float, dict[str, float], int]:
+    """Backtracking line search on what people will be served (the KL constraint of
+    TRPO, Schulman et al. 2015, sec. 6, applied to the served KL the gate measures).
+
+    A round's PPO steps can overshoot the KL budget even with the adaptive penalty:
+    the controller sees the T=1 rollouts of each step *before* its update, the people
+    see the final policy at their temperature. Rather than refusing the whole round
+    (and its feedback), the update is shrunk toward the parent, by halves, until the
+    gate's bounds hold: ``measure(1.0)``, then ``0.5``, ``0.25``, ... at most
+    ``max_halvings`` times. Returns ``(fraction, metrics, measurements)``; when no
+    fraction fits, the last one tried and its metrics, which the gate then refuses.
+    """
+    fraction = 1.0
+    metrics = measure(fraction)
+    tried = 1
+    while not fits(metrics) and tried <= max_halvings:
+        fraction /= 2
+        metrics = measure(fraction)
+        tried += 1
+    return fraction, metrics, tried
+
+
 def _cycle_batches(
     prompts: list[Messages], steps: int, size: int, seed: int
 ) -> list[list[Messages]]:
@@ -979,6 +1025,10 @@ def run_training_round(
                 if p.get("source") == "rewrite"
             ],
         )
+        # The policy adapter as the round found it: the parent version (or, in round
+        # one, LoRA's zero update). The line search below moves back toward it.
+        lora = adapter_parameters(model, POLICY_ADAPTER)
+        parent_weights = [p.detach().clone() for p in lora]
         history: list[dict[str, float]] = []
         batches = _cycle_batches(
             list(prompts),
@@ -995,7 +1045,18 @@ def run_training_round(
         metrics["objective/kl_max"] = max(h["objective/kl"] for h in history)
         report("measuring KL", 1.0)
         start = time.perf_counter()
-        metrics.update(gate_samples_kl(trainer, settings, list(prompts), policy_dir))
+        final_weights = [p.detach().clone() for p in lora]
+
+        def measure(fraction: float) -> dict[str, float]:
+            set_update_fraction(lora, parent_weights, final_weights, fraction)
+            return gate_samples_kl(trainer, settings, list(prompts), policy_dir)
+
+        fraction, gate_metrics, tried = backtrack_to_kl_budget(
+            measure, lambda m: within_kl_budget(m, settings), settings.kl_backtrack_steps
+        )
+        metrics.update(gate_metrics)
+        metrics["gate/update_fraction"] = fraction
+        metrics["gate/measurements"] = float(tried)
         metrics["time/served_kl_s"] = time.perf_counter() - start
         metrics["objective/kl_coef"] = trainer.kl_ctl.value
         metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)

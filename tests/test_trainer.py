@@ -25,8 +25,11 @@ from rlhf_core.trainer import (
     PPOConfig,
     PPOTrainer,
     attach_policy,
+    backtrack_to_kl_budget,
     gate_samples_kl,
     run_training_round,
+    set_update_fraction,
+    within_kl_budget,
 )
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(8)]
@@ -451,3 +454,66 @@ def test_the_gate_samples_as_served_and_measures_kl_to_the_parent(
     assert "parent" not in model.peft_config  # taken out again
     fresh = gate_samples_kl(trainer, settings, PROMPTS[:4], None)  # version 1: parent = base
     assert fresh["objective/kl_parent"] == fresh["objective/kl_served"]
+
+
+def test_backtracking_halves_the_update_until_the_served_kl_fits(tiny_settings):
+    """KL grows about quadratically with the step: 12 f^2 nats at fraction f. Budgets
+    10 (total) and 8 (round): the full step (12) overshoots, half of it (3) fits."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    seen = []
+
+    def measure(fraction):
+        seen.append(fraction)
+        kl = 12 * fraction**2
+        return {"objective/kl_served_ucb": kl, "objective/kl_parent_ucb": kl}
+
+    def fits(metrics):
+        return within_kl_budget(metrics, settings)
+
+    fraction, metrics, tried = backtrack_to_kl_budget(measure, fits, max_halvings=2)
+    assert (fraction, metrics["objective/kl_served_ucb"], tried) == (0.5, 3.0, 2)
+    assert seen == [1.0, 0.5]
+    # The round budget alone can force it too: 9 to the base fits, 9 to the parent not.
+    assert not within_kl_budget(
+        {"objective/kl_served_ucb": 9.0, "objective/kl_parent_ucb": 9.0}, settings
+    )
+    # No halving allowed, or none fits: the last measurement goes to the gate (refused).
+    assert backtrack_to_kl_budget(measure, fits, max_halvings=0)[:2] == (1.0, measure(1.0))
+    fraction, metrics, tried = backtrack_to_kl_budget(
+        lambda f: {"objective/kl_served_ucb": 50.0}, fits, max_halvings=2
+    )
+    assert (fraction, tried) == (0.25, 3) and not fits(metrics)
+
+
+def test_set_update_fraction_interpolates_between_parent_and_final():
+    param = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    start, end = torch.tensor([0.0, 2.0]), torch.tensor([4.0, -2.0])
+    set_update_fraction([param], [start], [end], 0.25)
+    assert param.tolist() == [1.0, 1.0]
+    set_update_fraction([param], [start], [end], 1.0)
+    assert param.tolist() == [4.0, -2.0]
+
+
+def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
+    tiny_model, tiny_settings, tmp_path
+):
+    """Issue 9: rounds were refused outright when the served KL passed the budget (the
+    learning benchmark lost round 2 at KL 15.2 > 10). Now the update is halved toward the
+    parent until it fits, and the saved policy is the shrunk one: its served KL is the
+    measured one, below the full update's."""
+    settings = tiny_settings.model_copy(update={"ppo_steps": 3, "kl_backtrack_steps": 0})
+    common = dict(
+        pointwise=[], pairs=_pairs(8), prompts=PROMPTS, policy_dir=None, reward_dir=None,
+        heldout_pairs=_pairs(4),
+    )  # fmt: skip
+    full = run_training_round(tiny_model, settings, out_dir=tmp_path / "full", **common)
+    assert full.metrics["gate/update_fraction"] == 1.0
+    kl_full = full.metrics["objective/kl_served_ucb"]
+    assert kl_full > 0
+    # A budget between the full step's KL and nothing: the same round (same seed) halves.
+    tight = settings.model_copy(update={"kl_budget": kl_full / 3, "kl_backtrack_steps": 4})
+    shrunk = run_training_round(tiny_model, tight, out_dir=tmp_path / "shrunk", **common)
+    assert shrunk.metrics["gate/update_fraction"] < 1.0
+    assert shrunk.metrics["gate/measurements"] >= 2
+    assert shrunk.metrics["objective/kl_served_ucb"] <= kl_full / 3
+    assert within_kl_budget(shrunk.metrics, tight)
