@@ -61,6 +61,7 @@ class ChatApp:
         if self.watcher is not None:
             self.watcher.stop()
         self.demo.close()
+        self.service.policy.close()
 
 
 # --- rendering -------------------------------------------------------------------
@@ -424,8 +425,8 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             except Exception:  # the tab is gone: nobody to tell
                 log.exception("dropping session failed")
 
-        # One generation at a time across all users (the PolicyServer serves one
-        # anyway); the queue shows waiting people their position.
+        # As many streams at once as the server decodes together (the batched server's
+        # batch, or one for the sequential path); the queue shows the others their place.
         # After each change, the like/dislike icons follow the session's votes.
         sync = {
             "fn": sync_feedback,
@@ -433,7 +434,10 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             "api_visibility": "private",
             "queue": False,
         }
-        generate = {"concurrency_id": "generate", "concurrency_limit": 1}
+        generate = {
+            "concurrency_id": "generate",
+            "concurrency_limit": service.policy.max_concurrent_streams,
+        }
         send_inputs = [textbox, system_prompt, *sampling_inputs]
         send_outputs = [*outputs, textbox]
         send_button.click(on_send, send_inputs, send_outputs, api_name="send", **generate).then(

@@ -5,16 +5,16 @@ by a training round. Adapters are loaded side by side on one ``peft.PeftModel``
 (named ``v{N}``), so a swap is a pointer change, not a reload, and an answer that
 started on version N finishes on version N even when N+1 becomes current mid-answer.
 
-Concurrency, and its trade-off: peft's ``set_adapter`` switches the active adapter
-for the whole model, so two generations on two versions cannot run at the same
-time on one model. Each request therefore holds ``_generate_lock`` for the length
-of its ``generate`` call and activates its pinned version inside it. Requests are
-served one at a time; on the 2-core CPUs this runs on, parallel generations would
-only share the same cores anyway, and Gradio queues the waiting users. (peft's
-mixed-batch ``adapter_names=`` argument would allow several versions in one batch,
-but it registers forward hooks on shared modules per call, so concurrent calls
-would still need the same lock; batching users together is the next step if the
-GPU ever sits idle.)
+Concurrency. With ``RLHF_SERVING_BACKEND=batched`` (the default) answers share one
+continuous-batching decode loop (rlhf_core.batching): a request joins the running batch
+at the next token boundary, streams its own tokens with its own sampling settings and
+pinned version (versions mix in one batch through PEFT's per-row ``adapter_names``), and
+leaves when it ends or its reader goes away. ``_generate_lock`` is then held for one
+decode step at a time, so an adapter load waits for at most one step.
+``RLHF_SERVING_BACKEND=sequential`` keeps the older path: each request holds
+``_generate_lock`` for its whole ``generate`` call and activates its pinned version inside
+it (peft's ``set_adapter`` switches the whole model), one answer at a time; the serving
+benchmark compares the two. ``vllm`` is rlhf_core.vllm_backend, another process.
 
 Context: the conversation is rendered with the tokenizer's chat template; when it
 exceeds the prompt budget, the oldest user/assistant turns are dropped (the system
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from rlhf_core.batching import ContinuousBatcher, make_slot, supports
 from rlhf_core.chat_format import prompt_ids
 from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
@@ -86,6 +87,8 @@ class Generation:
     # Whether the model ended the answer with EOS (False: cut at max_new_tokens or
     # stopped); stored as Turn.finished so training sees a cut answer as cut.
     ended_with_eos: bool = False
+    seed: int | None = None  # batched server: the answer's own random generator seed
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included
     _started: bool = field(default=False, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -134,6 +137,30 @@ class PolicyServer:
         self._turn = threading.Condition()  # lets an adapter load skip the request queue
         self._swaps_waiting = 0
         self._stop_ids = stop_token_ids(loaded.model, self.tokenizer)
+        self._batcher: ContinuousBatcher | None = None
+        if settings.serving_backend == "batched":
+            if supports(loaded.model):
+                self._batcher = ContinuousBatcher(self, settings.max_batch_size)
+            else:
+                log.warning(
+                    "%s uses sliding-window or linear attention, which the batched server "
+                    "does not join; serving one answer at a time.",
+                    loaded.name,
+                )
+
+    @property
+    def batched(self) -> bool:
+        return self._batcher is not None
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        """How many answers are usefully streamed at once (the web layer's limit)."""
+        return self._batcher.max_batch_size if self._batcher is not None else 1
+
+    def close(self) -> None:
+        """Stop the decode loop (answers in flight end with an error)."""
+        if self._batcher is not None:
+            self._batcher.stop()
 
     # --- versions ------------------------------------------------------------
     @property
@@ -258,9 +285,11 @@ class PolicyServer:
         messages: list[dict[str, str]],
         sampling: Sampling | dict[str, Any] | None = None,
         version: int | None = None,
+        seed: int | None = None,
     ) -> Generation:
         """Prepare one answer on the current (or the given) version. Iterate the
-        result to stream the growing text; raises ContextTooLongError up front."""
+        result to stream the growing text; raises ContextTooLongError up front.
+        ``seed`` fixes the batched server's sampling for this answer alone."""
         params = Sampling.coerce(sampling, self.settings)
         prompt = self.build_prompt(messages, params.max_new_tokens)
         with self._state_lock:
@@ -270,7 +299,7 @@ class PolicyServer:
             self._pins[pinned] = self._pins.get(pinned, 0) + 1
         return Generation(
             server=self, prompt=prompt, sampling=params, version=pinned,
-            follow_current=version is None,
+            follow_current=version is None, seed=seed,
         )  # fmt: skip
 
     def generate(
@@ -286,6 +315,9 @@ class PolicyServer:
                 del self._pins[version]
 
     def _run(self, gen: Generation) -> Iterator[str]:
+        if self._batcher is not None:
+            yield from self._run_batched(gen)
+            return
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
@@ -333,6 +365,40 @@ class PolicyServer:
         gen.finished = True
         yield gen.text
 
+    def _run_batched(self, gen: Generation) -> Iterator[str]:
+        """Stream one answer from the shared decode loop; the loop releases the pin."""
+        assert self._batcher is not None
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600
+        )
+        slot = make_slot(gen, streamer, self._stop_ids, gen.seed)
+        start = time.perf_counter()
+        self._batcher.submit(slot)
+        try:
+            for chunk in streamer:
+                if not chunk:
+                    continue
+                if gen.first_token_s is None:
+                    gen.first_token_s = time.perf_counter() - start
+                gen.text += chunk
+                yield gen.text
+        finally:
+            # Also when the reader stops early (a closed tab): the loop drops the slot
+            # at its next step and releases the version pin there.
+            if not slot.released:
+                gen._cancel.set()
+                self._batcher.poke()
+        if slot.error is not None:
+            raise slot.error
+        # Counted as generate counts them: the stop token is a generated token.
+        gen.token_ids = slot.tokens + ([slot.stop_token] if slot.stop_token is not None else [])
+        gen.new_tokens = len(gen.token_ids)
+        gen.ended_with_eos = slot.eos
+        gen.total_s = time.perf_counter() - start
+        gen.text = gen.text.strip()
+        gen.finished = True
+        yield gen.text
+
     def _repin_to_current(self, gen: Generation) -> None:
         """Called with the generate lock held, as the answer starts."""
         with self._state_lock:
@@ -370,6 +436,7 @@ class PolicyServer:
                 self.model.set_adapter(adapter_name(gen.version))
                 out = self.model.generate(**kwargs)
         new_tokens = int(out.shape[1] - input_ids.shape[1])
+        gen.token_ids = out[0, input_ids.shape[1] :].tolist()
         return new_tokens, new_tokens > 0 and int(out[0, -1]) in self._stop_ids
 
 

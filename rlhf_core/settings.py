@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,20 @@ class Settings(BaseSettings):
         3600.0,
         description="A chat session nobody has touched this long (an open tab polls, a closed "
         "one does not) is dropped from memory, after its unsaved answers are saved.",
+    )
+    serving_backend: Literal["batched", "sequential", "vllm"] = Field(
+        "batched",
+        description="'batched': answers share one continuous-batching decode loop; "
+        "'sequential': one answer at a time (the old path, kept for comparison); "
+        "'vllm': stream from the vLLM server at RLHF_VLLM_URL.",
+    )
+    max_batch_size: int = Field(
+        16, description="Most answers decoded together in the batched server; more wait."
+    )
+    vllm_url: str | None = Field(
+        None,
+        description="Base URL of a vLLM OpenAI-compatible server (with --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), used when RLHF_SERVING_BACKEND=vllm.",
     )
     redis_timeout_s: float = Field(
         2.0, description="Socket timeout for Redis calls from the UI (a clear error, not a hang)."

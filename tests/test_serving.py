@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -153,3 +156,153 @@ def test_generation_reports_whether_the_answer_ended_with_eos(server, eos_at_ste
         assert gen.new_tokens == 6 and gen.ended_with_eos is False
     else:
         assert gen.new_tokens == eos_at_step and gen.ended_with_eos is True
+
+
+# --- continuous batching (issue 12) -------------------------------------------------
+SAMPLED = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 12}
+QUESTIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+    [{"role": "user", "content": "A much longer question, " * 6 + "what is it?"}],
+]
+
+
+def _in_threads(calls):
+    """Run each zero-argument call in its own thread; return their results in order."""
+    results: list = [None] * len(calls)
+    errors: list = []
+
+    def run(i, call):
+        try:
+            results[i] = call()
+        except BaseException as error:  # re-raised in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture()
+def versions_server(tiny_settings, adapter_dirs):
+    """A batched server with v1 and v2 loaded, v2 current."""
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings, keep_versions=3)
+    assert server.batched
+    server.load_adapter(1, adapter_dirs[0])
+    server.swap_to(2, adapter_dirs[1])
+    yield server
+    server.close()
+
+
+def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_server):
+    server = versions_server
+    requests = [  # (chat, sampling, version, seed): every version, sampled and greedy
+        (QUESTIONS[0], SAMPLED, 0, 11),
+        (QUESTIONS[1], SAMPLED, 1, 12),
+        (QUESTIONS[2], SAMPLED, 2, 13),
+        (QUESTIONS[0], {**SAMPLED, "temperature": 0.0}, 1, None),
+        (QUESTIONS[1], {**SAMPLED, "temperature": 0.5, "top_p": 1.0}, 2, 14),
+    ]
+    alone = [
+        server.stream(chat, sampling, version=v, seed=seed).consume().token_ids
+        for chat, sampling, v, seed in requests
+    ]
+    assert alone[1] != alone[2] or alone[0] != alone[1], "adapters should change answers"
+    # Hold the loop between steps so that all five join in the same step.
+    with server._generate_lock:
+        gens = [server.stream(c, s, version=v, seed=seed) for c, s, v, seed in requests]
+        results = []
+        threads = [threading.Thread(target=lambda g=g: results.append(g.consume())) for g in gens]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+    for t in threads:
+        t.join(timeout=60)
+    assert server._batcher.max_seen_batch == len(requests)
+    for gen, expected, (_, _, version, _) in zip(gens, alone, requests, strict=True):
+        assert gen.version == version and gen.token_ids == expected
+    assert server._pins == {}
+
+
+def test_a_request_joins_and_leaves_a_running_batch(tiny_settings):
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    long_s = {**SAMPLED, "max_new_tokens": 80}
+    short_s = {**SAMPLED, "max_new_tokens": 4}
+    long_alone = server.stream(QUESTIONS[0], long_s, seed=1).consume().token_ids
+    short_alone = server.stream(QUESTIONS[2], short_s, seed=2).consume().token_ids
+    assert len(long_alone) == 80, "the test needs an answer that runs to its limit"
+
+    steps_before = server._batcher.steps
+    long_gen = server.stream(QUESTIONS[0], long_s, seed=1)
+    stream = iter(long_gen)
+    next(stream)  # the long answer is streaming
+    short = server.stream(QUESTIONS[2], short_s, seed=2).consume()  # joins, ends, leaves
+    assert not long_gen.finished and server._batcher.active == 1, "still running after it"
+    for _ in stream:
+        pass
+    assert short.token_ids == short_alone and long_gen.token_ids == long_alone
+    # Shared steps: the short answer did not add steps of its own to the long one's.
+    assert server._batcher.steps - steps_before <= len(long_alone)
+    assert server._batcher.max_seen_batch == 2
+    server.close()
+
+
+def test_cancelled_request_frees_its_slot_at_the_next_step(tiny_settings):
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    keep = server.stream(QUESTIONS[1], {**SAMPLED, "max_new_tokens": 60}, seed=3)
+    leave = server.stream(QUESTIONS[0], {**SAMPLED, "max_new_tokens": 400}, seed=4)
+    keep_stream, leave_stream = iter(keep), iter(leave)
+    next(keep_stream)
+    next(leave_stream)
+    _wait_for(lambda: server._batcher.active == 2)
+    steps = server._batcher.steps
+    leave_stream.close()  # a closed tab
+    _wait_for(lambda: server._batcher.active == 1)
+    assert server._batcher.steps - steps <= 2, "dropped at the next step"
+    assert server._pins == {0: 1}, "the cancelled answer's version pin is released"
+    for _ in keep_stream:
+        pass
+    assert keep.finished and keep.new_tokens == 60 and server._pins == {}
+    # A request cancelled while it waits to join never runs.
+    with server._generate_lock:
+        waiting = iter(server.stream(QUESTIONS[0], SAMPLED))
+        thread = threading.Thread(target=lambda: list(waiting), daemon=True)
+        thread.start()
+        _wait_for(lambda: len(server._batcher._waiting) == 1)
+        server._batcher._waiting[0].gen._cancel.set()
+    _wait_for(lambda: not server._batcher._waiting and server._pins == {})
+    thread.join(timeout=10)
+    server.close()
+
+
+def test_swap_loads_beside_a_running_batch_without_waiting_for_it(tiny_settings, adapter_dirs):
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    server.swap_to(1, adapter_dirs[0])
+    sampling = {**SAMPLED, "max_new_tokens": 300}
+    alone = server.stream(QUESTIONS[0], sampling, seed=5).consume().token_ids
+    assert len(alone) == 300
+
+    running = server.stream(QUESTIONS[0], sampling, seed=5)
+    stream = iter(running)
+    next(stream)
+    server.swap_to(2, adapter_dirs[1])  # loads while v1's answer is being written
+    assert server.current_version == 2 and not running.finished, "the swap did not wait"
+    newer = server.stream(QUESTIONS[1], SAMPLED).consume()  # shares the batch with v1
+    assert newer.version == 2 and not running.finished
+    for _ in stream:
+        pass
+    assert running.version == 1 and running.token_ids == alone
+    assert server._batcher.max_seen_batch == 2
+    server.close()

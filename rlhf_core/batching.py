@@ -1,0 +1,391 @@
+"""Continuous batching for :class:`~rlhf_core.serving.PolicyServer`: one decode loop,
+requests join and leave it at token boundaries.
+
+One thread owns the model and runs a loop of steps. Each step:
+
+1. drops the requests whose reader went away (a closed tab, Undo) and the ones done;
+2. admits waiting requests: their prompts are prefilled together (left-padded, one
+   forward), each samples its first token, and their key/value cache is padded on the
+   left and concatenated to the running batch's cache;
+3. runs one decode forward for every request in the batch (one new token each), and
+   samples each row with that request's own settings and random generator.
+
+A new chat therefore waits at most one step (plus its own prefill), never for the
+longest answer in the batch, and every answer streams its own tokens through its own
+``TextIteratorStreamer``.
+
+Versions in one batch: PEFT's per-request ``adapter_names`` (``"__base__"`` for
+version 0). Every LoRA layer then runs the base weights once for the whole batch and
+adds each adapter's low-rank delta to its rows only. Grouping the batch by version
+and running one forward per version would multiply the base model's cost by the
+number of versions in flight -- two or three during every swap, exactly when a new
+version should reach people quickly. The delta is a rank-16 matmul on the attention
+projections, small next to the base weights. An answer keeps the version it joined
+with (its pin also keeps the adapter loaded) even when another becomes current.
+
+Swaps: the loop holds the server's model lock for one step at a time, and yields
+to a waiting adapter load before taking it again, so loading ``v{N+1}`` beside the
+running batch waits for at most one step, and the batch carries on afterwards.
+
+What is the libraries' and what is written here. transformers provides the model
+forward with a ``DynamicCache`` (``batch_select_indices`` drops finished rows, the
+``DynamicCache(ddp_cache_data=...)`` constructor builds a cache from tensors), the
+sampling warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the
+incremental detokenizer (``TextIteratorStreamer``); PEFT provides mixed-adapter
+batches. Written by hand, because no library does it: the scheduler loop itself,
+padding a prefilled cache on the left to join a running batch (DynamicCache has no
+concatenate), trimming the columns that only padding still uses, and per-row
+sampling with per-request settings and generators. transformers' own
+``ContinuousBatchingManager`` (``generate_batch``/``init_continuous_batching``) was
+read and not used: it packs all requests into one ragged row for paged attention,
+so PEFT's per-row ``adapter_names`` cannot apply (one adapter for the whole batch),
+and its ``do_sample`` and random seed are global to the manager, not per request.
+
+Limits: decoder models whose layers all use full attention (SmolLM2, Llama, Qwen
+without sliding windows); the caller checks :func:`supports` and falls back to one
+answer at a time otherwise. A long prompt's prefill runs inside one step, so it
+delays the batch's next token by that prefill's time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+
+from rlhf_core.generation import generate_kwargs
+
+if TYPE_CHECKING:
+    from transformers import TextIteratorStreamer
+
+    from rlhf_core.serving import Generation, PolicyServer
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def supports(model: Any) -> bool:
+    """Whether the batched loop can serve this model: every layer a plain key/value
+    cache (no sliding window, no linear attention), which is what joining by
+    left-padding assumes."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # an architecture whose config the cache cannot read
+        return False
+    return bool(cache.layers) and not any(cache.is_sliding) and not any(cache.is_linear)
+
+
+@dataclass
+class Slot:
+    """One request in (or waiting for) the batch."""
+
+    gen: Generation
+    streamer: TextIteratorStreamer
+    generator: torch.Generator
+    warpers: list[Any]
+    do_sample: bool
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    length: int = 0  # real (unpadded) tokens in the cache for this row
+    eos: bool = False  # ended with a stop token (not cut by the limit)
+    stop_token: int | None = None  # that token (not streamed)
+    error: BaseException | None = None
+    done: bool = False
+    released: bool = False  # pin released and stream ended (exactly once)
+    joined_at: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.gen._cancel.is_set()
+
+
+class ContinuousBatcher:
+    """The decode loop of one :class:`PolicyServer` (started at the first request)."""
+
+    def __init__(self, server: PolicyServer, max_batch_size: int) -> None:
+        self.server = server
+        self.max_batch_size = max(1, int(max_batch_size))
+        self._waiting: deque[Slot] = deque()
+        self._active: list[Slot] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, columns] 1 = real token
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0  # decode steps run (tests and benchmarks read it)
+        self.max_seen_batch = 0
+
+    # --- requests ----------------------------------------------------------------
+    def submit(self, slot: Slot) -> None:
+        with self._wake:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name="policy-batch", daemon=True)
+                self._thread.start()
+            self._waiting.append(slot)
+            self._wake.notify_all()
+
+    def poke(self) -> None:
+        """Wake the loop (a request was cancelled while it slept)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # --- the loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        server = self.server
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stop or self._waiting or self._active)
+                if self._stop:
+                    break
+            # A pending adapter load goes first; it then waits for at most one step.
+            with server._turn:
+                server._turn.wait_for(lambda: not server._swaps_waiting)
+            with server._generate_lock:
+                try:
+                    self._step()
+                except BaseException as error:  # the requests in flight get the error
+                    log.exception("batched decode step failed")
+                    self._fail_all(error)
+        self._fail_all(RuntimeError("The policy server stopped."))
+
+    def _step(self) -> None:
+        self._drop(lambda s: s.cancelled)
+        joining = []
+        with self._wake:
+            while self._waiting and len(self._active) + len(joining) < self.max_batch_size:
+                slot = self._waiting.popleft()
+                if slot.cancelled:
+                    self._finish(slot)
+                else:
+                    joining.append(slot)
+        if joining:
+            self._join(joining)
+        if self._active:
+            self._decode()
+        self._drop(lambda s: s.done)
+        self.max_seen_batch = max(self.max_seen_batch, len(self._active))
+
+    def _model(self) -> Any:
+        return self.server.model
+
+    def _adapter_names(self, slots: list[Slot]) -> dict[str, Any]:
+        if not self.server._peft:
+            return {}
+        from rlhf_core.serving import BASE_VERSION, adapter_name
+
+        names = [
+            BASE_ADAPTER if s.gen.version == BASE_VERSION else adapter_name(s.gen.version)
+            for s in slots
+        ]
+        return {"adapter_names": names}
+
+    @torch.inference_mode()
+    def _join(self, slots: list[Slot]) -> None:
+        """Prefill the new requests together and add them to the running batch."""
+        for slot in slots:
+            self.server._repin_to_current(slot.gen)  # a request takes the version current now
+            slot.joined_at = time.perf_counter()
+        device = self.server.loaded.model.device
+        width = max(len(s.gen.prompt.input_ids) for s in slots)
+        pad = self.server.tokenizer.pad_token_id or 0
+        ids = torch.full((len(slots), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(slots), width), dtype=torch.long, device=device)
+        for row, slot in enumerate(slots):
+            prompt = slot.gen.prompt.input_ids
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            mask[row, width - len(prompt) :] = 1
+            slot.length = len(prompt)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._model().config)
+        out = self._model()(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_names(slots),
+        )
+        self._emit(slots, out.logits[:, -1, :])
+        self._merge(slots, out.cache, mask)
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        slots = self._active
+        device = self._mask.device
+        last = torch.tensor([[s.tokens[-1]] for s in slots], dtype=torch.long, device=device)
+        positions = torch.tensor([[s.length] for s in slots], dtype=torch.long, device=device)
+        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        out = self._model()(
+            input_ids=last,
+            attention_mask=self._mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_names(slots),
+        )
+        self._cache = out.cache
+        for slot in slots:
+            slot.length += 1
+        self.steps += 1
+        self._emit(slots, out.logits[:, -1, :])
+
+    def _emit(self, slots: list[Slot], logits: torch.Tensor) -> None:
+        """Sample one token per row for ``slots``, stream it, mark the ones done."""
+        for row, slot in enumerate(slots):
+            scores = logits[row].unsqueeze(0).float()
+            token = self._sample(slot, scores)
+            if token in slot.stop_ids:
+                slot.eos = True
+                slot.done = True
+                slot.stop_token = token
+                continue
+            slot.tokens.append(token)
+            slot.streamer.put(torch.tensor([token]))
+            if len(slot.tokens) >= slot.gen.sampling.max_new_tokens:
+                slot.done = True
+
+    @staticmethod
+    def _sample(slot: Slot, scores: torch.Tensor) -> int:
+        if not slot.do_sample:
+            return int(scores.argmax(-1))
+        history = torch.tensor([slot.tokens], dtype=torch.long)
+        for warper in slot.warpers:
+            scores = warper(history, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=slot.generator))
+
+    def _merge(self, slots: list[Slot], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter side so
+        every row's latest token sits in the last column."""
+        keep = [not s.done for s in slots]
+        if not any(keep):
+            for slot in slots:
+                self._finish(slot)
+            return
+        if not all(keep):  # answered in one token: they never join
+            rows = torch.tensor([i for i, k in enumerate(keep) if k], device=mask.device)
+            cache.batch_select_indices(rows)
+            mask = mask[rows]
+            for slot, k in zip(slots, keep, strict=True):
+                if not k:
+                    self._finish(slot)
+            slots = [s for s, k in zip(slots, keep, strict=True) if k]
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            self._active = list(slots)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        merged = []
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            merged.append((keys, values))
+        self._cache = DynamicCache(ddp_cache_data=merged, config=self._model().config)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
+        self._active += slots
+
+    def _drop(self, gone) -> None:
+        """Remove rows for which ``gone(slot)`` is true and end their streams."""
+        leaving = [s for s in self._active if gone(s)]
+        if not leaving:
+            return
+        staying = [i for i, s in enumerate(self._active) if not gone(s)]
+        for slot in leaving:
+            self._finish(slot)
+        if not staying:
+            self._active, self._cache, self._mask = [], None, None
+            return
+        rows = torch.tensor(staying, device=self._mask.device)
+        self._cache.batch_select_indices(rows)
+        self._mask = self._mask[rows]
+        self._active = [self._active[i] for i in staying]
+        # Columns that only the departed rows used are padding for everyone now.
+        used = self._mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+
+    def _finish(self, slot: Slot) -> None:
+        slot.done = True
+        if slot.released:
+            return
+        slot.released = True
+        self.server._release(slot.gen.version)
+        slot.streamer.end()
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for slot in [*self._active, *waiting]:
+            slot.error = error
+            self._finish(slot)
+        self._active, self._cache, self._mask = [], None, None
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence axis (-2 for cache tensors [batch, heads, seq, dim], -1 for a
+    mask [batch, seq]) with zeros on the left up to ``width``."""
+    axis = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def make_slot(
+    gen: Generation, streamer: TextIteratorStreamer, stop_ids: list[int], seed: int | None
+) -> Slot:
+    """A request's slot, sampling as ``generate`` would with the arguments that
+    rlhf_core.generation builds for it (the one builder serving, rollouts and the gate
+    share): greedy when it says ``do_sample=False``, otherwise its temperature and then
+    top-p warper (the order of transformers' ``_get_logits_processor``); every other
+    argument it pins to the neutral value, so no other processor applies. Each request
+    has its own random generator: ``seed`` makes its answer reproducible whatever
+    else is in the batch."""
+    kwargs = generate_kwargs(gen.sampling, eos_token_id=stop_ids, pad_token_id=None)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    warpers: list[Any] = []
+    if kwargs["do_sample"]:
+        if kwargs["temperature"] not in (None, 1.0):
+            warpers.append(TemperatureLogitsWarper(float(kwargs["temperature"])))
+        if kwargs["top_p"] is not None and kwargs["top_p"] < 1.0:
+            warpers.append(TopPLogitsWarper(float(kwargs["top_p"])))
+    return Slot(
+        gen=gen,
+        streamer=streamer,
+        generator=generator,
+        warpers=warpers,
+        do_sample=bool(kwargs["do_sample"]),
+        stop_ids=frozenset(stop_ids),
+    )
