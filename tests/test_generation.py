@@ -103,11 +103,42 @@ def test_greedy_kwargs_set_no_sampling_argument():
 
 
 def test_serving_samples_from_softmax_of_logits(tiny_model, tiny_settings):
-    server = PolicyServer(tiny_model, tiny_settings)
+    # The one-at-a-time path calls generate; the batched one is checked below.
+    server = PolicyServer(
+        tiny_model, tiny_settings.model_copy(update={"serving_backend": "sequential"})
+    )
     calls: list = []
     with odd_generation_config(tiny_model.model), recording_generate(tiny_model.model, calls):
         server.generate(CHAT, {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8})
     assert_scores_are_raw_logits(calls)
+
+
+def test_batched_serving_samples_from_softmax_of_logits(tiny_model, tiny_settings):
+    """The batched server never calls generate: its greedy answer is the argmax of the
+    raw logits at every step (no penalty, minimum length or suppressed token of the base's
+    config), and a sampled answer uses the temperature and top-p warpers alone."""
+    from rlhf_core.batching import make_slot
+
+    server = PolicyServer(tiny_model, tiny_settings)
+    assert server.batched
+    ids = server.build_prompt(CHAT, 8).input_ids
+    with odd_generation_config(tiny_model.model):
+        answer = server.generate(CHAT, {"temperature": 0.0, "max_new_tokens": 8}).token_ids
+        expected, context = [], list(ids)
+        with torch.no_grad():
+            for _ in range(len(answer)):
+                logits = tiny_model.model(input_ids=torch.tensor([context])).logits[0, -1]
+                expected.append(int(logits.argmax()))
+                context.append(expected[-1])
+        gen = server.stream(CHAT, {"temperature": 0.7, "top_p": 0.8})
+        slot = make_slot(gen, None, server._stop_ids, seed=0)
+        gen.consume()
+    server.close()
+    assert answer == expected
+    assert [type(w).__name__ for w in slot.warpers] == [
+        "TemperatureLogitsWarper",
+        "TopPLogitsWarper",
+    ] and slot.do_sample
 
 
 def test_ppo_rollouts_and_the_gate_sample_from_softmax_of_logits(tiny_model, tiny_settings):
