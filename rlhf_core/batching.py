@@ -306,28 +306,29 @@ class ContinuousBatcher:
         self._active += slots
 
     def _drop(self, gone) -> None:
-        """Remove rows for which ``gone(slot)`` is true and end their streams."""
+        """Remove rows for which ``gone(slot)`` is true, then end their streams (a
+        reader that sees its stream end sees the batch without it)."""
         leaving = [s for s in self._active if gone(s)]
         if not leaving:
             return
         staying = [i for i, s in enumerate(self._active) if not gone(s)]
-        for slot in leaving:
-            self._finish(slot)
         if not staying:
             self._active, self._cache, self._mask = [], None, None
-            return
-        rows = torch.tensor(staying, device=self._mask.device)
-        self._cache.batch_select_indices(rows)
-        self._mask = self._mask[rows]
-        self._active = [self._active[i] for i in staying]
-        # Columns that only the departed rows used are padding for everyone now.
-        used = self._mask.any(dim=0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
+        else:
+            rows = torch.tensor(staying, device=self._mask.device)
+            self._cache.batch_select_indices(rows)
+            self._mask = self._mask[rows]
+            self._active = [self._active[i] for i in staying]
+            # Columns that only the departed rows used are padding for everyone now.
+            used = self._mask.any(dim=0).nonzero()
+            first = int(used[0]) if len(used) else 0
+            if first:
+                self._mask = self._mask[:, first:]
+                for layer in self._cache.layers:
+                    layer.keys = layer.keys[..., first:, :]
+                    layer.values = layer.values[..., first:, :]
+        for slot in leaving:
+            self._finish(slot)
 
     def _finish(self, slot: Slot) -> None:
         slot.done = True

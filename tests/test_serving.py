@@ -18,7 +18,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture()
 def server(tiny_settings, tiny_model):
-    return PolicyServer(tiny_model, tiny_settings)
+    server = PolicyServer(tiny_model, tiny_settings)
+    yield server
+    server.close()
 
 
 def test_stream_yields_growing_text_on_the_pinned_version(server):
@@ -82,8 +84,13 @@ def adapter_dirs(tmp_path, tiny_settings):
     return dirs
 
 
-def test_hot_swap_pins_answers_in_flight_and_unloads_old_versions(tiny_settings, adapter_dirs):
-    server = PolicyServer(load_base_model(tiny_settings), tiny_settings, keep_versions=2)
+@pytest.mark.parametrize("backend", ["batched", "sequential"])
+def test_hot_swap_pins_answers_in_flight_and_unloads_old_versions(
+    tiny_settings, adapter_dirs, backend
+):
+    settings = tiny_settings.model_copy(update={"serving_backend": backend})
+    server = PolicyServer(load_base_model(settings), settings, keep_versions=2)
+    assert server.batched == (backend == "batched")
     base_text = server.generate(CHAT, GREEDY).text
 
     server.swap_to(1, adapter_dirs[0])
@@ -122,6 +129,7 @@ def test_hot_swap_pins_answers_in_flight_and_unloads_old_versions(tiny_settings,
     assert server.loaded_versions == [0, 3, 4]
     with pytest.raises(UnknownVersionError, match="load_adapter"):
         server.set_current(1)
+    server.close()
 
 
 def test_reader_that_leaves_early_frees_the_model(server):
