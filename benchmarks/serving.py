@@ -18,7 +18,20 @@ in the same run, on the same Valkey server and the same model.
    HTTP on Gradio's /call API, and through ``gradio_client`` (which adds its own
    50 ms polling loop).
 
+4. Concurrency sweep (issue 12): 1, 4, 8, 16 chats streaming at once from the batched
+   server (RLHF_SERVING_BACKEND=batched) and from the one-at-a-time server
+   (``sequential``), the same model object, prompts and sampling, one level after the
+   other in this process (``PolicyServer.stream`` as the chat handlers call it, no HTTP:
+   this compares the engines). Per level: aggregate tokens/s (all tokens / wall time from
+   the first request to the last answer), time to first visible text p50/p95, inter-token
+   latency p50/p95 (gaps between a request's consecutive tokens, pooled), failed requests.
+   ``batch_speedup_8`` = batched agg tokens/s over sequential at 8 chats;
+   ``single_vs_bare`` = one batched chat's tokens/s over a bare ``model.generate`` of the
+   same greedy answer, interleaved. With ``--vllm-url`` the same sweep also runs against
+   that vLLM server (rlhf_core.vllm_backend).
+
     python benchmarks/serving.py --out benchmarks/results/serving.json
+    python benchmarks/serving.py --sweep-only --new-tokens 48   # parts 4 only, merged
 """
 
 from __future__ import annotations
@@ -161,6 +174,119 @@ def bench_stream(args, loaded, url: str) -> dict:
         "ttft_s": statistics.median(ours_ttft),
         "bare_ttft_s": statistics.median(bare_ttft),
     }
+
+
+QUESTIONS = [
+    "Explain how a bicycle gear works.",
+    "Give me a tip for learning Python.",
+    "Why is the sky blue?",
+    "How do I boil an egg?",
+    "What is a prime number?",
+    "What does a CPU do?",
+    "Describe a rainy day in a city.",
+    "How do plants make food?",
+]
+
+
+def sweep_level(server, n: int, new_tokens: int) -> dict:
+    """``n`` chats streaming at once, each answer in its own thread (as Gradio runs them)."""
+    sampling = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": new_tokens}
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def chat(i: int) -> None:
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+        ]
+        record: dict = {"ok": False}
+        try:
+            gen = server.stream(messages, sampling, seed=i)
+            gen.consume()
+            times = gen.token_times
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            record.update(ok=True, tokens=gen.new_tokens, ttft=gen.first_token_s, gaps=gaps)
+        except Exception as error:  # counted in "failed"
+            record["error"] = f"{type(error).__name__}: {error}"
+        with lock:
+            records.append(record)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = [r for r in records if r["ok"]]
+    gaps = [g for r in ok for g in r["gaps"]]
+    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+    return {
+        "n": n,
+        "agg_tps": round(sum(r["tokens"] for r in ok) / wall, 2),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3) if ttfts else None,
+        "ttft_p95_s": round(percentile(ttfts, 95), 3) if ttfts else None,
+        "itl_p50_ms": round(percentile(gaps, 50) * 1000, 1) if gaps else None,
+        "itl_p95_ms": round(percentile(gaps, 95) * 1000, 1) if gaps else None,
+        "failed": len(records) - len(ok),
+        "tokens": sum(r["tokens"] for r in ok),
+        "wall_s": round(wall, 2),
+    }
+
+
+def bench_concurrency(args, loaded, settings) -> dict:
+    from rlhf_core.serving import PolicyServer
+
+    servers = {
+        "batched": PolicyServer(loaded, settings.model_copy(update={"serving_backend": "batched"})),
+        "sequential": PolicyServer(
+            loaded, settings.model_copy(update={"serving_backend": "sequential"})
+        ),
+    }
+    if args.vllm_url:
+        from rlhf_core.vllm_backend import VLLMPolicyServer
+
+        servers["vllm"] = VLLMPolicyServer(
+            settings.model_copy(update={"serving_backend": "vllm", "vllm_url": args.vllm_url}),
+            tokenizer=loaded.tokenizer,
+        )
+    out: dict = {}
+    for name, server in servers.items():
+        sweep_level(server, 2, 8)  # warm-up
+        rows = []
+        for n in args.levels:
+            row = sweep_level(server, n, args.new_tokens)
+            log(f"{name} n={n}: {row}")
+            rows.append(row)
+        out[name] = rows
+    # Single chat against a bare generate of the same greedy answer, interleaved.
+    greedy = {"temperature": 0.0, "max_new_tokens": args.new_tokens}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+    ratios = []
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        ours = servers["batched"].stream(messages, greedy).consume()
+        ours_s = time.perf_counter() - t0
+        _, bare_s, bare_n = bare_generate(loaded, args.new_tokens)
+        ratios.append((ours.new_tokens / ours_s) / (bare_n / bare_s))
+        log(f"single {i}: batched {ours.new_tokens / ours_s:.1f} tok/s, "
+            f"bare {bare_n / bare_s:.1f} tok/s")  # fmt: skip
+    for server in servers.values():
+        server.close()
+    by_n = {name: {r["n"]: r for r in rows} for name, rows in out.items()}
+    result = {
+        "concurrency": out["batched"],
+        "concurrency_sequential": out["sequential"],
+        "single_vs_bare": round(statistics.median(ratios), 3),
+        "sweep_new_tokens": args.new_tokens,
+    }
+    if 8 in by_n["batched"]:
+        result["batch_speedup_8"] = round(
+            by_n["batched"][8]["agg_tps"] / by_n["sequential"][8]["agg_tps"], 2
+        )
+    if "vllm" in out:
+        result["concurrency_vllm"] = out["vllm"]
+    return result
 
 
 def bench_ingest(args, redis_url: str) -> dict:
@@ -309,7 +435,29 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=4000)
     parser.add_argument("--votes", type=int, default=200)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--vllm-url", default=None, help="also sweep this vLLM server")
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="run only the concurrency sweep; its keys are merged into --out",
+    )
     args = parser.parse_args()
+    command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    if args.sweep_only:
+        from rlhf_core.modeling import load_base_model
+        from rlhf_core.settings import Settings
+
+        settings = Settings(base_model=args.model, model_cache_dir=args.model_cache_dir)
+        loaded = load_base_model(settings)
+        sweep = bench_concurrency(args, loaded, settings)
+        sweep["sweep_command"] = command
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result.update(sweep)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(sweep, indent=2))
+        return
 
     from rlhf_core.modeling import load_base_model
     from rlhf_core.redis_server import EmbeddedValkey, free_port

@@ -89,6 +89,8 @@ class Generation:
     ended_with_eos: bool = False
     seed: int | None = None  # batched server: the answer's own random generator seed
     token_ids: list[int] = field(default_factory=list)  # generated ids, stop token included
+    # time.perf_counter() of each streamed token (inter-token latency in benchmarks)
+    token_times: list[float] = field(default_factory=list, repr=False)
     _started: bool = field(default=False, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -318,9 +320,10 @@ class PolicyServer:
         if self._batcher is not None:
             yield from self._run_batched(gen)
             return
-        streamer = TextIteratorStreamer(
+        streamer = _TimedStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
         )
+        gen.token_times = streamer.times
         outcome: dict[str, Any] = {}
         start = time.perf_counter()
 
@@ -368,9 +371,10 @@ class PolicyServer:
     def _run_batched(self, gen: Generation) -> Iterator[str]:
         """Stream one answer from the shared decode loop; the loop releases the pin."""
         assert self._batcher is not None
-        streamer = TextIteratorStreamer(
+        streamer = _TimedStreamer(
             self.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600
         )
+        gen.token_times = streamer.times
         slot = make_slot(gen, streamer, self._stop_ids, gen.seed)
         start = time.perf_counter()
         self._batcher.submit(slot)
@@ -438,6 +442,19 @@ class PolicyServer:
         new_tokens = int(out.shape[1] - input_ids.shape[1])
         gen.token_ids = out[0, input_ids.shape[1] :].tolist()
         return new_tokens, new_tokens > 0 and int(out[0, -1]) in self._stop_ids
+
+
+class _TimedStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer that also notes when each generated token arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.times.extend([time.perf_counter()] * value.numel())
+        super().put(value)
 
 
 class _Cancelled(StoppingCriteria):
