@@ -514,8 +514,12 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
 
 def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     """Load the model, connect to Redis, build the page (not yet served)."""
-    loaded = load_base_model(settings)
-    policy = PolicyServer(loaded, settings)
+    if settings.serving_backend == "vllm":
+        from rlhf_core.vllm_backend import VLLMPolicyServer
+
+        policy: PolicyServer = VLLMPolicyServer(settings)  # no model in this process
+    else:
+        policy = PolicyServer(load_base_model(settings), settings)
     client = connect(settings)
     store = FeedbackStore(client)
     watcher = None

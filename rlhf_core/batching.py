@@ -102,6 +102,11 @@ class Slot:
     joined_at: float | None = None
 
     @property
+    def key(self) -> tuple:
+        """Rows with equal keys are warped as one batch."""
+        return (self.do_sample, *((type(w).__name__, *vars(w).values()) for w in self.warpers))
+
+    @property
     def cancelled(self) -> bool:
         return self.gen._cancel.is_set()
 
@@ -252,9 +257,7 @@ class ContinuousBatcher:
 
     def _emit(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """Sample one token per row for ``slots``, stream it, mark the ones done."""
-        for row, slot in enumerate(slots):
-            scores = logits[row].unsqueeze(0).float()
-            token = self._sample(slot, scores)
+        for slot, token in zip(slots, self._sample(slots, logits.float()), strict=True):
             if token in slot.stop_ids:
                 slot.eos = True
                 slot.done = True
@@ -266,14 +269,30 @@ class ContinuousBatcher:
                 slot.done = True
 
     @staticmethod
-    def _sample(slot: Slot, scores: torch.Tensor) -> int:
-        if not slot.do_sample:
-            return int(scores.argmax(-1))
-        history = torch.tensor([slot.tokens], dtype=torch.long)
-        for warper in slot.warpers:
-            scores = warper(history, scores)
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=slot.generator))
+    def _sample(slots: list[Slot], scores: torch.Tensor) -> list[int]:
+        """Rows with the same settings are warped together (one sort for top-p, one
+        softmax); each row then draws from its own generator, so a request's tokens do
+        not depend on what else is in the batch."""
+        picks: list[int] = [0] * len(slots)
+        groups: dict[tuple, list[int]] = {}
+        for row, slot in enumerate(slots):
+            groups.setdefault(slot.key, []).append(row)
+        for rows in groups.values():
+            first = slots[rows[0]]
+            sub = scores[rows]
+            if not first.do_sample:
+                for row, token in zip(rows, sub.argmax(-1).tolist(), strict=True):
+                    picks[row] = int(token)
+                continue
+            for warper in first.warpers:  # temperature and top-p read no token history
+                sub = warper(None, sub)
+            # Inverse-CDF draw: one uniform number per row from the row's generator
+            # (torch.multinomial took 24 ms a row over the 49k-token vocabulary here).
+            cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
+            for i, row in enumerate(rows):
+                u = torch.rand(1, generator=slots[row].generator) * cdf[i, -1]
+                picks[row] = min(int(torch.searchsorted(cdf[i], u)), cdf.shape[-1] - 1)
+        return picks
 
     def _merge(self, slots: list[Slot], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding the shorter side so
