@@ -190,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rlhf_core.datasets import export
 
     settings = settings_from(args)
-    n = export(_store(settings), args.format, args.out)
+    n = export(_store(settings), args.format, args.out, settings=settings)
     print(f"wrote {n} {args.format} rows to {args.out}")
     return 0
 

@@ -289,7 +289,8 @@ def thumbs_up_rate(store: FeedbackStore) -> dict[int, tuple[int, int]]:
     cached = _thumbs_cache.get(id(store.redis))
     if cached and cached[1] == n_events and time.monotonic() - cached[0] < THUMBS_CACHE_S:
         return cached[2]
-    turns, events = load_feedback(store)
+    # Counts of votes only, shown to admins: the records as stored (no scrubbing).
+    turns, events = load_feedback(store, raw=True)
     out: dict[int, list[int]] = {}
     for item in resolve_feedback(turns, events):
         if item.vote is None:

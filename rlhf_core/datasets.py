@@ -22,6 +22,11 @@ that is off does not reorder votes.
 Every builder takes plain ``(turns, events)``: the worker passes the events of
 one round, the exports pass everything. ``load_feedback`` gathers them from a
 ``FeedbackStore``; ``round_datasets`` does it all for one training round.
+
+``load_feedback`` is where feedback becomes training data, so it is where privacy
+applies, once (rlhf_core/privacy.py): chats switched to "don't train", deleted users,
+held and dropped events are left out, and personal data in every text is scrubbed.
+Builders given turns and events directly use them as given.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn
+from rlhf_core.settings import Settings, get_settings
 
 Vote = Literal["like", "dislike"]
 EXPORT_FORMATS: tuple[str, ...] = ("turns", "kto", "dpo", "reward", "arena")
@@ -296,12 +302,20 @@ def ppo_prompts(turns: Iterable[Turn], limit: int | None = None) -> list[list[di
 
 
 def replay_prompts(
-    store: FeedbackStore, n: int, seed: int = 0, *, exclude: Iterable[Sequence[dict]] = ()
+    store: FeedbackStore,
+    n: int,
+    seed: int = 0,
+    *,
+    exclude: Iterable[Sequence[dict]] = (),
+    settings: Settings | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """``n`` distinct contexts sampled (seeded) from every turn ever written,
+    """``n`` distinct contexts sampled (seeded) from every turn that may train,
     other than ``exclude`` -- older prompts replayed so PPO does not forget them."""
+    from rlhf_core.privacy import training_view
+
     excluded = {context_key(m) for m in exclude}
-    pool = [p for p in ppo_prompts(store.turns()) if context_key(p) not in excluded]
+    turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
+    pool = [p for p in ppo_prompts(turns) if context_key(p) not in excluded]
     rng = random.Random(seed)
     return rng.sample(pool, min(n, len(pool)))
 
@@ -312,7 +326,11 @@ def replay_prompts(
 
 
 def load_feedback(
-    store: FeedbackStore, events: Iterable[Event] | None = None
+    store: FeedbackStore,
+    events: Iterable[Event] | None = None,
+    *,
+    settings: Settings | None = None,
+    raw: bool = False,
 ) -> tuple[list[Turn], list[Event]]:
     """Turns and events to build datasets from.
 
@@ -320,17 +338,27 @@ def load_feedback(
     (one round's): the turns they touch plus the other turns of the same
     sessions (regenerates of the same context, for vote pairs), and the full
     event history of all those turns, so that, say, an ``unvote`` in this round
-    cancels a ``like`` from an earlier one."""
+    cancels a ``like`` from an earlier one.
+
+    Only what may train, scrubbed (``privacy.training_view`` with ``settings``,
+    default the process settings); ``raw=True`` returns the records as stored (for
+    counts in the UI, never for training or export)."""
     if events is None:
-        return list(store.turns()), list(store.events())
-    touched = list(dict.fromkeys(e.turn_id for e in events))
-    found = store.get_turns(touched)
-    turns: dict[str, Turn] = {}
-    for session_id in dict.fromkeys(t.session_id for t in found.values()):
-        for turn in store.turns_for_session(session_id):
-            turns[turn.turn_id] = turn
-    turns.update(found)
-    return list(turns.values()), store.events_for_turns(turns)
+        turn_list, history = list(store.turns()), list(store.events())
+    else:
+        touched = list(dict.fromkeys(e.turn_id for e in events))
+        found = store.get_turns(touched)
+        turns: dict[str, Turn] = {}
+        for session_id in dict.fromkeys(t.session_id for t in found.values()):
+            for turn in store.turns_for_session(session_id):
+                turns[turn.turn_id] = turn
+        turns.update(found)
+        turn_list, history = list(turns.values()), store.events_for_turns(turns)
+    if raw:
+        return turn_list, history
+    from rlhf_core.privacy import training_view
+
+    return training_view(store, settings or get_settings(), turn_list, history)
 
 
 # --------------------------------------------------------------------------
@@ -430,6 +458,7 @@ def round_datasets(
     recent_user_events: Sequence[Mapping[str, int]] = (),
     n_prompts: int = 0,
     seed: int = 0,
+    settings: Settings | None = None,
 ) -> RoundData:
     """The whole dataset of one round from its unconsumed ``entries`` (as read with
     ``read_unconsumed``), in one value:
@@ -461,7 +490,7 @@ def round_datasets(
     capped = [(sid, event) for sid, event in entries if sid not in keep]
     events = [event for _, event in kept]
 
-    turns, history = load_feedback(store, events) if events else ([], [])
+    turns, history = load_feedback(store, events, settings=settings) if events else ([], [])
     touched = list(dict.fromkeys(e.turn_id for e in events))
     focus = set(touched)
     window_cap = None if max_per_user is None else max_per_user * window_rounds
@@ -471,7 +500,7 @@ def round_datasets(
     pointwise, heldout_point = split_heldout(all_pointwise)
     pairs, heldout_new_pairs = split_heldout(all_pairs)
 
-    old_turns, old_events = load_feedback(store) if events else ([], [])
+    old_turns, old_events = load_feedback(store, settings=settings) if events else ([], [])
     old_point, _ = split_heldout(
         p for p in pointwise_examples(old_turns, old_events) if p["turn_id"] not in focus
     )
@@ -488,7 +517,9 @@ def round_datasets(
 
     prompts = ppo_prompts([t for t in turns if t.turn_id in focus])
     if events and len(prompts) < n_prompts:
-        prompts += replay_prompts(store, n_prompts - len(prompts), seed + 2, exclude=prompts)
+        prompts += replay_prompts(
+            store, n_prompts - len(prompts), seed + 2, exclude=prompts, settings=settings
+        )
 
     user_events: dict[str, int] = defaultdict(int)
     for event in events:
@@ -626,18 +657,29 @@ _BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
 
 
 def export_rows(
-    store: FeedbackStore, format: str, events: Iterable[Event] | None = None
+    store: FeedbackStore,
+    format: str,
+    events: Iterable[Event] | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of one export format from the whole store (or from ``events``' turns)."""
+    """Rows of one export format from the whole store (or from ``events``' turns):
+    what may train, scrubbed (see ``load_feedback``)."""
     if format not in EXPORT_FORMATS:
         raise ValueError(
             f"Unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
         )
     if format == "arena":
+        from rlhf_core.privacy import training_view
+
         battles = store.battles()
         ids = {t for b in battles for t in (b["turn_a"], b["turn_b"])}
-        return to_arena_rows(battles, store.get_turns(ids))
-    turns, all_events = load_feedback(store, events)
+        # The battles' answers obey the same consent, deletion and scrubbing.
+        turns, _ = training_view(
+            store, settings or get_settings(), list(store.get_turns(ids).values()), []
+        )
+        return to_arena_rows(battles, {t.turn_id: t for t in turns})
+    turns, all_events = load_feedback(store, events, settings=settings)
     return _BUILDERS[format](turns, all_events)
 
 
@@ -675,6 +717,8 @@ def export(
     format: str,
     path: str | os.PathLike[str],
     events: Iterable[Event] | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> int:
     """Write one export format (turns, kto, dpo, reward, arena) as JSONL; returns the row count."""
-    return write_jsonl(export_rows(store, format, events), path)
+    return write_jsonl(export_rows(store, format, events, settings=settings), path)

@@ -11,6 +11,14 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:events:invalid``           stream: entries that could not be decoded (kept for a person).
 - ``rlhf:arena``                    stream: arena battles (two versions, one message, a pick).
 - ``rlhf:battle_seen:{battle_id}``  idempotency marker of a battle's pick.
+- ``rlhf:consent``                  hash: turn id -> "0"/"1", the chat's "don't train" switch as
+                                    last set (overrides what the records say; see ``may_train``).
+- ``rlhf:review``                   hash: event id -> "approved" / "dropped" (rewrite review).
+- ``rlhf:held``                     sorted set: stream ids of events acked but held back, scored
+                                    by when they may train (+inf: waiting for review).
+- ``rlhf:accounts``                 hash: user id -> when its first turn was written.
+- ``rlhf:forgotten``                hash: sha256(user id) -> when that user's data was deleted;
+                                    a turn of theirs made before then is refused.
 
 Every write is one Lua script, so a crash (of the client or of the server: the
 embedded server logs each script's effects as one MULTI/EXEC block with
@@ -21,20 +29,24 @@ Delivery to training is at-least-once through the consumer group: a worker
 reads with :meth:`FeedbackStore.read_unconsumed`, does the work, makes it
 durable (publishes the version), and only then calls :meth:`FeedbackStore.ack`.
 Entries of a worker that died are reclaimed by the next one with XAUTOCLAIM.
-Nothing here ever trims the stream: the events are the source of truth for
-exports and for later rounds (a pending entry must never disappear).
+The streams shrink only by :meth:`FeedbackStore.delete_turns` (a person's
+"delete my data", ``rlhf-chat forget``, and retention; see rlhf_core/privacy.py),
+which removes a turn with every event on it, its indexes and markers, in one
+script; retention never picks a turn with an entry still pending or held.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
+import math
 import numbers
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args
 
@@ -50,7 +62,13 @@ TURNS_STREAM = f"{PREFIX}turns"
 EVENTS_STREAM = f"{PREFIX}events"
 INVALID_STREAM = f"{PREFIX}events:invalid"
 ARENA_STREAM = f"{PREFIX}arena"
+CONSENT_KEY = f"{PREFIX}consent"
+REVIEW_KEY = f"{PREFIX}review"
+HELD_KEY = f"{PREFIX}held"
+ACCOUNTS_KEY = f"{PREFIX}accounts"
+FORGOTTEN_KEY = f"{PREFIX}forgotten"
 GROUP = "trainers"
+REVIEW_DECISIONS: tuple[str, ...] = ("approved", "dropped")
 
 EventKind = Literal["like", "dislike", "unvote", "rewrite", "regenerate", "undo"]
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
@@ -83,6 +101,11 @@ def turn_events_key(turn_id: str) -> str:
 
 def battle_seen_key(battle_id: str) -> str:
     return f"{PREFIX}battle_seen:{battle_id}"
+
+
+def user_hash(user_id: str) -> str:
+    """What the store keeps of a forgotten user: a digest, not the id itself."""
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
 
 
 def new_id() -> str:
@@ -207,6 +230,11 @@ def _text(raw: bytes | str) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
+def _require_bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise FeedbackError(f"{name} must be true or false, got {value!r}.")
+
+
 def _require_id(value: Any, name: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise FeedbackError(f"{name} must be a non-empty string, got {value!r}.")
@@ -230,10 +258,14 @@ class Turn:
     # stopped), and training must score and imitate it as cut. Records written before
     # this field existed read as True, which is what training assumed of them.
     finished: bool = True
+    # False: the person said "don't use this chat for training" (or may not train at
+    # all); the turn and every event on it stay out of training and exports.
+    may_train: bool = True
 
     def __post_init__(self) -> None:
         for name in ("turn_id", "session_id", "user_id"):
             _require_id(getattr(self, name), name)
+        _require_bool(self.may_train, "Turn.may_train")
         if not isinstance(self.messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
             for m in self.messages
@@ -292,10 +324,12 @@ class Event:
     user_id: str
     text: str | None = None  # the rewritten answer, for kind == "rewrite"
     created_at: float = field(default_factory=time.time)
+    may_train: bool = True  # False: made while the chat's "don't train" switch was on
 
     def __post_init__(self) -> None:
         for name in ("event_id", "turn_id", "session_id", "user_id"):
             _require_id(getattr(self, name), name)
+        _require_bool(self.may_train, "Event.may_train")
         if self.kind not in EVENT_KINDS:
             raise FeedbackError(
                 f"Unknown event kind {self.kind!r}; allowed kinds are {', '.join(EVENT_KINDS)}."
@@ -392,15 +426,77 @@ class Battle:
 # the store
 # --------------------------------------------------------------------------
 
-# KEYS: turn, turns stream, session list.  ARGV: turn json, turn id.
-# Returns 1 when written, 0 when the turn already existed (nothing changed).
+# KEYS: turn, turns stream, session list, accounts, forgotten.
+# ARGV: turn json, turn id, user id, created_at, user hash.
+# Returns 1 when written, 0 when the turn already existed (nothing changed), -1 when
+# its user's data was deleted after the turn was made (a UI replica flushing a turn
+# it kept while Redis was down must not bring deleted data back).
 _SAVE_TURN = """
+local forgotten = redis.call('HGET', KEYS[5], ARGV[5])
+if forgotten and tonumber(ARGV[4]) <= tonumber(forgotten) then
+  return -1
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('XADD', KEYS[2], '*', 'turn_id', ARGV[2])
   redis.call('RPUSH', KEYS[3], ARGV[2])
+  redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4])
   return 1
 end
 return 0
+"""
+
+# Delete turns with every event on them, atomically. KEYS: events stream, turns stream,
+# held, review, consent. ARGV: group, key prefix, then per turn: turn id, its index
+# entry's stream id ('' when unknown), session id. Events are acked before XDEL: a
+# deleted entry left in the pending list would count as pending forever.
+# Returns the stream ids of the deleted events.
+_DELETE_TURNS = """
+local group, prefix = ARGV[1], ARGV[2]
+local deleted = {}
+for i = 3, #ARGV, 3 do
+  local turn_id, index_id, session = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local list_key = prefix .. 'turn_events:' .. turn_id
+  for _, sid in ipairs(redis.call('LRANGE', list_key, 0, -1)) do
+    local entry = redis.call('XRANGE', KEYS[1], sid, sid)
+    if #entry > 0 then
+      local f = entry[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'event_id' then
+          redis.call('DEL', prefix .. 'event_seen:' .. f[j + 1])
+          redis.call('HDEL', KEYS[4], f[j + 1])
+        end
+      end
+    end
+    redis.pcall('XACK', KEYS[1], group, sid)
+    redis.call('XDEL', KEYS[1], sid)
+    redis.call('ZREM', KEYS[3], sid)
+    deleted[#deleted + 1] = sid
+  end
+  redis.call('DEL', list_key, prefix .. 'turn:' .. turn_id)
+  if index_id ~= '' then
+    redis.call('XDEL', KEYS[2], index_id)
+  end
+  redis.call('LREM', prefix .. 'session_turns:' .. session, 0, turn_id)
+  redis.call('HDEL', KEYS[5], turn_id)
+end
+return deleted
+"""
+
+# Delete single events (a user's reactions on a turn that is not theirs). KEYS: events
+# stream, held, review. ARGV: group, key prefix, then per event: stream id, event id,
+# turn id.
+_DELETE_EVENTS = """
+local group, prefix = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 3 do
+  local sid, event_id, turn_id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('DEL', prefix .. 'event_seen:' .. event_id)
+  redis.call('HDEL', KEYS[3], event_id)
+  redis.pcall('XACK', KEYS[1], group, sid)
+  redis.call('XDEL', KEYS[1], sid)
+  redis.call('ZREM', KEYS[2], sid)
+  redis.call('LREM', prefix .. 'turn_events:' .. turn_id, 0, sid)
+end
+return #ARGV / 3 - 1
 """
 
 # A batch of events, all or nothing (one script runs atomically; the embedded server
@@ -478,6 +574,8 @@ class FeedbackStore:
         self._save_turn = redis_client.register_script(_SAVE_TURN)
         self._record_events = redis_client.register_script(_RECORD_EVENTS)
         self._record_battle = redis_client.register_script(_RECORD_BATTLE)
+        self._delete_turns = redis_client.register_script(_DELETE_TURNS)
+        self._delete_events = redis_client.register_script(_DELETE_EVENTS)
         self._group_ready = False
 
     # ---- turns -----------------------------------------------------------
@@ -485,12 +583,27 @@ class FeedbackStore:
     @_surface_unavailable
     def save_turn(self, turn: Turn) -> bool:
         """Write a turn once. Returns True when written, False when a turn with this
-        id already existed (the first one is kept unchanged: turns are immutable)."""
+        id already existed (the first one is kept unchanged: turns are immutable), or
+        when its user asked for their data to be deleted after the turn was made."""
         created = self._save_turn(
-            keys=[turn_key(turn.turn_id), TURNS_STREAM, session_turns_key(turn.session_id)],
-            args=[turn.to_json(), turn.turn_id],
+            keys=[
+                turn_key(turn.turn_id),
+                TURNS_STREAM,
+                session_turns_key(turn.session_id),
+                ACCOUNTS_KEY,
+                FORGOTTEN_KEY,
+            ],
+            args=[
+                turn.to_json(),
+                turn.turn_id,
+                turn.user_id,
+                repr(turn.created_at),
+                user_hash(turn.user_id),
+            ],
         )
-        return bool(created)
+        if int(created) < 0:
+            log.info("turn %s not saved: its user's data was deleted after it", turn.turn_id)
+        return int(created) == 1
 
     @_surface_unavailable
     def get_turn(self, turn_id: str) -> Turn | None:
@@ -656,13 +769,20 @@ class FeedbackStore:
 
     @_surface_unavailable
     def counts(self) -> dict[str, int]:
-        """{"turns", "events", "unconsumed"}; unconsumed = events the training group
-        has not acknowledged yet (never delivered + delivered but pending)."""
+        """{"turns", "events", "unconsumed", "held"}; unconsumed = events the training
+        group has not acknowledged yet (never delivered + delivered but pending); held =
+        events acked but held back (waiting for review or for a new account's hold)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(TURNS_STREAM)
         pipe.xlen(EVENTS_STREAM)
-        n_turns, n_events = pipe.execute()
-        return {"turns": n_turns, "events": n_events, "unconsumed": self._unconsumed(n_events)}
+        pipe.zcard(HELD_KEY)
+        n_turns, n_events, n_held = pipe.execute()
+        return {
+            "turns": n_turns,
+            "events": n_events,
+            "unconsumed": self._unconsumed(n_events),
+            "held": n_held,
+        }
 
     def _group_info(self) -> dict[str, Any] | None:
         try:
@@ -687,7 +807,9 @@ class FeedbackStore:
             # the middle): count the entries after the group's last-delivered id.
             last = _text(info["last-delivered-id"])
             lag = sum(len(e) for _, e in self._scan(EVENTS_STREAM, 1000, f"({last}", "+"))
-        return int(lag) + pending
+        # A stream emptied by deletions reports the lag it had before (the server finds
+        # no deleted entries in an empty stream); there cannot be more unread than there are.
+        return min(int(lag), n_events) + pending
 
     # ---- the training consumer group --------------------------------------
 
@@ -810,7 +932,15 @@ class FeedbackStore:
         ids = list(stream_ids)
         if not ids:
             return 0
-        return int(self._with_group(lambda: self.redis.xack(EVENTS_STREAM, GROUP, *ids)))
+
+        def ack_and_unhold() -> int:
+            # A held entry that trained is done with too (it was acked when held).
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(EVENTS_STREAM, GROUP, *ids)
+            pipe.zrem(HELD_KEY, *ids)
+            return int(pipe.execute()[0])
+
+        return int(self._with_group(ack_and_unhold))
 
     @_surface_unavailable
     def release(self, consumer: str, stream_ids: Iterable[str]) -> int:
@@ -856,6 +986,236 @@ class FeedbackStore:
             }
             for r in rows
         ]
+
+    # ---- consent: the chat's "don't use this chat for training" switch ---------
+
+    @_surface_unavailable
+    def set_training(self, turn_ids: Iterable[str], allowed: bool) -> int:
+        """Record that these turns (a whole chat) may or may not train, overriding what
+        their records said when written: the switch applies to the chat as it is now,
+        earlier answers included. Returns how many turns were marked."""
+        ids = list(dict.fromkeys(turn_ids))
+        if ids:
+            self.redis.hset(CONSENT_KEY, mapping={t: "1" if allowed else "0" for t in ids})
+        return len(ids)
+
+    @_surface_unavailable
+    def training_overrides(self, turn_ids: Iterable[str]) -> dict[str, bool]:
+        """turn id -> allowed, for the turns whose chat switch was set after the fact."""
+        ids = list(dict.fromkeys(turn_ids))
+        if not ids:
+            return {}
+        values = self.redis.hmget(CONSENT_KEY, ids)
+        return {t: _text(v) == "1" for t, v in zip(ids, values, strict=True) if v is not None}
+
+    # ---- review of rewrites -------------------------------------------------------
+
+    @_surface_unavailable
+    def decide_review(self, event_ids: Iterable[str], decision: str) -> int:
+        """An admin's decision on rewrites: "approved" (they may train) or "dropped"
+        (they never train). Approved ones that were held wait no longer. Returns how
+        many of the events exist."""
+        if decision not in REVIEW_DECISIONS:
+            raise FeedbackError(
+                f"Unknown review decision {decision!r}; use {' or '.join(REVIEW_DECISIONS)}."
+            )
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return 0
+        sids = [s for s in self.redis.mget([seen_key(e) for e in ids])]
+        found = {e: _text(s) for e, s in zip(ids, sids, strict=True) if s is not None}
+        if not found:
+            return 0
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(REVIEW_KEY, mapping={e: decision for e in found})
+        held = list(found.values())
+        if decision == "approved":
+            # Only entries that are held: XX never adds one that is not.
+            pipe.zadd(HELD_KEY, {sid: 0 for sid in held}, xx=True)
+        else:
+            pipe.zrem(HELD_KEY, *held)
+        pipe.execute()
+        return len(found)
+
+    @_surface_unavailable
+    def review_decisions(self, event_ids: Iterable[str]) -> dict[str, str]:
+        """event id -> "approved" / "dropped", for the events that were reviewed."""
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return {}
+        values = self.redis.hmget(REVIEW_KEY, ids)
+        return {e: _text(v) for e, v in zip(ids, values, strict=True) if v is not None}
+
+    # ---- held-back events -----------------------------------------------------------
+
+    @_surface_unavailable
+    def hold(self, until: Mapping[str, float]) -> int:
+        """Take entries out of the training group's queue (ack) and keep them aside
+        until the given time (``math.inf``: until an admin approves them). Held entries
+        do not block the rounds that come before their time; :meth:`held_ready` hands
+        them back. One transaction: an entry is never acked without being held."""
+        if not until:
+            return 0
+        scores = {sid: ("+inf" if math.isinf(t) else float(t)) for sid, t in until.items()}
+
+        def hold_and_ack() -> int:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zadd(HELD_KEY, scores)  # type: ignore[arg-type]
+            pipe.xack(EVENTS_STREAM, GROUP, *scores)
+            pipe.execute()
+            return len(scores)
+
+        return int(self._with_group(hold_and_ack))
+
+    @_surface_unavailable
+    def held_ready(self, now: float | None = None, count: int = 100) -> list[tuple[str, Event]]:
+        """Held entries whose time has come, oldest first (they are not acked again:
+        :meth:`ack` also removes them from the held set, :meth:`hold` re-holds them)."""
+        now = time.time() if now is None else now
+        sids = [_text(s) for s in self.redis.zrangebyscore(HELD_KEY, "-inf", now, 0, count)]
+        if not sids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.xrange(EVENTS_STREAM, sid, sid)
+        out: list[tuple[str, Event]] = []
+        gone: list[str] = []
+        for sid, result in zip(sids, pipe.execute(), strict=True):
+            event = self._decode_entry(sid, result[0][1]) if result else None
+            if event is None:
+                gone.append(sid)
+            else:
+                out.append((sid, event))
+        if gone:
+            self.redis.zrem(HELD_KEY, *gone)
+        return sorted(out, key=lambda e: _stream_id_key(e[0]))
+
+    @_surface_unavailable
+    def held_count(self, now: float | None = None) -> int:
+        """Held entries that may train now (they count towards the next round)."""
+        now = time.time() if now is None else now
+        return int(self.redis.zcount(HELD_KEY, "-inf", now))
+
+    @_surface_unavailable
+    def held_until(self, stream_ids: Iterable[str]) -> dict[str, float]:
+        ids = list(stream_ids)
+        if not ids:
+            return {}
+        scores = self.redis.zmscore(HELD_KEY, ids)
+        return {s: float(v) for s, v in zip(ids, scores, strict=True) if v is not None}
+
+    # ---- accounts, deletion, retention ---------------------------------------------
+
+    @_surface_unavailable
+    def first_seen(self, user_ids: Iterable[str]) -> dict[str, float]:
+        """user id -> when their first turn was written (users seen before this was
+        recorded are missing: they count as established)."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        values = self.redis.hmget(ACCOUNTS_KEY, ids)
+        return {u: float(v) for u, v in zip(ids, values, strict=True) if v is not None}
+
+    @_surface_unavailable
+    def forgotten_at(self, user_ids: Iterable[str]) -> dict[str, float]:
+        """user id -> when their data was deleted, for the users whose data was."""
+        ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return {}
+        values = self.redis.hmget(FORGOTTEN_KEY, [user_hash(u) for u in ids])
+        return {u: float(v) for u, v in zip(ids, values, strict=True) if v is not None}
+
+    @_surface_unavailable
+    def tombstone(self, user_id: str, at: float | None = None) -> float:
+        """Mark a user's data as deleted from ``at`` on: turns of theirs made before
+        then are refused from now on (a replica's late flush), and they count as a new
+        account again. Keeps only a digest of the id."""
+        _require_id(user_id, "user_id")
+        at = time.time() if at is None else float(at)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(FORGOTTEN_KEY, user_hash(user_id), repr(at))
+        pipe.hdel(ACCOUNTS_KEY, user_id)
+        pipe.execute()
+        return at
+
+    @_surface_unavailable
+    def turn_index(
+        self, start: str = "-", end: str = "+", batch: int = 500
+    ) -> Iterator[tuple[str, str]]:
+        """(stream id in ``rlhf:turns``, turn id), oldest first."""
+        for _, entries in self._scan(TURNS_STREAM, batch, start, end):
+            for sid, data in entries:
+                yield _text(sid), _text(_field(data, "turn_id"))
+
+    @_surface_unavailable
+    def turn_event_ids(self, turn_ids: Iterable[str]) -> dict[str, list[str]]:
+        """turn id -> the stream ids of the events on it."""
+        ids = list(dict.fromkeys(turn_ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for t in ids:
+            pipe.lrange(turn_events_key(t), 0, -1)
+        return {t: [_text(s) for s in r] for t, r in zip(ids, pipe.execute(), strict=True)}
+
+    @_surface_unavailable
+    def delete_turns(self, turns: Iterable[tuple[str, str, str]], batch: int = 200) -> list[str]:
+        """Delete turns ``(turn id, index stream id or "", session id)`` with every event
+        on them: the records, the stream entries (acked first, so nothing stays pending),
+        the idempotency markers, the per-turn and per-session indexes, held entries,
+        review decisions and consent marks. Returns the deleted events' stream ids."""
+        items = list(turns)
+        deleted: list[str] = []
+        if items and not self._group_ready:
+            self.ensure_group()
+        for start in range(0, len(items), batch):
+            args: list[str] = [GROUP, PREFIX]
+            for turn_id, index_id, session_id in items[start : start + batch]:
+                args += [turn_id, index_id, session_id]
+            deleted += [
+                _text(s)
+                for s in self._delete_turns(
+                    keys=[EVENTS_STREAM, TURNS_STREAM, HELD_KEY, REVIEW_KEY, CONSENT_KEY],
+                    args=args,
+                )
+            ]
+        return deleted
+
+    @_surface_unavailable
+    def delete_events(self, entries: Iterable[tuple[str, Event]]) -> list[str]:
+        """Delete single events (stream id, Event) with their markers and index entries."""
+        items = list(entries)
+        if not items:
+            return []
+        args: list[str] = [GROUP, PREFIX]
+        for sid, event in items:
+            args += [sid, event.event_id, event.turn_id]
+        self._delete_events(keys=[EVENTS_STREAM, HELD_KEY, REVIEW_KEY], args=args)
+        return [sid for sid, _ in items]
+
+    @_surface_unavailable
+    def pending_ids(self) -> set[str]:
+        """Stream ids delivered to the training group and not acked yet."""
+        if self._group_info() is None:
+            return set()
+        out: set[str] = set()
+        start = "-"
+        while True:
+            rows = self.redis.xpending_range(EVENTS_STREAM, GROUP, start, "+", 1000)
+            out.update(_text(r["message_id"]) for r in rows)
+            if len(rows) < 1000:
+                return out
+            start = f"({_text(rows[-1]['message_id'])}"
+
+    @_surface_unavailable
+    def last_delivered_id(self) -> str | None:
+        """The training group's last delivered id (entries after it were never read);
+        None when no group exists (nothing was ever read)."""
+        info = self._group_info()
+        return None if info is None else _text(info["last-delivered-id"])
+
+    @_surface_unavailable
+    def trim_invalid(self, before_ms: int) -> int:
+        """Drop quarantine records older than ``before_ms`` (they hold only stream ids)."""
+        return int(self.redis.xtrim(INVALID_STREAM, minid=before_ms, approximate=False))
 
 
 def _field(data: dict[Any, Any], name: str) -> Any:

@@ -446,6 +446,13 @@ class Registry:
         values = self.client.hmget(K_USED, ids)
         return {sid: int(v) for sid, v in zip(ids, values, strict=True) if v is not None}
 
+    def forget_stream_ids(self, stream_ids: Iterable[str]) -> int:
+        """Drop the record that a version trained on these feedback entries (they were
+        deleted: a person's data, or retention). The versions' own metadata keeps only
+        random event ids."""
+        ids = [_text(s) for s in stream_ids]
+        return int(self.client.hdel(K_USED, *ids)) if ids else 0
+
     # ------------------------------------------------------------- publish
     def publish(
         self,

@@ -43,6 +43,7 @@ import redis
 
 from rlhf_core.datasets import is_heldout, round_datasets
 from rlhf_core.feedback import Event, FeedbackStore
+from rlhf_core.privacy import apply_retention, sort_entries
 from rlhf_core.registry import Registry, StaleTokenError
 from rlhf_core.settings import Settings
 
@@ -149,7 +150,10 @@ def round_is_due(settings: Settings, client: redis.Redis) -> bool:
     """Enough new feedback for an automatic round: ``train_every`` unconsumed events,
     and after a failed round ``train_every`` more than that round saw (so a round
     that keeps failing on the same events is not retried on every click)."""
-    counts = FeedbackStore(client).counts()
+    store = FeedbackStore(client)
+    counts = store.counts()
+    # Held entries count once their time has come; the others do not start rounds.
+    counts["unconsumed"] += store.held_count()
     if counts["unconsumed"] < settings.train_every:
         return False
     last = Registry(client, settings).last_round()
@@ -205,8 +209,12 @@ def run_round(
 
     try:
         report("reading feedback", 0.0)
+        if settings.retention_days is not None:
+            apply_retention(client, settings)
         events_total = store.counts()["events"]
         entries = store.read_unconsumed(consumer_name, count=max_events, min_idle_ms=0)
+        # Held entries whose time came (an approved rewrite, an account now old enough).
+        entries += store.held_ready(count=max(0, max_events - len(entries)))
         taken = [sid for sid, _ in entries]
         already = registry.used_by(taken)
         if already:
@@ -214,9 +222,22 @@ def run_round(
             store.ack(already)
             entries = [(sid, ev) for sid, ev in entries if sid not in already]
             taken = [sid for sid, _ in entries]
+        # Consent, deletion, review and new-account hold (rlhf_core/privacy.py): held
+        # entries wait aside without blocking later rounds; excluded ones never train.
+        admitted = sort_entries(store, settings, entries)
+        store.hold(admitted.held)
+        store.ack(admitted.excluded)
+        entries = admitted.train
+        taken = [sid for sid, _ in entries]
         if not entries:
-            registry.record_round("skipped", "no new feedback")
-            return done(RoundOutcome("skipped", "no new feedback"))
+            why = "no new feedback"
+            if admitted.held or admitted.excluded:
+                why += (
+                    f" that may train ({len(admitted.held)} held back for review or a new "
+                    f"account, {len(admitted.excluded)} without consent or deleted)"
+                )
+            registry.record_round("skipped", why)
+            return done(RoundOutcome("skipped", why))
         if settings.debug_round_delay_s > 0:
             _sleep_for_tests(settings.debug_round_delay_s, report)
 
@@ -229,6 +250,7 @@ def run_round(
             recent_user_events=recent_user_events(registry, settings.user_window_rounds - 1),
             n_prompts=settings.ppo_batch_size,
             seed=round_seed(settings.seed, token),
+            settings=settings,
         )
         if data.capped:
             # Over their user's window budget: consumed without training (they stay in

@@ -101,6 +101,22 @@ class Settings(BaseSettings):
         description="Window of the per-user cap, in published rounds (this one included): a "
         "user trains at most RLHF_MAX_EVENTS_PER_USER x this many events in any such window.",
     )
+    # --- privacy and poisoning defences (rlhf_core/privacy.py) -------------
+    review_rewrites: bool = Field(
+        False,
+        description="Rewrites train only after an admin approves them in the Training tab "
+        "(dropped ones never train).",
+    )
+    new_account_hold_s: float = Field(
+        0.0,
+        description="Feedback of an account younger than this many seconds is held back "
+        "until the account is that old (0 = off).",
+    )
+    retention_days: float | None = Field(
+        None,
+        description="Turns and their events older than this are deleted (never ones still "
+        "waiting to train); unset = kept.",
+    )
     lora_r: int = Field(16, description="LoRA rank of the policy and reward adapters.")
     lora_alpha: int = Field(32, description="LoRA alpha.")
     learning_rate: float = Field(3e-4, description="Policy learning rate.")

@@ -221,7 +221,7 @@ def _seed(store: FeedbackStore, n: int) -> list[Event]:
 def test_read_ack_and_unconsumed_counts(store):
     # Events written before any worker existed are still delivered (group from id 0).
     events = _seed(store, 5)
-    assert store.counts() == {"turns": 1, "events": 5, "unconsumed": 5}
+    assert store.counts() == {"turns": 1, "events": 5, "unconsumed": 5, "held": 0}
     got = store.read_unconsumed("w1", count=3)
     assert [e for _, e in got] == events[:3]
     # Delivered but not acked: still unconsumed.
@@ -234,7 +234,7 @@ def test_read_ack_and_unconsumed_counts(store):
     assert [e for _, e in rest] == events[3:]
     assert store.read_unconsumed("w1", count=10) == []
     store.ack([sid for sid, _ in rest])
-    assert store.counts() == {"turns": 1, "events": 5, "unconsumed": 0}
+    assert store.counts() == {"turns": 1, "events": 5, "unconsumed": 0, "held": 0}
     assert store.pending()["pending"] == 0
 
 

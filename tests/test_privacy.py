@@ -1,0 +1,361 @@
+"""Consent, deletion, retention, review, new-account hold and scrubbing (rlhf_core/privacy.py),
+on a real Valkey server and, for rounds, the real tiny model and trainer."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from rlhf_core import datasets as ds
+from rlhf_core import privacy
+from rlhf_core.feedback import GROUP, Event, FeedbackStore, Turn, new_id
+from rlhf_core.privacy import Admission, admitted_events, scrub_text
+from rlhf_core.registry import Registry
+from rlhf_core.rounds import round_is_due, run_round
+
+# --------------------------------------------------------------------------- scrubbing
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("Mail jane.doe@example.com today", "Mail <EMAIL_ADDRESS> today"),
+        ("Call +1 415-555-2671 now", "Call <PHONE_NUMBER> now"),
+        ("London office: +44 20 7946 0958.", "London office: <PHONE_NUMBER>."),
+        ("Mon portable : 06 12 34 56 78", "Mon portable : <PHONE_NUMBER>"),
+        ("card 4111 1111 1111 1111 exp 12/29", "card <CREDIT_CARD> exp 12/29"),
+        # Not a card: the Luhn check digit is wrong, so the number stays.
+        ("order 4111 1111 1111 1112", "order 4111 1111 1111 1112"),
+        ("IBAN DE89370400440532013000 please", "IBAN <IBAN_CODE> please"),
+        ("key sk-proj-abcdefghijklmnopqrstuvwx123", "key <API_KEY>"),
+        ("HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyzABCDEFGH", "HF_TOKEN=<API_KEY>"),
+        ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token <API_KEY>"),
+        ("AWS AKIAIOSFODNN7EXAMPLE ok", "AWS <API_KEY> ok"),
+        ("Authorization: Bearer abcdefghij0123456789xyz", "Authorization: Bearer <API_KEY>"),
+        ('password = "hunter2hunter2"', 'password = "<API_KEY>"'),
+        (
+            "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N",
+            "jwt <API_KEY>",
+        ),
+        # Ordinary text, numbers, dates, versions and code stay exactly as they were.
+        ("3 + 4 = 7; 2024-05-01; v1.2.3; 12345", "3 + 4 = 7; 2024-05-01; v1.2.3; 12345"),
+        ("def f(x): return x @ w  # matmul", "def f(x): return x @ w  # matmul"),
+        ("שלום 👍🏽 漢字", "שלום 👍🏽 漢字"),
+    ],
+)
+def test_scrub_worked_examples(text, scrubbed):
+    assert scrub_text(text) == scrubbed
+
+
+def test_scrub_turn_and_event_keep_everything_else():
+    turn = Turn(
+        "t1", "s1", "u1",
+        [{"role": "system", "content": "be nice"},
+         {"role": "user", "content": [{"type": "text", "text": "I am bob@corp.io"}]}],
+        "Write to bob@corp.io", created_at=5.0,
+    )  # fmt: skip
+    out = privacy.scrub_turn(turn)
+    assert out.messages[1]["content"][0]["text"] == "I am <EMAIL_ADDRESS>"
+    assert out.answer == "Write to <EMAIL_ADDRESS>" and out.created_at == 5.0
+    assert turn.answer == "Write to bob@corp.io"  # the stored record is not touched
+    clean = Turn("t2", "s1", "u1", [{"role": "user", "content": "hi"}], "hello")
+    assert privacy.scrub_turn(clean) is clean
+
+
+# --------------------------------------------------------------------------- admission rules
+
+
+def e(kind: str, idx: int, session: str = "s", turn: str = "t") -> Event:
+    return Event(f"e{idx}", turn, kind, session, "u", "x" if kind == "rewrite" else None)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "keep", "expected"),
+    [
+        # like, rewrite(held), undo -> the undo took back the rewrite: both go, like stays.
+        (["like", "rewrite", "undo"], {0}, [0]),
+        # The undo took back the like, which stays taken back when the rewrite goes.
+        (["like", "rewrite", "undo", "undo"], {0}, [0, 3]),
+        # rewrite(held) never undone; the like after it and its undo stay paired.
+        (["rewrite", "like", "undo"], {1}, [1, 2]),
+        # An undo with nothing to take back stays (it does nothing either way).
+        (["undo", "like"], {1}, [0, 1]),
+    ],
+)
+def test_admitted_events_drop_undos_with_their_events(kinds, keep, expected):
+    events = [e(k, i) for i, k in enumerate(kinds)]
+    assert [ev.event_id for ev in admitted_events(events, keep)] == [f"e{i}" for i in expected]
+    # Resolving what is left gives what resolving everything gives, minus the held event.
+    full = ds.resolve_turn_events(events)
+    left = ds.resolve_turn_events(admitted_events(events, keep))
+    assert left.vote == full.vote
+
+
+def test_admission_rules_worked_example():
+    turn = Turn("t", "s", "u", [{"role": "user", "content": "q"}], "a", created_at=100.0)
+    off = Turn("t2", "s", "u", [{"role": "user", "content": "q"}], "a", may_train=False)
+    rewrite = Event("r", "t", "rewrite", "s", "u", "better", created_at=150.0)
+    like = Event("l", "t", "like", "s", "u", created_at=150.0)
+    rules = Admission(now=1000.0)
+    assert rules.event_status(like, turn) == ("train", 0.0)
+    assert rules.event_status(like, off) == ("excluded", 0.0)
+    assert rules.event_status(like, None) == ("excluded", 0.0)  # turn gone
+    # The chat switch set later wins over the records, both ways.
+    assert not Admission(overrides={"t": False}).turn_ok(turn)
+    assert Admission(overrides={"t2": True}).turn_ok(off)
+    no_train_click = Event("n", "t", "like", "s", "u", may_train=False)
+    assert rules.event_status(no_train_click, turn)[0] == "excluded"
+    assert Admission(overrides={"t": True}).event_status(no_train_click, turn)[0] == "train"
+    # Review: pending rewrites wait for ever, approved ones train, dropped ones never do.
+    review = Admission(review_rewrites=True, now=1000.0)
+    assert review.event_status(rewrite, turn) == ("held", math.inf)
+    assert review.event_status(like, turn) == ("train", 0.0)
+    approved = Admission(review_rewrites=True, decisions={"r": "approved"}, now=1000.0)
+    assert approved.event_status(rewrite, turn) == ("train", 0.0)
+    assert Admission(decisions={"r": "dropped"}).event_status(rewrite, turn)[0] == "excluded"
+    # New account: first turn at 900, hold 600 s -> held until 1500 when it is 1000 now.
+    young = Admission(new_account_hold_s=600.0, first_seen={"u": 900.0}, now=1000.0)
+    assert young.event_status(like, turn) == ("held", 1500.0)
+    assert Admission(new_account_hold_s=600.0, first_seen={"u": 900.0}, now=1500.0
+                     ).event_status(like, turn) == ("train", 0.0)  # fmt: skip
+    # Deleted user: what was made before the deletion never comes back.
+    gone = Admission(forgotten={"u": 200.0})
+    assert not gone.turn_ok(turn)
+    later = Turn("t3", "s", "u", [{"role": "user", "content": "q"}], "a", created_at=300.0)
+    assert gone.turn_ok(later)
+
+
+# --------------------------------------------------------------------------- the store
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def chat(store, user, session, n, *, may_train=True, pii=False, at=None, kinds=("like",)):
+    """``n`` answered turns of one chat, each with one reaction; returns (turns, events)."""
+    turns, events = [], []
+    for i in range(n):
+        contact = " Reach me at ann.lee@gmail.com or +1 415-555-2671." if pii else ""
+        turn = Turn(
+            turn_id=new_id(),
+            session_id=session,
+            user_id=user,
+            messages=[SYSTEM, {"role": "user", "content": f"Q{i} of {user}?{contact}"}],
+            answer=f"A{i} of {user}",
+            may_train=may_train,
+            created_at=at if at is not None else time.time(),
+        )
+        assert store.save_turn(turn)
+        kind = kinds[i % len(kinds)]
+        event = Event.new(
+            turn.turn_id, kind, session, user, "Better." if kind == "rewrite" else None
+        )
+        event.may_train = may_train
+        if at is not None:
+            event.created_at = at
+        assert store.record_event(event)
+        turns.append(turn)
+        events.append(event)
+    return turns, events
+
+
+@pytest.fixture()
+def store(redis_client):
+    return FeedbackStore(redis_client)
+
+
+def users_in(rows):
+    return {r["user_id"] for r in rows}
+
+
+def test_dont_train_chat_is_left_out_of_datasets_and_exports(store, tiny_settings, tmp_path):
+    chat(store, "ann", "a1", 2)
+    chat(store, "bob", "b1", 2, may_train=False)
+    # Exports and round data leave bob's chat out; the UI's raw counts still see it.
+    assert {r["user_id"] for r in ds.export_rows(store, "turns", settings=tiny_settings)} == {"ann"}
+    raw_turns, _ = ds.load_feedback(store, raw=True)
+    assert {t.user_id for t in raw_turns} == {"ann", "bob"}
+    n = ds.export(store, "kto", tmp_path / "kto.jsonl", settings=tiny_settings)
+    assert n == 2 and "bob" not in (tmp_path / "kto.jsonl").read_text()
+
+    # Switching the chat off later covers the answers already written, and back on again.
+    ann_turns = store.turns_for_session("a1")
+    store.set_training([t.turn_id for t in ann_turns], allowed=False)
+    assert ds.export_rows(store, "kto", settings=tiny_settings) == []
+    store.set_training([t.turn_id for t in ann_turns], allowed=True)
+    assert len(ds.export_rows(store, "kto", settings=tiny_settings)) == 2
+
+
+def test_exports_are_scrubbed(store, tiny_settings, tmp_path):
+    turns, _ = chat(store, "ann", "a1", 1, pii=True)
+    rewrite = Event.new(turns[0].turn_id, "rewrite", "a1", "ann", "Mail ann.lee@gmail.com.")
+    store.record_event(rewrite)
+    for fmt in ("turns", "kto", "dpo"):
+        path = tmp_path / f"{fmt}.jsonl"
+        ds.export(store, fmt, path, settings=tiny_settings)
+        text = path.read_text()
+        assert "ann.lee@gmail.com" not in text and "415-555-2671" not in text, fmt
+    rows = ds.read_jsonl(tmp_path / "dpo.jsonl")
+    assert rows[0]["chosen"][0]["content"] == "Mail <EMAIL_ADDRESS>."
+    assert "<EMAIL_ADDRESS> or <PHONE_NUMBER>" in rows[0]["prompt"][-1]["content"]
+    # The store keeps what was written (deleting it is "delete my data").
+    assert "ann.lee@gmail.com" in store.get_turn(turns[0].turn_id).messages[-1]["content"]
+
+
+def test_forget_user_removes_everything_and_keeps_it_out(store, redis_client, tiny_settings):
+    ann_turns, ann_events = chat(store, "ann", "a1", 3)
+    bob_turns, _ = chat(store, "bob", "b1", 2)
+    # Some of ann's events are pending in the training group, one is marked used.
+    read = store.read_unconsumed("w1", count=2)
+    assert {ev.user_id for _, ev in read} == {"ann"}
+    redis_client.hset("rlhf:registry:used", read[0][0], 1)
+    old_pending = Turn(new_id(), "a1", "ann", [{"role": "user", "content": "late"}], "x",
+                       created_at=time.time() - 1)  # fmt: skip
+
+    counts = privacy.forget_user(redis_client, tiny_settings, "ann")
+    assert counts == {"turns": 3, "events": 3}
+    assert store.counts()["turns"] == 2 and store.counts()["events"] == 2
+    assert all(t.user_id == "bob" for t in store.turns())
+    assert all(ev.user_id == "bob" for ev in store.events())
+    assert store.turns_for_session("a1") == []
+    assert store.pending()["pending"] == 0  # their pending entries were acked, not left
+    assert not redis_client.hexists("rlhf:registry:used", read[0][0])
+    assert not any(redis_client.exists(f"rlhf:event_seen:{ev.event_id}") for ev in ann_events)
+    assert not any(redis_client.exists(f"rlhf:turn_events:{t.turn_id}") for t in ann_turns)
+    assert not redis_client.hexists("rlhf:accounts", "ann")
+    # Nothing personal is kept to remember the deletion: only a digest.
+    assert b"ann" not in b"".join(redis_client.hkeys("rlhf:forgotten"))
+    # A turn made before the deletion and saved late (a replica's flush) is refused...
+    assert store.save_turn(old_pending) is False and store.get_turn(old_pending.turn_id) is None
+    # ...a new chat afterwards is welcome.
+    chat(store, "ann", "a2", 1)
+    assert users_in(ds.export_rows(store, "turns", settings=tiny_settings)) == {"ann", "bob"}
+    # The next read gives the remaining events once, nothing deleted.
+    rest = store.read_unconsumed("w2", count=10, min_idle_ms=0)
+    assert sorted(ev.user_id for _, ev in rest) == ["ann", "bob", "bob"]
+
+
+def test_retention_trims_old_consumed_turns_only(store, redis_client, tiny_settings):
+    settings = tiny_settings.model_copy(update={"retention_days": 30})
+    day = 86_400
+    # Stream ids carry the server's clock, so "old" is simulated by a later "now".
+    chat(store, "ann", "a1", 2)  # read and acked: trained on
+    chat(store, "bob", "b1", 1)  # read, not acked: pending
+    chat(store, "dee", "d1", 1)  # read, then held for review
+    read = store.read_unconsumed("w1", count=4)
+    assert [ev.user_id for _, ev in read] == ["ann", "ann", "bob", "dee"]
+    store.ack([sid for sid, ev in read if ev.user_id == "ann"])
+    store.hold({read[3][0]: math.inf})
+    chat(store, "cid", "c1", 1)  # never read by the group
+    later = time.time() + 31 * day
+
+    counts = privacy.apply_retention(redis_client, settings, now=later)
+    assert counts == {"turns": 2, "events": 2}  # ann's two answers and their votes
+    left = {t.user_id for t in store.turns()}
+    assert left == {"bob", "cid", "dee"}
+    assert store.pending()["pending"] == 1 and store.counts()["held"] == 1
+    # Nothing older than the cut-off yet: nothing goes.
+    assert privacy.apply_retention(redis_client, settings)["turns"] == 0
+    assert privacy.apply_retention(redis_client, tiny_settings, now=later)["turns"] == 0
+
+
+def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):
+    settings = tiny_settings.model_copy(update={"review_rewrites": True})
+    turns, events = chat(store, "ann", "a1", 3, kinds=("rewrite", "like", "rewrite"))
+    entries = store.read_unconsumed("w1", count=10)
+    sorted_ = privacy.sort_entries(store, settings, entries)
+    assert [ev.kind for _, ev in sorted_.train] == ["like"]
+    assert sorted(sorted_.held.values()) == [math.inf, math.inf]
+    store.hold(sorted_.held)
+    assert store.pending()["pending"] == 3 - 2 and store.held_count() == 0
+    # Neither rewrite is in the data while pending.
+    assert ds.export_rows(store, "dpo", settings=settings) == []
+    queue = privacy.review_queue(store, settings)
+    assert [q["event_id"] for q in queue] == [events[0].event_id, events[2].event_id]
+
+    store.decide_review([events[0].event_id], "approved")
+    store.decide_review([events[2].event_id], "dropped")
+    assert privacy.review_queue(store, settings) == []
+    ready = store.held_ready()
+    assert [ev.event_id for _, ev in ready] == [events[0].event_id]
+    assert [r["chosen"][0]["content"] for r in ds.export_rows(store, "dpo", settings=settings)] == [
+        "Better."
+    ]
+    # Dropped stays out even with review turned off.
+    assert len(ds.export_rows(store, "dpo", settings=tiny_settings)) == 1
+    with pytest.raises(ValueError, match="approved or dropped"):
+        store.decide_review([events[0].event_id], "maybe")
+
+
+def round_with_capture(settings, client, model):
+    from rlhf_core.trainer import run_training_round
+
+    seen: dict = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        return run_training_round(*args, **kwargs)
+
+    outcome = run_round(settings, client, model, consumer_name="w1", run_training_round=capture)
+    return outcome, seen
+
+
+def test_next_round_honours_dont_train_delete_and_review(redis_client, tiny_settings, tiny_model):
+    """One real round after: a no-train chat, a deleted user, a pending rewrite, and a
+    new account under hold. Only the rest trains; the held entries wait aside and come
+    back (the approved rewrite) in the round after, without blocking it."""
+    settings = tiny_settings.model_copy(
+        update={"review_rewrites": True, "max_events_per_user": 16, "new_account_hold_s": 0}
+    )
+    store = FeedbackStore(redis_client)
+    chat(store, "ann", "a1", 2, kinds=("like", "dislike"))
+    chat(store, "bob", "b1", 2, may_train=False)
+    chat(store, "cid", "c1", 2)
+    _, rewrites = chat(store, "dee", "d1", 1, kinds=("rewrite",))
+    privacy.forget_user(redis_client, settings, "cid")
+    assert round_is_due(settings, redis_client)
+
+    outcome, seen = round_with_capture(settings, redis_client, tiny_model)
+    assert outcome.status == "published", outcome.reason
+    assert {p["user_id"] for p in seen["pointwise"]} == {"ann"}
+    # dee's rewrite is waiting for review: neither trained on nor used to measure.
+    assert seen["pairs"] == [] and seen["heldout_pairs"] == []
+    used = set(Registry(redis_client, settings).get(outcome.version)["event_ids"])
+    assert len(used) == 2
+    counts = store.counts()
+    assert counts["unconsumed"] == 0 and counts["held"] == 1  # bob's acked, never to train
+
+    store.decide_review([rewrites[0].event_id], "approved")
+    assert store.held_count() == 1
+    outcome, seen = round_with_capture(settings, redis_client, tiny_model)
+    assert outcome.status == "published", outcome.reason
+    # Trained on, or (one context in five, by hash) held out to measure the reward model.
+    assert [p["chosen"] for p in seen["pairs"] + seen["heldout_pairs"]] == ["Better."]
+    assert store.counts()["held"] == 0 and store.pending()["pending"] == 0
+
+
+def test_new_account_feedback_waits_for_the_hold(store, tiny_settings):
+    settings = tiny_settings.model_copy(update={"new_account_hold_s": 3600})
+    # An account seen before the hold existed (no first-seen record) is established.
+    chat(store, "old", "o1", 1)
+    store.redis.hdel("rlhf:accounts", "old")
+    chat(store, "new", "n1", 2)
+    entries = store.read_unconsumed("w1", count=10)
+    sorted_ = privacy.sort_entries(store, settings, entries)
+    assert [ev.user_id for _, ev in sorted_.train] == ["old"]
+    first = store.first_seen(["new"])["new"]
+    assert list(sorted_.held.values()) == [first + 3600, first + 3600]
+    store.hold(sorted_.held)
+    assert store.held_ready() == []
+    assert len(store.held_ready(now=first + 3601)) == 2
+    assert len(ds.export_rows(store, "kto", settings=settings)) == 1  # old's vote only
+
+
+def test_group_commands_after_forget_still_work(store, redis_client, tiny_settings):
+    chat(store, "ann", "a1", 2)
+    store.read_unconsumed("w1", count=1)
+    privacy.forget_user(redis_client, tiny_settings, "ann")
+    info = redis_client.xinfo_groups("rlhf:events")
+    assert info[0]["name"] == GROUP.encode() and info[0]["pending"] == 0
+    assert store.counts()["unconsumed"] == 0
