@@ -5,6 +5,8 @@
     rlhf-chat worker    the Celery worker alone (arguments go to ``celery worker``)
     rlhf-chat status    turns, events, events not yet trained on, current policy version
     rlhf-chat export --format {turns,kto,dpo,reward,arena} --out FILE.jsonl
+    rlhf-chat forget --user ID   delete one person's data (turns, events) everywhere
+    rlhf-chat retention          delete what is older than RLHF_RETENTION_DAYS now
 
 Every command reads the same ``RLHF_*`` settings; with the embedded server, a
 command finds it through ``<data_dir>/redis.url``, so ``status`` run beside ``up``
@@ -195,6 +197,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    """An admin deletes one person's data (a request by mail, say): their turns and
+    events leave the store and every later round and export."""
+    from rlhf_core.privacy import forget_user
+
+    settings = settings_from(args)
+    user = args.user.strip()
+    if not user:
+        print("rlhf-chat forget: --user needs the user id (as in a turns export).", file=sys.stderr)
+        return 2
+    counts = forget_user(_store(settings).redis, settings, user)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"deleted {counts['turns']} turns and {counts['events']} events of user {user!r}")
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Apply RLHF_RETENTION_DAYS (or --days) now; rounds also apply it when they start."""
+    from rlhf_core.privacy import apply_retention
+
+    settings = settings_from(args)
+    days = args.days if args.days is not None else settings.retention_days
+    if days is None:
+        print("rlhf-chat retention: set RLHF_RETENTION_DAYS or pass --days.", file=sys.stderr)
+        return 2
+    counts = apply_retention(_store(settings).redis, settings, days=days)
+    print(f"deleted {counts['turns']} turns and {counts['events']} events older than {days:g} days")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (RLHF_HOST)")
@@ -221,6 +255,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="JSONL file to write")
 
 
+def _forget_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--user", required=True, help="the user id whose data to delete")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _retention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--days", type=float, help="keep this many days (RLHF_RETENTION_DAYS)")
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
 COMMANDS: list[Command] = [
     ("up", "embedded Redis + worker + chat UI (as `make run`)", _up_args, cmd_up),
@@ -228,6 +271,8 @@ COMMANDS: list[Command] = [
     ("worker", "the Celery training worker", _worker_args, cmd_worker),
     ("status", "turns, events, untrained events, current version", _status_args, cmd_status),
     ("export", "write feedback as JSONL in TRL's formats", _export_args, cmd_export),
+    ("forget", "delete one user's turns and events everywhere", _forget_args, cmd_forget),
+    ("retention", "delete turns older than RLHF_RETENTION_DAYS", _retention_args, cmd_retention),
 ]
 # train / versions / rollback live with the rest of the training UI code.
 from chat_ui.training import CLI_COMMANDS  # noqa: E402

@@ -8,6 +8,8 @@ Every endpoint a person uses is also an API endpoint with a name, so
   chat (negative counts from the end)
 - ``/rewrite(index, text)``, ``/regenerate(index, temperature, top_p, max_new_tokens)``
 - ``/undo()``, ``/new_chat()``, ``/status()``
+- ``/set_no_train(on)`` the chat's "don't use this chat for training" switch
+- ``/delete_my_data()`` deletes every turn and reaction of this session's user
 
 Each returns the chat (a list of {role, content} messages), the answers' metadata
 (turn id, policy version, vote) as JSON, and the policy badge. The session is the
@@ -195,11 +197,38 @@ def arena_view(update: ArenaUpdate) -> tuple[str, str, str]:
     return a, b, result
 
 
+def consent_notice(settings: Settings) -> str:
+    """What the first-visit notice says: what is stored, that it trains the model, and
+    how to keep a chat out or delete everything."""
+    kept = (
+        f"Chats are deleted after {settings.retention_days:g} days."
+        if settings.retention_days is not None
+        else "Chats are kept until you delete them."
+    )
+    return (
+        "**Before you start: this chat learns from you.** We store your messages, the "
+        "model's answers, your 👍 / 👎, your edits and regenerates, the settings you used, "
+        "the time, and an id for you (your account when signed in, otherwise a random id "
+        "for this browser tab). **They are used to train the model that everyone here "
+        "talks to**, and may be exported as a training dataset, with e-mail addresses, "
+        "phone numbers, card numbers and keys removed first. Do not type anything you "
+        f"would not want to share. {kept}\n\n"
+        "Switch on **Don't use this chat for training** to keep a chat out (its earlier "
+        "answers too). **Delete my data** removes everything you wrote from the store and "
+        "from all later training and exports."
+    )
+
+
 # --- the page ----------------------------------------------------------------------
 def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
     store = service.store
 
     with gr.Blocks(title="rlhf-chat") as demo:
+        # Remembered in the browser, so the notice shows once per browser, not per visit.
+        consent_seen = gr.BrowserState(False, storage_key="rlhf-chat-consent-seen")
+        with gr.Group(visible=True, elem_id="consent-notice") as consent_box:
+            gr.Markdown(consent_notice(settings))
+            consent_ok = gr.Button("I understand", variant="primary", elem_id="consent-ok")
         with gr.Tab("Chat"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -251,6 +280,27 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
                         *validation.MAX_NEW_TOKENS_RANGE, settings.max_new_tokens, step=1,
                         label="Max new tokens",
                     ))  # fmt: skip
+                    gr.Markdown("### Your data")
+                    no_train = gr.Checkbox(
+                        False,
+                        label="Don't use this chat for training",
+                        info="Covers this whole chat, answers already given included.",
+                        elem_id="no-train",
+                    )
+                    forget_button = gr.Button(
+                        "Delete my data…", variant="stop", size="sm", elem_id="delete-my-data"
+                    )
+                    with gr.Group(visible=False) as forget_confirm:
+                        gr.Markdown(
+                            "Delete every message, answer and reaction of yours from the "
+                            "store, and from all later training and exports? This cannot "
+                            "be undone. (Versions already trained keep what they learnt.)"
+                        )
+                        with gr.Row():
+                            forget_yes = gr.Button(
+                                "Yes, delete", variant="stop", elem_id="delete-my-data-yes"
+                            )
+                            forget_no = gr.Button("Cancel", elem_id="delete-my-data-no")
             # Inputs of the API-only endpoints (/vote, /rewrite, /regenerate by index).
             with gr.Row(visible=False):
                 api_index = unchecked(gr.Number(-1, precision=0, label="answer index"))
@@ -419,6 +469,18 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             _notify(Update([], notices=update.notices), set())
             return arena_view(update)
 
+        def on_no_train(value, request: gr.Request):
+            update = call(service.set_no_train, request.session_hash, value)
+            return render(update)
+
+        @guarded
+        def on_forget(request: gr.Request):
+            update = call(service.forget_me, request.session_hash)
+            return (*render(update), gr.update(visible=False))
+
+        def on_consent_load(seen):
+            return gr.update(visible=not seen)
+
         def on_unload(request: gr.Request):
             try:
                 service.drop_session(request.session_hash)
@@ -499,6 +561,23 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             button.click(
                 picker(outcome), None, arena_outputs, api_visibility="private", **reactions
             )
+        no_train.input(on_no_train, no_train, outputs, api_name="set_no_train", **reactions)
+        forget_button.click(
+            lambda: gr.update(visible=True), None, forget_confirm, api_visibility="private",
+            queue=False,
+        )  # fmt: skip
+        forget_no.click(
+            lambda: gr.update(visible=False), None, forget_confirm, api_visibility="private",
+            queue=False,
+        )  # fmt: skip
+        forget_yes.click(
+            on_forget, None, [*outputs, forget_confirm], api_name="delete_my_data", **reactions
+        ).then(**sync)
+        consent_ok.click(
+            lambda: (True, gr.update(visible=False)), None, [consent_seen, consent_box],
+            api_visibility="private", queue=False,
+        )  # fmt: skip
+        demo.load(on_consent_load, consent_seen, consent_box, api_visibility="private", queue=False)
         timer.tick(
             on_tick,
             None,

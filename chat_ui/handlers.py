@@ -105,6 +105,10 @@ class ChatSession:
     reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
     epoch: int = 0  # bumped when the conversation is replaced (new chat)
     arena: dict[str, Any] | None = None  # the last arena battle: turns, versions, pick
+    # The "don't use this chat for training" switch, and every turn of the chat (answers
+    # replaced by a regenerate included), so that switching covers the whole chat.
+    no_train: bool = False
+    chat_turns: list[str] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     touched: float = field(default_factory=time.monotonic)
 
@@ -202,6 +206,7 @@ class ChatService:
     def _save(self, session: ChatSession, turn: Turn) -> list[str]:
         """Save a new turn; when Redis is down keep it pending and say so."""
         session.pending[turn.turn_id] = turn
+        session.chat_turns.append(turn.turn_id)
         try:
             self._flush(session)
             return []
@@ -234,6 +239,7 @@ class ChatService:
             session_id=session.session_id,
             user_id=session.user_id,
             text=text,
+            may_train=not session.no_train,
         )
         session.pending_events.append(event)
         session.reactions[turn_id] = n + 1
@@ -343,6 +349,7 @@ class ChatService:
             model=self.settings.base_model,
             parent_turn_id=parent,
             finished=gen.ended_with_eos,
+            may_train=not session.no_train,
         )
 
     def send(
@@ -547,6 +554,7 @@ class ChatService:
                 session.messages = session.messages[: action["index"]] + action["removed"]
             elif action["kind"] == "new_chat":
                 session.messages = action["messages"]
+                session.chat_turns = action.get("chat_turns", [])
                 session.epoch += 1
             return self._update(session, textbox=textbox)
 
@@ -554,8 +562,15 @@ class ChatService:
         session = self.session(session_id)
         with session.lock:
             if session.messages:
-                session.actions.append({"kind": "new_chat", "messages": session.messages})
+                session.actions.append(
+                    {
+                        "kind": "new_chat",
+                        "messages": session.messages,
+                        "chat_turns": session.chat_turns,
+                    }
+                )
             session.messages = []
+            session.chat_turns = []
             session.epoch += 1
             return self._update(session)
 
@@ -652,6 +667,55 @@ class ChatService:
             except Exception:
                 log.exception("on_event hook failed after an arena pick")
         return ArenaUpdate(*arena["answers"], done=True, picked=outcome, versions=arena["versions"])
+
+    # --- consent and deletion (the rules live in rlhf_core.privacy) ----------------
+    def set_no_train(self, session_id: str, no_train: Any) -> Update:
+        """The chat's "don't use this chat for training" switch: it covers the whole
+        chat, answers already written included, until switched back."""
+        if not isinstance(no_train, bool):
+            raise InputError("The training switch takes true or false.")
+        session = self.session(session_id)
+        with session.lock:
+            if session.no_train == no_train:
+                return self._update(session)
+            self.store.set_training(session.chat_turns, allowed=not no_train)
+            session.no_train = no_train
+            notice = (
+                "This chat will not be used for training, including its earlier answers."
+                if no_train
+                else "This chat may be used for training again."
+            )
+            return self._update(session, notices=[notice])
+
+    def forget_me(self, session_id: str) -> Update:
+        """Delete my data: every turn and reaction of this session's user, from the
+        store and from every later round and export; this process's open chats of that
+        user are emptied (answers not yet saved are discarded, not saved)."""
+        from rlhf_core.privacy import forget_user
+
+        session = self.session(session_id)
+        user_id = session.user_id
+        with self._sessions_lock:
+            mine = [s for s in self._sessions.values() if s.user_id == user_id]
+        for other in mine:
+            with other.lock:
+                other.pending.clear()
+                other.pending_events.clear()
+        counts = forget_user(self.store.redis, self.settings, user_id)
+        for other in mine:
+            with other.lock:
+                other.messages, other.actions, other.chat_turns = [], [], []
+                other.reactions.clear()
+                other.arena = None
+                other.epoch += 1
+        with session.lock:
+            return self._update(
+                session,
+                notices=[
+                    f"Deleted your data: {counts['turns']} answers and {counts['events']} "
+                    "reactions. Nothing of it will be used for training or exports from now on."
+                ],
+            )
 
     # --- status ------------------------------------------------------------------
     def _try_flush(self, session: ChatSession) -> bool:

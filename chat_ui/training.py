@@ -605,6 +605,8 @@ def build_training_tab(
     )  # fmt: skip
     timer = gr.Timer(max(1.0, settings.version_poll_s))
 
+    review = build_review_panel(settings, client) if settings.review_rewrites else {}
+
     outputs = [status, table, quality_plot, policy_plot, version_pick, ab_box, decisions, board]
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
     timer.tick(refresh, outputs=outputs, show_progress="hidden", **quiet)
@@ -638,6 +640,92 @@ def build_training_tab(
         "ab_status": ab_box,
         "decisions": decisions,
         "leaderboard": board,
+        **review,
+    }
+
+
+# ---------------------------------------------------------------- review of rewrites
+
+REVIEW_COLUMNS = ["event_id", "user_id", "prompt", "answer", "rewrite"]
+
+
+def review_rows(client: redis.Redis, settings: Settings) -> list[list[str]]:
+    """The rewrites waiting for a decision, as table rows (texts shortened)."""
+    from rlhf_core.privacy import review_queue
+
+    def short(text: Any, n: int = 200) -> str:
+        text = text if isinstance(text, str) else str(text)
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    return [
+        [short(row[c], 400) if c == "rewrite" else short(row[c]) for c in REVIEW_COLUMNS]
+        for row in review_queue(FeedbackStore(client), settings)
+    ]
+
+
+def decide_rewrites(client: redis.Redis, settings: Settings, ids: Any, decision: str) -> str:
+    """Approve or drop rewrites by event id (comma or space separated); empty = every
+    rewrite waiting now."""
+    if ids is not None and not isinstance(ids, str):
+        return "Give event ids as text, separated by commas or spaces."
+    wanted = [i for i in (ids or "").replace(",", " ").split() if i]
+    if not wanted:
+        wanted = [row[0] for row in review_rows(client, settings)]
+    if not wanted:
+        return "No rewrites are waiting for review."
+    n = FeedbackStore(client).decide_review(wanted, decision)
+    verb = "Approved (they train in the next round)" if decision == "approved" else "Dropped"
+    missing = len(wanted) - n
+    return f"{verb}: {n} rewrites." + (f" {missing} ids were not found." if missing else "")
+
+
+def build_review_panel(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+    """With RLHF_REVIEW_REWRITES: rewrites wait here until an admin approves (they
+    train) or drops them (they never do)."""
+    import gradio as gr
+
+    with gr.Accordion("Rewrites waiting for review", open=True, elem_id="review"):
+        rows = gr.Dataframe(
+            headers=REVIEW_COLUMNS, interactive=False, wrap=True, elem_id="review-table"
+        )
+        with gr.Row():
+            ids = gr.Textbox(
+                label="Event ids (comma-separated; empty = all listed)", scale=3,
+                elem_id="review-ids",
+            )  # fmt: skip
+            load = gr.Button("Refresh list", elem_id="review-refresh")
+            approve = gr.Button("Approve", variant="primary", elem_id="review-approve")
+            drop = gr.Button("Drop", variant="stop", elem_id="review-drop")
+        said = gr.Markdown("", elem_id="review-action")
+
+    def refresh_rows():
+        try:
+            return review_rows(client, settings)
+        except redis.RedisError as error:
+            gr.Warning(f"Redis is unreachable ({error}); try again in a few seconds.")
+            return gr.skip()
+
+    def approve_ids(value: Any) -> str:
+        return decide_rewrites(client, settings, value, "approved")
+
+    def drop_ids(value: Any) -> str:
+        return decide_rewrites(client, settings, value, "dropped")
+
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
+    load.click(refresh_rows, outputs=rows, api_name="review_list", queue=False)
+    approve.click(approve_ids, ids, said, api_name="approve_rewrites", queue=False).then(
+        refresh_rows, outputs=rows, **quiet
+    )
+    drop.click(drop_ids, ids, said, api_name="drop_rewrites", queue=False).then(
+        refresh_rows, outputs=rows, **quiet
+    )
+    return {
+        "review_table": rows,
+        "review_ids": ids,
+        "review_approve": approve,
+        "review_drop": drop,
+        "review_refresh": load,
+        "review_action": said,
     }
 
 

@@ -1192,6 +1192,24 @@ class FeedbackStore:
         return [sid for sid, _ in items]
 
     @_surface_unavailable
+    def delete_battles(self, user_id: str | None = None, before_ms: int | None = None) -> int:
+        """Delete arena battles picked by ``user_id`` and/or older than ``before_ms``
+        (their votes are events, deleted with their turns). Returns how many."""
+        doomed: list[tuple[str, str]] = []
+        end = "+" if before_ms is None else f"({before_ms}-0"
+        for _, entries in self._scan(ARENA_STREAM, 1000, "-", end):
+            for sid, data in entries:
+                battle = json.loads(_text(_field(data, "battle")))
+                if user_id is None or battle.get("user_id") == user_id:
+                    doomed.append((_text(sid), str(battle.get("battle_id"))))
+        if doomed:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xdel(ARENA_STREAM, *[sid for sid, _ in doomed])
+            pipe.delete(*[battle_seen_key(b) for _, b in doomed])
+            pipe.execute()
+        return len(doomed)
+
+    @_surface_unavailable
     def pending_ids(self) -> set[str]:
         """Stream ids delivered to the training group and not acked yet."""
         if self._group_info() is None:

@@ -371,10 +371,10 @@ def sort_entries(
 
 
 def forget_user(client: Any, settings: Settings, user_id: str) -> dict[str, int]:
-    """Delete everything of one user: their turns with every event on them, and their
-    events on other turns; their held entries, review decisions and consent marks; the
-    registry's record that a version trained on those entries. From now on turns of
-    theirs made before this moment are refused. Returns what was deleted.
+    """Delete everything of one user: their turns with every event on them, their
+    events on other turns, their arena battles; their held entries, review decisions
+    and consent marks; the registry's record that a version trained on those entries.
+    From now on turns of theirs made before this moment are refused. Returns what was deleted.
 
     A round already running may still publish a version trained on some of it (it read
     the events before); every later round and export goes without."""
@@ -408,9 +408,10 @@ def forget_user(client: Any, settings: Settings, user_id: str) -> dict[str, int]
         if e.user_id == user_id and e.turn_id not in doomed_ids
     ]
     deleted += store.delete_events(stray)
+    battles = store.delete_battles(user_id=user_id)
     Registry(client, settings).forget_stream_ids(deleted)
     log.info("forgot user data: %d turns, %d events", len(doomed), len(deleted))
-    return {"turns": len(doomed), "events": len(deleted)}
+    return {"turns": len(doomed), "events": len(deleted), "battles": battles}
 
 
 def _ms(stream_id: str) -> tuple[int, int]:
@@ -436,6 +437,7 @@ def apply_retention(
     old = [(sid, t) for sid, t in store.turn_index(end=f"({cutoff_ms}-0")]
     if not old:
         store.trim_invalid(cutoff_ms)
+        store.delete_battles(before_ms=cutoff_ms)
         return {"turns": 0, "events": 0}
     pending = store.pending_ids()
     last = store.last_delivered_id()
@@ -455,6 +457,7 @@ def apply_retention(
     deleted = store.delete_turns(doomed)
     Registry(client, settings).forget_stream_ids(deleted)
     store.trim_invalid(cutoff_ms)
+    store.delete_battles(before_ms=cutoff_ms)
     if doomed:
         log.info("retention: deleted %d turns and %d events", len(doomed), len(deleted))
     return {"turns": len(doomed), "events": len(deleted)}

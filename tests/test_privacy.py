@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_core import datasets as ds
 from rlhf_core import privacy
-from rlhf_core.feedback import GROUP, Event, FeedbackStore, Turn, new_id
+from rlhf_core.feedback import GROUP, Battle, Event, FeedbackStore, Turn, new_id
 from rlhf_core.privacy import Admission, admitted_events, scrub_text
 from rlhf_core.registry import Registry
 from rlhf_core.rounds import round_is_due, run_round
@@ -213,9 +213,15 @@ def test_forget_user_removes_everything_and_keeps_it_out(store, redis_client, ti
     old_pending = Turn(new_id(), "a1", "ann", [{"role": "user", "content": "late"}], "x",
                        created_at=time.time() - 1)  # fmt: skip
 
+    battle = Battle(new_id(), "a1", "ann", ann_turns[0].turn_id, ann_turns[1].turn_id, 0, 1, "a")
+    assert store.record_battle(battle)
+    assert len(ds.export_rows(store, "arena", settings=tiny_settings)) == 1
+
     counts = privacy.forget_user(redis_client, tiny_settings, "ann")
-    assert counts == {"turns": 3, "events": 3}
+    assert counts == {"turns": 3, "events": 5, "battles": 1}  # the pick's two votes too
+    assert store.battles() == [] and ds.export_rows(store, "arena", settings=tiny_settings) == []
     assert store.counts()["turns"] == 2 and store.counts()["events"] == 2
+    assert not redis_client.exists(f"rlhf:battle_seen:{battle.battle_id}")
     assert all(t.user_id == "bob" for t in store.turns())
     assert all(ev.user_id == "bob" for ev in store.events())
     assert store.turns_for_session("a1") == []

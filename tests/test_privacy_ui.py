@@ -1,0 +1,112 @@
+"""Consent and deletion through the chat UI: the handlers, then the served app over HTTP
+(gradio_client) with the records checked in a real Valkey server."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from gradio_client import Client
+
+from chat_ui.handlers import ChatService, InputError
+from chat_ui.training import decide_rewrites, review_rows
+from rlhf_core import datasets as ds
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.redis_server import connect
+from rlhf_core.serving import PolicyServer
+
+SAMPLING = (1.0, 0.9, 8)
+
+
+@pytest.fixture()
+def service(tiny_settings, tiny_model):
+    store = FeedbackStore(connect(tiny_settings))
+    return ChatService(tiny_settings, PolicyServer(tiny_model, tiny_settings), store)
+
+
+def ask(service, session, text):
+    return list(service.send(session, text, None, {"max_new_tokens": 4}))[-1]
+
+
+def test_dont_train_switch_covers_the_whole_chat_and_new_chats_follow_it(service, tiny_settings):
+    ask(service, "s1", "first question")
+    service.vote("s1", -1, "like")
+    ask(service, "s1", "second question")
+    assert len(ds.export_rows(service.store, "kto", settings=tiny_settings)) == 1
+
+    update = service.set_no_train("s1", True)
+    assert "will not be used for training" in update.notices[0]
+    # The answers already given are out, and so is what comes next in this chat.
+    service.vote("s1", -1, "dislike")
+    ask(service, "s1", "third question")
+    service.vote("s1", -1, "like")
+    assert ds.export_rows(service.store, "kto", settings=tiny_settings) == []
+    assert ds.export_rows(service.store, "turns", settings=tiny_settings) == []
+    assert all(not e.may_train for e in list(service.store.events())[1:])
+    # The switch stays as set for a new chat (the page shows it), and switching back
+    # lets only the chat in front of the person train.
+    service.new_chat("s1")
+    ask(service, "s1", "new chat")
+    service.set_no_train("s1", False)
+    service.vote("s1", -1, "like")
+    rows = ds.export_rows(service.store, "turns", settings=tiny_settings)
+    assert [r["messages"][-1]["content"] for r in rows] == ["new chat"]
+    with pytest.raises(InputError, match="true or false"):
+        service.set_no_train("s1", "yes")
+
+
+def test_forget_me_deletes_this_users_data_only(service, tiny_settings):
+    ask(service, "alice", "my number is +1 415-555-2671")
+    service.vote("alice", -1, "like")
+    ask(service, "bob", "hello")
+    update = service.forget_me("alice")
+    assert (
+        update.messages == []
+        and "Deleted your data: 1 answers and 1 reactions" in (update.notices[0])
+    )
+    assert {t.user_id for t in service.store.turns()} == {"bob"}
+    assert list(service.store.events()) == []
+    # Alice can go on chatting; that is new data.
+    ask(service, "alice", "hello again")
+    assert {t.user_id for t in service.store.turns()} == {"alice", "bob"}
+
+
+def test_review_panel_functions(service, tiny_settings, redis_client):
+    settings = tiny_settings.model_copy(update={"review_rewrites": True})
+    ask(service, "s1", "question")
+    service.rewrite("s1", -1, "A rewritten answer")
+    rows = review_rows(redis_client, settings)
+    assert len(rows) == 1 and rows[0][2] == "question" and rows[0][4] == "A rewritten answer"
+    assert decide_rewrites(redis_client, settings, 5, "approved").startswith("Give event ids")
+    assert "not found" in decide_rewrites(redis_client, settings, "nope", "dropped")
+    assert decide_rewrites(redis_client, settings, "", "approved").startswith("Approved")
+    assert review_rows(redis_client, settings) == []
+    assert len(ds.export_rows(service.store, "dpo", settings=settings)) == 1
+
+
+# --- the served app over HTTP -----------------------------------------------------------
+def test_consent_switch_and_delete_my_data_over_http(app, tiny_settings):
+    store = app.service.store
+    # The first-visit notice is on the page a stranger gets.
+    with urllib.request.urlopen(app.url + "config", timeout=30) as response:
+        config = json.loads(response.read())
+    page = json.dumps(config)
+    assert "used to train the model" in page and "Delete my data" in page
+
+    alice, bob = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    alice.predict("Mail me at alice@gmail.com", "", *SAMPLING, api_name="/send")
+    alice.predict(-1, "like", api_name="/vote")
+    bob.predict("Hello", "", *SAMPLING, api_name="/send")
+    bob.predict(-1, "dislike", api_name="/vote")
+    bob.predict(True, api_name="/set_no_train")
+    # Bob's chat is out of the export; Alice's e-mail address is scrubbed in it.
+    rows = ds.export_rows(store, "turns", settings=tiny_settings)
+    assert len(rows) == 1 and "<EMAIL_ADDRESS>" in rows[0]["messages"][-1]["content"]
+    assert "alice@gmail.com" not in json.dumps(rows)
+
+    chat, answers, _ = alice.predict(api_name="/delete_my_data")[:3]
+    assert chat == [] and answers == []
+    assert ds.export_rows(store, "turns", settings=tiny_settings) == []
+    assert store.counts()["turns"] == 1  # bob's, kept but never trained on
+    assert all("alice" not in json.dumps(t.to_dict()) for t in store.turns())
