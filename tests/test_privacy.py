@@ -3,6 +3,7 @@ on a real Valkey server and, for rounds, the real tiny model and trainer."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -365,3 +366,35 @@ def test_group_commands_after_forget_still_work(store, redis_client, tiny_settin
     info = redis_client.xinfo_groups("rlhf:events")
     assert info[0]["name"] == GROUP.encode() and info[0]["pending"] == 0
     assert store.counts()["unconsumed"] == 0
+
+
+def test_forget_and_retention_commands(store, tiny_settings):
+    """`rlhf-chat forget --user` and `rlhf-chat retention` as an admin runs them, in
+    another process, against the test's Valkey."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_env
+
+    env = tiny_env(tiny_settings)
+    chat(store, "ann", "a1", 2)
+    chat(store, "bob", "b1", 1)
+
+    def rlhf_chat(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "chat_ui", *args], env=env, capture_output=True, text=True,
+            timeout=120, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+
+    done = rlhf_chat("forget", "--user", "ann", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"turns": 2, "events": 2, "battles": 0}
+    assert {t.user_id for t in store.turns()} == {"bob"}
+    done = rlhf_chat("forget", "--user", "  ")
+    assert done.returncode == 2 and "needs the user id" in done.stderr
+
+    done = rlhf_chat("retention")
+    assert done.returncode == 2 and "RLHF_RETENTION_DAYS" in done.stderr
+    done = rlhf_chat("retention", "--days", "30")
+    assert done.returncode == 0 and "deleted 0 turns" in done.stdout, done.stderr
