@@ -86,9 +86,10 @@ _KEYISH = re.compile(
 class Scrubber:
     """Presidio's analyzer with pattern recognizers only, and its anonymizer.
 
-    Built lazily (importing spaCy, which Presidio needs even without a model, takes a
-    few seconds) and once per process; thread-safe after that. ``scrub`` is cached by
-    text: a round and its replays see the same contexts again and again."""
+    Built lazily, the first time a text needs it (importing spaCy, which Presidio needs
+    even without a model, takes seconds) and once per process; thread-safe after that.
+    ``scrub_text`` is cached by text: a round and its replays see the same contexts
+    again and again."""
 
     ENTITIES = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "API_KEY")
 
@@ -134,32 +135,30 @@ class Scrubber:
         )
         self.anonymizer = AnonymizerEngine()
 
-    def entities_for(self, text: str) -> list[str]:
-        """The entity types worth looking for in ``text`` (see the pre-checks above)."""
-        wanted: list[str] = []
-        if "@" in text:
-            wanted.append("EMAIL_ADDRESS")
-        if len(_DIGITS.findall(text)) >= 7:
-            wanted += ["PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE"]
-        if _KEYISH.search(text):
-            wanted.append("API_KEY")
-        return wanted
-
-    def scrub(self, text: str) -> str:
-        if not isinstance(text, str) or not text:
+    def scrub(self, text: str, entities: list[str]) -> str:
+        results = self.analyzer.analyze(text, language="en", entities=entities)
+        if not results:
             return text
-        return _scrub_cached(self, text)
+        return self.anonymizer.anonymize(text, results).text  # "<ENTITY_TYPE>" in place
+
+
+def entities_for(text: str) -> list[str]:
+    """The entity types worth looking for in ``text`` (see the pre-checks above). Plain
+    text needs none, and then Presidio is never even imported."""
+    wanted: list[str] = []
+    if "@" in text:
+        wanted.append("EMAIL_ADDRESS")
+    if len(_DIGITS.findall(text)) >= 7:
+        wanted += ["PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE"]
+    if _KEYISH.search(text):
+        wanted.append("API_KEY")
+    return wanted
 
 
 @functools.lru_cache(maxsize=200_000)
-def _scrub_cached(scrubber: Scrubber, text: str) -> str:
-    entities = scrubber.entities_for(text)
-    if not entities:
-        return text
-    results = scrubber.analyzer.analyze(text, language="en", entities=entities)
-    if not results:
-        return text
-    return scrubber.anonymizer.anonymize(text, results).text  # "<ENTITY_TYPE>" in place
+def _scrub_cached(text: str) -> str:
+    entities = entities_for(text)
+    return scrubber().scrub(text, entities) if entities else text
 
 
 _scrubber: Scrubber | None = None
@@ -177,7 +176,9 @@ def scrubber() -> Scrubber:
 def scrub_text(text: str) -> str:
     """``text`` with e-mail addresses, phone numbers, card numbers, IBANs and keys
     replaced by ``<ENTITY_TYPE>``."""
-    return scrubber().scrub(text)
+    if not isinstance(text, str) or not text:
+        return text
+    return _scrub_cached(text)
 
 
 def _scrub_content(content: Any) -> Any:
