@@ -254,7 +254,7 @@ def bench_concurrency(args, loaded, settings) -> dict:
     for name, server in servers.items():
         sweep_level(server, 2, 8)  # warm-up
         rows = []
-        for n in args.levels:
+        for n in (args.vllm_levels or args.levels) if name == "vllm" else args.levels:
             row = sweep_level(server, n, args.new_tokens)
             log(f"{name} n={n}: {row}")
             rows.append(row)
@@ -437,6 +437,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serving.json")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--vllm-url", default=None, help="also sweep this vLLM server")
+    parser.add_argument("--vllm-levels", type=int, nargs="+", default=None,
+                        help="levels for the vLLM sweep (default: --levels)")  # fmt: skip
     parser.add_argument(
         "--sweep-only",
         action="store_true",

