@@ -291,6 +291,7 @@ class ContinuousBatcher:
             cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
             for i, row in enumerate(rows):
                 u = torch.rand(1, generator=slots[row].generator) * cdf[i, -1]
+                u = u.clamp_min(torch.finfo(cdf.dtype).tiny)  # u = 0 would pick a p = 0 token
                 picks[row] = min(int(torch.searchsorted(cdf[i], u)), cdf.shape[-1] - 1)
         return picks
 

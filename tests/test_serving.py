@@ -314,3 +314,28 @@ def test_swap_loads_beside_a_running_batch_without_waiting_for_it(tiny_settings,
     assert running.version == 1 and running.token_ids == alone
     assert server._batcher.max_seen_batch == 2
     server.close()
+
+
+def test_batched_sampler_draws_from_the_warped_softmax():
+    """Hand-worked: logits log([0, .25, .75, 0]) give those probabilities; top-p 0.7 keeps
+    only the 0.75 token (the smallest set whose mass reaches 0.7)."""
+    from transformers import TopPLogitsWarper
+
+    from rlhf_core.batching import ContinuousBatcher, Slot
+
+    logits = torch.log(torch.tensor([[0.0, 0.25, 0.75, 0.0]]))
+
+    def slot(warpers, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return Slot(gen=None, streamer=None, generator=gen, warpers=warpers, do_sample=True,
+                    stop_ids=frozenset())  # fmt: skip
+
+    plain = [slot([], 0)] * 4000
+    draws = ContinuousBatcher._sample(plain, logits.expand(4000, 4))
+    assert set(draws) <= {1, 2}, "a zero-probability token was drawn"
+    assert abs(draws.count(2) / 4000 - 0.75) < 0.03
+    nucleus = [slot([TopPLogitsWarper(0.7)], s) for s in range(50)]
+    assert set(ContinuousBatcher._sample(nucleus, logits.expand(50, 4))) == {2}
+    greedy = Slot(gen=None, streamer=None, generator=None, warpers=[], do_sample=False,
+                  stop_ids=frozenset())  # fmt: skip
+    assert ContinuousBatcher._sample([greedy], logits) == [2]
