@@ -403,7 +403,7 @@ def window_budgets(
 ) -> dict[Any, int | None]:
     """Events each user may still train in this round: ``max_per_user`` a round on
     average over a window of ``window_rounds`` rounds (this one and the ``window_rounds
-    - 1`` published before it, whose per-user counts are ``recent_user_events``), so
+    - 1`` that trained before it, whose per-user counts are ``recent_user_events``), so
     ``max_per_user * window_rounds`` minus what the user trained in the earlier rounds
     of the window. None: no cap."""
     if max_per_user is None:

@@ -98,11 +98,14 @@ def round_seed(base_seed: int, token: int) -> int:
 
 
 def recent_user_events(registry: Registry, rounds: int) -> list[dict[str, int]]:
-    """Trained events per user of the last ``rounds`` published versions, oldest first
-    (versions published before this was recorded count as none)."""
+    """Trained events per user of the last ``rounds`` rounds that trained, oldest first.
+    Read from the reward versions: every such round publishes one, also a round whose
+    policy the gate refused (its events trained the reward model and were consumed).
+    Versions written before this was recorded count as none."""
     if rounds <= 0:
         return []
-    return [registry.get(v).get("user_events", {}) for v in registry.versions()[-rounds:]]
+    versions = registry.reward_versions()[-rounds:]
+    return [registry.get_reward(v).get("user_events", {}) for v in versions]
 
 
 def gate(metrics: dict[str, float], settings: Settings) -> str | None:
@@ -320,7 +323,8 @@ def run_round(
             reward_version = registry.publish_reward(
                 result.reward_dir,
                 {"metrics": metrics, "reward_parent": reward_from, "policy_refused": why,
-                 "events_used": len(taken), "base_model": settings.base_model},
+                 "events_used": len(taken), "base_model": settings.base_model,
+                 "user_events": data.user_events},
                 token,
             )  # fmt: skip
             if trainer_state:
@@ -348,7 +352,7 @@ def run_round(
             reward_version = registry.publish_reward(
                 result.reward_dir,
                 {"metrics": metrics, "reward_parent": reward_from, "events_used": len(taken),
-                 "base_model": settings.base_model},
+                 "base_model": settings.base_model, "user_events": data.user_events},
                 token,
             )  # fmt: skip
         except StaleTokenError as error:
@@ -359,7 +363,7 @@ def run_round(
             "events_used": len(taken),
             "event_ids": [ev.event_id for ev in events],
             "users": len(data.user_events),
-            # Read back by later rounds for the per-user window (recent_user_events).
+            # Trained events per user (the window reads the reward version's copy).
             "user_events": data.user_events,
             "seed": data.seed,
             "data": data.stats,

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     user_window_rounds: int = Field(
         4,
         ge=1,
-        description="Window of the per-user cap, in published rounds (this one included): a "
+        description="Window of the per-user cap, in rounds that trained (this one included): a "
         "user trains at most RLHF_MAX_EVENTS_PER_USER x this many events in any such window.",
     )
     # --- privacy and poisoning defences (rlhf_core/privacy.py) -------------

@@ -136,6 +136,27 @@ def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings
     assert registry.last_round()["status"] == "skipped"
 
 
+def test_a_round_whose_policy_was_refused_counts_in_the_window(
+    redis_client, tiny_settings, tiny_model
+):
+    """Its events trained the reward model (its own version) and were consumed: they
+    count toward the user's window like a published round's."""
+    settings = tiny_settings.model_copy(update={"max_events_per_user": 2, "user_window_rounds": 2})
+    store = FeedbackStore(redis_client)
+    registry = Registry(redis_client, settings)
+    post_feedback(store, 4, "alice")
+    refused = run_round(settings.model_copy(update={"kl_budget": 0.0}), redis_client,
+                        tiny_model, consumer_name="w1")  # fmt: skip
+    assert refused.status == "failed" and "KL" in refused.reason
+    assert registry.get_reward(registry.reward_versions()[-1])["user_events"] == {"alice": 4}
+    alice = post_feedback(store, 2, "alice")
+    bob = post_feedback(store, 2, "bob")
+    outcome = run_round(settings, redis_client, tiny_model, consumer_name="w1")
+    assert outcome.status == "published", outcome.reason
+    assert set(registry.get(outcome.version)["event_ids"]) == {e.event_id for e in bob}
+    assert not set(events_consumed(registry)) & {e.event_id for e in alice}
+
+
 def _spy(calls: list[dict], stop: bool = False):
     """The real run_training_round, with its arguments recorded (and, with ``stop``,
     the round ended right there, before any training)."""
