@@ -446,17 +446,31 @@ return 0
 """
 
 # Delete turns with every event on them, atomically. KEYS: events stream, turns stream,
-# held, review, consent. ARGV: group, key prefix, then per turn: turn id, its index
-# entry's stream id ('' when unknown), session id. Events are acked before XDEL: a
-# deleted entry left in the pending list would count as pending forever.
-# Returns the stream ids of the deleted events.
+# held, review, consent. ARGV: group, key prefix, a cut-off in ms ('' = none: a turn
+# with an event at or after it is left alone, so a vote that arrives on an old answer
+# while retention runs keeps the answer), then per turn: turn id, its index entry's
+# stream id ('' when unknown), session id. Events are acked before XDEL: a deleted
+# entry left in the pending list would count as pending forever.
+# Returns {number of turns deleted, {stream ids of the deleted events}}.
 _DELETE_TURNS = """
 local group, prefix = ARGV[1], ARGV[2]
-local deleted = {}
-for i = 3, #ARGV, 3 do
+local cutoff = tonumber(ARGV[3])
+local deleted, n_turns = {}, 0
+for i = 4, #ARGV, 3 do
   local turn_id, index_id, session = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local list_key = prefix .. 'turn_events:' .. turn_id
-  for _, sid in ipairs(redis.call('LRANGE', list_key, 0, -1)) do
+  local sids = redis.call('LRANGE', list_key, 0, -1)
+  local keep = false
+  if cutoff then
+    for _, sid in ipairs(sids) do
+      if tonumber(string.match(sid, '^(%d+)')) >= cutoff then
+        keep = true
+      end
+    end
+  end
+  if not keep then
+  n_turns = n_turns + 1
+  for _, sid in ipairs(sids) do
     local entry = redis.call('XRANGE', KEYS[1], sid, sid)
     if #entry > 0 then
       local f = entry[1][2]
@@ -478,8 +492,9 @@ for i = 3, #ARGV, 3 do
   end
   redis.call('LREM', prefix .. 'session_turns:' .. session, 0, turn_id)
   redis.call('HDEL', KEYS[5], turn_id)
+  end
 end
-return deleted
+return {n_turns, deleted}
 """
 
 # Delete single events (a user's reactions on a turn that is not theirs). KEYS: events
@@ -1157,27 +1172,34 @@ class FeedbackStore:
         return {t: [_text(s) for s in r] for t, r in zip(ids, pipe.execute(), strict=True)}
 
     @_surface_unavailable
-    def delete_turns(self, turns: Iterable[tuple[str, str, str]], batch: int = 200) -> list[str]:
+    def delete_turns(
+        self,
+        turns: Iterable[tuple[str, str, str]],
+        batch: int = 200,
+        *,
+        unless_events_since_ms: int | None = None,
+    ) -> tuple[int, list[str]]:
         """Delete turns ``(turn id, index stream id or "", session id)`` with every event
         on them: the records, the stream entries (acked first, so nothing stays pending),
         the idempotency markers, the per-turn and per-session indexes, held entries,
-        review decisions and consent marks. Returns the deleted events' stream ids."""
+        review decisions and consent marks. With ``unless_events_since_ms`` a turn that
+        has an event at or after that time is kept (checked inside the script).
+        Returns (turns deleted, the deleted events' stream ids)."""
         items = list(turns)
-        deleted: list[str] = []
+        n_turns, deleted = 0, []
         if items and not self._group_ready:
             self.ensure_group()
+        cutoff = "" if unless_events_since_ms is None else str(int(unless_events_since_ms))
         for start in range(0, len(items), batch):
-            args: list[str] = [GROUP, PREFIX]
+            args: list[str] = [GROUP, PREFIX, cutoff]
             for turn_id, index_id, session_id in items[start : start + batch]:
                 args += [turn_id, index_id, session_id]
-            deleted += [
-                _text(s)
-                for s in self._delete_turns(
-                    keys=[EVENTS_STREAM, TURNS_STREAM, HELD_KEY, REVIEW_KEY, CONSENT_KEY],
-                    args=args,
-                )
-            ]
-        return deleted
+            n, sids = self._delete_turns(
+                keys=[EVENTS_STREAM, TURNS_STREAM, HELD_KEY, REVIEW_KEY, CONSENT_KEY], args=args
+            )
+            n_turns += int(n)
+            deleted += [_text(s) for s in sids]
+        return n_turns, deleted
 
     @_surface_unavailable
     def delete_events(self, entries: Iterable[tuple[str, Event]]) -> list[str]:

@@ -401,7 +401,7 @@ def forget_user(client: Any, settings: Settings, user_id: str) -> dict[str, int]
             flush()
     flush()
     doomed_ids = {t for t, _, _ in doomed}
-    deleted = store.delete_turns(doomed)
+    _, deleted = store.delete_turns(doomed)
     # Their reactions on turns that are not theirs (a session whose account changed).
     stray = [
         (sid, e)
@@ -455,13 +455,13 @@ def apply_retention(
             continue
         # A turn record already gone (its index entry left over) is tidied away too.
         doomed.append((turn_id, sid, sessions.get(turn_id, "")))
-    deleted = store.delete_turns(doomed)
+    n_turns, deleted = store.delete_turns(doomed, unless_events_since_ms=cutoff_ms)
     Registry(client, settings).forget_stream_ids(deleted)
     store.trim_invalid(cutoff_ms)
     store.delete_battles(before_ms=cutoff_ms)
-    if doomed:
-        log.info("retention: deleted %d turns and %d events", len(doomed), len(deleted))
-    return {"turns": len(doomed), "events": len(deleted)}
+    if n_turns:
+        log.info("retention: deleted %d turns and %d events", n_turns, len(deleted))
+    return {"turns": n_turns, "events": len(deleted)}
 
 
 def review_queue(store: FeedbackStore, settings: Settings, limit: int = 200) -> list[dict]:
@@ -501,3 +501,56 @@ def review_queue(store: FeedbackStore, settings: Settings, limit: int = 200) -> 
         if len(out) >= limit:
             break
     return out
+
+
+RETENTION_EVERY_S = 3600.0
+
+
+class RetentionLoop:
+    """A thread in each worker that applies ``RLHF_RETENTION_DAYS`` every hour, so old
+    data goes even when no feedback arrives to start rounds. It runs under the training
+    lock (skipping a tick while a round runs: the round applies it itself)."""
+
+    def __init__(
+        self, settings: Settings, client: Any = None, every_s: float = RETENTION_EVERY_S
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> dict[str, int] | None:
+        """One pass; None when a round holds the lock."""
+        from rlhf_core.registry import Registry
+
+        if self.client is None:
+            from rlhf_core.redis_server import connect
+
+            self.client = connect(self.settings)
+        lock = Registry(self.client, self.settings).lock()
+        if lock.acquire() is None:
+            return None
+        try:
+            return apply_retention(self.client, self.settings)
+        finally:
+            lock.release()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.tick()
+            except Exception:  # the next tick tries again; a worker must not die of it
+                log.exception("retention pass failed")
+
+    def start(self) -> RetentionLoop:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

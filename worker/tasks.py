@@ -67,10 +67,25 @@ def _start_canary_loop(**_: Any) -> None:
     _canary_loop = CanaryLoop(_settings).start()
 
 
+_retention_loop = None
+
+
+@worker_ready.connect
+def _start_retention_loop(**_: Any) -> None:
+    """With RLHF_RETENTION_DAYS, old data goes hourly even when no round runs."""
+    global _retention_loop
+    if _settings.retention_days is not None:
+        from rlhf_core.privacy import RetentionLoop
+
+        _retention_loop = RetentionLoop(_settings).start()
+
+
 @worker_shutdown.connect
 def _stop_canary_loop(**_: Any) -> None:
     if _canary_loop is not None:
         _canary_loop.stop()
+    if _retention_loop is not None:
+        _retention_loop.stop()
 
 
 @app.task(
