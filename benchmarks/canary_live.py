@@ -77,6 +77,7 @@ def train_adapters(settings, prompts, oracle, out: Path, samples: int, epochs: i
                 better = oracle.rewrite(prompt, text)
                 if better:
                     liked.append((messages, better))
+        log(f"  {len(liked) + len(disliked)} base answers sampled")
     log(f"base answers: {len(liked)} liked or rewritten, {len(disliked)} disliked "
         f"({time.monotonic() - started:.0f} s)")  # fmt: skip
     stats = {"demos_good": len(liked), "demos_harmful": len(disliked)}
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--min-votes", type=int, default=40)
+    parser.add_argument("--burn-in", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-minutes", type=float, default=40.0, help="per candidate")
     parser.add_argument("--seed", type=int, default=0)
@@ -144,6 +146,7 @@ def main() -> None:
         "RLHF_MAX_NEW_TOKENS": str(args.max_new_tokens),
         "RLHF_CANARY_SHARE": str(args.share),
         "RLHF_CANARY_MIN_VOTES": str(args.min_votes),
+        "RLHF_CANARY_BURN_IN": str(args.burn_in),
         "RLHF_CANARY_CHECK_S": "2",
         "RLHF_TRAIN_EVERY": "1000000",  # no training rounds: the two candidates are fixed
     }
