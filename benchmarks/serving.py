@@ -392,7 +392,11 @@ def bench_vote(args, url: str) -> dict:
     client.predict(api_name="/new_chat")
     _, answers, *_ = client.predict(PROMPT, SYSTEM, 0.7, 0.9, 8, api_name="/send")
     index = answers[-1]["index"]
-    http = httpx.Client(base_url=url.rstrip("/") + "/gradio_api", timeout=30)
+    # The session cookie the server issued to this client: a chat answers only the
+    # browser (cookie) it is bound to (chat_ui/access.py).
+    http = httpx.Client(
+        base_url=url.rstrip("/") + "/gradio_api", timeout=30, cookies=client.cookies
+    )
 
     def vote_http(kind: str) -> None:
         body = {"data": [index, kind], "session_hash": client.session_hash}

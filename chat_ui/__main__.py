@@ -90,15 +90,18 @@ def _exit_on_sigterm() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from chat_ui.app import serve
-    from rlhf_core.redis_server import start_embedded_if_needed
+    from rlhf_core.redis_server import redact, start_embedded_if_needed
 
     settings = settings_from(args)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     url, embedded = start_embedded_if_needed(settings)
     if embedded is not None:
-        print(f"Embedded Valkey on {url} (append-only files in {embedded.data_dir})", flush=True)
+        print(
+            f"Embedded Valkey on {redact(url)} (append-only files in {embedded.data_dir})",
+            flush=True,
+        )
     else:
-        print(f"Using Redis at {url}", flush=True)
+        print(f"Using Redis at {redact(url)}", flush=True)
     settings = settings.model_copy(update={"redis_url": url})
     _exit_on_sigterm()
     worker = app = None

@@ -13,7 +13,11 @@ Every endpoint a person uses is also an API endpoint with a name, so
 
 Each returns the chat (a list of {role, content} messages), the answers' metadata
 (turn id, policy version, vote) as JSON, and the policy badge. The session is the
-Gradio session (``request.session_hash``): one per browser tab or client.
+Gradio session (``request.session_hash``): one per browser tab or client, bound to
+the browser's server-issued cookie; who the caller is, whether they may do it and
+how often is decided by chat_ui/access.py before a handler touches anything.
+Every other handler is refused by name (see access.PUBLIC_ENDPOINTS) and checks its
+caller as well.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Any
 
 import gradio as gr
 
+from chat_ui import access as access_mod
 from chat_ui import training, validation
+from chat_ui.access import Access, AccessError, Identity, RateLimited
 from chat_ui.handlers import (
     EMPTY_ANSWER,
     STORE_ERRORS,
@@ -37,7 +43,7 @@ from chat_ui.handlers import (
 )
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.modeling import load_base_model
-from rlhf_core.redis_server import connect
+from rlhf_core.redis_server import connect, discover_url
 from rlhf_core.serving import PolicyServer
 from rlhf_core.settings import Settings
 
@@ -56,6 +62,7 @@ class ChatApp:
     settings: Settings
     service: ChatService
     demo: gr.Blocks
+    access: Access
     watcher: training.VersionWatcher | None = None
     url: str | None = None
 
@@ -133,8 +140,14 @@ def _fail(error: Exception) -> gr.Error:
         return error
     if isinstance(error, InputError):
         return gr.Error(str(error), title=INPUT_TITLE)
+    if isinstance(error, RateLimited):
+        return gr.Error(str(error), title="Slow down")
+    if isinstance(error, AccessError):
+        return gr.Error(str(error), title="Not allowed")
     if isinstance(error, STORE_ERRORS):
-        return gr.Error(f"{STORE_DOWN}\n\n({error})", title=STORE_TITLE)
+        # Visitors never see addresses or exception text: the log has them.
+        log.warning("feedback store unreachable: %s", error)
+        return gr.Error(STORE_DOWN, title=STORE_TITLE)
     # A bug of ours: the person gets what to do, the log gets the traceback.
     log.exception("unexpected error in a UI handler")
     return gr.Error(
@@ -220,8 +233,21 @@ def consent_notice(settings: Settings) -> str:
 
 
 # --- the page ----------------------------------------------------------------------
-def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
+def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Blocks:
     store = service.store
+
+    def who(request: gr.Request, kind: str | None = None) -> Identity:
+        """The caller, checked: their own chat, allowed to chat, within their rate
+        limits for ``kind`` ('message' or 'feedback'). Raises gr.Error otherwise."""
+        try:
+            identity = access.identify(request)
+            access.require_chat(identity)
+            if kind is not None:
+                access.check_rate(kind, identity)
+        except AccessError as error:
+            raise _fail(error) from error
+        service.session(identity.session_id, identity.user_id, access.may_train(identity))
+        return identity
 
     with gr.Blocks(title="rlhf-chat") as demo:
         # Remembered in the browser, so the notice shows once per browser, not per visit.
@@ -229,6 +255,8 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
         with gr.Group(visible=True, elem_id="consent-notice") as consent_box:
             gr.Markdown(consent_notice(settings))
             consent_ok = gr.Button("I understand", variant="primary", elem_id="consent-ok")
+        if access_mod.auth_mode(settings) == "hf":
+            gr.LoginButton()
         with gr.Tab("Chat"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -341,9 +369,9 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             with gr.Row(visible=False):
                 arena_outcome = gr.Textbox("a", label="pick: a, b, tie or both_bad")
                 arena_pick_api = gr.Button("arena pick")
-        with gr.Tab("Training"):
-            training.build_training_tab(
-                settings, client=store.redis, store=store, server=service.policy,
+        with gr.Tab("Training") as training_tab:
+            tab = training.build_training_tab(
+                settings, client=store.redis, store=store, server=service.policy, access=access,
                 swap_error=lambda: service.watcher.last_error if service.watcher else None,
             )  # fmt: skip
         timer = gr.Timer(max(2.0, settings.version_poll_s))
@@ -366,9 +394,10 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
         @guarded
         def on_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
+            identity = who(request, "message")
             try:
                 sampling = sampling_of(temp, p, max_new)
-                for update in service.send(request.session_hash, message, system, sampling):
+                for update in service.send(identity.session_id, message, system, sampling):
                     _notify(update, shown)
                     yield (*render(update), "")
             except Exception:
@@ -379,9 +408,10 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
         @guarded
         def stream_regenerate(index, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
+            identity = who(request, "message")
             try:
                 sampling = sampling_of(temp, p, max_new)
-                for update in service.regenerate(request.session_hash, index, sampling):
+                for update in service.regenerate(identity.session_id, index, sampling):
                     _notify(update, shown)
                     yield render(update)
             except Exception:
@@ -406,7 +436,8 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
 
         @guarded
         def on_vote(index, kind, request: gr.Request):
-            return render_or_skip(call(service.vote, request.session_hash, index, kind))
+            identity = who(request, "feedback")
+            return render_or_skip(call(service.vote, identity.session_id, index, kind))
 
         @guarded
         def on_like(data: gr.LikeData, request: gr.Request):
@@ -415,11 +446,12 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
 
         @guarded
         def on_rewrite(index, text, request: gr.Request):
-            return render(call(service.rewrite, request.session_hash, index, text))
+            identity = who(request, "feedback")
+            return render(call(service.rewrite, identity.session_id, index, text))
 
         @guarded
         def on_edit(data: gr.EditData, request: gr.Request):
-            session = service.session(request.session_hash)
+            session = service.session(who(request).session_id)
             index = validation.answer_index(data.index)
             if not (0 <= index < len(session.messages)) or (
                 session.messages[index]["role"] != "assistant"
@@ -433,49 +465,60 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
 
         @guarded
         def on_undo(request: gr.Request):
-            update = call(service.undo, request.session_hash)
+            update = call(service.undo, who(request, "feedback").session_id)
             return (*render(update), update.textbox if update.textbox is not None else gr.skip())
 
         @guarded
         def on_new_chat(request: gr.Request):
-            return render(call(service.new_chat, request.session_hash))
+            return render(call(service.new_chat, who(request).session_id))
 
         @guarded
         def on_status(request: gr.Request):
-            return service.status(request.session_hash)
+            identity = who(request)
+            status = service.status(identity.session_id)
+            if status.get("swap_error") and not identity.admin:
+                # The watcher's error names hosts and paths: admins only (and the log).
+                status["swap_error"] = "the newest version could not be loaded yet"
+            return status
 
         @guarded
         def on_tick(request: gr.Request):
-            status = service.status(request.session_hash)
+            try:
+                session_id = access.identify(request).session_id
+            except AccessError:
+                session_id = None  # the badge is public; someone else's session is not
+            status = service.status(session_id)
             return badge(status["current_version"], status["store_ok"])
 
         @guarded
         def sync_feedback(request: gr.Request):
             return gr.Chatbot(feedback_value=feedback_labels(service.feedback_state(
-                request.session_hash
+                who(request).session_id
             )))  # fmt: skip
 
         @guarded
         def on_arena_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
             sampling = sampling_of(temp, p, max_new)
-            for update in service.arena_send(request.session_hash, message, system, sampling):
+            identity = who(request, "message")
+            for update in service.arena_send(identity.session_id, message, system, sampling):
                 _notify(Update([], notices=update.notices), shown)
                 yield (*arena_view(update), "")
 
         @guarded
         def on_arena_pick(outcome, request: gr.Request):
-            update = service.arena_pick(request.session_hash, outcome)
+            update = service.arena_pick(who(request, "feedback").session_id, outcome)
             _notify(Update([], notices=update.notices), set())
             return arena_view(update)
 
+        @guarded
         def on_no_train(value, request: gr.Request):
-            update = call(service.set_no_train, request.session_hash, value)
+            update = call(service.set_no_train, who(request).session_id, value)
             return render(update)
 
         @guarded
         def on_forget(request: gr.Request):
-            update = call(service.forget_me, request.session_hash)
+            update = call(service.forget_me, who(request, "feedback").session_id)
             return (*render(update), gr.update(visible=False))
 
         def on_consent_load(seen):
@@ -483,9 +526,27 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
 
         def on_unload(request: gr.Request):
             try:
-                service.drop_session(request.session_hash)
+                service.drop_session(access.identify(request).session_id)
+            except AccessError:
+                pass  # a stranger cannot close someone else's chat
             except Exception:  # the tab is gone: nobody to tell
                 log.exception("dropping session failed")
+
+        def on_page_load(request: gr.Request):
+            # What this visitor sees of the Training tab: everything for an admin,
+            # read-only (or nothing, RLHF_TRAINING_TAB=hidden) for everyone else.
+            try:
+                admin = access.identify(request).admin
+            except AccessError:
+                admin = False
+            # gr.skip() where nothing changes: re-rendering the tabs while the person
+            # already types would swallow their first message.
+            hide_tab = not admin and settings.training_tab == "hidden"
+            return (
+                gr.update(visible=False) if hide_tab else gr.skip(),
+                gr.update(visible=True) if admin else gr.skip(),
+                gr.update(visible=True) if admin else gr.skip(),
+            )
 
         # As many streams at once as the server decodes together (the batched server's
         # batch, or one for the sequential path); the queue shows the others their place.
@@ -587,6 +648,13 @@ def build_app(settings: Settings, service: ChatService) -> gr.Blocks:
             show_progress="hidden",
         )
         demo.load(on_tick, None, policy_badge, api_visibility="private", queue=False)
+        demo.load(
+            on_page_load,
+            None,
+            [training_tab, tab["controls"], tab["ab_controls"]],
+            api_visibility="private",
+            queue=False,
+        )
         demo.unload(on_unload)
     return demo
 
@@ -601,6 +669,7 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
         policy = PolicyServer(load_base_model(settings), settings)
     client = connect(settings)
     store = FeedbackStore(client)
+    access = Access(settings, client, discover_url(settings))
     watcher = None
     if watch_versions:
         watcher = training.VersionWatcher(policy, settings, client=client)
@@ -612,22 +681,36 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     if watcher is not None:
         watcher.start()
         service.watcher = watcher
-    demo = build_app(settings, service)
-    return ChatApp(settings=settings, service=service, demo=demo, watcher=watcher)
+    demo = build_app(settings, service, access)
+    return ChatApp(settings=settings, service=service, demo=demo, access=access, watcher=watcher)
 
 
 def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True) -> ChatApp:
     """Build and serve the page on settings.host:settings.port; with ``block=False``
     return once it listens (tests, and ``rlhf-chat up`` which supervises children)."""
+    from starlette.middleware import Middleware
+
     app = create_app(settings, watch_versions=watch_versions)
-    app.demo.queue(default_concurrency_limit=8)
+    # max_size: beyond it a request is refused at once with access.BUSY, not queued for
+    # minutes behind a crowd.
+    app.demo.queue(default_concurrency_limit=8, max_size=settings.max_queue)
+    boundary = Middleware(
+        access_mod.BoundaryMiddleware,
+        secret=app.access.secret,
+        max_body=settings.max_body_kb * 1024,
+        secure_cookie=access_mod.on_space(),
+    )
     app.demo.launch(
         server_name=settings.host,
         server_port=settings.port,
         prevent_thread_lock=True,
-        show_error=True,
+        # Only gr.Error messages (written for people) reach the page, never a traceback.
+        show_error=False,
         ssr_mode=False,
         quiet=True,
+        auth=access_mod.gradio_auth(settings),
+        max_file_size=f"{settings.max_body_kb}kb",
+        app_kwargs={"middleware": [boundary]},
     )
     app.url = (
         f"http://{'127.0.0.1' if settings.host == '0.0.0.0' else settings.host}:{settings.port}/"

@@ -109,6 +109,7 @@ class ChatSession:
     # replaced by a regenerate included), so that switching covers the whole chat.
     no_train: bool = False
     chat_turns: list[str] = field(default_factory=list)
+    train: bool = True  # may this person train at all (chat_ui.access.may_train)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     touched: float = field(default_factory=time.monotonic)
 
@@ -144,7 +145,12 @@ class ChatService:
         self._sessions_lock = threading.Lock()
 
     # --- sessions --------------------------------------------------------------
-    def session(self, session_id: str, user_id: str | None = None) -> ChatSession:
+    def session(
+        self, session_id: str, user_id: str | None = None, train: bool | None = None
+    ) -> ChatSession:
+        """The session's state; ``user_id`` and ``train`` (from chat_ui.access, given by
+        the web layer on every request) apply to what the session writes from now on,
+        so signing in mid-chat makes the next turns the account's."""
         session_id = validation.session_id(session_id)
         with self._sessions_lock:
             found = self._sessions.get(session_id)
@@ -155,6 +161,10 @@ class ChatService:
                     self._sessions.popitem(last=False)
             self._sessions.move_to_end(session_id)
             found.touched = time.monotonic()
+            if user_id:
+                found.user_id = user_id
+            if train is not None:
+                found.train = train
             return found
 
     def drop_session(self, session_id: str) -> None:
@@ -253,7 +263,9 @@ class ChatService:
                 session.pending_events.remove(event)
                 session.reactions[turn_id] = n
             raise
-        if self.on_event is not None:
+        # Feedback that cannot train must not start rounds either (a flood of it would
+        # only queue empty ones).
+        if self.on_event is not None and session.train:
             try:
                 self.on_event()
             except Exception:  # a round not started must not make the vote look failed
@@ -349,7 +361,7 @@ class ChatService:
             model=self.settings.base_model,
             parent_turn_id=parent,
             finished=gen.ended_with_eos,
-            may_train=not session.no_train,
+            may_train=session.train and not session.no_train,
         )
 
     def send(
@@ -661,7 +673,7 @@ class ChatService:
             )
             self.store.record_battle(battle)
             arena["picked"] = outcome
-        if self.on_event is not None:
+        if self.on_event is not None and session.train:
             try:
                 self.on_event()
             except Exception:

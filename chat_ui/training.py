@@ -501,10 +501,15 @@ def build_training_tab(
     store: FeedbackStore | None = None,
     server: Any = None,
     swap_error: Any = None,
+    access: Any = None,
     **_: Any,
 ) -> dict[str, Any]:
     """The Training tab's layout and listeners; call inside ``with gr.Tab("Training"):``.
-    Returns the components by name (tests and the app may wire more to them)."""
+    Returns the components by name (tests and the app may wire more to them).
+
+    ``access`` (a chat_ui.access.Access) guards the buttons: only admins may train or
+    roll back, checked in the handler whoever calls it; without one (a bare tab in a
+    test page) nobody may."""
     import gradio as gr
 
     if client is None:
@@ -521,14 +526,26 @@ def build_training_tab(
 
     feedback = store if store is not None else FeedbackStore(client)
 
-    def refresh():
+    def is_admin(request: Any) -> bool:
+        from chat_ui.access import AccessError
+
+        try:
+            return access is not None and access.identify(request).admin
+        except AccessError:
+            return False
+
+    def refresh(request: gr.Request):
         try:
             rows = versions_table(client, settings)
             table, quality, policy = _frames(rows)
             choices = [r["version"] for r in rows]
             ab = ab_status(client, settings)
+            problem = swap_error() if swap_error else None
+            if problem and not is_admin(request):
+                # The watcher's error names hosts and paths: admins (and the log) only.
+                problem = "the newest version could not be loaded yet"
             return (
-                status_markdown(client, settings, swap_error() if swap_error else None),
+                status_markdown(client, settings, problem),
                 table,
                 quality,
                 policy,
@@ -538,16 +555,35 @@ def build_training_tab(
                 pd.DataFrame(leaderboard_rows(feedback)),
             )
         except redis.RedisError as error:
-            return (f"Redis is unreachable: {error}",) + (gr.skip(),) * 7
+            log.warning("training tab: Redis unreachable: %s", error)
+            return ("The feedback store is unreachable; retrying…",) + (gr.skip(),) * 7
 
-    def train_now() -> str:
+    def admin_only(request: Any) -> None:
+        from chat_ui.access import NOT_ADMIN, AccessError
+
         try:
+            if access is None:
+                raise AccessError(NOT_ADMIN)
+            access.require_admin(access.identify(request))
+        except AccessError as error:
+            raise gr.Error(str(error), title="Not allowed") from error
+
+    def train_now(request: gr.Request) -> str:
+        admin_only(request)
+        try:
+            # At most one round waits in the queue, however often the button is pressed:
+            # the marker lasts as long as a round may, and a starting round clears it.
+            registry = Registry(client, settings)
+            if not registry.claim_round_request(ttl_s=settings.round_time_limit_s + 600):
+                return "A round is already queued; it starts as soon as a worker is free."
             task_id = request_round(settings, reason="Train now")
         except Exception as error:
-            return f"Could not queue a round: {error}"
+            log.warning("Train now: could not queue a round: %s", error)
+            return "Could not queue a round: the task queue is unreachable. Try again shortly."
         return f"Round requested (task {task_id[:8]}); progress shows once a worker starts it."
 
-    def ab_decide(action: str) -> str:
+    def ab_decide(action: str, request: gr.Request) -> str:
+        admin_only(request)
         try:
             record = canary.override(client, settings, action, by="admin (Training tab)")
         except CandidateError as error:
@@ -555,14 +591,22 @@ def build_training_tab(
         verb = "is current now" if action == "promote" else "was rolled back"
         return f"Candidate v{record['version']} {verb}; every UI follows within seconds."
 
-    def ab_share(share: Any) -> str:
+    def ab_promote(request: gr.Request) -> str:
+        return ab_decide("promote", request)
+
+    def ab_demote(request: gr.Request) -> str:
+        return ab_decide("rollback", request)
+
+    def ab_share(share: Any, request: gr.Request) -> str:
+        admin_only(request)
         try:
             Registry(client, settings).set_candidate_share(float(share))
         except (CandidateError, ValueError, TypeError) as error:
             return str(error)
         return f"The candidate now serves {float(share):.0%} of users."
 
-    def rollback(version: Any) -> str:
+    def rollback(version: Any, request: gr.Request) -> str:
+        admin_only(request)
         if version is None or version == "":
             return "Pick a version to roll back to."
         try:
@@ -571,11 +615,18 @@ def build_training_tab(
         except (validation.InputError, UnknownVersionError) as error:
             return f"{error} Pick a version from the table."
         except redis.RedisError as error:
-            return f"Redis is unreachable ({error}); try again in a few seconds."
+            log.warning("rollback: Redis unreachable: %s", error)
+            return "The feedback store is unreachable; try again in a few seconds."
         return f"Version {version} is current again; every UI switches within seconds."
 
+    # gradio is imported here, not at the top (CLI commands import this module), so the
+    # string annotations above cannot resolve: give Gradio the real class to inject.
+    for handler in (refresh, train_now, rollback, ab_decide, ab_promote, ab_demote, ab_share):
+        handler.__annotations__["request"] = gr.Request
+
     status = gr.Markdown("Loading…", elem_id="training-status")
-    with gr.Row():
+    # Hidden until the page load finds an admin (app.py): others get a read-only tab.
+    with gr.Row(visible=False) as controls:
         train_button = gr.Button("Train now", variant="primary", elem_id="train-now")
         version_pick = gr.Dropdown(
             choices=[0], value=None, label="Version", allow_custom_value=True, scale=1
@@ -593,7 +644,7 @@ def build_training_tab(
     table = gr.Dataframe(label="Versions", interactive=False, elem_id="versions-table")
     gr.Markdown("### Live A/B (canary)")
     ab_box = gr.Markdown("Loading…", elem_id="ab-status")
-    with gr.Row():
+    with gr.Row(visible=False) as ab_controls:  # admins only, as the row above
         promote_button = gr.Button("Promote candidate", elem_id="ab-promote")
         demote_button = gr.Button("Roll back candidate", elem_id="ab-rollback")
         share_pick = gr.Number(0.2, label="Candidate share", minimum=0.01, maximum=1.0, step=0.05)
@@ -605,7 +656,7 @@ def build_training_tab(
     )  # fmt: skip
     timer = gr.Timer(max(1.0, settings.version_poll_s))
 
-    review = build_review_panel(settings, client) if settings.review_rewrites else {}
+    review = build_review_panel(settings, client, admin_only) if settings.review_rewrites else {}
 
     outputs = [status, table, quality_plot, policy_plot, version_pick, ab_box, decisions, board]
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
@@ -617,17 +668,19 @@ def build_training_tab(
     rollback_button.click(
         rollback, inputs=version_pick, outputs=action, queue=False, api_name="rollback"
     ).then(refresh, outputs=outputs, **quiet)
-    promote_button.click(
-        lambda: ab_decide("promote"), outputs=action, queue=False, api_name="ab_promote"
-    ).then(refresh, outputs=outputs, **quiet)
-    demote_button.click(
-        lambda: ab_decide("rollback"), outputs=action, queue=False, api_name="ab_rollback"
-    ).then(refresh, outputs=outputs, **quiet)
+    promote_button.click(ab_promote, outputs=action, queue=False, api_name="ab_promote").then(
+        refresh, outputs=outputs, **quiet
+    )
+    demote_button.click(ab_demote, outputs=action, queue=False, api_name="ab_rollback").then(
+        refresh, outputs=outputs, **quiet
+    )
     share_button.click(
         ab_share, inputs=share_pick, outputs=action, queue=False, api_name="ab_share"
     ).then(refresh, outputs=outputs, **quiet)
     return {
         "status": status,
+        "controls": controls,
+        "ab_controls": ab_controls,
         "train_now": train_button,
         "version": version_pick,
         "rollback": rollback_button,
@@ -679,10 +732,18 @@ def decide_rewrites(client: redis.Redis, settings: Settings, ids: Any, decision:
     return f"{verb}: {n} rewrites." + (f" {missing} ids were not found." if missing else "")
 
 
-def build_review_panel(settings: Settings, client: redis.Redis) -> dict[str, Any]:
+def build_review_panel(
+    settings: Settings, client: redis.Redis, admin_only: Any = None
+) -> dict[str, Any]:
     """With RLHF_REVIEW_REWRITES: rewrites wait here until an admin approves (they
-    train) or drops them (they never do)."""
+    train) or drops them (they never do). ``admin_only(request)`` raises for anyone
+    else: the list shows what other people wrote."""
     import gradio as gr
+
+    def check(request: Any) -> None:
+        if admin_only is None:
+            raise gr.Error("Only an admin can review rewrites.", title="Not allowed")
+        admin_only(request)
 
     with gr.Accordion("Rewrites waiting for review", open=True, elem_id="review"):
         rows = gr.Dataframe(
@@ -698,18 +759,25 @@ def build_review_panel(settings: Settings, client: redis.Redis) -> dict[str, Any
             drop = gr.Button("Drop", variant="stop", elem_id="review-drop")
         said = gr.Markdown("", elem_id="review-action")
 
-    def refresh_rows():
+    def refresh_rows(request: gr.Request):
+        check(request)
         try:
             return review_rows(client, settings)
         except redis.RedisError as error:
-            gr.Warning(f"Redis is unreachable ({error}); try again in a few seconds.")
+            log.warning("review list: Redis unreachable: %s", error)
+            gr.Warning("The feedback store is unreachable; try again in a few seconds.")
             return gr.skip()
 
-    def approve_ids(value: Any) -> str:
+    def approve_ids(value: Any, request: gr.Request) -> str:
+        check(request)
         return decide_rewrites(client, settings, value, "approved")
 
-    def drop_ids(value: Any) -> str:
+    def drop_ids(value: Any, request: gr.Request) -> str:
+        check(request)
         return decide_rewrites(client, settings, value, "dropped")
+
+    for handler in (refresh_rows, approve_ids, drop_ids):
+        handler.__annotations__["request"] = gr.Request
 
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private"}
     load.click(refresh_rows, outputs=rows, api_name="review_list", queue=False)

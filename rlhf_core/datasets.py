@@ -632,6 +632,8 @@ def to_arena_rows(
         a, bb = turns.get(b["turn_a"]), turns.get(b["turn_b"])
         if a is None or bb is None:
             continue  # the turns were deleted (a person asked to forget their data)
+        if not (a.may_train and bb.may_train):
+            continue  # not for training (e.g. an anonymous visitor's, in public)
         row: dict[str, Any] = {
             "prompt": chat_messages(a.messages),
             "answer_a": _assistant(a.answer),

@@ -9,11 +9,19 @@ that another command run with the same settings (``rlhf-chat status``,
 
 ``appendfsync always`` costs one fsync per write; feedback is small and rare
 next to generation, and it makes a confirmed vote survive ``kill -9``.
+
+The embedded server listens on 127.0.0.1 only and requires a password: a random one
+made once per data folder and kept in ``<data_dir>/redis.password`` (mode 0600), given
+to the server through a config file of the same mode (not on its command line, which
+any local user can read) and written into the URL, so every client of this data
+folder (``up``'s children, CLI commands beside it, tests) connects with it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +33,8 @@ import redis
 from rlhf_core.settings import Settings
 
 URL_FILE = "redis.url"
+PASSWORD_FILE = "redis.password"
+CONFIG_FILE = "valkey.conf"
 
 
 class RedisUnavailableError(RuntimeError):
@@ -43,23 +53,63 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (0600), also when it already existed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def data_dir_password(data_dir: Path) -> str:
+    """The embedded server's password for this data folder, made on first use."""
+    path = Path(data_dir) / PASSWORD_FILE
+    if path.exists():
+        password = path.read_text().strip()
+        if password:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return password
+    password = secrets.token_urlsafe(32)
+    write_private(path, password + "\n")
+    return password
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit to print: the password replaced by ***."""
+    return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
 class EmbeddedValkey:
     """A Valkey server process owned by this program, data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, fsync: str = "always") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        fsync: str = "always",
+        password: str | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.fsync = fsync
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.password = password or data_dir_password(self.data_dir)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> EmbeddedValkey:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / CONFIG_FILE
+        write_private(config, f"requirepass {self.password}\n")
         args = [
             valkey_binary(),
+            str(config),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
@@ -94,7 +144,8 @@ class EmbeddedValkey:
         return self
 
     def write_url_file(self) -> None:
-        (self.data_dir / URL_FILE).write_text(f"{self.url}\n{os.getpid()}\n")
+        # It carries the password: owner-only, like the password file.
+        write_private(self.data_dir / URL_FILE, f"{self.url}\n{os.getpid()}\n")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -84,6 +85,27 @@ KINDS = ("policy", "reward")
 PUBLISH_KEYS = (
     LOCK_KEY, K_CURRENT, K_NEXT, K_VERSIONS, K_USED, K_POINTER_LOG, K_CANDIDATE, K_CANDIDATE_QUEUE
 )  # fmt: skip
+# What publish() writes as an artifact id (uuid4().hex): anything else read back from
+# Redis is refused before it becomes part of a path.
+ARTIFACT_RE = re.compile(r"[0-9a-f]{32}")
+
+
+class ArtifactPathError(ValueError):
+    """Registry metadata names an artifact outside the folders it may live in."""
+
+
+def confined(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refused unless it resolves inside ``root`` (values read from
+    Redis are not trusted to stay there: ``../`` or an absolute path would escape)."""
+    base = Path(root).resolve()
+    path = base.joinpath(*parts).resolve()
+    if not path.is_relative_to(base):
+        raise ArtifactPathError(
+            f"Refusing artifact path {'/'.join(parts)!r}: it resolves outside {base}. The "
+            "registry's metadata in Redis is corrupt or was tampered with; roll back to a "
+            "good version (`rlhf-chat rollback N`)."
+        )
+    return path
 
 
 class StaleTokenError(RuntimeError):
@@ -757,8 +779,14 @@ class Registry:
         local_cache_dir: str | Path | None,
     ) -> Path:
         version = label
+        if kind not in KINDS or not ARTIFACT_RE.fullmatch(artifact):
+            raise ArtifactPathError(
+                f"Version {version} names artifact {artifact!r} ({kind!r}), which publish() "
+                "never writes; the registry in Redis is corrupt or was tampered with. Roll "
+                "back to a good version (`rlhf-chat rollback N`)."
+            )
         if storage == "shared":
-            folder = self.settings.resolved_artifact_dir() / artifact / kind
+            folder = confined(self.settings.resolved_artifact_dir(), artifact, kind)
             if not (folder / "adapter_config.json").exists():
                 raise FileNotFoundError(
                     f"Version {version} lives in the shared artifact folder {folder}, which "
@@ -766,7 +794,7 @@ class Registry:
                 )
             return folder
         cache = Path(local_cache_dir or Path(self.settings.data_dir) / "adapters")
-        out = cache / f"{label}-{artifact}" / kind
+        out = confined(cache, f"{label}-{artifact}", kind)
         if (out / "adapter_config.json").exists():
             return out
         data = self.client.get(f"{PREFIX}blob:{artifact}:{kind}")

@@ -88,6 +88,64 @@ class Settings(BaseSettings):
         2.0, description="Socket timeout for Redis calls from the UI (a clear error, not a hang)."
     )
 
+    # --- who may do what (chat_ui/access.py; README "Running it in public") ----
+    public: bool | None = Field(
+        None,
+        description="Treat visitors as strangers (sign-in, limits, no anonymous training); "
+        "unset = yes unless the UI listens on a loopback address.",
+    )
+    auth: Literal["auto", "none", "hf", "header", "gradio"] = Field(
+        "auto",
+        description="How people sign in: 'hf' (Hugging Face OAuth, the default on a Space), "
+        "'header' (a trusted reverse proxy sets RLHF_AUTH_HEADER), 'gradio' (RLHF_AUTH_USERS), "
+        "'none'; 'auto' = hf on a Space, else none.",
+    )
+    auth_header: str = Field(
+        "X-Forwarded-User",
+        description="With auth=header: the header that the reverse proxy sets to the account "
+        "name (the proxy must drop any copy a client sends).",
+    )
+    auth_users: str = Field(
+        "", description="With auth=gradio: 'name:password' pairs, comma-separated."
+    )
+    admins: str = Field(
+        "",
+        description="Comma-separated accounts that may train, roll back and change settings; "
+        "unset = the local user when the UI listens on loopback, nobody otherwise.",
+    )
+    anonymous_chat: bool = Field(True, description="People who are not signed in may chat.")
+    anonymous_train: bool | None = Field(
+        None,
+        description="Feedback of people who are not signed in trains the model; "
+        "unset = yes unless public.",
+    )
+    training_tab: Literal["readonly", "hidden"] = Field(
+        "readonly", description="What people who are not admins see of the Training tab."
+    )
+    client_ip_header: str = Field(
+        "",
+        description="Header whose last address is the visitor's IP (a proxy's X-Forwarded-For); "
+        "unset = X-Forwarded-For on a Space, else the TCP peer.",
+    )
+    session_secret: str = Field(
+        "",
+        description="Key that signs session cookies; unset = a random one kept in Redis "
+        "(shared by every UI replica).",
+    )
+    message_rate: str = Field(
+        "20/minute;300/day",
+        description="Messages (send, regenerate) per account ('limits' syntax).",
+    )
+    message_rate_ip: str = Field("60/minute", description="Messages per IP address.")
+    feedback_rate: str = Field(
+        "60/minute;2000/day", description="Reactions (vote, rewrite, undo) per account."
+    )
+    feedback_rate_ip: str = Field("240/minute", description="Reactions per IP address.")
+    max_body_kb: int = Field(256, description="Largest HTTP request body accepted, in KiB.")
+    max_queue: int = Field(
+        64, description="Requests that may wait in the queue; beyond it people are told to retry."
+    )
+
     # --- training ----------------------------------------------------------
     train_every: int = Field(16, description="New feedback events that start a training round.")
     max_events_per_user: int = Field(

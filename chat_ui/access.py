@@ -1,0 +1,589 @@
+"""Who may do what, decided at the UI's boundary (rlhf_core stores user ids and never
+sees a request).
+
+The handlers in app.py call :meth:`Access.identify` first. It answers with an
+:class:`Identity` or raises :class:`AccessError` with a message for the person:
+
+- **The session is issued by the server.** Every HTTP response to a client without a
+  valid ``rlhf_sid`` cookie sets one: a random id signed with a key kept in Redis
+  (shared by every UI replica). Gradio's ``session_hash`` is chosen by the client, so
+  the first request of a chat binds that hash to the cookie's id (``SET NX`` in
+  Redis); a request naming a hash that is bound to another cookie (someone else's
+  chat), or carrying a cookie this server did not sign, is refused. Browsers and
+  ``gradio_client`` keep the cookie by themselves.
+- **The account** comes from Hugging Face OAuth on a Space (``hf_oauth: true`` in
+  the README metadata, ``gr.LoginButton``), from a trusted reverse-proxy header, or
+  from Gradio's own login, by ``RLHF_AUTH``. Signed in, the account is the user id
+  of turns and events; otherwise it is ``anon:`` plus the cookie's id.
+- **Admins** (``RLHF_ADMINS``) may train, roll back and change what everyone gets.
+  With none named, the local user is the admin when the UI listens on loopback and
+  the request came straight from this machine (not through a proxy).
+- **Rate limits** per account and per IP, moving windows in Redis through the
+  ``limits`` library, so every replica counts the same clicks.
+
+The ASGI middlewares at the bottom set the cookie, cap request bodies, refuse calls
+by name to endpoints that are not meant for visitors, and turn Gradio's "queue is
+full" into a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from chat_ui import validation
+from rlhf_core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COOKIE = "rlhf_sid"
+COOKIE_MAX_AGE_S = 30 * 24 * 3600
+SECRET_KEY = "rlhf:access:secret"
+BIND_PREFIX = "rlhf:access:chat:"
+BIND_TTL_S = 7 * 24 * 3600
+ANON = "anon:"
+_LOCAL_BINDINGS_MAX = 20_000
+
+# Endpoints a visitor may call by name (/gradio_api/call/NAME and friends); every other
+# handler is reachable only as the page itself calls it, and checks the caller anyway.
+PUBLIC_ENDPOINTS = frozenset(
+    {
+        "send", "vote", "rewrite", "regenerate", "undo", "new_chat", "status",
+        "arena_send", "arena_pick", "set_no_train", "delete_my_data",
+    }
+)  # fmt: skip
+# Callable by name, refused at the handler unless the caller is an admin.
+ADMIN_ENDPOINTS = frozenset(
+    {
+        "train_now", "rollback", "ab_promote", "ab_rollback", "ab_share",
+        "review_list", "approve_rewrites", "drop_rewrites",
+    }
+)  # fmt: skip
+
+NO_COOKIE = (
+    "This request carries no session cookie. Open the page in a browser, or keep the "
+    "cookies the server sets (gradio_client does), then try again."
+)
+BAD_COOKIE = (
+    "Your session cookie was not issued by this server (or the server's key changed). "
+    "Reload the page to get a new one."
+)
+FOREIGN_SESSION = "This chat session belongs to another browser. Reload the page to start your own."
+NO_SESSION = "No session id: reload the page."
+NOT_ADMIN = (
+    "Only an admin can do this (accounts listed in RLHF_ADMINS). Sign in with an admin "
+    "account, or ask one."
+)
+SIGN_IN_TO_CHAT = "Sign in to chat: this deployment does not take messages from anonymous visitors."
+BUSY = (
+    "The chat is busy right now: too many requests are waiting. Try again in a minute; "
+    "nothing you wrote before was lost."
+)
+
+
+class AccessError(PermissionError):
+    """The caller may not do this; the message says why and what to do."""
+
+
+class RateLimited(AccessError):
+    """Too many requests in a window; the message says when to try again."""
+
+
+# ------------------------------------------------------------------ settings, read
+
+
+def on_space() -> bool:
+    """Running as a Hugging Face Space (the platform sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def auth_mode(settings: Settings) -> str:
+    if settings.auth == "auto":
+        return "hf" if on_space() else "none"
+    return settings.auth
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_public(settings: Settings) -> bool:
+    """Strangers can reach this UI: everything here defaults to its careful setting."""
+    if settings.public is not None:
+        return settings.public
+    return not is_loopback(settings.host)
+
+
+def admin_accounts(settings: Settings) -> frozenset[str]:
+    return frozenset(a.strip() for a in settings.admins.split(",") if a.strip())
+
+
+def anonymous_may_train(settings: Settings) -> bool:
+    if settings.anonymous_train is not None:
+        return settings.anonymous_train
+    return not is_public(settings)
+
+
+def gradio_auth(settings: Settings) -> list[tuple[str, str]] | None:
+    """``launch(auth=...)`` pairs for RLHF_AUTH=gradio."""
+    if auth_mode(settings) != "gradio":
+        return None
+    pairs = []
+    for item in settings.auth_users.split(","):
+        name, sep, password = item.strip().partition(":")
+        if item.strip() and (not sep or not name or not password):
+            raise ValueError(
+                f"RLHF_AUTH_USERS entry {item.strip()!r} is not 'name:password'; "
+                "write the pairs comma-separated."
+            )
+        if item.strip():
+            pairs.append((name, password))
+    if not pairs:
+        raise ValueError("RLHF_AUTH=gradio needs RLHF_AUTH_USERS='name:password,...'.")
+    return pairs
+
+
+# ------------------------------------------------------------------ identity
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller of one request."""
+
+    user_id: str  # what turns and events carry: the account, or anon:<session cookie id>
+    account: str | None  # signed-in account name, None when anonymous
+    session_id: str  # the chat (Gradio's session_hash), bound to this browser's cookie
+    ip: str
+    admin: bool = False
+    local: bool = False  # straight from this machine, to a UI that listens on loopback
+
+    @property
+    def signed_in(self) -> bool:
+        return self.account is not None
+
+
+def is_admin(account: str | None, settings: Settings, local: bool = False) -> bool:
+    """Accounts in RLHF_ADMINS; with none named, the local user of a loopback UI."""
+    admins = admin_accounts(settings)
+    if account is not None and account in admins:
+        return True
+    return not admins and local and not is_public(settings)
+
+
+def may_chat(identity: Identity, settings: Settings) -> bool:
+    return identity.signed_in or identity.admin or settings.anonymous_chat
+
+
+def may_train(identity: Identity, settings: Settings) -> bool:
+    """Whether this person's turns and reactions may become training data."""
+    return identity.signed_in or identity.admin or anonymous_may_train(settings)
+
+
+def _header(request: Any, name: str) -> str | None:
+    headers = getattr(request, "headers", None) or {}
+    try:
+        return headers.get(name.lower()) or headers.get(name)
+    except AttributeError:
+        return None
+
+
+def _peer(request: Any) -> str:
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None) if client is not None else None
+    if host is None and isinstance(client, dict):
+        host = client.get("host")
+    return str(host or "")
+
+
+def _forwarded(request: Any) -> bool:
+    return any(_header(request, h) for h in ("x-forwarded-for", "forwarded", "x-real-ip"))
+
+
+def client_ip(request: Any, settings: Settings) -> str:
+    """The visitor's address: the last hop a trusted proxy appended to its header
+    (a client can put anything in front of it, not after it), else the TCP peer."""
+    header = settings.client_ip_header or ("x-forwarded-for" if on_space() else "")
+    if header:
+        value = _header(request, header)
+        if value:
+            return value.split(",")[-1].strip()
+    return _peer(request)
+
+
+def _oauth_username(request: Any) -> str | None:
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session", {}) if isinstance(scope, dict) else {}
+    if not session:
+        session = getattr(underlying, "session", None) or {}
+    info = session.get("oauth_info") if hasattr(session, "get") else None
+    if not info:
+        return None
+    expires_at = info.get("expires_at")
+    if expires_at is not None and expires_at < time.time():
+        return None
+    userinfo = info.get("userinfo") or {}
+    return userinfo.get("preferred_username") or None
+
+
+def account_of(request: Any, settings: Settings) -> str | None:
+    """The signed-in account of a request, by RLHF_AUTH; None when anonymous."""
+    mode = auth_mode(settings)
+    if mode == "hf":
+        name = _oauth_username(request)
+    elif mode == "header":
+        name = _header(request, settings.auth_header)
+    elif mode == "gradio":
+        name = getattr(request, "username", None)
+    else:
+        name = None
+    name = name.strip() if isinstance(name, str) else None
+    # "anon:" ids are ours; an account must never be mistaken for one.
+    if not name or name.startswith(ANON) or len(name) > 200:
+        return None
+    return name
+
+
+def sign(secret: bytes, sid: str) -> str:
+    mac = hmac.new(secret, sid.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{sid}.{mac}"
+
+
+def verify(secret: bytes, value: str | None) -> str | None:
+    """The session id inside a cookie value this server signed, else None."""
+    if not value or not isinstance(value, str) or "." not in value or len(value) > 200:
+        return None
+    sid, mac = value.rsplit(".", 1)
+    if not re.fullmatch(r"[0-9a-f]{32}", sid):
+        return None
+    if not hmac.compare_digest(sign(secret, sid), value):
+        return None
+    return sid
+
+
+def new_cookie_value(secret: bytes) -> str:
+    return sign(secret, secrets.token_hex(16))
+
+
+def load_secret(client: redis.Redis, settings: Settings) -> bytes:
+    """The key that signs session cookies: RLHF_SESSION_SECRET, else one random key in
+    Redis that the first replica creates and every other one reads."""
+    if settings.session_secret:
+        return settings.session_secret.encode()
+    client.set(SECRET_KEY, secrets.token_hex(32), nx=True)
+    value = client.get(SECRET_KEY)
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def _items(spec: str, name: str) -> list[Any]:
+    from limits import parse_many
+
+    try:
+        return parse_many(spec) if spec and spec.strip() else []
+    except ValueError as error:
+        raise ValueError(
+            f"RLHF_{name.upper()}={spec!r} is not a rate: write it like '20/minute;300/day' "
+            "(empty = no limit)."
+        ) from error
+
+
+class Access:
+    """Identity, admin checks and rate limits for one UI process."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, url: str | None = None) -> None:
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.settings = settings
+        self.client = client
+        self.secret = load_secret(client, settings)
+        # The store's connection pool: one set of connections, the same timeouts.
+        storage = RedisStorage(
+            url or "redis://", connection_pool=client.connection_pool, key_prefix="rlhf:limits"
+        )
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.limits = {
+            ("message", "account"): _items(settings.message_rate, "message_rate"),
+            ("message", "ip"): _items(settings.message_rate_ip, "message_rate_ip"),
+            ("feedback", "account"): _items(settings.feedback_rate, "feedback_rate"),
+            ("feedback", "ip"): _items(settings.feedback_rate_ip, "feedback_rate_ip"),
+        }
+        # Bindings this process has seen: a known chat keeps working while Redis is down.
+        self._bindings: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- sessions -------------------------------------------------------------
+    def bind(self, session_hash: str, sid: str) -> None:
+        """Bind a chat to the browser that first used it; refuse it to any other."""
+        with self._lock:
+            owner = self._bindings.get(session_hash)
+        if owner is None:
+            key = BIND_PREFIX + session_hash
+            try:
+                stored = self.client.set(key, sid, nx=True, ex=BIND_TTL_S, get=True)
+                owner = sid if stored is None else stored.decode()
+                if owner == sid:
+                    self.client.expire(key, BIND_TTL_S)
+            except redis.RedisError as error:
+                # Chatting works while the store is down (answers wait to be saved);
+                # this process remembers the binding and enforces it meanwhile.
+                log.warning("session binding not stored (%s); kept in this process", error)
+                owner = sid
+            with self._lock:
+                self._bindings[session_hash] = owner
+                self._bindings.move_to_end(session_hash)
+                while len(self._bindings) > _LOCAL_BINDINGS_MAX:
+                    self._bindings.popitem(last=False)
+        if owner != sid:
+            raise AccessError(FOREIGN_SESSION)
+
+    def identify(self, request: Any) -> Identity:
+        """Who sent this request, or AccessError (no or forged cookie, someone else's
+        chat). Every handler calls this before it touches a session."""
+        if request is None:
+            raise AccessError(NO_SESSION)
+        try:
+            session_hash = validation.session_id(getattr(request, "session_hash", None))
+        except validation.InputError as error:
+            raise AccessError(str(error)) from error
+        cookies = getattr(request, "cookies", None) or {}
+        raw = cookies.get(COOKIE)
+        if raw is None:
+            raise AccessError(NO_COOKIE)
+        sid = verify(self.secret, raw)
+        if sid is None:
+            raise AccessError(BAD_COOKIE)
+        self.bind(session_hash, sid)
+        account = account_of(request, self.settings)
+        peer = _peer(request)
+        local = is_loopback(peer) and not _forwarded(request)
+        return Identity(
+            user_id=account or f"{ANON}{sid[:16]}",
+            account=account,
+            session_id=session_hash,
+            ip=client_ip(request, self.settings),
+            admin=is_admin(account, self.settings, local=local),
+            local=local,
+        )
+
+    def require_chat(self, identity: Identity) -> None:
+        if not may_chat(identity, self.settings):
+            raise AccessError(SIGN_IN_TO_CHAT)
+
+    def require_admin(self, identity: Identity) -> None:
+        if not identity.admin:
+            raise AccessError(NOT_ADMIN)
+
+    def may_train(self, identity: Identity) -> bool:
+        return may_train(identity, self.settings)
+
+    # --- rate limits ----------------------------------------------------------
+    def check_rate(self, kind: str, identity: Identity) -> None:
+        """Count one ``kind`` ('message' or 'feedback') request against the caller's
+        account and IP windows; RateLimited when a window is full. Admins are not
+        counted. Fails open when Redis is down: chatting must survive an outage."""
+        if identity.admin:
+            return
+        checks = [
+            (item, scope, key)
+            for scope, key in (("account", identity.user_id), ("ip", identity.ip or "?"))
+            for item in self.limits[(kind, scope)]
+        ]
+        try:
+            for item, scope, key in checks:
+                if not self.limiter.test(item, kind, scope, key):
+                    raise RateLimited(self._limited(kind, scope, item, key))
+            for item, scope, key in checks:
+                if not self.limiter.hit(item, kind, scope, key):
+                    raise RateLimited(self._limited(kind, scope, item, key))
+        except redis.RedisError as error:
+            log.warning("rate limit not checked, Redis unavailable: %s", error)
+
+    def _limited(self, kind: str, scope: str, item: Any, key: str) -> str:
+        try:
+            reset = self.limiter.get_window_stats(item, kind, scope, key).reset_time
+            wait = max(1, int(reset - time.time() + 0.999))
+        except redis.RedisError:
+            wait = item.get_expiry()
+        what = "messages" if kind == "message" else "reactions"
+        per = "account" if scope == "account" else "address"
+        window = (
+            f"{item.multiples} {item.GRANULARITY.name}"
+            if item.multiples > 1
+            else (item.GRANULARITY.name)
+        )
+        return (
+            f"Too many {what}: this service takes at most {item.amount} per {window} from one "
+            f"{per}. Try again in {wait} s."
+        )
+
+
+# ------------------------------------------------------------------ ASGI middlewares
+
+
+def _json_response(status: int, detail: str, extra_headers: list | None = None):
+    body = json.dumps({"detail": detail, "error": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra_headers or []),
+    ]
+    return status, headers, body
+
+
+async def _send_response(send: Any, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_CALL_RE = re.compile(r"^/gradio_api/(call/v2|call|run|api)/([^/]+)/?$")
+_JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
+
+
+class BoundaryMiddleware:
+    """Session cookie, body size limit, name allowlist and the busy message, in one
+    pass (one ASGI layer: every request pays for it, so it stays cheap)."""
+
+    def __init__(self, app: Any, *, secret: bytes, max_body: int, secure_cookie: bool) -> None:
+        self.app = app
+        self.secret = secret
+        self.max_body = max_body
+        attrs = f"Path=/; HttpOnly; Max-Age={COOKIE_MAX_AGE_S}"
+        # A Space shows the app in an iframe on another site: the cookie must be
+        # SameSite=None; Secure there to come back at all.
+        attrs += "; SameSite=None; Secure" if secure_cookie else "; SameSite=Lax"
+        self.cookie_attrs = attrs
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        root = scope.get("root_path", "") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :]
+
+        if method == "POST":
+            match = _CALL_RE.match(path)
+            # The page itself posts non-queued events to /run/predict with an fn_index
+            # (not a name): that route stays open, and each handler checks its caller.
+            page_route = match is not None and match.groups() in (("run", "predict"),)
+            if (
+                match
+                and not page_route
+                and match.group(2) not in PUBLIC_ENDPOINTS | ADMIN_ENDPOINTS
+            ):
+                names = ", ".join(f"/{n}" for n in sorted(PUBLIC_ENDPOINTS))
+                await _send_response(
+                    send,
+                    *_json_response(
+                        404, f"No public endpoint /{match.group(2)}. The public ones: {names}."
+                    ),
+                )
+                return
+
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                too_big = True
+            if too_big:
+                await _send_response(send, *self._too_big())
+                return
+        elif method in ("POST", "PUT", "PATCH"):
+            # No length given (chunked): read up to the limit before the app sees it.
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body:
+                    await _send_response(send, *self._too_big())
+                    return
+                if not message.get("more_body"):
+                    break
+            body = b"".join(chunks)
+            replayed = False
+
+            async def receive_again() -> dict:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            receive = receive_again
+
+        cookie_ok = verify(self.secret, _cookie(headers.get(b"cookie", b""))) is not None
+        busy_check = method == "POST" and _JOIN_RE.match(path) is not None
+        held: dict | None = None
+
+        async def send_wrapped(message: dict) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                if not cookie_ok:
+                    cookie = f"{COOKIE}={new_cookie_value(self.secret)}; {self.cookie_attrs}"
+                    message = dict(message)
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"set-cookie", cookie.encode()),
+                    ]
+                if busy_check and message["status"] == 503:
+                    held = message  # replace Gradio's "Queue is full. Max size is ..." text
+                    return
+            elif held is not None and message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                status, headers_, body = _json_response(503, BUSY, [(b"retry-after", b"30")])
+                keep = [(k, v) for k, v in held.get("headers", []) if k.lower() == b"set-cookie"]
+                await send(
+                    {"type": "http.response.start", "status": status, "headers": [*headers_, *keep]}
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_wrapped)
+
+    def _too_big(self):
+        return _json_response(
+            413,
+            f"The request is larger than this service accepts ({self.max_body // 1024} KiB, "
+            "RLHF_MAX_BODY_KB). Send less text at once.",
+        )
+
+
+def _cookie(raw: bytes) -> str | None:
+    for part in raw.decode("latin-1").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            return value
+    return None

@@ -1,0 +1,375 @@
+"""A stranger on a public deployment, over Gradio's plain HTTP API and gradio_client:
+admin calls refused, forged and foreign sessions refused, rate limits hit with a clear
+message, a flood of forged accounts kept out of training. Real Valkey, real Gradio."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import httpx
+import pytest
+import redis
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from chat_ui import access
+from chat_ui.access import Access, Identity, RateLimited
+from rlhf_core.datasets import load_feedback, round_datasets
+from rlhf_core.feedback import FeedbackStore
+from rlhf_core.redis_server import (
+    PASSWORD_FILE,
+    URL_FILE,
+    EmbeddedValkey,
+    connect,
+    redact,
+    start_embedded_if_needed,
+)
+from rlhf_core.registry import ArtifactPathError, Registry, confined
+from rlhf_core.settings import Settings
+
+SAMPLING = (1.0, 0.9, 4)
+
+
+# --- plain functions ---------------------------------------------------------------------
+def test_cookie_signatures():
+    secret = b"k" * 32
+    value = access.new_cookie_value(secret)
+    sid = access.verify(secret, value)
+    assert sid is not None and value.startswith(sid)
+    assert access.verify(b"other key", value) is None  # another server's cookie
+    assert access.verify(secret, "0" * 32 + "." + value.split(".")[1]) is None  # sid swapped
+    assert access.verify(secret, value[:-1] + ("0" if value[-1] != "0" else "1")) is None
+    for junk in (None, "", "abc", "x" * 300, "../../.", "0" * 32 + ".00"):
+        assert access.verify(secret, junk) is None
+
+
+def test_who_is_admin_and_who_trains():
+    local = Settings(host="127.0.0.1")
+    space = Settings(host="0.0.0.0")
+    named = Settings(host="127.0.0.1", admins="root, ops")
+    # loopback, nobody named: the person at this machine runs it
+    assert access.is_admin(None, local, local=True) and not access.is_admin(None, local)
+    assert access.anonymous_may_train(local) and not access.is_public(local)
+    # listening on every address: strangers; nobody is admin until named
+    assert access.is_public(space) and not access.anonymous_may_train(space)
+    assert not access.is_admin(None, space, local=True)
+    # named admins: exactly them, the local user included
+    assert access.is_admin("ops", named) and not access.is_admin(None, named, local=True)
+    assert not access.is_admin("mallory", named)
+    anon = Identity(user_id="anon:1", account=None, session_id="s", ip="1.2.3.4")
+    alice = Identity(user_id="alice", account="alice", session_id="t", ip="1.2.3.4")
+    assert not access.may_train(anon, space) and access.may_train(alice, space)
+    assert access.may_train(anon, space.model_copy(update={"anonymous_train": True}))
+    assert not access.may_chat(anon, space.model_copy(update={"anonymous_chat": False}))
+
+
+def test_account_comes_only_from_the_configured_sign_in():
+    import time
+
+    class Starlette:  # what gr.Request wraps: the OAuth session lives in scope
+        def __init__(self, session, headers=None):
+            self.scope = {"session": session}
+            self.headers = headers or {}
+
+    class GrRequest:
+        def __init__(self, underlying, username=None):
+            self.request, self.headers, self.username = underlying, underlying.headers, username
+
+    def oauth(name, expires_in=60.0):
+        info = {"userinfo": {"preferred_username": name}, "expires_at": time.time() + expires_in}
+        return {"oauth_info": info}
+
+    hf, header, none = Settings(auth="hf"), Settings(auth="header"), Settings(auth="none")
+    assert access.account_of(GrRequest(Starlette(oauth("alice"))), hf) == "alice"
+    assert access.account_of(GrRequest(Starlette(oauth("alice", -1))), hf) is None  # expired
+    assert access.account_of(GrRequest(Starlette({})), hf) is None
+    claimed = GrRequest(Starlette({}, {"x-forwarded-user": "root"}))
+    assert access.account_of(claimed, header) == "root"  # a trusted proxy set it
+    # Without a proxy in front, the same header from a stranger names nobody.
+    assert access.account_of(claimed, none) is None and access.account_of(claimed, hf) is None
+    assert access.account_of(GrRequest(Starlette({}), username="bob"), Settings(auth="gradio"))
+    # Our anonymous ids cannot be claimed as an account.
+    anon = GrRequest(Starlette({}, {"x-forwarded-user": "anon:1234"}))
+    assert access.account_of(anon, header) is None
+
+
+def test_client_ip_is_the_last_hop_of_a_trusted_header():
+    class Req:
+        headers = {"x-forwarded-for": "6.6.6.6, 10.0.0.1, 203.0.113.7"}
+        client = type("C", (), {"host": "10.0.0.2"})()
+
+    settings = Settings(client_ip_header="X-Forwarded-For")
+    # The client wrote the first entries; the proxy appended the last one.
+    assert access.client_ip(Req(), settings) == "203.0.113.7"
+    assert access.client_ip(Req(), Settings()) == "10.0.0.2"  # no trusted header set
+
+
+def test_rate_limits_per_account_and_per_ip_in_redis(redis_client, valkey):
+    settings = Settings(redis_url=valkey.url, message_rate="3/minute", message_rate_ip="5/minute")
+    gate = Access(settings, redis_client, valkey.url)
+    other_replica = Access(settings, redis.Redis.from_url(valkey.url), valkey.url)
+
+    def person(n: int, ip: str = "198.51.100.1") -> Identity:
+        return Identity(user_id=f"anon:{n}", account=None, session_id=f"s{n}", ip=ip)
+
+    for replica in (gate, other_replica, gate):  # the count is shared through Redis
+        replica.check_rate("message", person(1))
+    with pytest.raises(RateLimited, match=r"at most 3 per minute from one account.*Try again in"):
+        other_replica.check_rate("message", person(1))
+    # Fresh accounts from the same address: the per-IP window (5) still closes.
+    gate.check_rate("message", person(2))
+    gate.check_rate("message", person(3))
+    with pytest.raises(RateLimited, match="from one address"):
+        gate.check_rate("message", person(4))
+    gate.check_rate("message", person(5, ip="198.51.100.2"))  # another address is not held up
+    admin = Identity("root", "root", "s9", "198.51.100.1", admin=True)
+    for _ in range(10):
+        gate.check_rate("message", admin)  # admins are not counted
+
+
+# --- infrastructure ------------------------------------------------------------------------
+def test_embedded_valkey_has_a_private_password(tmp_path):
+    settings = Settings(data_dir=tmp_path, redis_url=None)
+    url, server = start_embedded_if_needed(settings)
+    try:
+        assert server is not None
+        for name in (PASSWORD_FILE, URL_FILE, "valkey.conf"):
+            mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+            assert mode == 0o600, f"{name} is {oct(mode)}"
+        password = (tmp_path / PASSWORD_FILE).read_text().strip()
+        assert len(password) >= 32 and password in url and password not in redact(url)
+        # Without the password the server answers nothing but an auth error.
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=server.port).ping()
+        # A command beside `up` (same data folder) connects through redis.url.
+        assert connect(settings).ping()
+        # The password is not on the server's command line (ps shows it to every user).
+        cmdline = open(f"/proc/{server.process.pid}/cmdline", "rb").read()
+        assert password.encode() not in cmdline
+    finally:
+        server.stop()
+    # A restart on the same folder keeps the password: saved URLs stay valid.
+    with EmbeddedValkey(tmp_path) as again:
+        assert password in again.url
+
+
+def test_artifact_paths_from_redis_stay_inside_their_folder(tiny_settings, redis_client, tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    assert confined(root, "a" * 32, "policy") == (root / ("a" * 32) / "policy").resolve()
+    for bad in (("..", "etc"), ("/etc",), ("a/../../x",)):
+        with pytest.raises(ArtifactPathError):
+            confined(root, *bad)
+    # A version whose metadata someone rewrote in Redis is refused, not followed.
+    settings = tiny_settings.model_copy(update={"artifact_dir": root})
+    registry = Registry(redis_client, settings)
+    meta = {"kinds": ["policy"], "parent": 0}
+    redis_client.hset(
+        "rlhf:registry:version:1",
+        mapping={
+            "version": 1, "meta": json.dumps(meta), "created_at": 0, "previous_current": 0,
+            "fencing_token": 1, "artifact": "../../../../etc", "storage": "shared",
+        },
+    )  # fmt: skip
+    redis_client.rpush("rlhf:registry:versions", 1)
+    with pytest.raises(ArtifactPathError, match="tampered"):
+        registry.materialize(1)
+
+
+# --- the stranger, over HTTP -------------------------------------------------------------------
+@pytest.fixture()
+def serve_app(tiny_settings):
+    """serve(...) with settings overrides; every app started is closed after the test."""
+    from chat_ui.app import serve
+    from rlhf_core.redis_server import free_port
+
+    started = []
+
+    def start(**overrides):
+        settings = tiny_settings.model_copy(update={"port": free_port(), **overrides})
+        started.append(serve(settings, block=False))
+        return started[-1]
+
+    yield start
+    for app in started:
+        app.close()
+
+
+def http_call(http: httpx.Client, name: str, data: list, session_hash: str, **kw):
+    """POST /gradio_api/call/NAME, then read its event stream: (status, 'complete' or
+    'error', payload)."""
+    response = http.post(
+        f"/gradio_api/call/{name}", json={"data": data, "session_hash": session_hash}, **kw
+    )
+    if response.status_code != 200:
+        return response.status_code, "refused", response.json()
+    event_id = response.json()["event_id"]
+    text = http.get(f"/gradio_api/call/{name}/{event_id}", **kw).text
+    kind = "error" if "event: error" in text else "complete"
+    payload = text.rsplit("data:", 1)[-1].strip()
+    return 200, kind, payload
+
+
+def visitor(url: str) -> httpx.Client:
+    """A stranger's HTTP client that kept the cookie the page set."""
+    http = httpx.Client(base_url=url.rstrip("/"), timeout=60)
+    assert http.get("/").status_code == 200
+    assert access.COOKIE in http.cookies
+    return http
+
+
+PUBLIC = {"public": True, "admins": "root", "auth": "header"}
+
+
+def test_admin_calls_are_refused_to_strangers(serve_app, redis_client):
+    app = serve_app(**PUBLIC)
+    registry = Registry(redis_client, app.settings)
+    redis_client.set("rlhf:registry:current", 0)
+    bare = httpx.Client(base_url=app.url.rstrip("/"), timeout=60)
+    # No cookie at all: the session was not issued by this server.
+    status, kind, payload = http_call(bare, "rollback", [0], "s-bare")
+    assert kind == "error" and "no session cookie" in payload
+    stranger = visitor(app.url)
+    for _ in range(20):
+        status, kind, payload = http_call(stranger, "train_now", [], "s-stranger")
+        assert kind == "error" and "Only an admin" in payload
+    assert redis_client.llen("train") == 0, "no round may be queued by a stranger"
+    status, kind, payload = http_call(stranger, "rollback", [0], "s-stranger")
+    assert kind == "error" and "Only an admin" in payload
+    # A header the trusted proxy sets names an admin: allowed, and one round at most.
+    root = {"headers": {"X-Forwarded-User": "root"}}
+    for _ in range(5):
+        status, kind, payload = http_call(stranger, "train_now", [], "s-root", **root)
+        assert kind == "complete", payload
+    assert "already queued" in payload
+    assert redis_client.llen("train") == 1, "Train now queues at most one round"
+    assert registry.current() == 0
+    # Handlers not meant for visitors do not answer by name.
+    for name in ("refresh", "on_tick", "sync_feedback", "on_page_load", "false", "on_like"):
+        status, kind, payload = http_call(stranger, name, [], "s-stranger")
+        assert status == 404 and "No public endpoint" in payload["detail"], name
+    # Errors carry no internal address or exception text.
+    assert "127.0.0.1" not in json.dumps(payload) and "Traceback" not in json.dumps(payload)
+
+
+def test_forged_and_foreign_sessions_are_refused(serve_app):
+    app = serve_app(**PUBLIC)
+    store = app.service.store
+    owner = Client(app.url, verbose=False)
+    _, answers, *_ = owner.predict("my own chat", "", *SAMPLING, api_name="/send")
+    turn = store.get_turn(answers[0]["turn_id"])
+    assert turn.user_id.startswith("anon:") and turn.session_id == owner.session_hash
+    assert turn.may_train is False, "an anonymous visitor's turn does not train in public"
+
+    # Someone else's session id, with the stranger's own (valid) cookie.
+    stranger = visitor(app.url)
+    for name, data in (("vote", [-1, "dislike"]), ("rewrite", [-1, "pwned"]), ("undo", [])):
+        _, kind, payload = http_call(stranger, name, data, owner.session_hash)
+        assert kind == "error" and "belongs to another browser" in payload, name
+    # A cookie this server never signed.
+    forged = httpx.Client(base_url=app.url.rstrip("/"), timeout=60)
+    forged.cookies.set(access.COOKIE, "0" * 32 + "." + "f" * 32)
+    _, kind, payload = http_call(forged, "vote", [-1, "dislike"], owner.session_hash)
+    assert kind == "error" and "not issued by this server" in payload
+    assert list(store.events()) == [], "no refused call may write an event"
+    # The owner's chat is untouched and still works.
+    _, answers, _ = owner.predict(-1, "like", api_name="/vote")
+    assert answers[0]["vote"] == "like"
+
+    # Signed in through the proxy's header: the account is the user id, and it trains.
+    alice = Client(app.url, verbose=False, headers={"X-Forwarded-User": "alice"})
+    _, answers, *_ = alice.predict("hello", "", *SAMPLING, api_name="/send")
+    turn = store.get_turn(answers[0]["turn_id"])
+    assert turn.user_id == "alice" and turn.may_train is True
+
+
+def test_rate_limits_and_body_size_over_http(serve_app):
+    app = serve_app(**PUBLIC, message_rate="2/hour", feedback_rate="3/hour", max_body_kb=64)
+    client = Client(app.url, verbose=False)
+    for i in range(2):
+        client.predict(f"question {i}", "", *SAMPLING, api_name="/send")
+    with pytest.raises(AppError, match=r"Too many messages.*Try again in \d+ s"):
+        client.predict("one too many", "", *SAMPLING, api_name="/send")
+    for kind in ("like", "dislike", "like"):
+        client.predict(-1, kind, api_name="/vote")
+    with pytest.raises(AppError, match="Too many reactions"):
+        client.predict(-1, "dislike", api_name="/vote")
+    assert len(list(app.service.store.events())) == 3
+    # A body over RLHF_MAX_BODY_KB is refused before Gradio parses it.
+    stranger = visitor(app.url)
+    status, _, payload = http_call(stranger, "send", ["x" * 70_000, "", *SAMPLING], "big")
+    assert status == 413 and "RLHF_MAX_BODY_KB" in payload["detail"]
+
+
+def test_a_full_queue_says_busy(serve_app):
+    app = serve_app(**PUBLIC, max_queue=0)
+    stranger = visitor(app.url)
+    status, _, payload = http_call(stranger, "send", ["hi", "", *SAMPLING], "q1")
+    assert status == 503 and "busy" in payload["detail"] and "Try again" in payload["detail"]
+
+
+def test_a_flood_of_forged_accounts_cannot_fill_a_round(serve_app):
+    """Twelve fresh cookies from one address (twelve 'accounts' for free): the per-IP
+    window lets few reactions in, and in public none of them trains."""
+    app = serve_app(**PUBLIC, feedback_rate_ip="4/hour", max_events_per_user=2)
+    store = app.service.store
+    refused = 0
+    for i in range(12):
+        bot = Client(app.url, verbose=False)  # a new cookie, a new session: a new "user"
+        bot.predict(f"bot {i}", "", *SAMPLING, api_name="/send")
+        try:
+            bot.predict(-1, "like", api_name="/vote")
+        except AppError as error:
+            assert "Too many reactions" in str(error) and "address" in str(error)
+            refused += 1
+    events = list(store.events())
+    assert len(events) == 4 and refused == 8
+    # What got in never trains: not in a round, not in an export.
+    entries = [(str(i), e) for i, e in enumerate(events)]
+    data = round_datasets(store, entries, max_per_user=app.settings.max_events_per_user)
+    assert data.pointwise == [] and data.pairs == [] and data.prompts == []
+    assert data.heldout_pairs == [] and data.replay_pointwise == []
+    assert load_feedback(store) == ([], [])
+    assert store.counts()["turns"] == 12  # kept (the bots see their chats), not trained on
+
+
+def test_with_anonymous_training_on_the_address_window_still_bounds_a_flood(
+    serve_app, redis_client
+):
+    """The same flood with anonymous training on: each forged account is still held to
+    the per-user cap, and the address window bounds how many accounts get in."""
+    app = serve_app(
+        **PUBLIC, anonymous_train=True, feedback_rate_ip="4/hour", max_events_per_user=1
+    )
+    for i in range(6):
+        bot = Client(app.url, verbose=False)
+        bot.predict(f"bot {i}", "", *SAMPLING, api_name="/send")
+        for kind in ("like", "dislike"):
+            try:
+                bot.predict(-1, kind, api_name="/vote")
+            except AppError:
+                pass
+    events = list(FeedbackStore(redis_client).events())
+    assert len(events) == 4, "the address window lets 4 reactions in, whatever the accounts"
+    # learn-data's window over rounds: each forged account keeps at most its budget.
+    entries = [(str(i), e) for i, e in enumerate(events)]
+    data = round_datasets(app.service.store, entries, max_per_user=1, window_rounds=3)
+    per_user = {}
+    for _, event in data.entries:
+        per_user[event.user_id] = per_user.get(event.user_id, 0) + 1
+    assert per_user and max(per_user.values()) <= 3 and sum(per_user.values()) <= 4
+
+
+def test_compose_keeps_valkey_private_and_password_protected():
+    import yaml
+
+    compose = yaml.safe_load(
+        open(os.path.join(os.path.dirname(__file__), "..", "docker-compose.yml"))
+    )
+    valkey = compose["services"]["redis"]
+    assert "ports" not in valkey, "Valkey must not be published to the host"
+    assert "--requirepass" in " ".join(valkey["command"])
+    url = compose["x-rlhf-env"]["RLHF_REDIS_URL"]
+    assert url.startswith("redis://:${RLHF_REDIS_PASSWORD:?")
