@@ -224,7 +224,7 @@ PUBLIC = {"public": True, "admins": "root", "auth": "header"}
 
 
 def test_admin_calls_are_refused_to_strangers(serve_app, redis_client):
-    app = serve_app(**PUBLIC)
+    app = serve_app(**PUBLIC, review_rewrites=True)
     registry = Registry(redis_client, app.settings)
     redis_client.set("rlhf:registry:current", 0)
     bare = httpx.Client(base_url=app.url.rstrip("/"), timeout=60)
@@ -238,6 +238,13 @@ def test_admin_calls_are_refused_to_strangers(serve_app, redis_client):
     assert redis_client.llen("train") == 0, "no round may be queued by a stranger"
     status, kind, payload = http_call(stranger, "rollback", [0], "s-stranger")
     assert kind == "error" and "Only an admin" in payload
+    # Promote, the candidate's share, and the review of other people's rewrites too.
+    for name, data in (
+        ("ab_promote", []), ("ab_rollback", []), ("ab_share", [1.0]),
+        ("review_list", []), ("approve_rewrites", [""]), ("drop_rewrites", [""]),
+    ):  # fmt: skip
+        status, kind, payload = http_call(stranger, name, data, "s-stranger")
+        assert kind == "error" and "Only an admin" in payload, name
     # A header the trusted proxy sets names an admin: allowed, and one round at most.
     root = {"headers": {"X-Forwarded-User": "root"}}
     for _ in range(5):
