@@ -9,8 +9,9 @@ a new version (a LoRA adapter with random weights, saved the PEFT way) is publis
 every ``--interval`` seconds. Measured:
 
 - ``swap_visible_p50_s`` / ``_p95_s``: from a publish to the first streamed update of an
-  answer served by that version (target p95 <= 2 s). PolicyServer generates one answer
-  at a time, so this includes the wait behind the answers already queued;
+  answer served by that version (target p95 <= 2 s). With the batched server (the
+  default) a new answer joins the running batch at the next step; with
+  RLHF_SERVING_BACKEND=sequential this includes the wait behind the answers queued;
 - ``swap_ready_p50_s`` / ``_p95_s``: from a publish to the moment the UI hands the new
   version to new requests (VersionWatcher: pub/sub, unpack, load beside the old one);
 - ``failed_requests``: chats that raised (target 0);
@@ -233,6 +234,7 @@ def main() -> None:
             "versions_never_seen": missed,
             "errors": sorted({r.get("error", "") for r in failed})[:5],
             "config": {
+                "serving_backend": settings.serving_backend,
                 "chats": args.chats, "duration_s": args.duration, "interval_s": args.interval,
                 "max_new_tokens": args.max_new_tokens, "base_model": settings.base_model,
                 "device": "cpu", "cpus": os.cpu_count(), "machine": platform.machine(),
