@@ -164,6 +164,7 @@ class VersionWatcher:
                 self.server.set_current(target)
                 self.swaps.append((target, time.time()))
                 log.info("now serving policy version %d", target)
+                self._prune_cache()
             if candidate_error is not None:
                 raise candidate_error
             return target
@@ -192,6 +193,18 @@ class VersionWatcher:
             forget_materialized(folder)  # unpacked afresh from the registry next time
             raise RuntimeError(why) from error
         self._failed.pop(version, None)
+
+    def _prune_cache(self) -> None:
+        """Unpacked adapters of versions this server no longer holds are deleted."""
+        from pathlib import Path
+
+        from rlhf_core.upkeep import prune_adapter_cache
+
+        cache = Path(self.cache_dir or Path(self.settings.data_dir) / "adapters")
+        try:
+            prune_adapter_cache(cache, set(self.server.loaded_versions))
+        except OSError as error:
+            log.warning("could not prune %s: %s", cache, error)
 
     def _sync_candidate(self, registry: Registry) -> None:
         candidate = registry.candidate()

@@ -661,6 +661,16 @@ class Registry:
 
     def rollback(self, version: int) -> int:
         """Make an earlier version (or 0, the base model) current again and announce it."""
+        if (
+            int(version) != 0
+            and _text(self.client.hget(f"{PREFIX}version:{int(version)}", "storage") or b"")
+            == "pruned"
+        ):
+            raise UnknownVersionError(
+                f"Cannot roll back to version {version}: its adapter was deleted to keep the "
+                f"store bounded (RLHF_KEEP_ADAPTERS={self.settings.keep_adapters}). "
+                f"Versions with adapters: {self.versions()[-self.settings.keep_adapters :]}"
+            )
         ok = self._rollback(
             keys=[K_CURRENT, K_POINTER_LOG],
             args=[int(version), f"{PREFIX}version:{int(version)}", CHANNEL, repr(time.time())],
@@ -766,6 +776,11 @@ class Registry:
         meta = self.get(version)
         if kind not in meta["kinds"]:
             return None
+        if meta["storage"] == "pruned":
+            raise FileNotFoundError(
+                f"Version {version}'s adapters were deleted to keep the store bounded "
+                f"(RLHF_KEEP_ADAPTERS={self.settings.keep_adapters}); only its metadata remains."
+            )
         return self._materialize_artifact(
             meta["artifact"], meta["storage"], kind, f"v{version}", local_cache_dir
         )

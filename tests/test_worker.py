@@ -137,6 +137,27 @@ def test_kill_9_mid_round_loses_and_doubles_nothing(tiny_settings, redis_client,
     assert store.pending()["pending"] == 0 and store.counts()["unconsumed"] == 0
 
 
+def test_a_killed_round_re_runs_without_new_feedback(tiny_settings, redis_client, workers, celery):
+    """A worker killed mid-round left its round unacked for Celery's visibility timeout
+    (70 minutes): no new version until someone voted again. The workers' due-round check
+    now re-queues it once the dead round's lock lease is out."""
+    settings = fast(tiny_settings)
+    store = FeedbackStore(redis_client)
+    registry = Registry(redis_client, settings)
+    events = post_feedback(store, 4, "alice")
+    first = workers("doomed", RLHF_DEBUG_ROUND_DELAY_S="60", RLHF_ROUND_CHECK_S="2")
+    send_round(celery)
+    wait_for(lambda: (registry.progress() or {}).get("stage") == "debug delay", 120,
+             "the first round to start", first)  # fmt: skip
+    first.kill()
+    killed_at = time.monotonic()
+    second = workers("survivor", RLHF_ROUND_CHECK_S="2")  # no task is sent, no new feedback
+    wait_for(lambda: registry.versions() == [1], 180, "the round to re-run", second)
+    assert sorted(events_consumed(registry)) == sorted(e.event_id for e in events)
+    assert "re-run of round" in second.tail() or "re-run of round" in str(registry.history())
+    print(f"killed round re-ran and published {time.monotonic() - killed_at:.0f} s after kill -9")
+
+
 def test_two_workers_one_round_and_stale_token_refused(
     tiny_settings, redis_client, workers, celery, tmp_path
 ):

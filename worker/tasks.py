@@ -88,6 +88,30 @@ def _stop_canary_loop(**_: Any) -> None:
         _retention_loop.stop()
 
 
+_due_loop = None
+
+
+@worker_ready.connect
+def _start_due_round_loop(**_: Any) -> None:
+    """Every RLHF_ROUND_CHECK_S, queue a round that is due: one whose worker was killed
+    (it re-runs once its lock lease is out, not after Celery's hour-long visibility
+    timeout) or one that enough feedback asked for. A Redis claim makes many workers
+    queue one round (see rlhf_core.upkeep)."""
+    global _due_loop
+    from rlhf_core.upkeep import DueRoundLoop
+
+    def send(reason: str) -> None:
+        app.send_task(TRAIN_TASK, kwargs={"reason": reason})
+
+    _due_loop = DueRoundLoop(_settings, send).start()
+
+
+@worker_shutdown.connect
+def _stop_due_round_loop(**_: Any) -> None:
+    if _due_loop is not None:
+        _due_loop.stop()
+
+
 @app.task(
     name=TRAIN_TASK,
     bind=True,
@@ -120,12 +144,24 @@ def train_round(self, reason: str = "manual") -> dict[str, Any]:
         if outcome.status == "busy" and self.request.retries < BUSY_RETRIES:
             ttl_ms = client.pttl("rlhf:lock:train")
             raise self.retry(countdown=max(1.0, ttl_ms / 1000 + 1), max_retries=None)
+        if outcome.status == "published":
+            _prune(settings, client)
         if outcome.status == "published" and round_is_due(settings, client):
             # Feedback arrived during the round: the next round starts right away.
             self.app.send_task(TRAIN_TASK, kwargs={"reason": "backlog"})
         return result
     finally:
         client.close()
+
+
+def _prune(settings, client) -> None:
+    """The stored-adapter cap (RLHF_KEEP_ADAPTERS), after each publish."""
+    from rlhf_core.upkeep import prune_adapters
+
+    try:
+        prune_adapters(settings, client)
+    except Exception:  # a full store is a slow problem; the round itself succeeded
+        log.exception("pruning old adapters failed")
 
 
 @app.task(name=PING_TASK)

@@ -1,0 +1,132 @@
+"""Upkeep: a dead round is noticed and re-queued once, stored adapters are capped, a
+corrupt adapter does not stop later swaps, the model is built once under a lock."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chat_ui.training import VersionWatcher
+from rlhf_core.modeling import _build_lock, _build_tiny_random, load_base_model
+from rlhf_core.registry import Registry, UnknownVersionError
+from rlhf_core.serving import PolicyServer
+from rlhf_core.upkeep import abandoned_round, kept_versions, prune_adapters, request_due_round
+from tests.test_registry import _save_adapter
+
+
+def publish(registry: Registry, folder: Path, **meta) -> int:
+    lock = registry.lock()
+    token = lock.acquire()
+    try:
+        return registry.publish(folder, meta, token)
+    finally:
+        lock.release()
+
+
+def test_a_killed_round_is_requeued_once_after_its_lease(tiny_settings, redis_client):
+    settings = tiny_settings.model_copy(update={"train_every": 1000})
+    registry = Registry(redis_client, settings)
+    lock = registry.lock(ttl_s=0.5)
+    token = lock.acquire()
+    registry.set_progress("training", 0.4, token)
+    sent: list[str] = []
+    assert request_due_round(settings, redis_client, sent.append) is None  # still running
+    lock._stop.set()  # the worker dies: nobody renews the lease
+    lock._thread.join()
+    time.sleep(0.7)
+    assert abandoned_round(registry)["stage"] == "training"
+    reason = request_due_round(settings, redis_client, sent.append)
+    assert reason and "re-run of round" in reason and sent == [reason]
+    # A second checker (another worker) does not queue it again.
+    assert request_due_round(settings, redis_client, sent.append) is None and len(sent) == 1
+    # Once a round records an outcome, nothing is due any more.
+    registry.clear_round_request()
+    registry.record_round("skipped", "no new feedback")
+    assert abandoned_round(registry) is None
+    assert request_due_round(settings, redis_client, sent.append) is None
+
+
+def test_finished_rounds_are_not_requeued(tiny_settings, redis_client):
+    registry = Registry(redis_client, tiny_settings)
+    for stage, outcome in (("published", None), ("rejected", None), ("gate", "failed")):
+        token = registry.lock().acquire()
+        registry.set_progress(stage, 1.0, token)
+        if outcome:
+            registry.record_round(outcome, "KL too high")
+        redis_client.delete("rlhf:lock:train")
+        assert abandoned_round(registry) is None, stage
+
+
+@pytest.fixture()
+def folders(tmp_path, tiny_model, tiny_settings):
+    return [_save_adapter(tiny_model, tiny_settings, tmp_path / f"a{i}", i) and tmp_path / f"a{i}"
+            for i in range(1, 3)]  # fmt: skip
+
+
+def test_adapters_beyond_the_cap_are_pruned_and_cannot_be_rolled_back_to(
+    tiny_settings, redis_client, folders
+):
+    settings = tiny_settings.model_copy(update={"keep_adapters": 2})
+    registry = Registry(redis_client, settings)
+    for i in range(4):
+        publish(registry, folders[i % 2], parent=i)
+    registry.rollback(2)  # the current version is kept whatever its age
+    assert kept_versions(registry, 2) == {2, 3, 4}
+    assert prune_adapters(settings, redis_client) == [1]
+    assert prune_adapters(settings, redis_client) == []  # idempotent
+    assert not redis_client.keys("rlhf:registry:blob:" + registry.get(1)["artifact"] + "*")
+    with pytest.raises(UnknownVersionError, match="RLHF_KEEP_ADAPTERS"):
+        registry.rollback(1)
+    with pytest.raises(FileNotFoundError, match="RLHF_KEEP_ADAPTERS"):
+        registry.materialize(1)
+    assert registry.get(1)["version"] == 1  # the metadata stays
+    assert registry.materialize(2) is not None and registry.rollback(4) == 4
+
+
+def test_a_corrupt_adapter_does_not_stop_later_swaps(tiny_settings, redis_client, folders):
+    """The watcher thread died on anything but Redis/OS/ValueError errors: a corrupt
+    safetensors file stopped every later swap until a restart."""
+    settings = tiny_settings.model_copy(update={"version_poll_s": 0.2})
+    registry = Registry(redis_client, settings)
+    corrupt = folders[0].with_name("corrupt")
+    shutil.copytree(folders[0], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    server = PolicyServer(load_base_model(settings), settings)
+    watcher = VersionWatcher(server, settings, client=redis_client).start()
+    try:
+        publish(registry, corrupt)
+        deadline = time.monotonic() + 20
+        while watcher.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "version 1 cannot be served" in (watcher.last_error or "")
+        assert server.current_version == 0 and watcher._thread.is_alive()
+        text = server.generate([{"role": "user", "content": "hi"}], {"max_new_tokens": 3}).text
+        assert isinstance(text, str)  # still serving
+        publish(registry, folders[1])
+        while server.current_version != 2 and time.monotonic() < deadline + 20:
+            time.sleep(0.1)
+        assert server.current_version == 2 and watcher.last_error is None
+    finally:
+        watcher.stop()
+
+
+def test_the_model_is_built_once_and_the_other_process_waits(tmp_path, model_cache):
+    """The UI and the worker of a first `make run` both converted the GGUF into one folder."""
+    from rlhf_core.settings import Settings
+
+    out = tmp_path / "tiny-random"
+    settings = Settings(model_cache_dir=model_cache)
+    result: list[Path] = []
+    with _build_lock(out):
+        waiter = threading.Thread(target=lambda: result.append(_build_tiny_random(out, settings)))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not result  # waiting for us
+        shutil.copytree(model_cache / "tiny-random", out)  # what "we" built
+        built_at = (out / "config.json").stat().st_mtime
+    waiter.join(timeout=60)
+    assert result == [out] and (out / "config.json").stat().st_mtime == built_at  # not rebuilt
