@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,6 +35,9 @@ from typing import Any
 from rlhf_core.settings import Settings, get_settings
 
 WORKER_STOP_S = 15.0  # a worker mid-round gets this long to stop before it is killed
+# `up` stops within this (Docker sends SIGKILL 10 s after SIGTERM); a worker still in a
+# round after most of it is killed, its round re-runs later.
+STOP_S = 8.0
 
 
 # --- settings ------------------------------------------------------------------------
@@ -63,19 +67,71 @@ def worker_available() -> bool:
     return importlib.util.find_spec("worker.__main__") is not None
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen | None:
+class Child:
+    """A worker process owned by ``up``: in its own process group (a Ctrl-C in the
+    terminal reaches it only through us, and we stop it together with its pool), and
+    holding the read end of a pipe whose write end only we hold, so it takes itself down
+    when we die by any signal (see worker.__main__.watch_parent)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        read_end, self._write_end = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker"],
+                env={**env, "RLHF_PARENT_PIPE_FD": str(read_end)},
+                pass_fds=(read_end,),
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
+        self.started = time.monotonic()
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (Celery stops taking tasks; the pool ends)."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait_or_kill(self, timeout: float) -> None:
+        try:
+            self.process.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            # A round in the middle: it is crash-safe and re-runs later (rlhf_core.upkeep).
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+        finally:
+            try:
+                os.close(self._write_end)
+            except OSError:
+                pass
+
+
+def start_worker(env: dict[str, str]) -> Child | None:
     if not worker_available():
         print("note: no worker package here (worker/__main__.py); training rounds will not run.")
         return None
-    # Its own process group, so a Ctrl-C in the terminal reaches it only through us
-    # (we stop it last, after the UI, and wait for it).
-    return subprocess.Popen([sys.executable, "-m", "worker"], env=env, start_new_session=True)
+    return Child(env)
 
 
-def stop_process(process: subprocess.Popen | None, timeout: float = WORKER_STOP_S) -> None:
+def stop_process(process: Any, timeout: float = WORKER_STOP_S) -> None:
     if process is None or process.poll() is not None:
         return
     process.terminate()
+    if isinstance(process, Child):
+        process.wait_or_kill(timeout)
+        return
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -88,13 +144,23 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
+def _restart_delay(restarts: int) -> float:
+    """Seconds before the next restart of a child that keeps dying (1, 2, 4 ... 60)."""
+    return min(60.0, 2.0 ** max(0, restarts - 1))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    """Valkey (unless RLHF_REDIS_URL), a worker and the UI, owned by this process: they
+    die with it, by any signal (Valkey by PR_SET_PDEATHSIG, the worker by a pipe); a
+    child that dies is started again on the same files (Valkey on the same port, so
+    every client reconnects by itself); a stop (SIGTERM, Ctrl-C) ends within STOP_S."""
     from chat_ui.app import serve
     from rlhf_core.redis_server import redact, start_embedded_if_needed
 
     settings = settings_from(args)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    url, embedded = start_embedded_if_needed(settings)
+    _exit_on_sigterm()
+    url, embedded = start_embedded_if_needed(settings, die_with_parent=True)
     if embedded is not None:
         print(
             f"Embedded Valkey on {redact(url)} (append-only files in {embedded.data_dir})",
@@ -103,29 +169,58 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print(f"Using Redis at {redact(url)}", flush=True)
     settings = settings.model_copy(update={"redis_url": url})
-    _exit_on_sigterm()
     worker = app = None
-    restarts = 0
+    restarts = {"worker": 0, "valkey": 0}
+    next_try = {"worker": 0.0, "valkey": 0.0}
     try:
         worker = None if args.no_worker else start_worker(child_env(settings, url))
         app = serve(settings, block=False)
         while True:
-            time.sleep(1.0)
-            if worker is not None and worker.poll() is not None:
-                # Keep training alive, but do not spin on a worker that cannot start.
-                restarts += 1
-                print(f"worker exited with code {worker.returncode}", file=sys.stderr, flush=True)
-                worker = start_worker(child_env(settings, url)) if restarts <= 3 else None
-    except KeyboardInterrupt:
+            time.sleep(0.5)
+            now = time.monotonic()
+            if embedded is not None and embedded.process.poll() is not None:
+                if now >= next_try["valkey"]:
+                    restarts["valkey"] += 1
+                    code = embedded.process.returncode
+                    print(f"embedded Valkey exited with code {code}; starting it again on the "
+                          "same files", file=sys.stderr, flush=True)  # fmt: skip
+                    try:
+                        embedded.start()
+                        embedded.write_url_file()
+                    except Exception as error:  # tried again after a pause
+                        print(f"could not restart Valkey: {error}", file=sys.stderr, flush=True)
+                    next_try["valkey"] = now + _restart_delay(restarts["valkey"])
+            if worker is not None and worker.poll() is not None and now >= next_try["worker"]:
+                if now - worker.started > 300:
+                    restarts["worker"] = 0  # it ran a good while: not a crash loop
+                restarts["worker"] += 1
+                print(f"worker exited with code {worker.returncode}; starting it again",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                stop_process(worker)  # closes our end of its pipe
+                worker = start_worker(child_env(settings, url))
+                next_try["worker"] = now + _restart_delay(restarts["worker"])
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see _exit_on_sigterm)
         pass
     finally:
         print("Shutting down…", flush=True)
+        started = time.monotonic()
+        # Everything is told first, then waited for: the stops overlap instead of adding up.
+        if worker is not None:
+            worker.terminate()
         if app is not None:
             app.close()
-        stop_process(worker)
+        if worker is not None:
+            worker.wait_or_kill(STOP_S - 2.0 - (time.monotonic() - started))
         if embedded is not None:
             embedded.stop()
-    return 0
+        print(f"Stopped in {time.monotonic() - started:.1f} s", flush=True)
+    # Everything that holds data is stopped and flushed. The interpreter's own teardown
+    # after serving a model then spends seconds in C (no Python frame left: torch's
+    # thread pools), which with the stop above went past Docker's 10 s; skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

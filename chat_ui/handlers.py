@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 VOTES = validation.VOTE_KINDS
 EMPTY_ANSWER = "*(the model returned an empty answer)*"
-MAX_SESSIONS = 10_000  # oldest idle sessions are forgotten beyond this
+MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their answers saved)
 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
@@ -143,6 +143,8 @@ class ChatService:
         self.arena_versions = arena_versions
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
+        self._last_sweep = time.monotonic()
+        self._sweep_every = max(1.0, min(60.0, settings.session_idle_s / 4))
 
     # --- sessions --------------------------------------------------------------
     def session(
@@ -152,20 +154,54 @@ class ChatService:
         the web layer on every request) apply to what the session writes from now on,
         so signing in mid-chat makes the next turns the account's."""
         session_id = validation.session_id(session_id)
+        now = time.monotonic()
         with self._sessions_lock:
             found = self._sessions.get(session_id)
             if found is None:
                 found = ChatSession(session_id=session_id, user_id=user_id or session_id)
                 self._sessions[session_id] = found
-                while len(self._sessions) > MAX_SESSIONS:
-                    self._sessions.popitem(last=False)
             self._sessions.move_to_end(session_id)
-            found.touched = time.monotonic()
+            found.touched = now
             if user_id:
                 found.user_id = user_id
             if train is not None:
                 found.train = train
-            return found
+            sweep = now - self._last_sweep >= self._sweep_every or len(self._sessions) > (
+                MAX_SESSIONS
+            )
+            if sweep:
+                self._last_sweep = now
+        if sweep:
+            # In the background: saving pending turns may wait on Redis.
+            threading.Thread(target=self.expire_idle, name="expire-sessions", daemon=True).start()
+        return found
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Drop sessions nobody touched for ``session_idle_s`` (an open tab polls every few
+        seconds, so these are closed tabs whose unload never arrived), and beyond
+        MAX_SESSIONS the least recently used. A session's pending answers are saved
+        first; one whose answers cannot be saved yet (Redis down) or that is streaming
+        is kept for the next sweep, so nothing is lost. Returns how many were dropped."""
+        now = time.monotonic() if now is None else now
+        with self._sessions_lock:
+            by_age = list(self._sessions.values())  # least recently used first
+            excess = len(by_age) - MAX_SESSIONS
+        idle_s = self.settings.session_idle_s
+        victims = [s for i, s in enumerate(by_age) if i < excess or now - s.touched > idle_s]
+        dropped = 0
+        for session in victims:
+            with session.lock:
+                if session.streaming is not None or not self._try_flush(session):
+                    continue
+                with self._sessions_lock:
+                    if self._sessions.get(session.session_id) is session and (
+                        session.touched <= now
+                    ):
+                        del self._sessions[session.session_id]
+                        dropped += 1
+        if dropped:
+            log.info("dropped %d idle chat sessions (RLHF_SESSION_IDLE_S)", dropped)
+        return dropped
 
     def drop_session(self, session_id: str) -> None:
         """Forget a closed session's conversation (its turns stay in Redis). Pending

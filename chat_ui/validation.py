@@ -29,6 +29,7 @@ from rlhf_core.settings import Settings
 # Ranges of the sampling controls: the sliders on the page use the same numbers.
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.05, 1.0)
+MIN_TEMPERATURE = 0.01  # besides 0 (greedy)
 MAX_NEW_TOKENS_RANGE = (1, 1024)
 MAX_NUMBER_CHARS = 32  # a number sent as text longer than this is not a number we need
 MAX_INDEX = 100_000  # more messages than one chat can hold
@@ -112,10 +113,7 @@ def integer(value: Any, what: str, *, lo: int, hi: int, default: int | None = No
 def sampling(temperature: Any, top_p: Any, max_new_tokens: Any, settings: Settings) -> dict:
     """The three sampling controls, checked; a missing one takes the server's default."""
     return {
-        "temperature": number(
-            temperature, "Temperature", lo=TEMPERATURE_RANGE[0], hi=TEMPERATURE_RANGE[1],
-            default=settings.temperature,
-        ),
+        "temperature": _temperature(temperature, settings),
         "top_p": number(
             top_p, "Top-p", lo=0.0, hi=TOP_P_RANGE[1], lo_open=True, default=settings.top_p
         ),
@@ -124,6 +122,20 @@ def sampling(temperature: Any, top_p: Any, max_new_tokens: Any, settings: Settin
             hi=MAX_NEW_TOKENS_RANGE[1], default=settings.max_new_tokens,
         ),
     }  # fmt: skip
+
+
+def _temperature(value: Any, settings: Settings) -> float:
+    """0 means greedy decoding; otherwise at least MIN_TEMPERATURE: the logits are divided
+    by it, and 1e-182 turned them into infinities that sampling refuses (a RuntimeError
+    the fuzz test found)."""
+    lo, hi = TEMPERATURE_RANGE
+    value = number(value, "Temperature", lo=lo, hi=hi, default=settings.temperature)
+    if 0 < value < MIN_TEMPERATURE:
+        raise InputError(
+            f"Temperature must be 0 (always the likeliest word) or between {MIN_TEMPERATURE:g} "
+            f"and {hi:g}; got {value:g}."
+        )
+    return value
 
 
 def sampling_dict(value: Any, settings: Settings) -> dict:
@@ -271,7 +283,8 @@ def vote_kind(value: Any) -> str:
 
 def session_id(value: Any) -> str:
     """The id of a browser session: printable text the store can keep as it is."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
+        # A blank id is no id (the store refuses it, after the answer was generated).
         raise InputError("No session id: reload the page.")
     if len(value) > MAX_SESSION_ID_CHARS or not value.isprintable() or clean_text(value) != value:
         raise InputError(

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -45,6 +46,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """In a child between fork and exec (``preexec_fn=partial(die_with_parent,
+    os.getpid())``): ask the kernel for ``sig`` when the parent dies (prctl
+    PR_SET_PDEATHSIG; Linux only, a no-op elsewhere). If the parent died before this
+    ran, exit now."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def valkey_binary() -> str:
@@ -91,12 +110,18 @@ class EmbeddedValkey:
         port: int | None = None,
         fsync: str = "always",
         password: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.fsync = fsync
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.password = password or data_dir_password(self.data_dir)
+        # Linux: the kernel sends the server SIGTERM when the thread that started it dies,
+        # by any signal (kill -9 included), so it never outlives `rlhf-chat up` holding
+        # the port and the append-only files. Start it from a thread that lives as long
+        # as the owner (the main thread).
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -121,8 +146,9 @@ class EmbeddedValkey:
             "--proto-max-bulk-len", "1gb",
         ]  # fmt: skip
         self.process = subprocess.Popen(
-            args, cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+            args, cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=partial(die_with_parent, os.getpid()) if self.die_with_parent else None,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         while True:
@@ -199,7 +225,9 @@ def connect(settings: Settings, url: str | None = None, **kwargs) -> redis.Redis
     return redis.Redis.from_url(url, **kwargs)
 
 
-def start_embedded_if_needed(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
+def start_embedded_if_needed(
+    settings: Settings, die_with_parent: bool = False
+) -> tuple[str, EmbeddedValkey | None]:
     """Return the URL to use, starting an embedded server when no URL is set and
     none already runs for this data directory."""
     if settings.redis_url:
@@ -211,6 +239,6 @@ def start_embedded_if_needed(settings: Settings) -> tuple[str, EmbeddedValkey | 
             return existing, None  # another `up` with the same data dir owns it
         except redis.RedisError:
             pass  # stale file from a crashed run: start our own
-    server = EmbeddedValkey(Path(settings.data_dir)).start()
+    server = EmbeddedValkey(Path(settings.data_dir), die_with_parent=die_with_parent).start()
     server.write_url_file()
     return server.url, server

@@ -38,6 +38,7 @@ S = Settings()
         ("1" * 40, "characters of text"),
         (2.5, "at most 2"),
         (-0.1, "at least 0"),
+        (1.39e-182, "0 .always the likeliest word. or between 0.01"),  # found by test_fuzz
     ],
 )
 def test_bad_temperatures_are_refused_with_what_to_do(value, message):
@@ -76,7 +77,7 @@ def test_indexes_versions_votes_session_ids():
     for bad in ("LIKE", 1, "x" * 1000):
         with pytest.raises(InputError, match="use 'like'"):
             validation.vote_kind(bad)
-    for bad in ("", None, "a\ud800b", "a\nb", "x" * 300, 7):
+    for bad in ("", " ", None, "a\ud800b", "a\nb", "x" * 300, 7):  # " ": found by test_fuzz
         with pytest.raises(InputError, match="reload the page"):
             validation.session_id(bad)
 
@@ -198,3 +199,21 @@ def test_vote_while_streaming_is_applied_when_the_answer_is_stored(service):
     assert event.kind == "like" and event.turn_id == final.messages[-1]["turn_id"]
     service.undo("s1")
     assert service.feedback_state("s1") == [None]
+
+
+def test_idle_sessions_expire_after_their_answers_are_saved(tiny_settings, tiny_model, valkey):
+    """Sessions were kept until 10,000 existed, then the oldest was dropped with its
+    pending answer. Now they expire by time, and only once their answers are stored."""
+    settings = tiny_settings.model_copy(update={"session_idle_s": 0.3, "redis_timeout_s": 0.5})
+    store = FeedbackStore(connect(settings))
+    service = ChatService(settings, PolicyServer(tiny_model, settings), store)
+    answer(service, "kept")
+    valkey.kill()  # the store goes away: the next answer stays pending in its session
+    final = answer(service, "pending")
+    assert not final.messages[-1]["saved"]
+    time.sleep(0.4)
+    assert service.expire_idle() == 1  # "kept" goes; "pending" must wait for the store
+    assert set(service._sessions) == {"pending"}
+    valkey.start()
+    assert service.expire_idle() == 1 and not service._sessions
+    assert {t.session_id for t in store.turns()} == {"kept", "pending"}

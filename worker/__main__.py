@@ -10,7 +10,10 @@ import it lazily), so forking the child is safe.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 
 from rlhf_core.redis_server import discover_url
 from rlhf_core.settings import get_settings
@@ -29,7 +32,34 @@ def worker_argv(extra: list[str]) -> list[str]:
     return argv + ["--without-gossip", "--without-mingle", "--without-heartbeat"] + extra
 
 
+PARENT_PIPE_ENV = "RLHF_PARENT_PIPE_FD"
+
+
+def watch_parent() -> None:
+    """Under `rlhf-chat up`: the read end of a pipe whose write end only ``up`` holds.
+    It reads EOF when ``up`` is gone, by any signal (kill -9 included: the kernel closes
+    its files); then this worker takes its whole process group down, the pool child in
+    the middle of a round too (the round re-runs later, see rlhf_core.upkeep), instead
+    of living on as an orphan."""
+    fd = os.environ.pop(PARENT_PIPE_ENV, None)
+    if fd is None:
+        return
+
+    def wait() -> None:
+        try:
+            while os.read(int(fd), 1):
+                pass
+        except OSError:
+            pass
+        if os.getpgrp() == os.getpid():  # our own group (`up` starts us in a new session)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
+
+
 def main(extra: list[str] | None = None) -> None:
+    watch_parent()
     settings = get_settings()
     if discover_url(settings) is None:
         sys.exit(
