@@ -173,6 +173,24 @@ class SimulatedUser:
 
 
 # ------------------------------------------------------------------ evaluation
+def version_sanity(model: Any, tokenizer: Any, args) -> dict[str, Any] | None:
+    """The sanity rate of one version (see benchmarks/sanity.py), sampled as the held-out
+    answers are (the run's temperature and top-p, same seed for every version)."""
+    path = getattr(args, "sanity_prompts", None)
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        from benchmarks.sanity import read_sanity, sanity_rate
+    except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+        from sanity import read_sanity, sanity_rate
+
+    return sanity_rate(
+        model, tokenizer, read_sanity(path), system_prompt=args.system_prompt,
+        temperature=args.temperature, top_p=args.top_p, samples=args.sanity_samples,
+        seed=args.seed, batch=args.eval_batch,
+    )  # fmt: skip
+
+
 def evaluate_versions(
     app: App, versions: list[int], eval_prompts: list[str], oracle: ModuleType, args
 ) -> dict[int, dict[str, Any]]:
@@ -254,6 +272,7 @@ def evaluate_versions(
             for row, m in zip(response, mask, strict=True):
                 answers.append(tokenizer.decode(row[m.bool()], skip_special_tokens=True).strip())
         liked = [bool(oracle.judge(p, a)) for p, a in zip(eval_prompts, answers, strict=True)]
+        sanity = version_sanity(model, tokenizer, args)
         meta = registry.get(version) if version else {}
         metrics = meta.get("metrics", {}) if isinstance(meta, dict) else {}
         results[version] = {
@@ -261,6 +280,10 @@ def evaluate_versions(
             "kl": sum(kls) / len(kls),
             "log_ratio": sum(ratios) / len(ratios),
             "mean_words": sum(len(a.split()) for a in answers) / len(answers),
+            # Plain facts still answered (shared/eval/prompts_sanity.tsv): learning a style
+            # must not cost what the model knew.
+            "sanity": sanity["rate"] if sanity else None,
+            "sanity_misses": sanity["misses"][:5] if sanity else [],
             "rm_accuracy": metrics.get("reward/accuracy"),
             # What the round's gate measured on its own samples, beside the held-out
             # figure above: the two should agree within the gate's error.
@@ -273,6 +296,7 @@ def evaluate_versions(
         }
         log(
             f"v{version}: 👍 {results[version]['thumbs_up_rate']:.2f} "
+            f"sanity {format(sanity['rate'], '.2f') if sanity else '-'} "
             f"KL {results[version]['kl']:.2f} words {results[version]['mean_words']:.1f}"
         )
         if adapter is not None:
@@ -493,9 +517,12 @@ def report(result: dict[str, Any]) -> str:
         "",
         "Gate KL: what the round's gate measured on its own samples (its upper bound in brackets).",
         "",
-        "| version | 👍 rate | KL (nats) | gate KL | log-ratio | mean words | RM accuracy "
-        "| elapsed s | vote→version s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Sanity: share of answers to the plain factual prompts of prompts_sanity.tsv that "
+        "contain the right word (same sampling).",
+        "",
+        "| version | 👍 rate | sanity | KL (nats) | gate KL | log-ratio | mean words "
+        "| RM accuracy | elapsed s | vote→version s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def number(value: Any, fmt: str = ".2f") -> str:
@@ -506,7 +533,8 @@ def report(result: dict[str, Any]) -> str:
         if r.get("gate_kl_ucb") is not None:
             gate += f" [{number(r['gate_kl_ucb'])}]"
         lines.append(
-            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {r['kl']:.2f} | {gate} "
+            f"| {r['version']} | {r['thumbs_up_rate']:.2f} | {number(r.get('sanity'))} "
+            f"| {r['kl']:.2f} | {gate} "
             f"| {number(r.get('log_ratio'))} | {r['mean_words']:.1f} "
             f"| {number(r.get('rm_accuracy'))} | {r['elapsed_s']} "
             f"| {r['vote_to_version_s'] or ''} |"
@@ -533,6 +561,11 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=Path, default=SHARED_EVAL / "prompts_train.txt")
     parser.add_argument("--eval-prompts", type=Path, default=SHARED_EVAL / "prompts_heldout.txt")
     parser.add_argument("--eval-n", type=int, default=32, help="held-out prompts evaluated")
+    parser.add_argument(
+        "--sanity-prompts", type=Path, default=SHARED_EVAL / "prompts_sanity.tsv",
+        help="plain factual prompts whose answer rate is reported per version",
+    )  # fmt: skip
+    parser.add_argument("--sanity-samples", type=int, default=1, help="answers per prompt")
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--feedback-per-round", type=int, default=32)

@@ -53,11 +53,12 @@ def test_a_killed_round_is_requeued_once_after_its_lease(tiny_settings, redis_cl
 def test_finished_rounds_are_not_requeued(tiny_settings, redis_client):
     registry = Registry(redis_client, tiny_settings)
     for stage, outcome in (("published", None), ("rejected", None), ("gate", "failed")):
-        token = registry.lock().acquire()
+        lock = registry.lock()
+        token = lock.acquire()
         registry.set_progress(stage, 1.0, token)
         if outcome:
             registry.record_round(outcome, "KL too high")
-        redis_client.delete("rlhf:lock:train")
+        lock.release()
         assert abandoned_round(registry) is None, stage
 
 
