@@ -98,6 +98,10 @@ class App:
                 "RLHF_TRAIN_EVERY": str(args.feedback_per_round),
                 "RLHF_MAX_EVENTS_PER_USER": str(args.feedback_per_round),
                 "RLHF_MAX_NEW_TOKENS": str(args.max_new_tokens),
+                # The app's default sampling is what the gate's served KL samples with:
+                # the run's own, as its simulated users get (not the app's default).
+                "RLHF_TEMPERATURE": str(args.temperature),
+                "RLHF_TOP_P": str(args.top_p),
                 "RLHF_SEED": str(args.seed),
             }
         )

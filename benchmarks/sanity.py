@@ -7,8 +7,10 @@ for every version (learning a style must not cost what the model knew); run this
 to measure the base model at several sampling settings, which is how the app's default
 sampling was chosen (see the README):
 
-    flock /work/bench.lock nice -n 0 .venv/bin/python benchmarks/sanity.py \\
+    nice -n 19 .venv/bin/python benchmarks/sanity.py --model-cache-dir /work/model-cache \\
         --settings 0:1 0.2:0.9 0.7:0.9 --samples 2
+
+(rates, not timings: it need not hold the benchmark lock)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def sanity_rate(
     system_prompt: str = "You are a helpful assistant.",
     temperature: float = 0.7,
     top_p: float = 0.9,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 32,
     samples: int = 1,
     seed: int = 0,
     batch: int = 16,
@@ -64,30 +66,33 @@ def sanity_rate(
     (so versions are compared on the same sampling noise); temperature 0 = greedy."""
     import torch
 
+    from rlhf_core.chat_format import prompt_ids
+    from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
+
+    # The chat encoding and the generate() arguments the app serves with.
     contexts = [
-        [{"role": "system", "content": system_prompt}, {"role": "user", "content": p}]
+        prompt_ids(tokenizer, [{"role": "system", "content": system_prompt},
+                               {"role": "user", "content": p}])
         for p, _ in items
-    ]
+    ]  # fmt: skip
+    pad = tokenizer.pad_token_id
+    stops = stop_token_ids(model, tokenizer)
+    kwargs = generate_kwargs(
+        Sampling(temperature, top_p, max_new_tokens), eos_token_id=stops, pad_token_id=pad
+    )
+    device = getattr(model, "device", "cpu")
     hits, misses, total = 0, [], 0
     for sample in range(samples if temperature > 0 else 1):
         for start in range(0, len(contexts), batch):
-            chunk = contexts[start : start + batch]
-            enc = tokenizer.apply_chat_template(
-                chunk, add_generation_prompt=True, padding=True, return_tensors="pt",
-                return_dict=True,
-            ).to(model.device)  # fmt: skip
+            rows = contexts[start : start + batch]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                device=device)  # fmt: skip
             torch.manual_seed(seed + 1000 * sample + start)
-            sampling = (
-                {"do_sample": True, "temperature": temperature, "top_p": top_p}
-                if temperature > 0
-                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            )
             with torch.inference_mode():
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )  # fmt: skip
-            for i, row in enumerate(out[:, enc["input_ids"].shape[1] :]):
+                out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            for i, row in enumerate(out[:, width:]):
                 answer = tokenizer.decode(row, skip_special_tokens=True).strip()
                 prompt, accepted = items[start + i]
                 total += 1
@@ -108,7 +113,7 @@ def main() -> None:
         help="temperature:top_p pairs to measure (temperature 0 = greedy)",
     )  # fmt: skip
     parser.add_argument("--samples", type=int, default=2, help="answers per prompt (sampled)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "sanity.json")
     args = parser.parse_args()
 

@@ -182,15 +182,6 @@ def guarded(fn):
     return call
 
 
-def unchecked(component: gr.components.Component) -> gr.components.Component:
-    """The component's value reaches the handler as sent, to be checked by
-    chat_ui.validation: Gradio's own range check of a slider or number lets NaN through
-    and answers text with a Python error. (Set on the instance: a subclass of a
-    component makes Gradio write a .pyi file next to this module.)"""
-    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
-    return component
-
-
 PICKS = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both are bad"}
 
 
@@ -293,7 +284,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
                         lines=3,
                         elem_id="system-prompt",
                     )
-                    temperature = unchecked(
+                    temperature = validation.unchecked(
                         gr.Slider(
                             *validation.TEMPERATURE_RANGE,
                             settings.temperature,
@@ -301,10 +292,10 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
                             label="Temperature",
                         )
                     )
-                    top_p = unchecked(
+                    top_p = validation.unchecked(
                         gr.Slider(*validation.TOP_P_RANGE, settings.top_p, step=0.05, label="Top-p")
                     )
-                    max_new_tokens = unchecked(gr.Slider(
+                    max_new_tokens = validation.unchecked(gr.Slider(
                         *validation.MAX_NEW_TOKENS_RANGE, settings.max_new_tokens, step=1,
                         label="Max new tokens",
                     ))  # fmt: skip
@@ -331,7 +322,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
                             forget_no = gr.Button("Cancel", elem_id="delete-my-data-no")
             # Inputs of the API-only endpoints (/vote, /rewrite, /regenerate by index).
             with gr.Row(visible=False):
-                api_index = unchecked(gr.Number(-1, precision=0, label="answer index"))
+                api_index = validation.unchecked(gr.Number(-1, precision=0, label="answer index"))
                 api_kind = gr.Textbox("like", label="vote: like, dislike or unvote")
                 api_text = gr.Textbox("", label="rewritten answer")
                 vote_button = gr.Button("vote")

@@ -613,10 +613,11 @@ def build_training_tab(
     def ab_share(share: Any, request: gr.Request) -> str:
         admin_only(request)
         try:
-            Registry(client, settings).set_candidate_share(float(share))
+            share = validation.number(share, "The candidate share", lo=0.01, hi=1.0)
+            Registry(client, settings).set_candidate_share(share)
         except (CandidateError, ValueError, TypeError) as error:
             return str(error)
-        return f"The candidate now serves {float(share):.0%} of users."
+        return f"The candidate now serves {share:.0%} of users."
 
     def rollback(version: Any, request: gr.Request) -> str:
         admin_only(request)
@@ -660,7 +661,9 @@ def build_training_tab(
     with gr.Row(visible=False) as ab_controls:  # admins only, as the row above
         promote_button = gr.Button("Promote candidate", elem_id="ab-promote")
         demote_button = gr.Button("Roll back candidate", elem_id="ab-rollback")
-        share_pick = gr.Number(0.2, label="Candidate share", minimum=0.01, maximum=1.0, step=0.05)
+        share_pick = validation.unchecked(
+            gr.Number(0.2, label="Candidate share", minimum=0.01, maximum=1.0, step=0.05)
+        )
         share_button = gr.Button("Set share", elem_id="ab-share")
     decisions = gr.Dataframe(label="Canary decisions", interactive=False, elem_id="ab-decisions")
     board = gr.Dataframe(

@@ -291,3 +291,12 @@ def session_id(value: Any) -> str:
             "This session id cannot be used (too long or not plain text): reload the page."
         )
     return value
+
+
+def unchecked(component: Any) -> Any:
+    """A Gradio input component whose value reaches the handler as sent, to be checked
+    here: Gradio's own range check of a slider or number lets NaN through and answers
+    text with a Python error. (Set on the instance: a subclass of a component makes
+    Gradio write a .pyi file next to the module that defines it.)"""
+    component.preprocess = lambda payload: payload
+    return component

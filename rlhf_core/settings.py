@@ -59,7 +59,10 @@ class Settings(BaseSettings):
         1536, description="Prompt budget; older turns are trimmed beyond it."
     )
     system_prompt: str = Field("You are a helpful assistant.", description="Default system prompt.")
-    temperature: float = Field(0.7, description="Default sampling temperature.")
+    temperature: float = Field(
+        0.2,
+        description="Default sampling temperature (0 = greedy); chosen on the sanity prompts.",
+    )
     top_p: float = Field(0.9, description="Default nucleus sampling top-p.")
     max_new_tokens: int = Field(256, description="Default answer length limit, in tokens.")
     version_poll_s: float = Field(

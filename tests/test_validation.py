@@ -207,6 +207,7 @@ def test_idle_sessions_expire_after_their_answers_are_saved(tiny_settings, tiny_
     settings = tiny_settings.model_copy(update={"session_idle_s": 0.3, "redis_timeout_s": 0.5})
     store = FeedbackStore(connect(settings))
     service = ChatService(settings, PolicyServer(tiny_model, settings), store)
+    service._sweep_every = 1e9  # sweeps only when this test calls expire_idle
     answer(service, "kept")
     valkey.kill()  # the store goes away: the next answer stays pending in its session
     final = answer(service, "pending")
