@@ -43,7 +43,16 @@ HANG_S = 30.0
 EXAMPLES = int(os.environ.get("RLHF_FUZZ_EXAMPLES", "30"))
 SESSIONS = ["fuzz-a", "fuzz-b", "fuzz-c"]
 CLEAR_TITLES = {INPUT_TITLE, STORE_TITLE}
-CHAT_ENDPOINTS = {"send", "regenerate", "vote", "rewrite", "undo", "new_chat"}
+CHAT_ENDPOINTS = {
+    "send",
+    "regenerate",
+    "vote",
+    "rewrite",
+    "undo",
+    "new_chat",
+    "set_no_train",
+    "delete_my_data",
+}
 
 # --- values ----------------------------------------------------------------------------
 surrogate = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
