@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fast(settings):
     """Rounds as short as they can be while still training for real."""
-    return settings.model_copy(update={"reward_epochs": 1, "lock_ttl_s": 3.0})
+    # A lease of a few seconds lapsed under load (load average 10) while a round ran.
+    return settings.model_copy(update={"reward_epochs": 1, "lock_ttl_s": 10.0})
 
 
 def worker_env(settings, **extra: str) -> dict[str, str]:
