@@ -139,8 +139,7 @@ class Fuzzer:
                 f"/call/{api}", content=body, headers={"content-type": "application/json"}
             )
             if reply.status_code != 200:
-                return self._done(api, start, "unclear", f"HTTP {reply.status_code}: "
-                                  f"{reply.text[:300]}", data, session_hash)  # fmt: skip
+                return self._refused(api, start, reply, data, session_hash)
             event_id = reply.json()["event_id"]
             last: Any = None
             with http.stream("GET", f"/call/{api}/{event_id}") as stream:
@@ -166,13 +165,32 @@ class Fuzzer:
         except httpx.TransportError as error:  # the server dropped the connection
             return self._done(api, start, "unclear", f"dropped: {error!r}", data, session_hash)
 
+    def _refused(
+        self, api: str, start: float, reply: httpx.Response, data: list, session_hash: str
+    ) -> tuple:
+        """A refusal before any handler runs (the access layer: a body over RLHF_MAX_BODY_KB
+        gets 413, a full queue 503) is clear when it says what to do in its JSON "error";
+        an HTTP 500 or a bare body is not."""
+        try:
+            message = (reply.json() or {}).get("error", "")
+        except ValueError:
+            message = ""
+        if reply.status_code in (413, 429, 503) and isinstance(message, str) and message.strip():
+            payload = {"title": f"HTTP {reply.status_code}", "error": message}
+            return self._done(api, start, "refused", payload, data, session_hash)
+        text = f"HTTP {reply.status_code}: {reply.text[:300]}"
+        return self._done(api, start, "unclear", text, data, session_hash)
+
     def _done(
         self, api: str, start: float, outcome: str, payload: Any, data: list, session_hash=""
     ) -> tuple:
         took = time.perf_counter() - start
         if took > self.slowest[0]:
             self.slowest = (took, api)
-        if outcome == "error":
+        if outcome == "refused":  # checked clear by _refused
+            outcome = "clear error"
+            self.messages[(api, payload["error"][:60])] += 1
+        elif outcome == "error":
             title = (payload or {}).get("title") if isinstance(payload, dict) else None
             if title == SERVER_TITLE:
                 outcome = "crash"
