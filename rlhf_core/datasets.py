@@ -8,6 +8,8 @@ How the events of one turn resolve (``resolve_feedback``), in stream order:
   counts once). label = 1.0 for like, 0.0 for dislike, none otherwise.
 - ``rewrite``: the user's edited answer; the last one wins. It yields a pair
   (rewrite chosen over the original answer), not a pointwise label.
+- an arena pick: recorded as the votes it stands for (winner 👍, loser 👎; a tie two 👍,
+  both-bad two 👎), event ids ``arena:<battle>:<side>``; its pair is winner over loser.
 - ``regenerate``: the user asked for another answer; the new answer is its own
   turn with ``parent_turn_id`` set. It carries no label by itself; votes on the
   original and on the regenerated answer (same context) make a pair.
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from rlhf_core.feedback import Event, FeedbackStore, Turn
+from rlhf_core.feedback import Event, FeedbackStore, Turn, arena_pick
 from rlhf_core.settings import Settings, get_settings
 
 Vote = Literal["like", "dislike"]
@@ -194,6 +196,11 @@ def preference_pairs(
     rejected_turn_id}] from
 
     - rewrites: the rewritten text is chosen over the turn's original answer;
+    - arena picks: the winner of one battle over its loser (source "arena"). A tie or
+      both-bad says neither answer is better: no pair (its two votes are labels for
+      the pointwise examples). An answer written for the arena is compared with its
+      rival only: its vote is half of a relative judgement, not a verdict to pair with
+      another battle's answers;
     - votes: a liked and a disliked answer of one user to the same context
       (same messages, e.g. an answer and its regenerate) -- every liked x
       disliked combination. A pair states one person's preference, so answers
@@ -237,9 +244,28 @@ def preference_pairs(
             add(item, item.rewrite, item.turn.answer, "rewrite", item.turn.turn_id,
                 item.turn.turn_id, True, item.turn.finished)  # fmt: skip
 
+    # Battle id -> side -> its answer; filled in stream order, so pairs come out in the
+    # order the battles were picked.
+    battles: dict[str, dict[str, Labeled]] = defaultdict(dict)
+    for item in labeled:
+        for event in item.feedback.effective:
+            pick = arena_pick(event.event_id)
+            if pick is not None:
+                battles[pick[0]][pick[1]] = item
+    in_arena = {item.turn.turn_id for sides in battles.values() for item in sides.values()}
+    for sides in battles.values():
+        a, b = sides.get("a"), sides.get("b")
+        if a is None or b is None:
+            continue  # the other answer was deleted or may not train
+        votes = (a.vote, b.vote)
+        if votes in (("like", "dislike"), ("dislike", "like")):
+            good, bad = (a, b) if votes[0] == "like" else (b, a)
+            add(good, good.turn.answer, bad.turn.answer, "arena", good.turn.turn_id,
+                bad.turn.turn_id, good.turn.finished, bad.turn.finished)  # fmt: skip
+
     groups: dict[tuple[str, str], list[Labeled]] = defaultdict(list)
     for item in labeled:
-        if item.vote is not None:
+        if item.vote is not None and item.turn.turn_id not in in_arena:
             groups[(item.turn.user_id, context_key(item.turn.messages))].append(item)
     for group in groups.values():
         liked = [i for i in group if i.vote == "like"]
@@ -583,7 +609,9 @@ def to_dpo_rows(
     turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
 ) -> list[dict[str, Any]]:
     """TRL preference with explicit prompt, conversational (DPOTrainer):
-    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}."""
+    {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]},
+    one row per :func:`preference_pairs` pair (rewrites, vote pairs, arena picks with a
+    winner)."""
     return [
         {
             "prompt": pair["messages"],
@@ -597,7 +625,10 @@ def to_dpo_rows(
 def to_reward_rows(
     turns: Iterable[Turn] | Mapping[str, Turn], events: Iterable[Event]
 ) -> list[dict[str, Any]]:
-    """TRL RewardTrainer reads the same explicit-prompt preference rows as DPO."""
+    """TRL RewardTrainer reads the same explicit-prompt preference rows as DPO: rewrites,
+    vote pairs and decisive arena picks. Its Bradley-Terry loss has no term for "equal",
+    so an arena tie or both-bad has no row here; it is in the kto export (two 👍 or two
+    👎) and in the arena export (with its outcome and versions)."""
     return to_dpo_rows(turns, events)
 
 
@@ -626,7 +657,8 @@ def to_arena_rows(
     """Arena battles, as FastChat logs them, in DPO's conversational shape: {"prompt",
     "chosen", "rejected"} when the pick has a winner (ties and both-bad have neither),
     plus "answer_a", "answer_b", "version_a", "version_b", "outcome". The decisive ones
-    are also in the dpo/reward exports (a pick is a 👍 and a 👎 on one context)."""
+    are also rows of the dpo/reward exports (source "arena" in :func:`preference_pairs`);
+    every pick's two votes are labels in the kto export."""
     rows = []
     for b in battles:
         a, bb = turns.get(b["turn_a"]), turns.get(b["turn_b"])

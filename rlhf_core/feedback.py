@@ -103,6 +103,20 @@ def battle_seen_key(battle_id: str) -> str:
     return f"{PREFIX}battle_seen:{battle_id}"
 
 
+# The votes an arena pick stands for have ids "arena:<battle id>:<side>" (Battle.events);
+# event ids are made by the server, never taken from a client, so the prefix is trusted.
+ARENA_EVENT_PREFIX = "arena:"
+
+
+def arena_pick(event_id: str) -> tuple[str, str] | None:
+    """(battle id, side "a" or "b") of a vote that an arena pick stands for; None for
+    any other event. Datasets pair the two sides of one battle with each other only."""
+    if not event_id.startswith(ARENA_EVENT_PREFIX):
+        return None
+    battle_id, _, side = event_id[len(ARENA_EVENT_PREFIX) :].rpartition(":")
+    return (battle_id, side) if battle_id and side in ("a", "b") else None
+
+
 def user_hash(user_id: str) -> str:
     """What the store keeps of a forgotten user: a digest, not the id itself."""
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
@@ -413,8 +427,9 @@ class Battle:
         """The votes the pick stands for, with ids fixed by the battle (a retry writes
         nothing twice)."""
         kinds = _PICK_VOTES[self.outcome]
+        who = (self.session_id, self.user_id)
         return [
-            Event(f"arena:{self.battle_id}:{side}", turn, kind, self.session_id, self.user_id)
+            Event(f"{ARENA_EVENT_PREFIX}{self.battle_id}:{side}", turn, kind, *who)
             for side, turn, kind in (("a", self.turn_a, kinds[0]), ("b", self.turn_b, kinds[1]))
         ]
 

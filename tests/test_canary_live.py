@@ -63,6 +63,45 @@ def test_arena_pick_is_a_battle_a_pair_and_two_votes(tiny_settings, tiny_model, 
     assert (row["version_a"], row["version_b"]) == arena["versions"]
 
 
+def test_an_arena_pick_trains_the_reward_model_as_a_pair_in_a_round(tiny_settings, tiny_model):
+    """Issue 13 (the pick "is a preference pair for the reward model"): a pick made through
+    the arena handlers reaches the next round's reward training as one pair, winner over
+    loser (source "arena"); a tie on the same message in the same round is two labels and
+    no pair. (Before, the tie's two 👍 paired with the first pick's loser: three pairs.)"""
+    from rlhf_core.datasets import is_heldout
+    from rlhf_core.rounds import run_round
+    from tests.test_rounds import _spy
+
+    settings = tiny_settings.model_copy(update={"reward_epochs": 1, "temperature": 1.0})
+    client = connect(settings)
+    store = FeedbackStore(client)
+    # Two answers of the base model (version 0 twice: the versions do not matter here).
+    service = ChatService(settings, PolicyServer(tiny_model, settings), store,
+                          arena_versions=lambda: (0, 0))  # fmt: skip
+    system = [{"role": "system", "content": settings.system_prompt}] * bool(settings.system_prompt)
+    messages = [m for m in (f"Arena question {i}?" for i in range(100))
+                if not is_heldout([*system, {"role": "user", "content": m}])][:1]  # fmt: skip
+    picks = {}
+    for outcome in ("a", "tie"):
+        list(service.arena_send("s1", messages[0], None, {"max_new_tokens": 8}))
+        arena = service.session("s1").arena
+        assert service.arena_pick("s1", outcome).picked == outcome
+        picks[outcome] = store.get_turns(arena["turns"])[arena["turns"][0]], store.get_turns(
+            arena["turns"])[arena["turns"][1]]  # fmt: skip
+    calls: list[dict] = []
+    outcome = run_round(settings, client, tiny_model, consumer_name="w1",
+                        run_training_round=_spy(calls))  # fmt: skip
+    assert outcome.status == "published", outcome.reason
+    (call,) = calls
+    (pair,) = call["pairs"]
+    winner, loser = picks["a"]
+    assert pair["source"] == "arena" and pair["messages"][-1]["content"] == messages[0]
+    assert (pair["chosen"], pair["rejected"]) == (winner.answer, loser.answer)
+    assert sorted(p["label"] for p in call["pointwise"]) == [0.0, 1.0, 1.0, 1.0]
+    # The reward model trained on it: its pair loss is in the round's metrics.
+    assert outcome.metrics["reward/pair_loss"] > 0
+
+
 def test_worse_candidate_is_rolled_back_by_the_worker_through_the_ui(
     tiny_settings,
     adapters,  # noqa: F811

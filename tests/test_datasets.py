@@ -413,3 +413,62 @@ def test_current_feedback_for_the_ui(store):
     state = ds.current_feedback(store, ["a", "b", "c"])
     assert (state["a"].vote, state["b"].vote, state["c"].vote) == ("like", None, None)
     assert len(state["a"].effective) == 2 and state["c"].effective == []
+
+
+# ---------------------------------------------------------------- arena picks
+
+
+def _battle(store: FeedbackStore, name: str, outcome: str, prompt: str) -> tuple[Turn, Turn]:
+    """Two answers of two versions to one message in the arena, and the pick."""
+    from rlhf_core.feedback import Battle
+
+    a = turn(f"{name}a", f"{name} answer A", prompt=prompt)
+    b = turn(f"{name}b", f"{name} answer B", prompt=prompt)
+    b.policy_version = 2
+    save(store, [a, b], [])
+    store.record_battle(Battle(name, "s1", "u1", a.turn_id, b.turn_id, 1, 2, outcome))
+    return a, b
+
+
+def test_arena_picks_in_the_preference_exports(store, tmp_path):
+    """Issue 13 ("the export formats gain the arena pairs"): a decisive pick is one
+    chosen/rejected row in the dpo and reward exports; a tie or both-bad is no pair.
+    Before, a pick was only its two votes, and the vote pairing (every liked x disliked
+    answer of one user to one context) crossed battles: the three battles below, all on
+    one message, made 9 pairs, 8 of them from the tie's and the both-bad's votes."""
+    _battle(store, "x1", "b", "Which?")
+    _battle(store, "x2", "tie", "Which?")
+    _battle(store, "x3", "both_bad", "Which?")
+    o = turn("o", "plain chat, disliked", prompt="Other")  # a vote pair next to them
+    r = turn("r", "plain chat, liked", prompt="Other", parent="o")
+    save(store, [o, r], [ev(o, "dislike"), ev(r, "like")])
+    expected = {("x1 answer B", "x1 answer A"), ("plain chat, liked", "plain chat, disliked")}
+    for fmt in ("dpo", "reward"):
+        rows = ds.read_jsonl(tmp_path / f"{fmt}.jsonl") if ds.export(
+            store, fmt, tmp_path / f"{fmt}.jsonl") else []  # fmt: skip
+        assert {(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows} == expected
+        assert all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    pairs = {p["chosen_turn_id"]: p for p in ds.preference_pairs(*ds.load_feedback(store))}
+    assert pairs["x1b"]["source"] == "arena" and pairs["x1b"]["rejected_turn_id"] == "x1a"
+    assert pairs["r"]["source"] == "vote"
+    # Ties and both-bad are labels (KTO: two 👍, two 👎), as every pick's two answers are.
+    kto = {(r["completion"][0]["content"], r["label"]) for r in ds.export_rows(store, "kto")}
+    assert {k for k in kto if k[0].startswith("x")} == {
+        ("x1 answer A", False), ("x1 answer B", True), ("x2 answer A", True),
+        ("x2 answer B", True), ("x3 answer A", False), ("x3 answer B", False),
+    }  # fmt: skip
+    # The arena export keeps every pick with its versions; only the decisive has a pair.
+    arena = {r["outcome"]: r for r in ds.export_rows(store, "arena")}
+    assert set(arena) == {"b", "tie", "both_bad"} and "chosen" not in arena["tie"]
+    assert arena["b"]["chosen"][0]["content"] == "x1 answer B"
+
+
+def test_an_arena_pick_is_a_pair_even_when_a_later_vote_pairs_differently(store):
+    """A pick is a judgement of its two answers only: another battle's pick on the same
+    message pairs its own two answers, not the winner of one with the loser of another."""
+    _battle(store, "y1", "a", "Again?")
+    _battle(store, "y2", "b", "Again?")
+    pairs = ds.preference_pairs(*ds.load_feedback(store))
+    got = sorted((p["chosen_turn_id"], p["rejected_turn_id"]) for p in pairs)
+    assert got == [("y1a", "y1b"), ("y2b", "y2a")]
+    assert {p["source"] for p in pairs} == {"arena"}
