@@ -101,7 +101,7 @@ def train_adapters(settings, prompts, oracle, out: Path, samples: int, epochs: i
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                total += float(loss)
+                total += float(loss.detach())
             log(f"{name} epoch {epoch}: loss {total / max(1, len(demos)):.3f}")
         model.save_pretrained(out / name)
         stats[f"train_s_{name}"] = round(time.monotonic() - t0, 1)
@@ -110,14 +110,133 @@ def train_adapters(settings, prompts, oracle, out: Path, samples: int, epochs: i
     return out / "good", out / "harmful", stats
 
 
+def _shared_eval() -> Path:
+    """shared/eval beside the checkout (/work/main -> /work/shared) or beside the folder of
+    worktrees (/work/wt/NAME -> /work/shared)."""
+    for root in (ROOT.parent, ROOT.parent.parent):
+        if (root / "shared" / "eval").is_dir():
+            return root / "shared" / "eval"
+    return SHARED_EVAL
+
+
+def judge_candidate(app, registry, settings, args, name, version, users, prompts, oracle):
+    """Simulated users chat and vote (``args.concurrency`` at once, as people would: the
+    batched server answers them together) until the worker decides on ``version``, or
+    ``args.max_minutes`` pass; then an admin override rolls it back so the run goes on."""
+    import threading
+
+    from rlhf_core import canary
+
+    baseline = registry.candidate()["baseline"]
+    log(f"{name} adapter is candidate v{version} against v{baseline}")
+    deadline = time.monotonic() + 120
+    while (app.watcher.candidate or {}).get("version") != version:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the UI did not load candidate v{version} within 120 s")
+        time.sleep(0.5)
+    started = time.monotonic()
+    stop = threading.Event()
+    lock = threading.Lock()
+    votes: dict[int, list[int]] = {version: [0, 0], baseline: [0, 0]}
+    errors: list[str] = []
+
+    def still_out() -> bool:
+        candidate = registry.candidate()
+        return candidate is not None and candidate["version"] == version
+
+    def user_loop(index: int) -> None:
+        # Each thread speaks for its own people (a gradio_client is one browser).
+        mine = users[index :: args.concurrency]
+        rng = random.Random(args.seed * 1000 + index)
+        while not stop.is_set() and still_out():
+            user, prompt = rng.choice(mine), rng.choice(prompts)
+            try:
+                _, answers, _, _ = user.predict(
+                    prompt, settings.system_prompt, settings.temperature, settings.top_p,
+                    args.max_new_tokens, api_name="/send",
+                )  # fmt: skip
+                served = answers[-1]["version"]
+                # The answer as stored (the page's copy carries a footer).
+                text = app.service.store.get_turn(answers[-1]["turn_id"]).answer
+                liked = bool(oracle.judge(prompt, text))
+                user.predict(-1, "like" if liked else "dislike", api_name="/vote")
+            except Exception as error:  # noqa: BLE001  (counted and reported, not fatal)
+                with lock:
+                    errors.append(f"{type(error).__name__}: {error}"[:200])
+                time.sleep(1)
+                continue
+            with lock:
+                tally = votes.setdefault(served, [0, 0])
+                tally[0] += liked
+                tally[1] += 1
+                n = sum(v[1] for v in votes.values())
+                if n % 10 == 0:
+                    log(f"{n} votes: " + ", ".join(f"v{k} {v[0]}/{v[1]}" for k, v in votes.items()))
+
+    threads = [
+        threading.Thread(target=user_loop, args=(i,), daemon=True) for i in range(args.concurrency)
+    ]
+    for thread in threads:
+        thread.start()
+    timed_out = False
+    while still_out():
+        if time.monotonic() - started > args.max_minutes * 60:
+            timed_out = True
+            break
+        time.sleep(1)
+    minutes = (time.monotonic() - started) / 60
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    override = None
+    if timed_out:
+        log(f"no decision on v{version} in {args.max_minutes} min: rolled back by override")
+        override = canary.override(
+            app.service.store.redis, settings, "rollback", by="benchmark (no decision in time)"
+        )
+    decision = next(
+        (d for d in registry.decisions() if d["version"] == version and d.get("by") == "automatic"),
+        None,
+    )
+    numbers = (decision or {}).get("numbers") or {}
+    entry = {
+        "name": name,
+        "version": version,
+        "baseline": baseline,
+        "decision": decision["action"] if decision else None,
+        "reason": decision.get("reason") if decision else None,
+        # Votes the worker's test had counted when it decided (the candidate's and the
+        # current version's), and minutes from the UI serving the candidate to the decision.
+        "votes_at_decision": (
+            numbers.get("candidate_votes", 0) + numbers.get("baseline_votes", 0)
+            if decision
+            else None
+        ),  # fmt: skip
+        "minutes_to_decision": round(numbers["elapsed_s"] / 60, 2) if decision else None,
+        "votes_cast": sum(v[1] for v in votes.values()),  # incl. answers in flight at the end
+        "votes_by_version": {str(k): {"likes": v[0], "votes": v[1]} for k, v in votes.items()},
+        "minutes": round(minutes, 2),
+        "numbers": numbers or None,
+        "timed_out": timed_out,
+        "override": override,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+    }
+    log(f"{name}: {entry['decision']} after {entry['votes_at_decision']} votes, "
+        f"{entry['minutes_to_decision']} min")  # fmt: skip
+    return entry
+
+
 def main() -> None:
+    shared = _shared_eval()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--oracle", default=str(SHARED_EVAL / "oracle_concise.py"))
-    parser.add_argument("--prompts", default=str(SHARED_EVAL / "prompts_train.txt"))
+    parser.add_argument("--oracle", default=str(shared / "oracle_concise.py"))
+    parser.add_argument("--prompts", default=str(shared / "prompts_train.txt"))
     parser.add_argument("--train-prompts", type=int, default=24)
     parser.add_argument("--samples", type=int, default=2, help="base answers per prompt")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4, help="users chatting at once")
     parser.add_argument("--share", type=float, default=0.5)
     parser.add_argument("--min-votes", type=int, default=40)
     parser.add_argument("--burn-in", type=int, default=20)
@@ -135,6 +254,7 @@ def main() -> None:
     from rlhf_core.registry import Registry
     from rlhf_core.settings import Settings
 
+    run_started = time.monotonic()
     oracle = load_oracle(Path(args.oracle))
     prompts = [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
     rng = random.Random(args.seed)
@@ -155,11 +275,22 @@ def main() -> None:
     os.environ.update(overrides)
     settings = Settings().model_copy(update={"port": free_port()})
     worker = app = None
+    shown = {k: v for k, v in overrides.items() if k not in ("RLHF_DATA_DIR", "RLHF_REDIS_URL")}
     result: dict = {
         "command": "benchmarks/canary_live.py " + " ".join(sys.argv[1:]),
         "oracle": Path(args.oracle).name,
         "base_model": settings.base_model,
-        "settings": overrides,
+        "settings": shown,
+        "rule": {
+            "alpha": settings.canary_alpha,
+            "margin": settings.canary_margin,
+            "mixture_sd": settings.canary_mixture_sd,
+            "min_votes": settings.canary_min_votes,
+            "burn_in": settings.canary_burn_in,
+            "max_votes_per_user": settings.canary_max_votes_per_user,
+        },  # fmt: skip
+        "users": args.users,
+        "concurrency": args.concurrency,
         "candidates": [],
     }
     try:
@@ -185,50 +316,10 @@ def main() -> None:
                 canary_share=args.share,
             )  # fmt: skip
             lock.release()
-            baseline = registry.candidate()["baseline"]
-            log(f"{name} adapter is candidate v{version} against v{baseline}")
-            while (app.watcher.candidate or {}).get("version") != version:
-                time.sleep(0.5)
-            started = time.monotonic()
-            votes = {version: [0, 0], baseline: [0, 0]}
-            while registry.candidate() is not None and registry.candidate()["version"] == version:
-                if time.monotonic() - started > args.max_minutes * 60:
-                    log("gave up: no decision in time")
-                    break
-                user = rng.choice(users)
-                prompt = rng.choice(prompts)
-                _, answers, _, _ = user.predict(
-                    prompt, settings.system_prompt, settings.temperature, settings.top_p,
-                    args.max_new_tokens, api_name="/send",
-                )  # fmt: skip
-                served = answers[-1]["version"]
-                # The answer as stored (the page's copy carries a footer).
-                text = app.service.store.get_turn(answers[-1]["turn_id"]).answer
-                liked = bool(oracle.judge(prompt, text))
-                user.predict(-1, "like" if liked else "dislike", api_name="/vote")
-                votes.setdefault(served, [0, 0])
-                votes[served][0] += liked
-                votes[served][1] += 1
-                n = sum(v[1] for v in votes.values())
-                if n % 10 == 0:
-                    log(f"{n} votes: " + ", ".join(f"v{k} {v[0]}/{v[1]}" for k, v in votes.items()))
-            decision = next((d for d in registry.decisions() if d["version"] == version), None)
-            minutes = (time.monotonic() - started) / 60
-            entry = {
-                "name": name,
-                "version": version,
-                "baseline": baseline,
-                "decision": decision["action"] if decision else None,
-                "by": decision.get("by") if decision else None,
-                "votes_total": sum(v[1] for v in votes.values()),
-                "votes_by_version": {
-                    str(k): {"likes": v[0], "votes": v[1]} for k, v in votes.items()
-                },
-                "minutes": round(minutes, 1),
-                "numbers": decision.get("numbers") if decision else None,
-            }
-            log(f"{name}: {entry['decision']} after {entry['votes_total']} votes, "
-                f"{entry['minutes']} min")  # fmt: skip
+            entry = judge_candidate(
+                app, registry, settings, args, name, version, users, prompts, oracle
+            )
+            entry["current_after"] = registry.current()
             result["candidates"].append(entry)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     finally:
@@ -241,6 +332,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, 9)
         valkey.stop()
+    result["total_minutes"] = round((time.monotonic() - run_started) / 60, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["candidates"], indent=2))
 
