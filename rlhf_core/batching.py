@@ -22,20 +22,25 @@ number of versions in flight -- two or three during every swap, exactly when a n
 version should reach people quickly. The delta is a rank-16 matmul on the attention
 projections, small next to the base weights. An answer keeps the version it joined
 with (its pin also keeps the adapter loaded) even when another becomes current.
+A step whose rows are all on one version (every step outside a swap) runs that
+version plainly instead, as the one-at-a-time server does: ``adapter_names`` costs a
+hook per LoRA layer per forward and a gather/scatter of rows in each.
 
 Swaps: the loop holds the server's model lock for one step at a time, and yields
 to a waiting adapter load before taking it again, so loading ``v{N+1}`` beside the
 running batch waits for at most one step, and the batch carries on afterwards.
 
 What is the libraries' and what is written here. transformers provides the model
-forward with a ``DynamicCache`` (``batch_select_indices`` drops finished rows, the
-``DynamicCache(ddp_cache_data=...)`` constructor builds a cache from tensors), the
-sampling warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the
+forward with a ``DynamicCache`` (whose layers' ``batch_select_indices`` drops finished
+rows), the sampling warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the
 incremental detokenizer (``TextIteratorStreamer``); PEFT provides mixed-adapter
 batches. Written by hand, because no library does it: the scheduler loop itself,
 padding a prefilled cache on the left to join a running batch (DynamicCache has no
-concatenate), trimming the columns that only padding still uses, and per-row
-sampling with per-request settings and generators. transformers' own
+concatenate), a cache layer with spare columns (``DynamicLayer`` copies the whole
+cache at every step), trimming the columns that only padding still uses, per-row
+sampling with per-request settings and generators, and a top-p that looks at the 64
+most likely tokens before sorting 49k (``top_p_filter``; the same kept set as
+transformers' warper, which it falls back to). transformers' own
 ``ContinuousBatchingManager`` (``generate_batch``/``init_continuous_batching``) was
 read and not used: it packs all requests into one ragged row for paged attention,
 so PEFT's per-row ``adapter_names`` cannot apply (one adapter for the whole batch),
@@ -49,15 +54,18 @@ delays the batch's next token by that prefill's time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from rlhf_core.generation import generate_kwargs
 
@@ -80,6 +88,69 @@ def supports(model: Any) -> bool:
     except Exception:  # an architecture whose config the cache cannot read
         return False
     return bool(cache.layers) and not any(cache.is_sliding) and not any(cache.is_linear)
+
+
+class _ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` with spare columns on the right of its key/value tensors, so a
+    decode step writes its one column in place. ``DynamicLayer.update`` concatenates,
+    which copies the whole batch's cache in every layer at every step (at 8 rows here
+    about a tenth of a decode step, and it grows with the batch and the answer).
+    ``keys``/``values`` are views of the filled columns, so everything that reads a
+    DynamicLayer (masks, attention, ``get_seq_length``) reads this one the same way."""
+
+    SPARE = 64  # columns reserved at a time: one reallocation per 64 steps
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.device = keys.device
+        self.is_initialized = True
+        self._reserve(keys, values, self.SPARE)
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+        filled = keys.shape[-2]
+        buffers = []
+        for tensor in (keys, values):
+            shape = list(tensor.shape)
+            shape[-2] = filled + spare
+            buffer = tensor.new_empty(shape)
+            buffer[..., :filled, :].copy_(tensor)
+            buffers.append(buffer)
+        self._keys, self._values = buffers
+        self._expose(filled)
+
+    def _expose(self, filled: int) -> None:
+        self.keys = self._keys[..., :filled, :]
+        self.values = self._values[..., :filled, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        filled, new = self.keys.shape[-2], key_states.shape[-2]
+        if filled + new > self._keys.shape[-2]:
+            self._reserve(self.keys, self.values, max(self.SPARE, new))
+        self._keys[..., filled : filled + new, :] = key_states
+        self._values[..., filled : filled + new, :] = value_states
+        self._expose(filled + new)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        filled = self.keys.shape[-2]
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._expose(filled)
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first ``columns`` columns (padding for every row now); a view, no copy."""
+        filled = self.keys.shape[-2]
+        self._keys = self._keys[..., columns:, :]
+        self._values = self._values[..., columns:, :]
+        self._expose(filled - columns)
+
+
+def _reserved_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:
+    """A DynamicCache over ``_ReservedLayer``s holding ``pairs`` (keys, values per layer)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [_ReservedLayer(keys, values) for keys, values in pairs]
+    return cache
 
 
 @dataclass
@@ -114,6 +185,10 @@ class Slot:
 class ContinuousBatcher:
     """The decode loop of one :class:`PolicyServer` (started at the first request)."""
 
+    # Off: every forward on a PEFT model takes the per-row adapter_names path (tests
+    # compare the two paths' tokens).
+    single_version_fast_path = True
+
     def __init__(self, server: PolicyServer, max_batch_size: int) -> None:
         self.server = server
         self.max_batch_size = max(1, int(max_batch_size))
@@ -125,6 +200,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
+        self.mixed_forwards = 0  # forwards with rows on different versions (tests read it)
         self.max_seen_batch = 0
 
     # --- requests ----------------------------------------------------------------
@@ -192,16 +268,40 @@ class ContinuousBatcher:
     def _model(self) -> Any:
         return self.server.model
 
-    def _adapter_names(self, slots: list[Slot]) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _versions(self, slots: list[Slot]) -> Iterator[dict[str, Any]]:
+        """Set the model up for one forward over ``slots``; yields its extra arguments.
+
+        Rows on different versions: PEFT's per-row ``adapter_names``. When every row is
+        on one version (nearly every step: a mix lasts only while the answers started
+        before a swap finish) the model runs that version plainly instead, as the
+        one-at-a-time server does: ``adapter_names`` makes PEFT register and remove a
+        hook on every LoRA layer at each forward and gather/scatter each adapter's rows
+        in each of them. Same arithmetic, the same tokens (test_serving checks it)."""
         if not self.server._peft:
-            return {}
+            yield {}
+            return
         from rlhf_core.serving import BASE_VERSION, adapter_name
 
-        names = [
-            BASE_ADAPTER if s.gen.version == BASE_VERSION else adapter_name(s.gen.version)
-            for s in slots
-        ]
-        return {"adapter_names": names}
+        model = self.server.model
+        versions = {s.gen.version for s in slots}
+        if len(versions) > 1 or not self.single_version_fast_path:
+            self.mixed_forwards += 1
+            yield {
+                "adapter_names": [
+                    BASE_ADAPTER if s.gen.version == BASE_VERSION else adapter_name(s.gen.version)
+                    for s in slots
+                ]
+            }
+            return
+        (version,) = versions
+        if version == BASE_VERSION:
+            with model.disable_adapter():
+                yield {}
+            return
+        if model.active_adapter != adapter_name(version):
+            model.set_adapter(adapter_name(version))
+        yield {}
 
     @torch.inference_mode()
     def _join(self, slots: list[Slot]) -> None:
@@ -221,15 +321,16 @@ class ContinuousBatcher:
             slot.length = len(prompt)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model().config)
-        out = self._model()(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapter_names(slots),
-        )
+        with self._versions(slots) as extra:
+            out = self._model()(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         self._emit(slots, out.logits[:, -1, :])
         self._merge(slots, out.cache, mask)
 
@@ -240,15 +341,16 @@ class ContinuousBatcher:
         last = torch.tensor([[s.tokens[-1]] for s in slots], dtype=torch.long, device=device)
         positions = torch.tensor([[s.length] for s in slots], dtype=torch.long, device=device)
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
-        out = self._model()(
-            input_ids=last,
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapter_names(slots),
-        )
+        with self._versions(slots) as extra:
+            out = self._model()(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
         self._cache = out.cache
         for slot in slots:
             slot.length += 1
@@ -285,14 +387,19 @@ class ContinuousBatcher:
                     picks[row] = int(token)
                 continue
             for warper in first.warpers:  # temperature and top-p read no token history
-                sub = warper(None, sub)
+                if isinstance(warper, TopPLogitsWarper):
+                    sub = top_p_filter(sub, warper.top_p)
+                else:
+                    sub = warper(None, sub)
             # Inverse-CDF draw: one uniform number per row from the row's generator
-            # (torch.multinomial took 24 ms a row over the 49k-token vocabulary here).
+            # (torch.multinomial took 24 ms a row over the 49k-token vocabulary here),
+            # then one searchsorted for the group.
             cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
-            for i, row in enumerate(rows):
-                u = torch.rand(1, generator=slots[row].generator) * cdf[i, -1]
-                u = u.clamp_min(torch.finfo(cdf.dtype).tiny)  # u = 0 would pick a p = 0 token
-                picks[row] = min(int(torch.searchsorted(cdf[i], u)), cdf.shape[-1] - 1)
+            u = torch.cat([torch.rand(1, generator=slots[row].generator) for row in rows])
+            u = (u[:, None] * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)  # u = 0 would
+            drawn = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)  # pick a p = 0 token
+            for row, token in zip(rows, drawn[:, 0].tolist(), strict=True):
+                picks[row] = int(token)
         return picks
 
     def _merge(self, slots: list[Slot], cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -312,7 +419,8 @@ class ContinuousBatcher:
                     self._finish(slot)
             slots = [s for s, k in zip(slots, keep, strict=True) if k]
         if self._cache is None:
-            self._cache, self._mask = cache, mask
+            pairs = [(layer.keys, layer.values) for layer in cache.layers]
+            self._cache, self._mask = _reserved_cache(pairs, self._model().config), mask
             self._active = list(slots)
             return
         width = max(self._mask.shape[1], mask.shape[1])
@@ -321,7 +429,7 @@ class ContinuousBatcher:
             keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
             values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
             merged.append((keys, values))
-        self._cache = DynamicCache(ddp_cache_data=merged, config=self._model().config)
+        self._cache = _reserved_cache(merged, self._model().config)
         self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
         self._active += slots
 
@@ -345,8 +453,7 @@ class ContinuousBatcher:
             if first:
                 self._mask = self._mask[:, first:]
                 for layer in self._cache.layers:
-                    layer.keys = layer.keys[..., first:, :]
-                    layer.values = layer.values[..., first:, :]
+                    layer.drop_left(first)
         for slot in leaving:
             self._finish(slot)
 
@@ -366,6 +473,38 @@ class ContinuousBatcher:
             slot.error = error
             self._finish(slot)
         self._active, self._cache, self._mask = [], None, None
+
+
+TOP_P_CANDIDATES = 64  # tokens looked at before falling back to a full sort
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """What ``TopPLogitsWarper(top_p)(None, scores)`` returns, for rows ``[batch, vocab]``,
+    without sorting the whole vocabulary: a token is kept when the tokens more likely than
+    it hold less than ``top_p`` of the mass (the most likely token always). The warper
+    sorts all 49k tokens of every row at every step, which took about as long as the
+    model's output layer at 8 rows here; the nucleus at the served temperatures is a few
+    tokens, so the ``TOP_P_CANDIDATES`` most likely ones decide it whenever they hold
+    ``top_p`` of the mass. Rows where they do not (a flat distribution) go through the
+    warper itself. The kept sets equal the warper's up to float rounding at the exact
+    boundary (sums taken in another order); test_serving compares them row by row.
+    ``top_p >= 1`` returns ``scores`` unchanged (the warper would still cut the tokens whose
+    probability underflows to 0; make_slot adds no top-p warper then)."""
+    if top_p >= 1.0:
+        return scores
+    probs = scores.softmax(dim=-1)
+    top, index = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # descending
+    mass = top.cumsum(dim=-1)
+    before = torch.cat([top.new_zeros(top.shape[0], 1), mass[:, :-1]], dim=-1)
+    keep_top = before < top_p
+    keep_top[:, 0] = True
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, keep_top)
+    out = scores.masked_fill(~keep, -float("inf"))
+    # Decided within the candidates when they hold top_p: the next token has >= top_p before it.
+    undecided = (mass[:, -1] < top_p).nonzero()[:, 0]
+    if len(undecided):
+        out[undecided] = TopPLogitsWarper(top_p)(None, scores[undecided])
+    return out
 
 
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

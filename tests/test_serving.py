@@ -228,6 +228,9 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
         for chat, sampling, v, seed in requests
     ]
     assert alone[1] != alone[2] or alone[0] != alone[1], "adapters should change answers"
+    # Alone, each ran its version plainly (the single-version path); together below, the
+    # batch takes PEFT's per-row adapter_names: the tokens must not tell them apart.
+    assert server._batcher.mixed_forwards == 0
     # Hold the loop between steps so that all five join in the same step.
     with server._generate_lock:
         gens = [server.stream(c, s, version=v, seed=seed) for c, s, v, seed in requests]
@@ -239,9 +242,36 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
     for t in threads:
         t.join(timeout=60)
     assert server._batcher.max_seen_batch == len(requests)
+    assert server._batcher.mixed_forwards > 0
     for gen, expected, (_, _, version, _) in zip(gens, alone, requests, strict=True):
         assert gen.version == version and gen.token_ids == expected
     assert server._pins == {}
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_one_version_batch_runs_plainly_with_the_same_tokens(versions_server, version):
+    """A batch whose rows are all on one version skips PEFT's adapter_names (the plain
+    adapter, or the adapter disabled for version 0) and writes what adapter_names does."""
+    server = versions_server
+    requests = [(QUESTIONS[i % 3], SAMPLED, 20 + i) for i in range(4)]
+
+    def batch() -> list[list[int]]:
+        with server._generate_lock:  # all four join in one step
+            gens = [server.stream(c, s, version=version, seed=seed) for c, s, seed in requests]
+            threads = [threading.Thread(target=g.consume) for g in gens]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+        for t in threads:
+            t.join(timeout=60)
+        return [g.token_ids for g in gens]
+
+    plain = batch()
+    assert server._batcher.mixed_forwards == 0 and server._batcher.max_seen_batch == 4
+    server._batcher.single_version_fast_path = False
+    general = batch()
+    assert server._batcher.mixed_forwards > 0
+    assert plain == general and all(plain)
 
 
 def test_a_request_joins_and_leaves_a_running_batch(tiny_settings):
@@ -314,6 +344,59 @@ def test_swap_loads_beside_a_running_batch_without_waiting_for_it(tiny_settings,
     assert running.version == 1 and running.token_ids == alone
     assert server._batcher.max_seen_batch == 2
     server.close()
+
+
+def test_top_p_filter_keeps_what_the_warper_keeps():
+    """The candidates-first top-p against transformers' TopPLogitsWarper (a full sort), row
+    by row: peaked rows (decided among the candidates) and flat ones (the fallback)."""
+    from transformers import TopPLogitsWarper
+
+    from rlhf_core.batching import TOP_P_CANDIDATES, top_p_filter
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 4.0, 12.0):  # 0.1: nearly uniform, the nucleus is thousands
+        scores = torch.randn(32, 49152, generator=generator) * scale
+        for top_p in (0.05, 0.5, 0.9, 0.99):  # 1.0: make_slot adds no top-p warper
+            expected = TopPLogitsWarper(top_p)(None, scores.clone())
+            assert torch.equal(top_p_filter(scores, top_p), expected), (scale, top_p)
+    # Hand-worked: probabilities .5/.3/.2 (and 0 for the rest), top-p 0.7 keeps the first
+    # two (.5 before the second is < .7; .8 before the third is not).
+    probs = torch.zeros(1, 2 * TOP_P_CANDIDATES)
+    probs[0, [7, 3, 90]] = torch.tensor([0.5, 0.3, 0.2])
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.7))[0].nonzero()[:, 0].tolist()
+    assert kept == [3, 7]
+
+
+def test_batched_sampler_top_p_draws_as_the_warper_would():
+    """The same seeds draw the same tokens through the fast top-p as through the warper."""
+    from transformers import TopPLogitsWarper
+
+    from rlhf_core.batching import ContinuousBatcher, Slot
+
+    class SortingTopP:  # the warper itself, hidden from the fast path's isinstance check
+        def __init__(self, top_p):
+            self.top_p, self.inner = top_p, TopPLogitsWarper(top_p)
+
+        def __call__(self, ids, scores):
+            return self.inner(ids, scores)
+
+    scores = torch.randn(16, 49152, generator=torch.Generator().manual_seed(1)) * 6
+    draws = {}
+    for name, make in (("fast", TopPLogitsWarper), ("warper", SortingTopP)):
+        slots = [
+            Slot(
+                gen=None,
+                streamer=None,
+                generator=torch.Generator().manual_seed(row),
+                warpers=[make(0.9)],
+                do_sample=True,
+                stop_ids=frozenset(),
+            )
+            for row in range(16)
+        ]
+        draws[name] = ContinuousBatcher._sample(slots, scores)
+    assert draws["fast"] == draws["warper"]
+    assert len(set(draws["fast"])) > 1
 
 
 def test_batched_sampler_draws_from_the_warped_softmax():
