@@ -18,6 +18,8 @@ every ``--interval`` seconds. Measured:
 - ``latency_p95_ratio``: p95 answer time during swaps / without (target <= 1.2).
 
     python benchmarks/hot_swap.py [--chats 8] [--duration 40] [--interval 4] [--out FILE]
+
+(RLHF_MODEL_CACHE_DIR names the model cache; the JSON keeps the command line.)
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ def main() -> None:
             "answers_baseline": len(baseline),
             "answers_swapping": len(swapping),
             "versions_published": len(published),
+            "command": "python benchmarks/hot_swap.py " + " ".join(sys.argv[1:]),
             "versions_never_seen": missed,
             "errors": sorted({r.get("error", "") for r in failed})[:5],
             "config": {
