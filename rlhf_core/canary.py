@@ -24,6 +24,7 @@ import redis
 from rlhf_core.datasets import resolve_events
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.live_eval import ABResult, Rule, decide, in_candidate_arm
+from rlhf_core.periodic import PeriodicLoop
 from rlhf_core.registry import CandidateError, Registry
 from rlhf_core.settings import Settings
 
@@ -182,46 +183,27 @@ def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     return out
 
 
-class CanaryLoop:
+class CanaryLoop(PeriodicLoop):
     """A thread that calls :func:`check` every ``canary_check_s`` seconds (workers run
     one; several are harmless). Errors are logged and retried at the next tick."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
-        import threading
-
+        super().__init__(self.tick, settings.canary_check_s, "canary-loop", "canary check")
         self.settings = settings
         self.client = client
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.decisions: list[dict[str, Any]] = []
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.canary_check_s):
-            try:
-                if self.client is None:
-                    from rlhf_core.redis_server import connect
+    def tick(self) -> dict[str, Any] | None:
+        """One look at the running canary: its decision, or None while it keeps running."""
+        if self.client is None:
+            from rlhf_core.redis_server import connect
 
-                    self.client = connect(self.settings)
-                decision = check(self.client, self.settings)
-                if decision is not None:
-                    self.decisions.append(decision)
-                    log.info(
-                        "canary v%s: %s (%s)",
-                        decision["version"], decision["action"], decision["reason"],
-                    )  # fmt: skip
-            except Exception:  # the next tick tries again; a worker must not die of it
-                log.exception("canary check failed")
-
-    def start(self) -> CanaryLoop:
-        import threading
-
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="canary-loop", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+            self.client = connect(self.settings)
+        decision = check(self.client, self.settings)
+        if decision is not None:
+            self.decisions.append(decision)
+            log.info(
+                "canary v%s: %s (%s)",
+                decision["version"], decision["action"], decision["reason"],
+            )  # fmt: skip
+        return decision

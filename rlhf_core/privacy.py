@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn
+from rlhf_core.periodic import PeriodicLoop
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -506,7 +507,7 @@ def review_queue(store: FeedbackStore, settings: Settings, limit: int = 200) -> 
 RETENTION_EVERY_S = 3600.0
 
 
-class RetentionLoop:
+class RetentionLoop(PeriodicLoop):
     """A thread in each worker that applies ``RLHF_RETENTION_DAYS`` every hour, so old
     data goes even when no feedback arrives to start rounds. It runs under the training
     lock (skipping a tick while a round runs: the round applies it itself)."""
@@ -514,11 +515,9 @@ class RetentionLoop:
     def __init__(
         self, settings: Settings, client: Any = None, every_s: float = RETENTION_EVERY_S
     ) -> None:
+        super().__init__(self.tick, every_s, "retention", "retention pass")
         self.settings = settings
         self.client = client
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def tick(self) -> dict[str, int] | None:
         """One pass; None when a round holds the lock."""
@@ -535,22 +534,3 @@ class RetentionLoop:
             return apply_retention(self.client, self.settings)
         finally:
             lock.release()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.tick()
-            except Exception:  # the next tick tries again; a worker must not die of it
-                log.exception("retention pass failed")
-
-    def start(self) -> RetentionLoop:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

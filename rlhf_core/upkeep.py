@@ -21,10 +21,11 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
+from rlhf_core.periodic import PeriodicLoop
 from rlhf_core.registry import PREFIX, Registry
 from rlhf_core.settings import Settings
 
@@ -151,21 +152,19 @@ def prune_adapter_cache(
     return removed
 
 
-class DueRoundLoop:
+class DueRoundLoop(PeriodicLoop):
     """A thread in each worker's main process that calls :func:`request_due_round` every
     ``round_check_s`` seconds (beside the pool, so it runs while the pool is busy or
     restarting). ``send(reason)`` queues the round (the worker passes Celery's send_task).
-    Errors are logged and retried at the next tick: a worker must not die of them."""
+    Errors are logged and retried at the next tick: a worker must not die of them.
+    ``RLHF_ROUND_CHECK_S=0`` turns the check off."""
 
     def __init__(self, settings: Settings, send: Any, client: redis.Redis | None = None) -> None:
-        import threading
-
+        super().__init__(self.tick, settings.round_check_s, "due-rounds", "due-round check")
         self.settings = settings
         self.send = send
         self.client = client
         self.queued: list[str] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def tick(self) -> str | None:
         if self.client is None:
@@ -177,23 +176,8 @@ class DueRoundLoop:
             self.queued.append(reason)
         return reason
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.round_check_s):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("due-round check failed")
-
-    def start(self) -> DueRoundLoop:
-        import threading
-
-        if self._thread is None and self.settings.round_check_s > 0:
-            self._thread = threading.Thread(target=self._run, name="due-rounds", daemon=True)
-            self._thread.start()
+    def start(self) -> Self:
+        # A zero interval would spin a core rather than mean "check constantly".
+        if self.every_s > 0:
+            super().start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

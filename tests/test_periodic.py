@@ -1,0 +1,95 @@
+"""PeriodicLoop: the one background loop behind the canary, retention and due-round checks."""
+
+import logging
+import threading
+import time
+
+from rlhf_core.periodic import PeriodicLoop
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def test_ticks_repeatedly_on_a_named_daemon_thread():
+    seen: list[threading.Thread] = []
+    loop = PeriodicLoop(lambda: seen.append(threading.current_thread()), 0.01, "test-loop")
+    assert loop.start() is loop
+    try:
+        assert wait_until(lambda: len(seen) >= 3), seen
+    finally:
+        loop.stop()
+    assert all(t.name == "test-loop" and t.daemon for t in seen)
+    assert threading.current_thread() not in seen
+
+
+def test_first_tick_waits_one_interval():
+    calls: list[float] = []
+    loop = PeriodicLoop(lambda: calls.append(time.monotonic()), 30.0, "slow-loop").start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    loop.stop()
+    # stop() wakes the waiting thread at once rather than after the 30 s interval
+    assert calls == [] and time.monotonic() - began < 2.0 and not loop.running
+
+
+def test_stop_ends_the_ticks():
+    calls: list[int] = []
+    loop = PeriodicLoop(lambda: calls.append(1), 0.01, "test-loop").start()
+    assert wait_until(lambda: len(calls) >= 1)
+    loop.stop()
+    assert not loop.running
+    after_stop = len(calls)
+    time.sleep(0.1)
+    assert len(calls) == after_stop
+    loop.start()  # a stopped loop stays stopped
+    time.sleep(0.1)
+    assert len(calls) == after_stop
+
+
+def test_start_twice_runs_one_thread():
+    calls: list[int] = []
+    loop = PeriodicLoop(lambda: calls.append(1), 0.01, "test-loop").start()
+    first = loop._thread
+    assert loop.start()._thread is first
+    loop.stop()
+
+
+def test_an_exception_is_logged_and_the_next_tick_runs(caplog):
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("redis went away")
+
+    with caplog.at_level(logging.ERROR, logger="rlhf_core.periodic"):
+        loop = PeriodicLoop(flaky, 0.01, "test-loop", "flaky chore").start()
+        try:
+            assert wait_until(lambda: len(calls) >= 3), calls
+            assert loop.running
+        finally:
+            loop.stop()
+    failures = [r for r in caplog.records if r.getMessage() == "flaky chore failed"]
+    assert len(failures) == 1
+    assert failures[0].exc_info[0] is RuntimeError
+
+
+def test_the_worker_loops_tick_at_their_settings():
+    from rlhf_core.canary import CanaryLoop
+    from rlhf_core.privacy import RetentionLoop
+    from rlhf_core.settings import Settings
+    from rlhf_core.upkeep import DueRoundLoop
+
+    settings = Settings(canary_check_s=7.0, round_check_s=0.0)
+    assert CanaryLoop(settings).every_s == 7.0
+    assert RetentionLoop(settings, every_s=3.0).every_s == 3.0
+    # RLHF_ROUND_CHECK_S=0 turns the due-round check off rather than spinning a core
+    due = DueRoundLoop(settings, send=lambda reason: None).start()
+    assert due._thread is None and not due.running
+    due.stop()
