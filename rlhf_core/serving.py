@@ -341,13 +341,7 @@ class PolicyServer:
         thread = threading.Thread(target=work, name="policy-generate", daemon=True)
         try:
             thread.start()
-            for chunk in streamer:
-                if not chunk:
-                    continue
-                if gen.first_token_s is None:
-                    gen.first_token_s = time.perf_counter() - start
-                gen.text += chunk
-                yield gen.text
+            yield from _read_into(gen, streamer, start)
             thread.join()
         finally:
             # Runs also when the consumer stops early (a closed browser tab): the
@@ -379,13 +373,7 @@ class PolicyServer:
         start = time.perf_counter()
         self._batcher.submit(slot)
         try:
-            for chunk in streamer:
-                if not chunk:
-                    continue
-                if gen.first_token_s is None:
-                    gen.first_token_s = time.perf_counter() - start
-                gen.text += chunk
-                yield gen.text
+            yield from _read_into(gen, streamer, start)
         finally:
             # Also when the reader stops early (a closed tab): the loop drops the slot
             # at its next step and releases the version pin there.
@@ -455,6 +443,18 @@ class _TimedStreamer(TextIteratorStreamer):
         if not (self.skip_prompt and self.next_tokens_are_prompt):
             self.times.extend([time.perf_counter()] * value.numel())
         super().put(value)
+
+
+def _read_into(gen: Generation, streamer: TextIteratorStreamer, start: float) -> Iterator[str]:
+    """Append each streamed chunk to ``gen.text`` and yield the text so far; notes the time
+    to the first non-empty chunk (``start`` is a ``time.perf_counter()`` reading)."""
+    for chunk in streamer:
+        if not chunk:
+            continue
+        if gen.first_token_s is None:
+            gen.first_token_s = time.perf_counter() - start
+        gen.text += chunk
+        yield gen.text
 
 
 class _Cancelled(StoppingCriteria):
