@@ -42,7 +42,7 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -418,20 +418,13 @@ class Registry:
         """Metadata of one version (0 = the base model)."""
         if version == 0:
             return {"version": 0, "parent": None, "metrics": {}, "events_used": 0, "base": True}
-        raw = self.client.hgetall(f"{PREFIX}version:{version}")
-        if not raw:
-            raise UnknownVersionError(
-                f"Version {version} was never published; known versions: {self.versions()}"
-            )
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        meta = json.loads(fields["meta"])
+        fields, meta = self._read_record(
+            f"{PREFIX}version:{version}",
+            lambda: f"Version {version} was never published; known versions: {self.versions()}",
+        )
         meta.update(
-            version=int(fields["version"]),
-            created_at=float(fields["created_at"]),
             previous_current=int(fields["previous_current"]),
             fencing_token=int(fields["fencing_token"]),
-            artifact=fields["artifact"],
-            storage=fields["storage"],
             published_as=fields.get("published_as", "current"),
         )
         meta.setdefault("parent", meta["previous_current"])
@@ -503,13 +496,7 @@ class Registry:
         folders = {"policy": Path(adapter_dir)}
         if reward_dir is not None:
             folders["reward"] = Path(reward_dir)
-        for kind, folder in folders.items():
-            if not (folder / "adapter_config.json").exists():
-                raise FileNotFoundError(
-                    f"{kind} adapter folder {folder} has no adapter_config.json; save it with "
-                    "PeftModel.save_pretrained before publishing"
-                )
-        artifact, inline, blob_keys, total = self._stage(folders)
+        artifact, inline, blob_keys, total = self._stage(folders, "PeftModel.save_pretrained")
         meta = dict(metadata)
         meta["kinds"] = sorted(folders)
         meta["size_bytes"] = total
@@ -545,10 +532,18 @@ class Registry:
         )  # fmt: skip
         return version
 
-    def _stage(self, folders: dict[str, Path]) -> tuple[str, bool, list[str], int]:
+    def _stage(self, folders: dict[str, Path], saved_with: str) -> tuple[str, bool, list[str], int]:
         """Write the folders under a fresh artifact id, before the publish script that
         makes them visible: inline blobs with a TTL (the script persists them) or the
-        shared folder. Returns ``(artifact, inline, blob_keys, total_bytes)``."""
+        shared folder. Returns ``(artifact, inline, blob_keys, total_bytes)``. A folder
+        without ``adapter_config.json`` is refused first, naming ``saved_with`` (what
+        writes a loadable folder) so the caller knows what to do."""
+        for kind, folder in folders.items():
+            if not (folder / "adapter_config.json").exists():
+                raise FileNotFoundError(
+                    f"{kind} adapter folder {folder} has no adapter_config.json; save it with "
+                    f"{saved_with} before publishing"
+                )
         artifact = uuid.uuid4().hex
         total = sum(_folder_bytes(f) for f in folders.values())
         inline = total <= self.settings.inline_artifact_max_mb * 1024 * 1024
@@ -578,13 +573,9 @@ class Registry:
         """Store a reward model as the next reward version (its own counter, 1, 2, ...)
         and make it the one the next round starts from. Refused with
         :class:`StaleTokenError` when ``fencing_token`` no longer holds the lock."""
-        folder = Path(reward_dir)
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(
-                f"reward adapter folder {folder} has no adapter_config.json; save it with "
-                "RewardModel.save before publishing"
-            )
-        artifact, inline, blob_keys, total = self._stage({"reward": folder})
+        artifact, inline, blob_keys, total = self._stage(
+            {"reward": Path(reward_dir)}, "RewardModel.save"
+        )
         meta = {**metadata, "kinds": ["reward"], "size_bytes": total}
         result = self._publish_reward(
             keys=[LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT],
@@ -616,11 +607,23 @@ class Registry:
         return [int(v) for v in self.client.lrange(K_REWARD_VERSIONS, 0, -1)]
 
     def get_reward(self, version: int) -> dict[str, Any]:
-        raw = self.client.hgetall(f"{PREFIX}reward:{version}")
-        if not raw:
-            raise UnknownVersionError(
+        _, meta = self._read_record(
+            f"{PREFIX}reward:{version}",
+            lambda: (
                 f"Reward version {version} was never published; known: {self.reward_versions()}"
-            )
+            ),
+        )
+        return meta
+
+    def _read_record(
+        self, key: str, missing: Callable[[], str]
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """The fields of a published policy or reward record and its metadata, with the
+        fields that both kinds store merged in. ``missing()`` words the error when there is
+        no such record (a callable: listing the known versions costs a round trip)."""
+        raw = self.client.hgetall(key)
+        if not raw:
+            raise UnknownVersionError(missing())
         fields = {_text(k): _text(v) for k, v in raw.items()}
         meta = json.loads(fields["meta"])
         meta.update(
@@ -629,7 +632,7 @@ class Registry:
             artifact=fields["artifact"],
             storage=fields["storage"],
         )
-        return meta
+        return fields, meta
 
     def materialize_reward(
         self, version: int, local_cache_dir: str | Path | None = None
