@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 class PeriodicLoop:
     """Calls ``fn()`` every ``every_s`` seconds on a daemon thread named ``name``, the first
     call one interval after :meth:`start`. ``what`` names the chore in the error log.
+    An interval of 0 (or less) means off: :meth:`start` starts no thread.
 
     Subclasses pass a bound method (``super().__init__(self.tick, ...)``) and keep
     ``tick`` callable on its own, so tests run one pass without a thread or a wait."""
@@ -41,7 +42,9 @@ class PeriodicLoop:
                 log.exception("%s failed", self.what)
 
     def start(self) -> Self:
-        if self._thread is None:
+        # A zero interval would spin a core calling the chore back to back, not "check
+        # constantly": every loop reads 0 as off (RLHF_ROUND_CHECK_S=0, RLHF_CANARY_CHECK_S=0).
+        if self._thread is None and self.every_s > 0:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         return self

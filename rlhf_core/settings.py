@@ -256,7 +256,8 @@ class Settings(BaseSettings):
     round_check_s: float = Field(
         15.0,
         description="Workers check this often for a round that is due (enough feedback, or a "
-        "round whose worker died): a killed round re-runs without waiting for new feedback.",
+        "round whose worker died): a killed round re-runs without waiting for new feedback "
+        "(0 = never).",
     )
     keep_adapters: int = Field(
         20,
@@ -301,7 +302,9 @@ class Settings(BaseSettings):
         50, description="Votes one person counts in a canary (so one person cannot decide it)."
     )
     canary_check_s: float = Field(
-        15.0, description="How often each worker looks at the running canary."
+        15.0,
+        description="How often each worker looks at the running canary (0 = never: decisions "
+        "are then only an admin's).",
     )
 
     def resolved_artifact_dir(self) -> Path:

@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import redis
 
@@ -175,9 +175,3 @@ class DueRoundLoop(PeriodicLoop):
         if reason is not None:
             self.queued.append(reason)
         return reason
-
-    def start(self) -> Self:
-        # A zero interval would spin a core rather than mean "check constantly".
-        if self.every_s > 0:
-            super().start()
-        return self

@@ -93,3 +93,19 @@ def test_the_worker_loops_tick_at_their_settings():
     due = DueRoundLoop(settings, send=lambda reason: None).start()
     assert due._thread is None and not due.running
     due.stop()
+
+
+def test_a_zero_interval_is_off_for_every_loop():
+    """RLHF_CANARY_CHECK_S=0 (or any loop at 0 s) spun a core calling its chore back to
+    back; 0 now means off for every loop, as it already did for RLHF_ROUND_CHECK_S."""
+    from rlhf_core.canary import CanaryLoop
+    from rlhf_core.settings import Settings
+
+    calls: list[int] = []
+    loop = PeriodicLoop(lambda: calls.append(1), 0.0, "zero").start()
+    time.sleep(0.2)
+    loop.stop()
+    assert calls == [] and not loop.running
+    canary = CanaryLoop(Settings(canary_check_s=0.0)).start()
+    assert canary._thread is None and not canary.running
+    canary.stop()
