@@ -151,6 +151,11 @@ def judge_candidate(app, registry, settings, args, name, version, users, prompts
         while not stop.is_set() and still_out():
             user, prompt = rng.choice(mine), rng.choice(prompts)
             try:
+                # One message per chat: an answer must depend on its version and prompt only.
+                # In one long chat a version imitates the earlier answers in its context
+                # (another version's, before the candidate came out): in the first run the
+                # harmful adapter, 2 in 16 liked on fresh chats, was liked 51 times in 90.
+                user.predict(api_name="/new_chat")
                 _, answers, _, _ = user.predict(
                     prompt, settings.system_prompt, settings.temperature, settings.top_p,
                     args.max_new_tokens, api_name="/send",
