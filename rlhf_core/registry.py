@@ -48,6 +48,7 @@ from typing import Any
 
 import redis
 
+from rlhf_core.periodic import PeriodicLoop
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,7 @@ class TrainingLock:
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.token: int | None = None
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewer: PeriodicLoop | None = None
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -337,11 +337,12 @@ class TrainingLock:
         token = self._acquire(keys=[LOCK_KEY, LOCK_TOKEN_KEY], args=[self.ttl_ms])
         if token is None:
             return None
+        self._stop_renewing()
         self.token = int(token)
         self.lost.clear()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._keep_alive, name="lock-renew", daemon=True)
-        self._thread.start()
+        self._renewer = PeriodicLoop(
+            self._keep_alive, self.ttl_ms / 3000, "lock-renew", "renewing the training lock"
+        ).start()
         return self.token
 
     def renew(self) -> bool:
@@ -353,21 +354,22 @@ class TrainingLock:
         return ok
 
     def _keep_alive(self) -> None:
-        while not self._stop.wait(self.ttl_ms / 3000):
-            try:
-                if not self.renew():
-                    log.warning(
-                        "training lock lost (token %s); this round cannot publish", self.token
-                    )
-                    return
-            except redis.RedisError as error:  # keep trying: the lease outlives a short blip
-                log.warning("could not renew the training lock: %s", error)
+        """One renewal, every ttl/3 on the ``lock-renew`` thread."""
+        if self.lost.is_set():  # the lease is someone else's: renewing again cannot win it back
+            return
+        try:
+            if not self.renew():
+                log.warning("training lock lost (token %s); this round cannot publish", self.token)
+        except redis.RedisError as error:  # keep trying: the lease outlives a short blip
+            log.warning("could not renew the training lock: %s", error)
+
+    def _stop_renewing(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._stop_renewing()
         if self.token is not None:
             try:
                 self._release(keys=[LOCK_KEY], args=[self.token])

@@ -6,8 +6,14 @@ tokenizer on a 2-layer random Llama. Nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -15,8 +21,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rlhf_core.redis_server import EmbeddedValkey  # noqa: E402
+from rlhf_core.redis_server import EmbeddedValkey, free_port  # noqa: E402
 from rlhf_core.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 # Shared between test runs: the de-quantized default model (for its tokenizer)
 # and the tiny random model are built once per machine, not once per test.
@@ -104,3 +113,76 @@ def tiny_env(settings: Settings) -> dict[str, str]:
         }
     )
     return env
+
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    log: Path | None = None,
+    interval_s: float = 0.2,
+) -> T:
+    """Polls ``condition`` until it returns something truthy, and returns that. Past
+    ``timeout_s`` it fails saying what it waited for, with the tail of ``log`` (a server's
+    or worker's output), since that is where the reason usually is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{tail}")
+        time.sleep(interval_s)
+
+
+def pubsub_messages(pubsub, count: int, timeout_s: float = 5.0) -> list[dict]:
+    """The next ``count`` JSON messages of a subscribed pub/sub, or as many as came within
+    ``timeout_s``: the caller compares the list, so a missing message shows in the diff."""
+    messages: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < count and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message:
+            messages.append(json.loads(message["data"]))
+    return messages
+
+
+@pytest.fixture()
+def up_env(tmp_path: Path, model_cache: Path) -> dict[str, str]:
+    """Environment for `rlhf-chat up` on the tiny model: no RLHF_REDIS_URL (it starts its own
+    embedded Valkey), a free port, its data under tmp_path. Tests add or override keys."""
+    env = dict(os.environ)
+    env.pop("RLHF_REDIS_URL", None)
+    env.update(
+        RLHF_BASE_MODEL="tiny-random",
+        RLHF_MODEL_CACHE_DIR=str(model_cache),
+        RLHF_MAX_NEW_TOKENS="6",
+        RLHF_PORT=str(free_port()),
+        RLHF_DATA_DIR=str(tmp_path / "data"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`rlhf-chat up` (the container's command), its output appended to ``log``; returns once
+    its UI serves. If it never does, it is stopped here: a failed start leaves no servers."""
+    start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
+    with open(log, "ab") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "chat_ui", "up"], env=env, cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: b"rlhf-chat UI on" in log.read_bytes()[start:] or up.poll() is not None,
+                 180, "the UI of `rlhf-chat up`", log)  # fmt: skip
+        assert up.poll() is None, log.read_text(errors="replace")[-3000:]
+    except BaseException:
+        up.terminate()  # `up` stops its own children on SIGTERM
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        raise
+    return up

@@ -6,11 +6,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_env
+from conftest import tiny_env, wait_for
 
 from chat_ui.app import serve
 from rlhf_core.datasets import read_jsonl
@@ -52,10 +51,8 @@ def test_type_wait_like_then_export(app, tmp_path):
             expect(box).to_have_value("")
             chat.get_by_label("Like", exact=True).last.click()
             store = app.service.store
-            deadline = time.monotonic() + 20
-            while not any(e.kind == "like" for e in store.events()):
-                assert time.monotonic() < deadline, "the 👍 never reached the store"
-                time.sleep(0.2)
+            wait_for(lambda: any(e.kind == "like" for e in store.events()), 20,
+                     "the 👍 to reach the store")  # fmt: skip
         except Exception:
             page.screenshot(path=str(tmp_path / "failure.png"))
             raise

@@ -11,6 +11,7 @@ import pytest
 from rlhf_core import canary
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
 from rlhf_core.registry import CHANNEL, CandidateError, Registry, UnknownVersionError
+from tests.conftest import pubsub_messages
 from tests.test_registry import adapters  # noqa: F401  (fixture)
 
 
@@ -79,14 +80,11 @@ def test_publish_with_a_share_makes_a_candidate_then_queues(redis_client, settin
     ]
     assert [m["reason"] for m in registry.pointer_log()] == ["promote", "publish"]
 
-    messages = []
-    deadline = time.monotonic() + 5
-    while len(messages) < 6 and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message:
-            messages.append(json.loads(message["data"])["reason"])
+    messages = pubsub_messages(pubsub, 6)
     pubsub.close()
-    assert messages == ["publish", "candidate", "queued", "queued", "rollback", "promote"]
+    assert [m["reason"] for m in messages] == [
+        "publish", "candidate", "queued", "queued", "rollback", "promote",
+    ]  # fmt: skip
 
 
 def test_admin_starts_candidate_and_changes_share(redis_client, settings, adapters):  # noqa: F811

@@ -16,9 +16,10 @@ from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import connect, free_port
 from rlhf_core.registry import Registry
 from rlhf_core.serving import PolicyServer
+from tests.conftest import wait_for
 from tests.test_canary import publish
 from tests.test_registry import adapters  # noqa: F401  (fixture)
-from tests.test_worker import wait_for, workers  # noqa: F401  (fixture)
+from tests.test_worker import workers  # noqa: F401  (fixture)
 
 SAMPLING = (1.0, 0.9, 6)  # temperature, top_p, max_new_tokens
 

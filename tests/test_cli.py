@@ -9,17 +9,16 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import tiny_env
+from conftest import start_up, tiny_env
 from gradio_client import Client
 
 from rlhf_core.datasets import read_jsonl
 from rlhf_core.feedback import Event, FeedbackStore, Turn
-from rlhf_core.redis_server import URL_FILE, EmbeddedValkey, free_port
+from rlhf_core.redis_server import URL_FILE, EmbeddedValkey
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,38 +100,21 @@ def test_commands_say_what_to_do_without_a_server(tmp_path):
     assert done.returncode == 2 and "invalid choice" in done.stderr
 
 
-def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, model_cache):
+def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
     assert "RLHF_PREFER_DATA_DIR=/data" in dockerfile and "RLHF_HOST=0.0.0.0" in dockerfile
     assert "USER user" in dockerfile and "--uid 1000" in dockerfile
 
-    mount = tmp_path / "data"  # stands for the Space's persistent /data
+    mount = tmp_path / "mount"  # stands for the Space's persistent /data
     mount.mkdir()
-    port = free_port()
-    env = dict(os.environ)
-    env.pop("RLHF_REDIS_URL", None)
-    env.update(
-        RLHF_BASE_MODEL="tiny-random",
-        RLHF_MODEL_CACHE_DIR=str(model_cache),
-        RLHF_MAX_NEW_TOKENS="6",
-        RLHF_HOST="0.0.0.0",
-        RLHF_PORT=str(port),
-        RLHF_DATA_DIR=str(tmp_path / "fallback"),
-        RLHF_PREFER_DATA_DIR=str(mount),
-    )
+    # As the Dockerfile sets it: the mount preferred, the data dir only a fallback.
+    env = dict(up_env, RLHF_HOST="0.0.0.0", RLHF_DATA_DIR=str(tmp_path / "fallback"),
+               RLHF_PREFER_DATA_DIR=str(mount))  # fmt: skip
+    port = env["RLHF_PORT"]
     log = tmp_path / "up.log"
-    with open(log, "w") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "chat_ui", "up"],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    up = start_up(env, log)
     try:
-        deadline = time.monotonic() + 180
-        while "rlhf-chat UI on" not in log.read_text():
-            assert up.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         data_dir = mount / "rlhf-chat"
         assert (data_dir / URL_FILE).exists(), "the embedded server belongs in the mounted /data"
         assert not (tmp_path / "fallback").exists()

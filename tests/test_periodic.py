@@ -5,15 +5,7 @@ import threading
 import time
 
 from rlhf_core.periodic import PeriodicLoop
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+from tests.conftest import wait_for
 
 
 def test_ticks_repeatedly_on_a_named_daemon_thread():
@@ -21,7 +13,7 @@ def test_ticks_repeatedly_on_a_named_daemon_thread():
     loop = PeriodicLoop(lambda: seen.append(threading.current_thread()), 0.01, "test-loop")
     assert loop.start() is loop
     try:
-        assert wait_until(lambda: len(seen) >= 3), seen
+        wait_for(lambda: len(seen) >= 3, 10, "three ticks", interval_s=0.005)
     finally:
         loop.stop()
     assert all(t.name == "test-loop" and t.daemon for t in seen)
@@ -41,7 +33,7 @@ def test_first_tick_waits_one_interval():
 def test_stop_ends_the_ticks():
     calls: list[int] = []
     loop = PeriodicLoop(lambda: calls.append(1), 0.01, "test-loop").start()
-    assert wait_until(lambda: len(calls) >= 1)
+    wait_for(lambda: calls, 10, "a first tick", interval_s=0.005)
     loop.stop()
     assert not loop.running
     after_stop = len(calls)
@@ -71,7 +63,7 @@ def test_an_exception_is_logged_and_the_next_tick_runs(caplog):
     with caplog.at_level(logging.ERROR, logger="rlhf_core.periodic"):
         loop = PeriodicLoop(flaky, 0.01, "test-loop", "flaky chore").start()
         try:
-            assert wait_until(lambda: len(calls) >= 3), calls
+            wait_for(lambda: len(calls) >= 3, 10, "ticks after the failing one", interval_s=0.005)
             assert loop.running
         finally:
             loop.stop()

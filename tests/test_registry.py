@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from rlhf_core.modeling import lora_config
 from rlhf_core.registry import (
     CHANNEL,
+    LOCK_KEY,
     Registry,
     StaleTokenError,
     TrainingLock,
     UnknownVersionError,
 )
+from tests.conftest import pubsub_messages, wait_for
 
 
 def _save_adapter(tiny_model, settings, out: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -130,12 +133,30 @@ def test_lock_is_exclusive_and_renewed(redis_client):
     second.release()
 
 
+def test_a_lost_lock_stops_renewing_and_says_so_once(redis_client, caplog):
+    """A renewal that finds another round's token sets `lost`, warns once and renews no more
+    (so it can never extend the other round's lease); release leaves that lease alone."""
+    first = TrainingLock(redis_client, ttl_s=0.3)
+    token = first.acquire()
+    with caplog.at_level(logging.WARNING, logger="rlhf_core.registry"):
+        redis_client.delete(LOCK_KEY)  # as if `first` froze past its lease
+        second = TrainingLock(redis_client, ttl_s=30)
+        assert second.acquire() == token + 1
+        wait_for(first.lost.is_set, 10, "the renewal to notice", interval_s=0.01)
+        time.sleep(0.5)  # five more renewal intervals of `first`
+    warnings = [r for r in caplog.records if "training lock lost" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    first.release()
+    assert second.holder() == token + 1
+    second.release()
+
+
 def test_stale_token_cannot_publish(redis_client, tiny_settings, adapters):
     registry = Registry(redis_client, tiny_settings)
     folder, _ = adapters[1]
     old = registry.lock(ttl_s=0.2)
     old_token = old.acquire()
-    old._stop.set()  # a frozen worker: it stops renewing and its lease runs out
+    old._stop_renewing()  # a frozen worker: it stops renewing and its lease runs out
     time.sleep(0.5)
     new = registry.lock(ttl_s=5)
     new_token = new.acquire()
@@ -170,12 +191,7 @@ def test_rollback_moves_pointer_and_announces(redis_client, tiny_settings, adapt
     registry.rollback(0)
     assert registry.current() == 0
 
-    messages = []
-    deadline = time.monotonic() + 5
-    while len(messages) < 4 and time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.5)
-        if message:
-            messages.append(json.loads(message["data"]))
+    messages = pubsub_messages(pubsub, 4)
     pubsub.close()
     assert [(m["version"], m["reason"]) for m in messages] == [
         (1, "publish"),

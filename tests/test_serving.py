@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from peft import get_peft_model
 
 from rlhf_core.modeling import load_base_model, lora_config
 from rlhf_core.serving import ContextTooLongError, PolicyServer, UnknownVersionError
+from tests.conftest import wait_for
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
@@ -196,13 +196,6 @@ def _in_threads(calls):
     return results
 
 
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.fixture()
 def versions_server(tiny_settings, adapter_dirs):
     """A batched server with v1 and v2 loaded, v2 current."""
@@ -238,7 +231,8 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
         threads = [threading.Thread(target=lambda g=g: results.append(g.consume())) for g in gens]
         for t in threads:
             t.start()
-        _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+        wait_for(lambda: len(server._batcher._waiting) == len(gens), 30,
+                 "all requests waiting to join", interval_s=0.01)  # fmt: skip
     for t in threads:
         t.join(timeout=60)
     assert server._batcher.max_seen_batch == len(requests)
@@ -261,7 +255,8 @@ def test_one_version_batch_runs_plainly_with_the_same_tokens(versions_server, ve
             threads = [threading.Thread(target=g.consume) for g in gens]
             for t in threads:
                 t.start()
-            _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+            wait_for(lambda: len(server._batcher._waiting) == len(gens), 30,
+                     "all requests waiting to join", interval_s=0.01)  # fmt: skip
         for t in threads:
             t.join(timeout=60)
         return [g.token_ids for g in gens]
@@ -304,10 +299,10 @@ def test_cancelled_request_frees_its_slot_at_the_next_step(tiny_settings):
     keep_stream, leave_stream = iter(keep), iter(leave)
     next(keep_stream)
     next(leave_stream)
-    _wait_for(lambda: server._batcher.active == 2)
+    wait_for(lambda: server._batcher.active == 2, 30, "two running requests", interval_s=0.01)
     steps = server._batcher.steps
     leave_stream.close()  # a closed tab
-    _wait_for(lambda: server._batcher.active == 1)
+    wait_for(lambda: server._batcher.active == 1, 30, "one running request", interval_s=0.01)
     assert server._batcher.steps - steps <= 2, "dropped at the next step"
     assert server._pins == {0: 1}, "the cancelled answer's version pin is released"
     for _ in keep_stream:
@@ -318,9 +313,11 @@ def test_cancelled_request_frees_its_slot_at_the_next_step(tiny_settings):
         waiting = iter(server.stream(QUESTIONS[0], SAMPLED))
         thread = threading.Thread(target=lambda: list(waiting), daemon=True)
         thread.start()
-        _wait_for(lambda: len(server._batcher._waiting) == 1)
+        wait_for(lambda: len(server._batcher._waiting) == 1, 30, "a waiting request",
+                 interval_s=0.01)  # fmt: skip
         server._batcher._waiting[0].gen._cancel.set()
-    _wait_for(lambda: not server._batcher._waiting and server._pins == {})
+    wait_for(lambda: not server._batcher._waiting and server._pins == {}, 30,
+             "the cancelled request dropped and its pin released", interval_s=0.01)  # fmt: skip
     thread.join(timeout=10)
     server.close()
 

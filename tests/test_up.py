@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
-from rlhf_core.redis_server import free_port
-from tests.test_cli import ROOT, alive, children_of, rlhf_chat
+from tests.conftest import start_up, wait_for
+from tests.test_cli import alive, children_of, rlhf_chat
 
 pytestmark = pytest.mark.integration
 
@@ -37,45 +36,9 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-3000:] if log else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tail}")
-
-
-@pytest.fixture()
-def up_env(tmp_path, model_cache):
-    env = dict(os.environ)
-    env.pop("RLHF_REDIS_URL", None)
-    env.update(
-        RLHF_BASE_MODEL="tiny-random",
-        RLHF_MODEL_CACHE_DIR=str(model_cache),
-        RLHF_MAX_NEW_TOKENS="6",
-        RLHF_PORT=str(free_port()),
-        RLHF_DATA_DIR=str(tmp_path / "data"),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def start_up(env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "a") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "chat_ui", "up"], env=env, cwd=ROOT, stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    start = log.stat().st_size if log.exists() else 0
-    wait_for(lambda: "rlhf-chat UI on" in log.read_text()[start:] or up.poll() is not None,
-             180, "the UI", log)  # fmt: skip
-    assert up.poll() is None, log.read_text()[-3000:]
+def wait_for_worker(up: subprocess.Popen, log: Path) -> None:
     # The worker is up when its pool child exists (Celery forks it once ready).
     wait_for(lambda: len(descendants(up.pid)) >= 3, 120, "valkey + worker + pool child", log)
-    return up
 
 
 def turns(env: dict[str, str]) -> int:
@@ -88,6 +51,7 @@ def test_up_owns_its_children(tmp_path, up_env):
     url = f"http://127.0.0.1:{up_env['RLHF_PORT']}/"
     up = start_up(up_env, log)
     try:
+        wait_for_worker(up, log)
         Client(url, verbose=False).predict("Hello", "", 1.0, 0.9, 6, api_name="/send")
         assert turns(up_env) == 1
 
@@ -112,6 +76,7 @@ def test_up_owns_its_children(tmp_path, up_env):
     # A restart on the same data folder works and finds the data.
     up = start_up(up_env, log)
     try:
+        wait_for_worker(up, log)
         assert turns(up_env) == 2
         Client(url, verbose=False).predict("Third", "", 1.0, 0.9, 6, api_name="/send")
         children = descendants(up.pid)

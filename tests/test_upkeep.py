@@ -15,6 +15,7 @@ from rlhf_core.modeling import _build_lock, _build_tiny_random, load_base_model
 from rlhf_core.registry import Registry, UnknownVersionError
 from rlhf_core.serving import PolicyServer
 from rlhf_core.upkeep import abandoned_round, kept_versions, prune_adapters, request_due_round
+from tests.conftest import wait_for
 from tests.test_registry import _save_adapter
 
 
@@ -35,8 +36,7 @@ def test_a_killed_round_is_requeued_once_after_its_lease(tiny_settings, redis_cl
     registry.set_progress("training", 0.4, token)
     sent: list[str] = []
     assert request_due_round(settings, redis_client, sent.append) is None  # still running
-    lock._stop.set()  # the worker dies: nobody renews the lease
-    lock._thread.join()
+    lock._stop_renewing()  # the worker dies: nobody renews the lease
     time.sleep(0.7)
     assert abandoned_round(registry)["stage"] == "training"
     reason = request_due_round(settings, redis_client, sent.append)
@@ -100,17 +100,16 @@ def test_a_corrupt_adapter_does_not_stop_later_swaps(tiny_settings, redis_client
     watcher = VersionWatcher(server, settings, client=redis_client).start()
     try:
         publish(registry, corrupt)
-        deadline = time.monotonic() + 20
-        while watcher.last_error is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "version 1 cannot be served" in (watcher.last_error or "")
+        error = wait_for(lambda: watcher.last_error, 20, "the watcher to report an error",
+                         interval_s=0.1)  # fmt: skip
+        assert "version 1 cannot be served" in error
         assert server.current_version == 0 and watcher._thread.is_alive()
         text = server.generate([{"role": "user", "content": "hi"}], {"max_new_tokens": 3}).text
         assert isinstance(text, str)  # still serving
         publish(registry, folders[1])
-        while server.current_version != 2 and time.monotonic() < deadline + 20:
-            time.sleep(0.1)
-        assert server.current_version == 2 and watcher.last_error is None
+        # Both: the watcher clears last_error just after the swap, not with it.
+        wait_for(lambda: server.current_version == 2 and watcher.last_error is None, 40,
+                 "version 2 served and the error cleared", interval_s=0.1)  # fmt: skip
     finally:
         watcher.stop()
 

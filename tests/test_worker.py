@@ -18,7 +18,7 @@ import pytest
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.registry import Registry, StaleTokenError
 from rlhf_core.rounds import events_consumed
-from tests.conftest import tiny_env
+from tests.conftest import tiny_env, wait_for
 from tests.test_rounds import post_feedback
 
 pytestmark = pytest.mark.integration
@@ -100,17 +100,6 @@ def send_round(celery, reason: str = "test"):
     return celery.send_task(TRAIN_TASK, kwargs={"reason": reason})
 
 
-def wait_for(predicate, timeout: float, what: str, worker: Worker | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    log = f"\nworker log:\n{worker.tail()}" if worker else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{log}")
-
-
 def test_kill_9_mid_round_loses_and_doubles_nothing(tiny_settings, redis_client, workers, celery):
     settings = fast(tiny_settings)
     store = FeedbackStore(redis_client)
@@ -120,7 +109,7 @@ def test_kill_9_mid_round_loses_and_doubles_nothing(tiny_settings, redis_client,
     send_round(celery)
     # The round has read the events (they are pending on it) and is in the middle.
     wait_for(lambda: (registry.progress() or {}).get("stage") == "debug delay", 120,
-             "the first round to start", first)  # fmt: skip
+             "the first round to start", first.log)  # fmt: skip
     assert store.pending()["pending"] == 6
     first.kill()
     assert registry.current() == 0 and registry.versions() == []
@@ -149,11 +138,11 @@ def test_a_killed_round_re_runs_without_new_feedback(tiny_settings, redis_client
     first = workers("doomed", RLHF_DEBUG_ROUND_DELAY_S="60", RLHF_ROUND_CHECK_S="2")
     send_round(celery)
     wait_for(lambda: (registry.progress() or {}).get("stage") == "debug delay", 120,
-             "the first round to start", first)  # fmt: skip
+             "the first round to start", first.log)  # fmt: skip
     first.kill()
     killed_at = time.monotonic()
     second = workers("survivor", RLHF_ROUND_CHECK_S="2")  # no task is sent, no new feedback
-    wait_for(lambda: registry.versions() == [1], 180, "the round to re-run", second)
+    wait_for(lambda: registry.versions() == [1], 180, "the round to re-run", second.log)
     assert sorted(events_consumed(registry)) == sorted(e.event_id for e in events)
     assert "re-run of round" in second.tail() or "re-run of round" in str(registry.history())
     print(f"killed round re-ran and published {time.monotonic() - killed_at:.0f} s after kill -9")
@@ -169,7 +158,7 @@ def test_two_workers_one_round_and_stale_token_refused(
     # A slowed round so both workers are surely busy with it at the same time.
     a = workers("a", RLHF_DEBUG_ROUND_DELAY_S="3")
     workers("b", RLHF_DEBUG_ROUND_DELAY_S="3")
-    wait_for(lambda: len(celery.control.ping(timeout=1.0)) == 2, 120, "both workers", a)
+    wait_for(lambda: len(celery.control.ping(timeout=1.0)) == 2, 120, "both workers", a.log)
     results = [send_round(celery, "a"), send_round(celery, "b")]
     outcomes = [r.get(timeout=300) for r in results]
     statuses = sorted(o["status"] for o in outcomes)
@@ -234,7 +223,7 @@ def test_feedback_to_new_version_served_without_restart_then_rollback(
             assert answers[-1]["version"] == 0
             client.predict(-1, "like" if i % 2 else "dislike", api_name="/vote")
         # The fourth vote made a round due; the UI queued it and a worker runs it.
-        wait_for(lambda: registry.current() == 1, 240, "version 1 to be published", worker)
+        wait_for(lambda: registry.current() == 1, 240, "version 1 to be published", worker.log)
         # Every UI follows the registry; this one swaps without a restart.
         wait_for(lambda: client.predict(api_name="/status")["current_version"] == 1, 30,
                  "the UI to serve version 1")  # fmt: skip
