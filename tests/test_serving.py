@@ -196,6 +196,13 @@ def _in_threads(calls):
     return results
 
 
+def wait_until_waiting(server: PolicyServer, n: int) -> None:
+    """Until ``n`` requests wait to join the batch loop (held by the caller, so that they
+    all join in the same step)."""
+    wait_for(lambda: len(server._batcher._waiting) == n, 30,
+             f"{n} request(s) waiting to join the batch", interval_s=0.01)  # fmt: skip
+
+
 @pytest.fixture()
 def versions_server(tiny_settings, adapter_dirs):
     """A batched server with v1 and v2 loaded, v2 current."""
@@ -231,8 +238,7 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
         threads = [threading.Thread(target=lambda g=g: results.append(g.consume())) for g in gens]
         for t in threads:
             t.start()
-        wait_for(lambda: len(server._batcher._waiting) == len(gens), 30,
-                 "all requests waiting to join", interval_s=0.01)  # fmt: skip
+        wait_until_waiting(server, len(gens))
     for t in threads:
         t.join(timeout=60)
     assert server._batcher.max_seen_batch == len(requests)
@@ -255,8 +261,7 @@ def test_one_version_batch_runs_plainly_with_the_same_tokens(versions_server, ve
             threads = [threading.Thread(target=g.consume) for g in gens]
             for t in threads:
                 t.start()
-            wait_for(lambda: len(server._batcher._waiting) == len(gens), 30,
-                     "all requests waiting to join", interval_s=0.01)  # fmt: skip
+            wait_until_waiting(server, len(gens))
         for t in threads:
             t.join(timeout=60)
         return [g.token_ids for g in gens]
@@ -313,8 +318,7 @@ def test_cancelled_request_frees_its_slot_at_the_next_step(tiny_settings):
         waiting = iter(server.stream(QUESTIONS[0], SAMPLED))
         thread = threading.Thread(target=lambda: list(waiting), daemon=True)
         thread.start()
-        wait_for(lambda: len(server._batcher._waiting) == 1, 30, "a waiting request",
-                 interval_s=0.01)  # fmt: skip
+        wait_until_waiting(server, 1)
         server._batcher._waiting[0].gen._cancel.set()
     wait_for(lambda: not server._batcher._waiting and server._pins == {}, 30,
              "the cancelled request dropped and its pin released", interval_s=0.01)  # fmt: skip
