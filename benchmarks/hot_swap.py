@@ -110,7 +110,7 @@ class Chats:
             question = QUESTIONS[(i + k) % len(QUESTIONS)]
             k += 1
             start = time.time()
-            record = {"start": start, "ok": False, "version": None}
+            record = {"start": start, "ok": False, "version": None, "question": question}
             try:
                 job = client.submit(question, "Be brief.", 0.7, 0.9, self.max_new_tokens,
                                     api_name="/send")  # fmt: skip
@@ -122,6 +122,8 @@ class Chats:
                         with self.lock:
                             self.first_seen.setdefault(version, now)
                         record["version"] = version
+                        record.setdefault("first", now)  # first streamed update
+                        record["last"] = now
                 job.result()
                 record["ok"] = True
             except Exception as error:  # counted: the target is zero

@@ -281,7 +281,7 @@ class ContinuousBatcher:
         if not self.server._peft:
             yield {}
             return
-        from rlhf_core.serving import BASE_VERSION, adapter_name
+        from rlhf_core.serving import BASE_VERSION
 
         model = self.server.model
         versions = {s.gen.version for s in slots}
@@ -289,7 +289,9 @@ class ContinuousBatcher:
             self.mixed_forwards += 1
             yield {
                 "adapter_names": [
-                    BASE_ADAPTER if s.gen.version == BASE_VERSION else adapter_name(s.gen.version)
+                    BASE_ADAPTER
+                    if s.gen.version == BASE_VERSION
+                    else self.server.adapter_for(s.gen.version)
                     for s in slots
                 ]
             }
@@ -299,8 +301,9 @@ class ContinuousBatcher:
             with model.disable_adapter():
                 yield {}
             return
-        if model.active_adapter != adapter_name(version):
-            model.set_adapter(adapter_name(version))
+        name = self.server.adapter_for(version)
+        if model.active_adapter != name:
+            model.set_adapter(name)
         yield {}
 
     @torch.inference_mode()

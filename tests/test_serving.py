@@ -423,3 +423,100 @@ def test_batched_sampler_draws_from_the_warped_softmax():
     greedy = Slot(gen=None, streamer=None, generator=None, warpers=[], do_sample=False,
                   stop_ids=frozenset())  # fmt: skip
     assert ContinuousBatcher._sample([greedy], logits) == [2]
+
+
+# --- adapter slots (issue 12: a publish must not stall the answers in flight) ---------
+def _lora_leaves(server) -> set[int]:
+    """The LoRA matrices in the model (the modules a load would build), by identity."""
+    return {
+        id(module)
+        for name, module in server.model.named_modules()
+        if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"])
+    }
+
+
+def _answers(server, versions) -> dict[int, list[int]]:
+    return {v: server.stream(CHAT, GREEDY, version=v).consume().token_ids for v in versions}
+
+
+@pytest.mark.parametrize("backend", ["batched", "sequential"])
+def test_a_new_version_is_copied_into_a_freed_adapter_slot(tiny_settings, adapter_dirs, backend):
+    """Building a version's LoRA modules (PEFT's add_adapter) held the model lock about 4x
+    as long as copying weights into existing ones, and the decode loop waits on that lock.
+    Once an older version is unloaded, the next version's weights go into its modules:
+    no module is built, and each version answers as a freshly built adapter does (alone
+    and in one batch with another)."""
+    settings = tiny_settings.model_copy(update={"serving_backend": backend})
+    fresh = PolicyServer(load_base_model(settings), settings)
+    fresh.load_adapter(1, adapter_dirs[0])
+    fresh.load_adapter(2, adapter_dirs[1])
+    expected = _answers(fresh, [1, 2])
+    fresh.close()
+    assert expected[1] != expected[2], "the adapters should answer differently"
+
+    server = PolicyServer(load_base_model(settings), settings, keep_versions=2)
+    for version in (1, 2, 3):  # v3's load builds a third slot; v1 is unloaded after it
+        server.swap_to(version, adapter_dirs[(version - 1) % 2])
+    assert server.loaded_versions == [0, 2, 3]
+    built = _lora_leaves(server)
+    for version in (4, 5, 6):
+        server.swap_to(version, adapter_dirs[(version - 1) % 2])
+    assert server.loaded_versions == [0, 5, 6]
+    assert _lora_leaves(server) == built, "a version was loaded by building new modules"
+    assert len(server.model.peft_config) <= 3  # two loaded, at most one spare here
+    answers = _answers(server, [5, 6])
+    assert answers == {5: expected[1], 6: expected[2]}
+    if server.batched:  # both reused slots in one mixed batch
+        with server._generate_lock:
+            gens = [server.stream(CHAT, GREEDY, version=v) for v in (5, 6)]
+            threads = [threading.Thread(target=g.consume) for g in gens]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: len(server._batcher._waiting) == 2)
+        for t in threads:
+            t.join(timeout=60)
+        assert server._batcher.mixed_forwards > 0
+        assert [g.token_ids for g in gens] == [expected[1], expected[2]]
+    server.close()
+
+
+def test_a_slot_is_not_reused_for_another_config_or_missing_weights(
+    tiny_settings, adapter_dirs, tmp_path
+):
+    """A spare slot takes a new version only when it builds the same modules with the same
+    scaling, and the folder fills all of them: another rank gets a slot of its own, and
+    a folder lacking tensors must not keep the old version's values in their place."""
+    from safetensors.torch import load_file, save_file
+
+    small = tiny_settings.model_copy(update={"lora_r": 4, "lora_alpha": 8})
+    model = get_peft_model(load_base_model(small).model, lora_config(small))
+    torch.manual_seed(3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(tmp_path / "rank4")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text(
+        (tmp_path / "rank4" / "adapter_config.json").read_text()
+    )
+    tensors = load_file(str(tmp_path / "rank4" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".layers.0." not in k},
+              str(partial / "adapter_model.safetensors"))  # fmt: skip
+    folders = {2: str(tmp_path / "rank4"), 3: str(tmp_path / "rank4"), 4: str(partial)}
+
+    expected = {}
+    for version, folder in folders.items():
+        fresh = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+        fresh.load_adapter(version, folder)
+        expected[version] = _answers(fresh, [version])[version]
+        fresh.close()
+
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings, keep_versions=1)
+    server.swap_to(1, adapter_dirs[0])  # rank 16
+    server.swap_to(2, folders[2])  # rank 4: v1's slot is spare but of another shape
+    assert _answers(server, [2]) == {2: expected[2]}
+    server.swap_to(3, folders[3])  # rank 4 again: v2's rank-4 slot becomes the spare
+    server.swap_to(4, folders[4])  # rank 4 with layer 0 missing: not into v2's slot
+    assert _answers(server, [4]) == {4: expected[4]}
+    server.close()
