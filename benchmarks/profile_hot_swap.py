@@ -14,17 +14,14 @@ the server (wrapped methods, nothing changed in the code under test):
 - every request: client submit -> slot submitted to the batcher (Gradio queue and
   handler) -> joined -> first token -> first update at the client.
 
-    python benchmarks/profile_hot_swap.py [--chats 8] [--duration 40] [--interval 4] [--out FILE]
+    python benchmarks/profile_hot_swap.py [hot_swap.py's options; --out default /tmp/...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -39,9 +36,7 @@ import torch  # noqa: E402
 
 from chat_ui import training  # noqa: E402
 from rlhf_core import batching, modeling, serving  # noqa: E402
-from rlhf_core.redis_server import EmbeddedValkey, connect, free_port  # noqa: E402
 from rlhf_core.registry import Registry  # noqa: E402
-from rlhf_core.settings import Settings  # noqa: E402
 
 EVENTS: list[tuple] = []  # (time, kind, data...)
 _lock = threading.Lock()
@@ -315,67 +310,17 @@ def summarise(events, published, records, phases) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chats", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=40.0)
-    parser.add_argument("--interval", type=float, default=4.0)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--base-model", default=None, help="default: SmolLM2-135M-Instruct")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/profile_hot_swap.json"))
-    args = parser.parse_args()
+    args = hot_swap.parse_args()
+    if args.out == hot_swap.RESULTS:  # never overwrite the benchmark's committed JSON
+        args.out = Path("/tmp/profile_hot_swap.json")
     instrument()
-
-    tmp = Path(tempfile.mkdtemp(prefix="hot-swap-profile-"))
-    server = EmbeddedValkey(tmp / "valkey", fsync="everysec").start()
-    app = None
-    try:
-        settings = Settings(
-            data_dir=tmp / "data",
-            model_cache_dir=Path(os.environ.get("RLHF_MODEL_CACHE_DIR",
-                                                Path.home() / ".cache/rlhf-chat")),
-            redis_url=server.url, port=free_port(), device="cpu",
-            max_new_tokens=args.max_new_tokens, version_poll_s=1.0, train_every=10**9,
-            **({"base_model": args.base_model} if args.base_model else {}),
-        )  # fmt: skip
-        n_versions = int(args.duration // args.interval) + 1
-        adapters = hot_swap.make_adapters(settings, tmp, n_versions)
-        from chat_ui.app import serve
-
-        app = serve(settings, block=False)
-        chats = hot_swap.Chats(app.url, args.chats, args.max_new_tokens)
-        chats.run(5.0)
-        phases = {}
-        t0 = time.time()
-        chats.run(args.duration)
-        phases["baseline"] = (t0, time.time())
-        registry = Registry(connect(settings), settings)
-        lock = registry.lock()
-        token = lock.acquire()
-        published: dict[int, float] = {}
-
-        def publish_loop(seconds: float) -> None:
-            deadline = time.time() + seconds
-            i = 0
-            while time.time() < deadline and i < len(adapters):
-                at = time.time()
-                published[registry.publish(adapters[i], {"benchmark": True}, token)] = at
-                i += 1
-                time.sleep(max(0.0, args.interval - (time.time() - at)))
-            time.sleep(max(0.0, deadline - time.time()))
-
-        t1 = time.time()
-        chats.run(args.duration, during=publish_loop)
-        phases["swapping"] = (t1, time.time())
-        lock.release()
-        result = summarise(EVENTS, published, chats.records, phases)
-        result["torch_threads"] = torch.get_num_threads()
-        text = json.dumps(result, indent=1)
-        print(text)
-        args.out.write_text(text + "\n")
-    finally:
-        if app is not None:
-            app.close()
-        server.stop()
+    result, raw = hot_swap.measure(args)
+    profile = summarise(EVENTS, raw["published"], raw["records"], raw["phases"])
+    profile["torch_threads"] = torch.get_num_threads()
+    profile["hot_swap"] = result
+    text = json.dumps(profile, indent=1)
+    print(text)
+    args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

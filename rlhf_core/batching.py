@@ -186,8 +186,11 @@ class ContinuousBatcher:
     """The decode loop of one :class:`PolicyServer` (started at the first request)."""
 
     # Off: every forward on a PEFT model takes the per-row adapter_names path (tests
-    # compare the two paths' tokens).
+    # compare the paths' tokens).
     single_version_fast_path = True
+    # Off: steps with rows on several versions take PEFT's adapter_names path instead of
+    # scaling each adapter per row (tests compare the two).
+    row_scaled_mixing = True
 
     def __init__(self, server: PolicyServer, max_batch_size: int) -> None:
         self.server = server
@@ -202,6 +205,8 @@ class ContinuousBatcher:
         self.steps = 0  # decode steps run (tests and benchmarks read it)
         self.mixed_forwards = 0  # forwards with rows on different versions (tests read it)
         self.max_seen_batch = 0
+        self._layers_key: tuple | None = None
+        self._layers: list[Any] | None = None
 
     # --- requests ----------------------------------------------------------------
     def submit(self, slot: Slot) -> None:
@@ -272,12 +277,12 @@ class ContinuousBatcher:
     def _versions(self, slots: list[Slot]) -> Iterator[dict[str, Any]]:
         """Set the model up for one forward over ``slots``; yields its extra arguments.
 
-        Rows on different versions: PEFT's per-row ``adapter_names``. When every row is
-        on one version (nearly every step: a mix lasts only while the answers started
-        before a swap finish) the model runs that version plainly instead, as the
-        one-at-a-time server does: ``adapter_names`` makes PEFT register and remove a
-        hook on every LoRA layer at each forward and gather/scatter each adapter's rows
-        in each of them. Same arithmetic, the same tokens (test_serving checks it)."""
+        When every row is on one version (every step outside a swap) the model runs that
+        version plainly, as the one-at-a-time server does. Rows on different versions
+        (every step while answers started before a swap are still running: with a publish
+        every few seconds, most steps) are scaled per row (:func:`_row_scaled`) where every
+        LoRA layer allows it, else they take PEFT's per-row ``adapter_names``. Same
+        arithmetic, the same tokens (test_serving checks all three)."""
         if not self.server._peft:
             yield {}
             return
@@ -285,26 +290,35 @@ class ContinuousBatcher:
 
         model = self.server.model
         versions = {s.gen.version for s in slots}
+        names = [
+            None if s.gen.version == BASE_VERSION else self.server.adapter_for(s.gen.version)
+            for s in slots
+        ]
         if len(versions) > 1 or not self.single_version_fast_path:
             self.mixed_forwards += 1
-            yield {
-                "adapter_names": [
-                    BASE_ADAPTER
-                    if s.gen.version == BASE_VERSION
-                    else self.server.adapter_for(s.gen.version)
-                    for s in slots
-                ]
-            }
+            layers = self._scalable_layers(model, {n for n in names if n is not None})
+            if self.single_version_fast_path and self.row_scaled_mixing and layers is not None:
+                with _row_scaled(layers, names):
+                    yield {}
+                return
+            yield {"adapter_names": [BASE_ADAPTER if n is None else n for n in names]}
             return
-        (version,) = versions
-        if version == BASE_VERSION:
+        (name,) = set(names)
+        if name is None:
             with model.disable_adapter():
                 yield {}
             return
-        name = self.server.adapter_for(version)
         if model.active_adapter != name:
             model.set_adapter(name)
         yield {}
+
+    def _scalable_layers(self, model: Any, names: set[str]) -> list[Any] | None:
+        """:func:`_scalable_lora_layers`, cached until the model's adapters change (a walk
+        of the module tree costs several milliseconds, a fair part of a decode step)."""
+        key = (id(model), tuple(model.peft_config), frozenset(names))
+        if self._layers_key != key:
+            self._layers_key, self._layers = key, _scalable_lora_layers(model, names)
+        return self._layers
 
     @torch.inference_mode()
     def _join(self, slots: list[Slot]) -> None:
@@ -476,6 +490,69 @@ class ContinuousBatcher:
             slot.error = error
             self._finish(slot)
         self._active, self._cache, self._mask = [], None, None
+
+
+def _scalable_lora_layers(model: Any, names: set[str]) -> list[Any] | None:
+    """The model's LoRA layers when :func:`_row_scaled` computes what PEFT's
+    ``adapter_names`` does for adapters ``names``: plain LoRA on ``nn.Linear`` layers
+    (``result + lora_B(lora_A(x)) * scaling``), no variant (DoRA...), nothing merged.
+    None otherwise (the caller then takes ``adapter_names``)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters:
+            return None
+        if any(name in layer.lora_variant for name in names):
+            return None
+    return layers
+
+
+@contextlib.contextmanager
+def _row_scaled(layers: list[Any], names: list[str | None]) -> Iterator[None]:
+    """Run one forward with each row on its own adapter (``names[row]``, None = none) by
+    making every adapter in the batch active with a per-row scaling: the adapter's
+    ``scaling`` where the row is on it, 0 where it is not.
+
+    PEFT's plain LoRA forward adds ``lora_B(lora_A(x)) * scaling`` for each active
+    adapter; with ``scaling`` a ``[batch, 1, 1]`` tensor every row gets exactly its own
+    adapter's delta (the others add +-0.0, which leaves a float unchanged), so the
+    logits equal ``adapter_names``' bit for bit (test_serving compares the tokens).
+    Why not ``adapter_names``: it registers and removes a hook on each of the 120 LoRA
+    layers at every forward, walking the whole module tree to do so, and in each layer
+    gathers the rows of every adapter from a Python index list and scatters the
+    result back; on SmolLM2 with 8 rows that made a decode step about 30% slower than a
+    one-version step, and during swaps nearly every step has two versions. Here the
+    extra work is one rank-r product per adapter per layer over all rows.
+
+    This sets ``_active_adapter`` and ``scaling`` on the layers directly (what PEFT's
+    ``set_adapter`` would do, without walking the model to toggle ``requires_grad`` and
+    without a per-row scaling, which PEFT has no API for) and restores both after; the
+    model lock is held, so no other forward sees them."""
+    unique = sorted({n for n in names if n is not None})
+    device = layers[0].lora_A[unique[0]].weight.device if unique else None
+    rows = {
+        n: torch.tensor([1.0 if m == n else 0.0 for m in names], device=device).view(-1, 1, 1)
+        for n in unique
+    }
+    scaled: dict[tuple[str, float, torch.dtype], torch.Tensor] = {}
+    saved = []
+    try:
+        for layer in layers:
+            present = [n for n in unique if n in layer.scaling]
+            saved.append((layer, layer._active_adapter, {n: layer.scaling[n] for n in present}))
+            for n in present:
+                key = (n, float(layer.scaling[n]), layer.lora_A[n].weight.dtype)
+                if key not in scaled:
+                    scaled[key] = (rows[n] * key[1]).to(key[2])
+                layer.scaling[n] = scaled[key]
+            layer._active_adapter = present
+        yield
+    finally:
+        for layer, active, scales in saved:
+            layer._active_adapter = active
+            layer.scaling.update(scales)
 
 
 TOP_P_CANDIDATES = 64  # tokens looked at before falling back to a full sort

@@ -520,3 +520,54 @@ def test_a_slot_is_not_reused_for_another_config_or_missing_weights(
     server.swap_to(4, folders[4])  # rank 4 with layer 0 missing: not into v2's slot
     assert _answers(server, [4]) == {4: expected[4]}
     server.close()
+
+
+def _one_batch(server, requests) -> list[list[int]]:
+    """Answer ``requests`` ((chat, sampling, version, seed)) all joining in one step."""
+    with server._generate_lock:
+        gens = [server.stream(c, s, version=v, seed=seed) for c, s, v, seed in requests]
+        threads = [threading.Thread(target=g.consume) for g in gens]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+    for t in threads:
+        t.join(timeout=60)
+    return [g.token_ids for g in gens]
+
+
+def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
+    versions_server, monkeypatch
+):
+    """Issue 12 (answers slower during swaps): a step with rows on several versions took
+    PEFT's adapter_names path, a hook registered on every LoRA layer at each forward and a
+    gather and scatter of each adapter's rows in each layer, about 30% slower than a
+    one-version step on SmolLM2; while versions are published every few seconds nearly
+    every step is mixed. Scaling each adapter per row writes the same tokens without it."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    calls = {"n": 0}
+    original = LoraLinear._mixed_batch_forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "_mixed_batch_forward", counted)
+    server = versions_server
+    requests = [
+        (QUESTIONS[0], SAMPLED, 2, 31),
+        (QUESTIONS[1], SAMPLED, 1, 32),
+        (QUESTIONS[2], {**SAMPLED, "temperature": 0.0}, 0, None),
+        (QUESTIONS[0], {**SAMPLED, "temperature": 0.0}, 1, None),
+    ]
+    scaled = _one_batch(server, requests)
+    assert server._batcher.mixed_forwards > 0
+    assert calls["n"] == 0, "a mixed step went through PEFT's adapter_names"
+    server._batcher.row_scaled_mixing = False
+    through_peft = _one_batch(server, requests)
+    assert calls["n"] > 0
+    assert scaled == through_peft and all(scaled)
+    # The layers are left as they were: the next one-version answer is unchanged.
+    alone = [server.stream(c, s, version=v, seed=seed).consume().token_ids
+             for c, s, v, seed in requests]  # fmt: skip
+    assert alone == scaled
