@@ -197,25 +197,27 @@ class PolicyServer:
     def _load_locked(self, version: int, adapter_dir: str, name: str) -> None:
         """Put ``adapter_dir``'s weights into an adapter slot of the model.
 
-        A slot that no version uses any more (an unloaded older version's) and whose LoRA
-        config equals the new adapter's takes the new weights by copy, with PEFT's
-        ``set_peft_model_state_dict`` (what its ``load_adapter`` runs once the modules
-        exist; the file is read before the lock is taken). Building new LoRA modules
-        (``add_adapter``: walk the model, create and initialise a pair of matrices per
-        target layer) took about 4x as long as the copy on SmolLM2, and the decode loop
-        waits for the model lock all that time, so every publish used to stall every
-        answer in flight. A slot with another config (rank, alpha, targets) is deleted
-        and a fresh one built. ``name`` is vLLM's per-version name; here slots have
-        their own names (``slot{k}``), mapped from versions by ``_slots``."""
+        A spare slot (an unloaded older version's) whose LoRA config equals the new
+        adapter's takes the new weights by copy, with PEFT's ``set_peft_model_state_dict``
+        (what its ``load_adapter`` runs once the modules exist), and without the model
+        lock: no forward reads a spare slot (a version's slot becomes spare only once no
+        answer is pinned to it and it is not current, and a version is mapped to its new
+        slot only after the copy), so the decode loop runs on meanwhile. Building new
+        LoRA modules instead (``add_adapter``: walk the model, create and initialise a
+        pair of matrices per target layer) edits the module tree, so it holds the lock,
+        and it took about 4x as long as the copy on SmolLM2: with a new module set at
+        every publish, every publish stalled every answer in flight. A slot with another
+        config (rank, alpha, targets) is deleted and a fresh one built. ``name`` is
+        vLLM's per-version name; here slots have their own names (``slot0000``...),
+        mapped from versions by ``_slots``."""
         from peft import PeftConfig
         from peft.utils import load_peft_weights
 
-        # Read before taking the lock: the decode loop waits only for the copy.
         config = PeftConfig.from_pretrained(adapter_dir)
         weights = load_peft_weights(adapter_dir, device=str(self.loaded.model.device))
-        with self._model_edit():
-            slot = self._reuse_spare(config, weights)
-            if slot is None:
+        slot = self._fill_spare(config, weights)
+        if slot is None:
+            with self._model_edit():
                 slot = self._new_slot(adapter_dir)
         with self._state_lock:
             self._slots[version] = slot
@@ -234,27 +236,32 @@ class PolicyServer:
                 self._swaps_waiting -= 1
                 self._turn.notify_all()
 
-    def _reuse_spare(self, config: Any, weights: dict[str, torch.Tensor]) -> str | None:
-        """Copy the adapter into a spare slot with the same config (under the model lock);
-        None when there is no such slot. ``set_peft_model_state_dict`` is what PEFT's
-        ``load_adapter`` runs once the adapter's modules exist."""
+    def _fill_spare(self, config: Any, weights: dict[str, torch.Tensor]) -> str | None:
+        """Copy the adapter into a spare slot with the same config; None when there is
+        no such slot (spares of another config are deleted on the way)."""
         from peft.utils import set_peft_model_state_dict
 
-        while self._spare:
-            slot = self._spare.pop()
+        while True:
+            with self._state_lock:
+                if not self._spare:
+                    return None
+                slot = self._spare.pop()
             if _same_lora(self.model.peft_config[slot], config):
                 try:
                     result = set_peft_model_state_dict(self.model, weights, adapter_name=slot)
                 except Exception:
-                    self._delete_slot(slot)  # half-overwritten: never serve from it
+                    self._drop_slot(slot)  # half-overwritten: never serve from it
                     raise
                 # A tensor the folder lacks would keep the old version's values.
                 missing = [k for k in result.missing_keys if f".{slot}." in k]
                 if not missing:
                     return slot
                 log.warning("adapter lacks %d tensors of its config", len(missing))
+            self._drop_slot(slot)
+
+    def _drop_slot(self, slot: str) -> None:
+        with self._model_edit():
             self._delete_slot(slot)
-        return None
 
     def _new_slot(self, adapter_dir: str) -> str:
         # Equal lengths: no name is a substring of another (PEFT matches missing keys so).
@@ -327,11 +334,12 @@ class PolicyServer:
                 self._versions.remove(version)
             freed = [self._slots.pop(v) for v in victims if v in self._slots]
         for slot in freed:
-            if len(self._spare) < SPARE_SLOTS:
-                self._spare.append(slot)  # its weights are overwritten before any use
-            else:
-                with self._model_edit():
-                    self._delete_slot(slot)
+            with self._state_lock:
+                keep_spare = len(self._spare) < SPARE_SLOTS
+                if keep_spare:
+                    self._spare.append(slot)  # its weights are overwritten before any use
+            if not keep_spare:
+                self._drop_slot(slot)
         for version in victims:
             log.info("Unloaded policy version %d", version)
 

@@ -571,3 +571,28 @@ def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
     alone = [server.stream(c, s, version=v, seed=seed).consume().token_ids
              for c, s, v, seed in requests]  # fmt: skip
     assert alone == scaled
+
+
+def test_a_version_is_copied_into_a_spare_slot_while_the_model_is_busy(tiny_settings, adapter_dirs):
+    """Issue 12 (swap stall): a load held the model lock, so the decode loop stopped for
+    it and the load itself first waited for the step in progress (up to a long prompt's
+    prefill). Copying into a spare slot needs neither: no forward reads a spare slot."""
+    fresh = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    fresh.swap_to(1, adapter_dirs[0])
+    expected = fresh.generate(CHAT, GREEDY).token_ids
+    fresh.close()
+
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings, keep_versions=1)
+    server.swap_to(1, adapter_dirs[1])
+    server.swap_to(2, adapter_dirs[1])  # v1's slot becomes the spare
+    loaded = threading.Event()
+    with server._generate_lock:  # a step (or, sequential, a whole answer) in progress
+        thread = threading.Thread(
+            target=lambda: (server.load_adapter(3, adapter_dirs[0]), loaded.set()), daemon=True
+        )
+        thread.start()
+        assert loaded.wait(20), "the load waited for the model lock"
+    thread.join(timeout=30)
+    server.set_current(3)
+    assert server.generate(CHAT, GREEDY).token_ids == expected
+    server.close()
