@@ -472,7 +472,7 @@ def test_a_new_version_is_copied_into_a_freed_adapter_slot(tiny_settings, adapte
             threads = [threading.Thread(target=g.consume) for g in gens]
             for t in threads:
                 t.start()
-            _wait_for(lambda: len(server._batcher._waiting) == 2)
+            wait_until_waiting(server, 2)
         for t in threads:
             t.join(timeout=60)
         assert server._batcher.mixed_forwards > 0
@@ -529,7 +529,7 @@ def _one_batch(server, requests) -> list[list[int]]:
         threads = [threading.Thread(target=g.consume) for g in gens]
         for t in threads:
             t.start()
-        _wait_for(lambda: len(server._batcher._waiting) == len(gens))
+        wait_until_waiting(server, len(gens))
     for t in threads:
         t.join(timeout=60)
     return [g.token_ids for g in gens]
