@@ -1,16 +1,19 @@
 """PolicyServer: streaming chat generation on one base model with hot-swappable LoRA policies.
 
 Policy version 0 is the bare base model; version N >= 1 is a LoRA adapter published
-by a training round. Adapters are loaded side by side on one ``peft.PeftModel``
-(named ``v{N}``), so a swap is a pointer change, not a reload, and an answer that
-started on version N finishes on version N even when N+1 becomes current mid-answer.
+by a training round. Adapters are loaded side by side on one ``peft.PeftModel``, so a
+swap is a pointer change, not a reload, and an answer that started on version N
+finishes on version N even when N+1 becomes current mid-answer. Each version lives in
+an adapter slot (a PEFT adapter named ``slot0000``...); a version unloaded leaves its
+slot as a spare, and the next version with the same LoRA config is copied into it
+without the model lock instead of building new LoRA modules (``_load_locked``).
 
 Concurrency. With ``RLHF_SERVING_BACKEND=batched`` (the default) answers share one
 continuous-batching decode loop (rlhf_core.batching): a request joins the running batch
 at the next token boundary, streams its own tokens with its own sampling settings and
-pinned version (versions mix in one batch through PEFT's per-row ``adapter_names``), and
-leaves when it ends or its reader goes away. ``_generate_lock`` is then held for one
-decode step at a time, so an adapter load waits for at most one step.
+pinned version (versions mix in one batch, each adapter scaled per row), and leaves when
+it ends or its reader goes away. ``_generate_lock`` is then held for one decode step at
+a time, so an adapter edit (a new slot) waits for at most one step.
 ``RLHF_SERVING_BACKEND=sequential`` keeps the older path: each request holds
 ``_generate_lock`` for its whole ``generate`` call and activates its pinned version inside
 it (peft's ``set_adapter`` switches the whole model), one answer at a time; the serving
