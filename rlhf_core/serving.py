@@ -28,6 +28,7 @@ messages were dropped, so the UI can say so.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -47,9 +48,6 @@ from rlhf_core.settings import Settings
 log = logging.getLogger(__name__)
 
 BASE_VERSION = 0
-# Unloaded versions' adapter slots kept for the next versions' weights (a copy instead of
-# building new LoRA modules); a few MB each for SmolLM2 at r=16.
-SPARE_SLOTS = 2
 
 
 class ContextTooLongError(ValueError):
@@ -266,10 +264,19 @@ class PolicyServer:
         with self._model_edit():
             self._delete_slot(slot)
 
-    def _new_slot(self, adapter_dir: str) -> str:
+    def _slot_name(self) -> str:
         # Equal lengths: no name is a substring of another (PEFT matches missing keys so).
-        slot = f"slot{self._slots_made:04d}"
         self._slots_made += 1
+        return f"slot{self._slots_made - 1:04d}"
+
+    def _new_slot(self, adapter_dir: str) -> str:
+        """Build a slot holding ``adapter_dir`` (model lock held). The first one also
+        builds ``keep_versions`` spares of its config: the versions that follow are then
+        copied into slots without the lock from the start, instead of each of the next
+        few publishes stopping the answers in flight while its slot is built (the pool
+        then stays the same size: a version unloaded leaves its slot as a spare). A few
+        MB each for SmolLM2 at r=16."""
+        slot = self._slot_name()
         try:
             if not self._peft:
                 from peft import PeftModel
@@ -278,6 +285,12 @@ class PolicyServer:
                     self.loaded.model, adapter_dir, adapter_name=slot, is_trainable=False
                 )
                 self._peft = True
+                config = self.model.peft_config[slot]
+                for _ in range(self.keep_versions):
+                    spare = self._slot_name()
+                    self.model.add_adapter(spare, copy.deepcopy(config))
+                    with self._state_lock:
+                        self._spare.append(spare)
             else:
                 self.model.load_adapter(adapter_dir, adapter_name=slot, is_trainable=False)
         except Exception:
@@ -324,8 +337,8 @@ class PolicyServer:
     def _unload_old(self) -> None:
         """Keep the current version and the few most recently loaded ones (for a quick
         rollback); older versions that no answer is using give up their slot. Up to
-        SPARE_SLOTS slots stay in the model as spares for the next versions' weights,
-        the others are deleted.
+        ``keep_versions`` slots stay in the model as spares for the next versions'
+        weights, the others are deleted.
 
         Picking the victims and taking them out of ``_versions`` is one step under the
         state lock: a request pinning a victim in between would otherwise be served by
@@ -338,7 +351,7 @@ class PolicyServer:
             freed = [self._slots.pop(v) for v in victims if v in self._slots]
         for slot in freed:
             with self._state_lock:
-                keep_spare = len(self._spare) < SPARE_SLOTS
+                keep_spare = len(self._spare) < self.keep_versions
                 if keep_spare:
                     self._spare.append(slot)  # its weights are overwritten before any use
             if not keep_spare:

@@ -329,7 +329,10 @@ def test_cancelled_request_frees_its_slot_at_the_next_step(tiny_settings):
 def test_swap_loads_beside_a_running_batch_without_waiting_for_it(tiny_settings, adapter_dirs):
     server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
     server.swap_to(1, adapter_dirs[0])
-    sampling = {**SAMPLED, "max_new_tokens": 300}
+    # Greedy: a matmul over 2 rows rounds differently from one over 1 row on this CPU
+    # (about 1e-6), and the random tiny model's near-flat distributions let a sampled
+    # answer of 300 tokens flip a token now and then (this test failed 1 run in 5).
+    sampling = {"temperature": 0.0, "max_new_tokens": 300}
     alone = server.stream(QUESTIONS[0], sampling, seed=5).consume().token_ids
     assert len(alone) == 300
 
@@ -455,15 +458,13 @@ def test_a_new_version_is_copied_into_a_freed_adapter_slot(tiny_settings, adapte
     assert expected[1] != expected[2], "the adapters should answer differently"
 
     server = PolicyServer(load_base_model(settings), settings, keep_versions=2)
-    for version in (1, 2, 3):  # v3's load builds a third slot; v1 is unloaded after it
-        server.swap_to(version, adapter_dirs[(version - 1) % 2])
-    assert server.loaded_versions == [0, 2, 3]
+    server.swap_to(1, adapter_dirs[0])  # builds v1's slot and two spares of its config
     built = _lora_leaves(server)
-    for version in (4, 5, 6):
+    for version in (2, 3, 4, 5, 6):
         server.swap_to(version, adapter_dirs[(version - 1) % 2])
     assert server.loaded_versions == [0, 5, 6]
     assert _lora_leaves(server) == built, "a version was loaded by building new modules"
-    assert len(server.model.peft_config) <= 3  # two loaded, at most one spare here
+    assert len(server.model.peft_config) == 3  # two loaded, one spare: the pool kept its size
     answers = _answers(server, [5, 6])
     assert answers == {5: expected[1], 6: expected[2]}
     if server.batched:  # both reused slots in one mixed batch
@@ -554,12 +555,9 @@ def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
 
     monkeypatch.setattr(LoraLinear, "_mixed_batch_forward", counted)
     server = versions_server
-    requests = [
-        (QUESTIONS[0], SAMPLED, 2, 31),
-        (QUESTIONS[1], SAMPLED, 1, 32),
-        (QUESTIONS[2], {**SAMPLED, "temperature": 0.0}, 0, None),
-        (QUESTIONS[0], {**SAMPLED, "temperature": 0.0}, 1, None),
-    ]
+    greedy = {**SAMPLED, "temperature": 0.0}  # robust to rounding that depends on the batch
+    requests = [(QUESTIONS[0], greedy, 2, None), (QUESTIONS[1], greedy, 1, None),
+                (QUESTIONS[2], greedy, 0, None), (QUESTIONS[0], greedy, 1, None)]  # fmt: skip
     scaled = _one_batch(server, requests)
     assert server._batcher.mixed_forwards > 0
     assert calls["n"] == 0, "a mixed step went through PEFT's adapter_names"
