@@ -33,7 +33,7 @@ Two changes of method in the hot-swap work of issue 12 (the targets are defined 
 - The baseline serves an adapter (before, it was the bare-model phase): the ratio is meant
   to say what swapping costs the people chatting, and a service has a version current
   after its first round. Against the bare model the ratio also holds the cost of running
-  any LoRA adapter at all (its products in every layer of every step, about 12% of a
+  any LoRA adapter at all (its products in every layer of every step, 12-17% of a
   decode step at 8 chats here), which no swap mechanism removes; the JSON keeps that
   ratio too (``latency_p95_ratio_vs_base_model``), so both can be read.
 

@@ -291,7 +291,9 @@ def summarise(events, published, records, phases) -> dict:
     per = defaultdict(list)
     for r in sorted(records, key=lambda r: r["start"]):
         cand = [
-            e for e in subs if e[0] >= r["start"] and e[2] not in used and e[3] == r.get("question")
+            e
+            for e in subs
+            if 0 <= e[0] - r["start"] < 2.0 and e[2] not in used and e[3] == r.get("question")
         ]
         if not cand or r.get("first") is None:
             continue
