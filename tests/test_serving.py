@@ -443,7 +443,9 @@ def _answers(server, versions) -> dict[int, list[int]]:
 
 
 @pytest.mark.parametrize("backend", ["batched", "sequential"])
-def test_a_new_version_is_copied_into_a_freed_adapter_slot(tiny_settings, adapter_dirs, backend):
+def test_a_new_version_is_copied_into_a_freed_adapter_slot(
+    tiny_settings, adapter_dirs, backend, monkeypatch
+):
     """Building a version's LoRA modules (PEFT's add_adapter) held the model lock about 4x
     as long as copying weights into existing ones, and the decode loop waits on that lock.
     Once an older version is unloaded, the next version's weights go into its modules:
@@ -460,11 +462,22 @@ def test_a_new_version_is_copied_into_a_freed_adapter_slot(tiny_settings, adapte
     server = PolicyServer(load_base_model(settings), settings, keep_versions=2)
     server.swap_to(1, adapter_dirs[0])  # builds v1's slot and two spares of its config
     built = _lora_leaves(server)
+    import peft.utils
+
+    loads = {"n": 0}
+    original = peft.utils.set_peft_model_state_dict
+
+    def counted(*args, **kwargs):
+        loads["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(peft.utils, "set_peft_model_state_dict", counted)
     for version in (2, 3, 4, 5, 6):
         server.swap_to(version, adapter_dirs[(version - 1) % 2])
     assert server.loaded_versions == [0, 5, 6]
     assert _lora_leaves(server) == built, "a version was loaded by building new modules"
     assert len(server.model.peft_config) == 3  # two loaded, one spare: the pool kept its size
+    assert loads["n"] == 0, "copied tensor by tensor, not through PEFT's whole-model load"
     answers = _answers(server, [5, 6])
     assert answers == {5: expected[1], 6: expected[2]}
     if server.batched:  # both reused slots in one mixed batch
