@@ -66,6 +66,7 @@ KL_KEYS = (
 KL_PARENT_KEYS = ("objective/kl_parent_ucb", "objective/kl_parent")
 KL_TOTAL, KL_ROUND = "kl_total", "kl_round"
 ACCURACY_KEY = "reward/accuracy"
+HELDOUT_PAIRS_KEY = "reward/heldout_pairs"
 ACCURACY_BEFORE_KEYS = ("reward/accuracy_before", "reward/heldout_accuracy_before")
 
 
@@ -113,6 +114,21 @@ def gate(metrics: dict[str, float], settings: Settings) -> str | None:
     return gate_check(metrics, settings)[0]
 
 
+def reward_drop_p_value(before: float, after: float, pairs: int) -> float:
+    """One-sided p-value that the retrained reward model is worse on the held-out pairs.
+
+    Both models are scored on the same ``pairs``: a sign test (McNemar's exact test) on
+    the pairs that changed. The accuracies give only the net change, ``k`` more pairs
+    wrong than before; the fewest changed pairs they allow (``k`` wrong, none newly
+    right) give the smallest p-value, ``0.5 ** k``, so this errs toward refusing. On the
+    3-4 held-out pairs of an early round no drop is significant (a drop of one pair: p =
+    0.5): a coin flip must not throw a round away. 0.75 -> 0.50 on 20 pairs: k = 5,
+    p = 1/32 = 0.031.
+    """
+    k = round((before - after) * pairs)
+    return 1.0 if k <= 0 else 0.5**k
+
+
 def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | None, str | None]:
     """``(reason, kind)`` why a round must not be published, ``(None, None)`` when it passes.
 
@@ -122,7 +138,8 @@ def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | Non
       :data:`KL_TOTAL`;
     - the served KL to the parent version within ``settings.kl_round_budget`` (how far
       one round may move what people are served); kind :data:`KL_ROUND`;
-    - held-out reward-model accuracy not below the accuracy before the round; ``"reward"``.
+    - held-out reward-model accuracy not significantly below the accuracy before the
+      round (``reward_drop_p_value`` < ``settings.reward_gate_alpha``); ``"reward"``.
     """
     bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
@@ -130,7 +147,13 @@ def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | Non
     after = metrics.get(ACCURACY_KEY)
     before = next((metrics[k] for k in ACCURACY_BEFORE_KEYS if k in metrics), None)
     if after is not None and before is not None and after < before - 1e-9:
-        return f"held-out reward accuracy {after:.2f} < {before:.2f} before the round", "reward"
+        why = f"held-out reward accuracy {after:.2f} < {before:.2f} before the round"
+        pairs = metrics.get(HELDOUT_PAIRS_KEY)
+        if pairs is None:  # no count to test against: any drop refuses
+            return why, "reward"
+        p_value = reward_drop_p_value(before, after, int(pairs))
+        if p_value < settings.reward_gate_alpha:
+            return f"{why} (p = {p_value:.3f} on {int(pairs)} pairs)", "reward"
     key = next((k for k in KL_KEYS if k in metrics), None)
     budget = settings.kl_budget
     if key is not None:

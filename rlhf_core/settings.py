@@ -221,6 +221,12 @@ class Settings(BaseSettings):
         description="Longest rewrite imitated, in tokens; longer ones are cut and get no EOS "
         "(unset = RLHF_MAX_NEW_TOKENS, the served answer limit).",
     )
+    demo_tokens: Literal["edited", "all"] = Field(
+        "edited",
+        description="Which tokens of a rewrite are imitated: 'edited' = only what the person "
+        "changed (and where they stopped), 'all' = the whole rewrite, also the words they "
+        "kept (the policy's own sample: imitating those only sharpens it).",
+    )
     kl_budget: float = Field(
         10.0,
         description="Gate: a round is refused when the 95% upper bound of the served KL of "
@@ -241,6 +247,13 @@ class Settings(BaseSettings):
         16,
         description="Answers the KL gate samples as served (RLHF_MAX_NEW_TOKENS, temperature, "
         "top-p) to measure the served KL; more: a tighter bound, a longer gate.",
+    )
+    reward_gate_alpha: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Gate: a round is refused when its retrained reward model is worse on the "
+        "held-out pairs with this significance (sign test on the pairs; 1 = any drop refuses).",
     )
     round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
     seed: int = Field(

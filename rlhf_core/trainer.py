@@ -34,6 +34,7 @@ process with all of it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlhf_core.chat_format import answer_ids
+from rlhf_core.chat_format import answer_ids, text_ids
 from rlhf_core.chat_format import prompt_ids as chat_prompt_ids
 from rlhf_core.generation import Sampling, generate_kwargs, stop_token_ids
 from rlhf_core.modeling import LoadedModel
@@ -88,6 +89,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_META_FILE = "policy_meta.json"
 
 RewardFn = Callable[[list[Messages], list[str]], Sequence[float]]
+# A person's rewrite to imitate: (context, the answer they wrote) or, with the answer
+# they edited, (context, rewrite, original): then only what they changed is imitated.
+Demonstration = tuple[Messages, str] | tuple[Messages, str, str]
 Progress = Callable[[str, float], None]
 
 
@@ -141,6 +145,11 @@ class PPOConfig:
     # a rewrite is a whole served answer, so its limit is the served one, not the
     # rollout length; a longer one is cut there and gets no EOS.
     demo_max_tokens: int = 256
+    # "edited": imitate only the tokens a person changed (inserted or replaced) and the
+    # closing EOS; the tokens they kept are the policy's own sample, and imitating them
+    # only sharpens the policy toward it (KL to the base without any taste in it).
+    # "all": every token of the rewrite.
+    demo_tokens: str = "edited"
     max_consecutive_skips: int = 3
     seed: int = 0
 
@@ -160,6 +169,7 @@ class PPOConfig:
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
             "demo_max_tokens": settings.demo_max_tokens or settings.max_new_tokens,
+            "demo_tokens": settings.demo_tokens,
         }
         values.update(overrides)
         return cls(**values)
@@ -238,6 +248,22 @@ def prompt_token_ids(tokenizer: Any, messages: Messages, max_tokens: int) -> lis
     return chat_prompt_ids(tokenizer, messages, max_tokens)
 
 
+def edited_tokens(rewrite: Sequence[int], original: Sequence[int]) -> list[bool]:
+    """For each token of ``rewrite``: True when the person wrote it, False when it is
+    kept from ``original`` (the answer they edited), by the longest matching blocks of
+    ``difflib.SequenceMatcher`` on token ids (no "junk" heuristics: answers are short).
+
+    ``[1, 2, 9, 4, 5, 7]`` from ``[1, 2, 3, 4, 5]`` -> ``[F, F, T, F, F, T]``: 9 replaced
+    3, 7 was added; a rewrite that only deletes has no token the person wrote.
+    """
+    wrote = [True] * len(rewrite)
+    matcher = difflib.SequenceMatcher(None, list(original), list(rewrite), autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for j in range(block.b, block.b + block.size):
+            wrote[j] = False
+    return wrote
+
+
 def _left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -271,14 +297,18 @@ class PPOTrainer:
         accelerator: Any = None,
         kl_state: dict[str, float] | None = None,
         score_state: dict[str, float] | None = None,
-        demos: Sequence[tuple[Messages, str]] = (),
+        demos: Sequence[Demonstration] = (),
     ) -> None:
-        """``demos``: (context, answer wanted) pairs, people's rewrites, imitated with
-        weight ``config.demo_coef`` in every optimiser step."""
+        """``demos``: people's rewrites, (context, answer wanted) or (context, answer
+        wanted, the answer they edited), imitated with weight ``config.demo_coef`` in
+        every optimiser step (only the edited tokens where the original is given and
+        ``config.demo_tokens`` is "edited")."""
         from accelerate import Accelerator
 
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("PPOTrainer needs exactly one of reward_model or reward_fn")
+        if config.demo_tokens not in ("edited", "all"):
+            raise ValueError(f"demo_tokens must be 'edited' or 'all', not {config.demo_tokens!r}")
         if POLICY_ADAPTER not in model.peft_config:
             raise ValueError(f"the model has no {POLICY_ADAPTER!r} adapter: attach one first")
         self.model = model
@@ -717,16 +747,37 @@ class PPOTrainer:
 
     def _demo_loss(self, size: int) -> Tensor:
         """Mean negative log-likelihood per token of ``size`` sampled demonstrations
-        under the policy (answer tokens and the closing EOS)."""
+        under the policy: over the tokens the person changed and the closing EOS
+        (``demo_loss_mask``), or over every answer token (``demo_tokens`` "all", or a
+        demonstration given without the answer it edits)."""
         picks = torch.randperm(len(self.demos), generator=self._gen)[:size].tolist()
-        prompts = [self.demos[i][0] for i in picks]
-        answers = [self.demos[i][1] for i in picks]
-        demo = self.rollout_from_texts(prompts, answers)
+        chosen = [self.demos[i] for i in picks]
+        demo = self.rollout_from_texts([d[0] for d in chosen], [d[1] for d in chosen])
         logprobs, _values, logits = self.wrapped(
             demo.input_ids, demo.attention_mask, demo.query_ids.shape[1]
         )
         del logits
-        return -masked_mean(logprobs, demo.response_mask)
+        return -masked_mean(logprobs, self.demo_loss_mask(demo, chosen))
+
+    def demo_loss_mask(self, demo: Rollout, chosen: Sequence[Demonstration]) -> Tensor:
+        """``demo.response_mask`` narrowed, row by row, to the tokens the person wrote
+        (``edited_tokens`` against the answer they edited) and the EOS, which is where
+        they chose to stop. A row with nothing left (a cut rewrite that only deleted)
+        keeps every token, so each demonstration still counts."""
+        mask = demo.response_mask.clone()
+        if self.config.demo_tokens != "edited":
+            return mask
+        for row, item in enumerate(chosen):
+            if len(item) < 3:
+                continue
+            length = int(mask[row].sum())
+            ids = demo.response_ids[row, :length].tolist()
+            text_len = length - int(bool(demo.has_eos[row]))
+            wrote = edited_tokens(ids[:text_len], text_ids(self.tokenizer, item[2]))
+            wrote += [True] * (length - text_len)  # the EOS
+            if any(wrote):
+                mask[row, :length] = torch.tensor(wrote, dtype=mask.dtype)
+        return mask
 
     def step(self, prompts: Sequence[Messages]) -> dict[str, float]:
         """One PPO step on a global batch of prompts (each process takes its share)."""
@@ -1020,7 +1071,7 @@ def run_training_round(
             # No score_state: the reward model was retrained above, so the scale of its
             # scores is new and last round's moments would normalise with a stale one.
             demos=[
-                (p["messages"], p["chosen"])
+                (p["messages"], p["chosen"], p["rejected"])
                 for p in [*pairs, *replay_pairs]
                 if p.get("source") == "rewrite"
             ],

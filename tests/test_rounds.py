@@ -15,6 +15,7 @@ from rlhf_core.rounds import (
     events_consumed,
     gate,
     gate_check,
+    reward_drop_p_value,
     round_is_due,
     round_seed,
     run_round,
@@ -57,6 +58,23 @@ def test_gate_rules(tiny_settings):
     assert "budget of 0" in gate({"objective/kl": 0.0}, zero)
     worse = {"reward/accuracy": 0.5, "reward/accuracy_before": 0.75}
     assert "0.50 < 0.75" in gate(worse, tiny_settings)
+
+
+def test_reward_gate_refuses_only_a_significant_drop(tiny_settings):
+    """A drop of one held-out pair in four (0.75 -> 0.50) is a coin flip, not a worse
+    reward model: it no longer throws the round away (it did: two benchmark rounds were
+    lost so). Five more pairs wrong of 20 is p = 0.5 ** 5 = 0.031 < 0.05: refused."""
+    few = {"reward/accuracy": 0.5, "reward/accuracy_before": 0.75, "reward/heldout_pairs": 4.0}
+    assert gate_check(few, tiny_settings) == (None, None)
+    assert reward_drop_p_value(0.75, 0.5, 4) == 0.5
+    assert reward_drop_p_value(0.5, 0.75, 4) == 1.0  # better
+    assert reward_drop_p_value(0.75, 0.5, 20) == pytest.approx(1 / 32)
+    assert reward_drop_p_value(0.8, 0.65, 20) == pytest.approx(1 / 8)  # 3 pairs
+    many = {**few, "reward/heldout_pairs": 20.0}
+    why, kind = gate_check(many, tiny_settings)
+    assert kind == "reward" and "0.50 < 0.75" in why and "p = 0.031 on 20 pairs" in why
+    strict = tiny_settings.model_copy(update={"reward_gate_alpha": 1.0})
+    assert gate_check(few, strict)[1] == "reward"  # alpha 1: any drop refuses, as before
 
 
 def test_gate_decides_on_the_upper_bound_and_the_round_budget(tiny_settings):

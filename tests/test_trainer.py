@@ -26,6 +26,7 @@ from rlhf_core.trainer import (
     PPOTrainer,
     attach_policy,
     backtrack_to_kl_budget,
+    edited_tokens,
     gate_samples_kl,
     run_training_round,
     set_update_fraction,
@@ -330,6 +331,65 @@ def test_demonstrations_keep_their_length_and_a_cut_one_gets_no_eos(policy, tiny
     unfinished = trainer.rollout_from_texts(PROMPTS[:1], ["Short."], finished=[False])
     assert int(unfinished.response_mask[0].sum()) == len(short)
     assert not bool(unfinished.has_eos[0])
+
+
+def test_edited_tokens_by_hand():
+    """The tokens a person wrote, against the answer they edited (by hand)."""
+    T, F = True, False
+    assert edited_tokens([1, 2, 9, 4, 5, 7], [1, 2, 3, 4, 5]) == [F, F, T, F, F, T]
+    assert edited_tokens([1, 2, 3], [1, 2, 3, 4, 5]) == [F, F, F]  # only deleted
+    assert edited_tokens([8, 9], [1, 2, 3]) == [T, T]  # written from scratch
+    assert edited_tokens([5, 1, 2, 3], [1, 2, 3]) == [T, F, F, F]  # a bullet put in front
+    assert edited_tokens([], [1, 2]) == []
+
+
+def test_only_the_edited_tokens_and_the_end_are_imitated(policy, tiny_model):
+    """A rewrite that keeps the served answer and adds a question: its imitation loss is
+    the mean NLL of the added tokens and the EOS only (the kept words are the policy's
+    own sample: imitating them only sharpens it); "all" and a demonstration given without
+    its original take every token; a cut rewrite that only deleted keeps every token."""
+    model, head = policy
+    tok = tiny_model.tokenizer
+    served = "The sky is blue because of scattering."
+    rewrite = served + " Would you like to know more?"
+    kept = len(tok.encode(served, add_special_tokens=False))
+    total = len(tok.encode(rewrite, add_special_tokens=False))
+    assert tok.encode(rewrite, add_special_tokens=False)[:kept] == tok.encode(
+        served, add_special_tokens=False
+    )  # the tokenizer keeps the served words as they were
+
+    def trainer_for(demo_tokens):
+        return PPOTrainer(
+            model, tok, _config(batch_size=4, demo_coef=1.0, demo_tokens=demo_tokens),
+            reward_fn=lambda prompts, answers: [0.0] * len(answers), value_head=head,
+        )  # fmt: skip
+
+    trainer = trainer_for("edited")
+    demo = trainer.rollout_from_texts(PROMPTS[:3], [rewrite, rewrite, served])
+    mask = trainer.demo_loss_mask(
+        demo, [(PROMPTS[0], rewrite, served), (PROMPTS[1], rewrite), (PROMPTS[2], served, served)]
+    )
+    row = mask[0].tolist()
+    assert row[:kept] == [0.0] * kept and row[kept : total + 1] == [1.0] * (total + 1 - kept)
+    assert mask[1].tolist() == demo.response_mask[1].tolist()  # no original: every token
+    # Identical text: nothing written but the EOS (where the person chose to stop).
+    assert mask[2].tolist()[: kept + 1] == [0.0] * kept + [1.0]
+    cut = trainer.rollout_from_texts(PROMPTS[:1], [served[:10]], finished=[False])
+    only_deleted = trainer.demo_loss_mask(cut, [(PROMPTS[0], served[:10], served)])
+    assert only_deleted.tolist() == cut.response_mask.tolist()
+    everything = trainer_for("all").demo_loss_mask(demo, [(PROMPTS[0], rewrite, served)] * 3)
+    assert everything.tolist() == demo.response_mask.tolist()
+
+    # The loss is the mean NLL over exactly those tokens.
+    trainer.demos = [(PROMPTS[0], rewrite, served)]
+    with torch.no_grad():
+        loss = float(trainer._demo_loss(1))
+        one = trainer.rollout_from_texts(PROMPTS[:1], [rewrite])
+        logprobs, _, _ = trainer.wrapped(one.input_ids, one.attention_mask, one.query_ids.shape[1])
+    by_hand = -logprobs[0, kept : total + 1].mean()
+    assert loss == pytest.approx(float(by_hand), rel=1e-5)
+    with pytest.raises(ValueError, match="demo_tokens"):
+        trainer_for("some")
 
 
 def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
