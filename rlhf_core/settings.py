@@ -198,7 +198,12 @@ class Settings(BaseSettings):
         4, description="Answers per forward/backward (gradient accumulation; bounds memory)."
     )
     ppo_new_tokens: int = Field(64, description="Tokens sampled per rollout answer.")
-    init_kl_coef: float = Field(0.05, description="Initial KL penalty coefficient.")
+    init_kl_coef: float = Field(
+        0.2,
+        description="Initial KL penalty coefficient, against normalised (unit-variance) scores: "
+        "their KL-regularised optimum pi_base*exp(score/coef) lies 1/(2 coef^2) nats from the "
+        "base, 12.5 at 0.2 (200 at 0.05, which let rounds drift until the gate refused them).",
+    )
     target_kl: float | None = Field(
         6.0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
     )

@@ -112,7 +112,7 @@ class PPOConfig:
     max_prompt_tokens: int = 1024
     temperature: float = 1.0
     learning_rate: float = 3e-4
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.2
     target_kl: float | None = 6.0  # adaptive KL target per answer (nats); None = fixed coefficient
     # Samples over which the adaptive coefficient moves by up to 20% (Ziegler et al. use
     # 10,000 samples of a long run; a round here has ~32, so the coefficient must react
