@@ -255,16 +255,8 @@ def test_one_version_batch_runs_plainly_with_the_same_tokens(versions_server, ve
     server = versions_server
     requests = [(QUESTIONS[i % 3], SAMPLED, 20 + i) for i in range(4)]
 
-    def batch() -> list[list[int]]:
-        with server._generate_lock:  # all four join in one step
-            gens = [server.stream(c, s, version=version, seed=seed) for c, s, seed in requests]
-            threads = [threading.Thread(target=g.consume) for g in gens]
-            for t in threads:
-                t.start()
-            wait_until_waiting(server, len(gens))
-        for t in threads:
-            t.join(timeout=60)
-        return [g.token_ids for g in gens]
+    def batch() -> list[list[int]]:  # all four join in one step
+        return _one_batch(server, [(c, s, version, seed) for c, s, seed in requests])
 
     plain = batch()
     assert server._batcher.mixed_forwards == 0 and server._batcher.max_seen_batch == 4
