@@ -38,6 +38,7 @@ __all__ = [
     "RunningMoments",
     "compute_gae",
     "entropy_from_logits",
+    "kl_barrier",
     "kl_penalty",
     "last_token_index",
     "logprobs_from_logits",
@@ -375,6 +376,29 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def kl_barrier(kl_bound: float | None, budget: float, max_fill: float = 0.9) -> float:
+    """Multiplier of a round's KL coefficient when its parent's served KL is ``kl_bound``
+    (nats, the gate's 95% bound) of a total ``budget``: ``1 / (1 - kl_bound / budget)``.
+
+    The total budget is a hard constraint (the gate refuses a policy past it), and a
+    linear penalty ``coef * KL`` does not know where it is: the KL-regularised optimum
+    of unit-variance scores lies ``1 / (2 coef^2)`` nats from the base whatever the
+    budget, so a policy that learnt its taste near the budget is pushed over it by the
+    next round and refused, round after round. An interior-point method replaces the
+    constraint ``KL <= B`` by the log barrier ``-B log(1 - KL/B)``, which equals ``KL`` to
+    first order (far from the budget nothing changes) and whose slope
+    ``1 / (1 - KL/B)`` grows without bound as KL nears ``B``; the round's coefficient is
+    the controller's times that slope at the parent. Half the budget used: twice the
+    penalty; 75%: four times. ``max_fill`` caps the fill (0.9: at most 10x), also for a
+    parent measured over the budget. No measured parent, or a budget of 0 or less (the
+    gate then admits no change at all): 1.
+    """
+    if kl_bound is None or budget <= 0 or not math.isfinite(kl_bound):
+        return 1.0
+    fill = min(max(float(kl_bound) / budget, 0.0), max_fill)
+    return 1.0 / (1.0 - fill)
 
 
 def make_kl_controller(

@@ -242,6 +242,12 @@ class Settings(BaseSettings):
         description="Gate: a round is refused when the 95% upper bound of the served KL of "
         "its policy to the version it started from exceeds this.",
     )
+    kl_barrier: bool = Field(
+        True,
+        description="Scale each round's KL coefficient by 1/(1 - K/budget), K the parent's "
+        "served KL bound (a log barrier, at most 10x): a version near the budget is pulled "
+        "back toward the base instead of pushed over it and refused round after round.",
+    )
     kl_backtrack_steps: int = Field(
         2,
         ge=0,

@@ -59,6 +59,7 @@ from rlhf_core.modeling import LoadedModel
 from rlhf_core.ppo import (
     RunningMoments,
     compute_gae,
+    kl_barrier,
     kl_penalty,
     logprobs_from_logits,
     make_kl_controller,
@@ -298,11 +299,14 @@ class PPOTrainer:
         kl_state: dict[str, float] | None = None,
         score_state: dict[str, float] | None = None,
         demos: Sequence[Demonstration] = (),
+        kl_barrier: float = 1.0,
     ) -> None:
         """``demos``: people's rewrites, (context, answer wanted) or (context, answer
         wanted, the answer they edited), imitated with weight ``config.demo_coef`` in
         every optimiser step (only the edited tokens where the original is given and
-        ``config.demo_tokens`` is "edited")."""
+        ``config.demo_tokens`` is "edited"). ``kl_barrier``: multiplier of the KL
+        controller's coefficient in the rewards (:func:`rlhf_core.ppo.kl_barrier`); the
+        controller itself moves its own value, which is what the next round inherits."""
         from accelerate import Accelerator
 
         if (reward_model is None) == (reward_fn is None):
@@ -346,6 +350,7 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(config.init_kl_coef, config.target_kl, config.kl_horizon)
         if kl_state:
             self.kl_ctl.load_state_dict(kl_state)
+        self.kl_barrier = float(kl_barrier)
         self.score_moments = RunningMoments()
         if score_state:
             self.score_moments.load_state_dict(score_state)
@@ -588,7 +593,7 @@ class PPOTrainer:
         del hidden, ref_logits
         kl = kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * mask
         processed = self._process_scores(scores.to(self.device).float(), rollout.has_eos)
-        rewards, non_score = token_rewards(processed, kl, mask, self.kl_ctl.value)
+        rewards, non_score = token_rewards(processed, kl, mask, self.kl_coef)
         advantages, returns = compute_gae(
             rewards, old_values, mask, self.config.gamma, self.config.lam
         )
@@ -597,7 +602,9 @@ class PPOTrainer:
         answer_kl = kl.sum(1)
         stats = {
             "objective/kl": float(self._sum(answer_kl.sum()) / n),
-            "objective/kl_coef": self.kl_ctl.value,
+            "objective/kl_coef": self.kl_coef,
+            "objective/kl_controller_coef": self.kl_ctl.value,
+            "objective/kl_barrier": self.kl_barrier,
             "objective/scores": float(self._sum(scores.sum()) / n),
             "objective/scores_processed": float(self._sum(processed.sum()) / n),
             "objective/non_score_reward": float(self._sum(non_score.sum()) / n),
@@ -807,6 +814,12 @@ class PPOTrainer:
             "time/update_s": update_s,
             "time/step_s": gen_s + score_s + update_s,
         }
+
+    @property
+    def kl_coef(self) -> float:
+        """The coefficient of the KL penalty in the rewards: the adaptive controller's
+        value times the round's budget barrier."""
+        return self.kl_ctl.value * self.kl_barrier
 
     # -- artifacts ---------------------------------------------------------------------
 
@@ -1059,6 +1072,10 @@ def run_training_round(
         metrics.update(reward_model.evaluate(heldout))
         report("reward", 1.0)
 
+        # The parent's served KL as its own round measured it (the gate's bound): the
+        # closer to the budget, the harder this round's penalty pulls toward the base.
+        parent_kl = policy_meta.get("metrics", {}).get("objective/kl_served_ucb")
+        barrier = kl_barrier(parent_kl, settings.kl_budget) if settings.kl_barrier else 1.0
         trainer = PPOTrainer(
             model,
             base.tokenizer,
@@ -1068,6 +1085,7 @@ def run_training_round(
             value_head=value_head,
             accelerator=accelerator,
             kl_state=kl_state or policy_meta.get("kl_ctl"),
+            kl_barrier=barrier,
             # No score_state: the reward model was retrained above, so the scale of its
             # scores is new and last round's moments would normalise with a stale one.
             demos=[
@@ -1109,7 +1127,9 @@ def run_training_round(
         metrics["gate/update_fraction"] = fraction
         metrics["gate/measurements"] = float(tried)
         metrics["time/served_kl_s"] = time.perf_counter() - start
-        metrics["objective/kl_coef"] = trainer.kl_ctl.value
+        metrics["objective/kl_coef"] = trainer.kl_coef
+        metrics["objective/kl_controller_coef"] = trainer.kl_ctl.value
+        metrics["objective/kl_barrier"] = barrier
         metrics["ppo/skipped_steps"] = float(trainer.skipped_steps)
         metrics["ppo/steps"] = float(len(history))
 

@@ -18,6 +18,7 @@ from rlhf_core.ppo import (
     RunningMoments,
     compute_gae,
     entropy_from_logits,
+    kl_barrier,
     kl_penalty,
     last_token_index,
     logprobs_from_logits,
@@ -421,3 +422,20 @@ def test_adaptive_kl_controller_moves_within_one_round_by_hand():
     # And back down below the target: e = clip(3/6 - 1) = -0.2, x0.95 per step.
     ctl.update(3.0, 8)
     assert ctl.value == pytest.approx(0.0607753 * 0.95, abs=1e-7)
+
+
+def test_kl_barrier_by_hand():
+    """The KL coefficient's multiplier for a round whose parent's served KL bound is K
+    of a budget B: 1 / (1 - K/B), the derivative of the log barrier -B log(1 - KL/B)
+    (which is KL itself to first order). Hand values with B = 10."""
+    assert kl_barrier(None, 10.0) == 1.0  # no measured parent (round one)
+    assert kl_barrier(0.0, 10.0) == 1.0
+    assert kl_barrier(5.0, 10.0) == pytest.approx(2.0)  # half the budget: twice the penalty
+    assert kl_barrier(7.5, 10.0) == pytest.approx(4.0)
+    # Capped at 90% of the budget: at most 10x, also for a parent measured over it.
+    assert kl_barrier(9.5, 10.0) == pytest.approx(10.0)
+    assert kl_barrier(12.0, 10.0) == pytest.approx(10.0)
+    assert kl_barrier(-1.0, 10.0) == 1.0  # a negative estimate counts as none
+    assert kl_barrier(5.0, 0.0) == 1.0  # a budget of 0 admits no change: the gate's call
+    assert kl_barrier(5.0, 10.0, max_fill=0.5) == pytest.approx(2.0)
+    assert kl_barrier(8.0, 10.0, max_fill=0.5) == pytest.approx(2.0)

@@ -10,6 +10,7 @@ unless the output layer itself can move. (SmolLM2 learns with attention LoRA onl
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -577,3 +578,37 @@ def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
     assert shrunk.metrics["gate/measurements"] >= 2
     assert shrunk.metrics["objective/kl_served_ucb"] <= kl_full / 3
     assert within_kl_budget(shrunk.metrics, tight)
+
+
+def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
+    tiny_model, tiny_settings, tmp_path
+):
+    """Issue 9: a version published near the KL budget left no room, and every later
+    round was refused (bullets: v2's bound 7.43 of 10, rounds 3-5 refused at 10.7-12.1
+    while the controller's coefficient crept 0.24 -> 0.31). The round's KL penalty now
+    grows as the parent's served KL fills the budget (``kl_barrier``): a parent at half
+    the budget doubles it, in every step's rewards and in the round's metrics."""
+    settings = tiny_settings.model_copy(update={"ppo_steps": 1})
+    common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
+                  heldout_pairs=_pairs(4))  # fmt: skip
+    first = run_training_round(
+        tiny_model, settings, policy_dir=None, out_dir=tmp_path / "r1", **common
+    )
+    assert first.metrics["objective/kl_barrier"] == 1.0  # no parent: the plain penalty
+    meta_file = tmp_path / "r1" / "policy" / "policy_meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["metrics"]["objective/kl_served_ucb"] = settings.kl_budget / 2
+    meta_file.write_text(json.dumps(meta))
+    second = run_training_round(
+        tiny_model, settings, policy_dir=first.policy_dir, out_dir=tmp_path / "r2", **common
+    )
+    controller = second.metrics["objective/kl_controller_coef"]
+    assert second.metrics["objective/kl_barrier"] == pytest.approx(2.0)
+    assert second.metrics["objective/kl_coef"] == pytest.approx(2 * controller)
+    # The controller's own value (what the next round starts from) is not multiplied.
+    assert second.trainer_state["kl_ctl"]["value"] == pytest.approx(controller)
+    off = settings.model_copy(update={"kl_barrier": False})
+    plain = run_training_round(
+        tiny_model, off, policy_dir=first.policy_dir, out_dir=tmp_path / "r3", **common
+    )
+    assert plain.metrics["objective/kl_barrier"] == 1.0
