@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.sanity import SANITY_PROMPTS, correct, read_sanity, sanity_rate
 
 
-def test_the_sanity_prompts_and_what_counts_as_correct():
+@pytest.mark.skipif(
+    not SANITY_PROMPTS.exists(),
+    reason=f"{SANITY_PROMPTS} is not here: the evaluation prompts live in ../shared/eval/ "
+    "beside the project's checkout, not in the repository (a clone elsewhere lacks them)",
+)
+def test_the_sanity_prompts_are_read():
     items = read_sanity(SANITY_PROMPTS)
     assert len(items) == 30 and items[0] == ("What is the capital of France?", ["Paris"])
+
+
+def test_what_counts_as_correct():
     assert correct("The capital of France is Paris.", ["Paris"])
     assert correct("paris, of course", ["Paris"])
     assert not correct("La capitale est Parisienne", ["Paris"])  # a word, not a substring
