@@ -305,8 +305,9 @@ class PPOTrainer:
         wanted, the answer they edited), imitated with weight ``config.demo_coef`` in
         every optimiser step (only the edited tokens where the original is given and
         ``config.demo_tokens`` is "edited"). ``kl_barrier``: multiplier of the KL
-        controller's coefficient in the rewards (:func:`rlhf_core.ppo.kl_barrier`); the
-        controller itself moves its own value, which is what the next round inherits."""
+        controller's coefficient in the rewards (:func:`rlhf_core.ppo.kl_barrier`), and
+        divisor of ``demo_coef``; the controller itself moves its own value, which is
+        what the next round inherits."""
         from accelerate import Accelerator
 
         if (reward_model is None) == (reward_fn is None):
@@ -351,6 +352,12 @@ class PPOTrainer:
         if kl_state:
             self.kl_ctl.load_state_dict(kl_state)
         self.kl_barrier = float(kl_barrier)
+        # The imitation term is part of what the KL penalty regularises (the objective is
+        # reward + demo_coef * log-likelihood of the rewrites - kl_coef * KL), so the barrier
+        # scales it down as it scales the penalty up: at 10x near the budget the rewrites
+        # pulled the policy 9 nats from its parent in one round (bullets round 3, penalty
+        # at 2.3), unchecked by PPO's clip or the penalty, which see only the rollouts.
+        self.demo_coef = config.demo_coef / self.kl_barrier
         self.score_moments = RunningMoments()
         if score_state:
             self.score_moments.load_state_dict(score_state)
@@ -605,6 +612,7 @@ class PPOTrainer:
             "objective/kl_coef": self.kl_coef,
             "objective/kl_controller_coef": self.kl_ctl.value,
             "objective/kl_barrier": self.kl_barrier,
+            "objective/demo_coef": self.demo_coef,
             "objective/scores": float(self._sum(scores.sum()) / n),
             "objective/scores_processed": float(self._sum(processed.sum()) / n),
             "objective/non_score_reward": float(self._sum(non_score.sum()) / n),
@@ -655,7 +663,7 @@ class PPOTrainer:
                 if self.demos:
                     with acc.no_sync(self.wrapped) if self.world > 1 else nullcontext():
                         demo_nll = self._demo_loss(micro)
-                        acc.backward(config.demo_coef * demo_nll)
+                        acc.backward(self.demo_coef * demo_nll)
                     mb_stats["loss/demo"] = float(demo_nll.detach()) / self.world
                 parts = _chunks(mb, micro)
                 for i, idx in enumerate(parts):

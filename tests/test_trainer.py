@@ -605,6 +605,8 @@ def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
     controller = second.metrics["objective/kl_controller_coef"]
     assert second.metrics["objective/kl_barrier"] == pytest.approx(2.0)
     assert second.metrics["objective/kl_coef"] == pytest.approx(2 * controller)
+    # The imitation of rewrites is regularised by the same penalty: its weight halves.
+    assert second.metrics["objective/demo_coef"] == pytest.approx(settings.demo_coef / 2)
     # The controller's own value (what the next round starts from) is not multiplied.
     assert second.trainer_state["kl_ctl"]["value"] == pytest.approx(controller)
     off = settings.model_copy(update={"kl_barrier": False})
@@ -612,3 +614,4 @@ def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
         tiny_model, off, policy_dir=first.policy_dir, out_dir=tmp_path / "r3", **common
     )
     assert plain.metrics["objective/kl_barrier"] == 1.0
+    assert plain.metrics["objective/demo_coef"] == pytest.approx(settings.demo_coef)
