@@ -8,9 +8,9 @@ the server (wrapped methods, nothing changed in the code under test):
   verified -> model lock acquired -> PEFT load done -> current (ready); then the first
   answer that joins the batch on that version, its first token out of the decode loop,
   and its first streamed update at the client;
-- decode steps: time per step by batch size, one-version vs mixed-version (PEFT
-  ``adapter_names``) steps, prefill (join) time, the time the loop waited for the model
-  lock while an adapter loaded;
+- steps: time per decode step by batch size, one-version vs mixed-version steps, the
+  time of steps that carry a joining prompt (packed with the running answers' decode),
+  the time the loop waited for the model lock while an adapter loaded;
 - every request: client submit -> slot submitted to the batcher (Gradio queue and
   handler) -> joined -> first token -> first update at the client.
 
@@ -133,19 +133,25 @@ def instrument() -> None:
 
     B = batching.ContinuousBatcher
     wrap(B, "_step", after=step_after)
-    wrap(
-        B,
-        "_join",
-        after=lambda s, e, self, slots: note(
-            "join", s, e, [(id(x.gen), x.gen.version) for x in slots]
-        ),
-    )
+    # A step is one packed forward (rlhf_core.batching): one that carries prompt tokens
+    # is noted as a join (its time includes the running answers' decode), the others
+    # as decode steps.
+    original_forward = B._forward_packed
 
-    def decode_after(s, e, self):
-        versions = {slot.gen.version for slot in self._active}
-        note("decode", s, e, len(self._active), len(versions))
+    def forward_packed(self, feeds):
+        joining = [(id(slot.gen), slot.gen.version) for slot, _ in feeds if not slot.prefilled]
+        start = time.time()
+        try:
+            return original_forward(self, feeds)
+        finally:
+            end = time.time()
+            if joining:
+                note("join", start, end, joining)
+            else:
+                versions = {slot.gen.version for slot, _ in feeds}
+                note("decode", start, end, len(feeds), len(versions))
 
-    wrap(B, "_decode", after=decode_after)
+    B._forward_packed = forward_packed
     wrap(
         B,
         "submit",

@@ -4,32 +4,47 @@ requests join and leave it at token boundaries.
 One thread owns the model and runs a loop of steps. Each step:
 
 1. drops the requests whose reader went away (a closed tab, Undo) and the ones done;
-2. admits waiting requests: their prompts are prefilled together (left-padded, one
-   forward), each samples its first token, and their key/value cache is padded on the
-   left and concatenated to the running batch's cache;
-3. runs one decode forward for every request in the batch (one new token each), and
-   samples each row with that request's own settings and random generator.
+2. admits waiting requests, each given a segment of the batch's key/value cache;
+3. runs ONE forward over a packed row: every running answer's last token, and the
+   prompts (or the next ``prefill_chunk`` tokens of them) of the answers joining; each
+   answer whose prompt is now in the cache samples its next token with its own
+   settings and random generator.
 
-A new chat therefore waits at most one step (plus its own prefill), never for the
-longest answer in the batch, and every answer streams its own tokens through its own
-``TextIteratorStreamer``.
+A new chat therefore waits at most one step, never for the longest answer in the
+batch, and every answer streams its own tokens through its own ``TextIteratorStreamer``.
+
+Why one packed forward per step. Before, a step prefilled the joining prompts in a
+forward of their own and then ran the running answers' decode forward: on the 2-core
+CPU both are bound by reading the weights, not by arithmetic (a 25-token prefill of
+SmolLM2 took about 1.1-1.3x a decode step of 8 answers), so every join cost the batch a
+second pass over the weights -- about 30% of the loop's time with 8 chats of 24-token
+answers, in the hot-swap benchmark's profile -- and every answer grew longer by the
+joins it lived through, which is also how long a new version waits for the next message
+to reach it. Packed, the prompt's tokens ride along with the running answers' next
+tokens (test_serving: one forward a step). A long prompt joins ``prefill_chunk`` tokens
+at a time, so it delays the others' next token by one chunk, not by its whole prefill.
+
+The cache is one row of columns in which each answer owns a contiguous segment, room for
+its prompt and its longest answer (``_SegmentLayer``); each answer's tokens attend only
+to their own segment, a view (``_packed_attention``, registered with transformers'
+``AttentionInterface``): a dense block-diagonal mask over the whole row would make every
+token pay for every answer's keys, 3x a decode step at 8 answers of 900 tokens.
 
 Versions in one batch, not grouped per version: every LoRA layer runs the base weights
-once for the whole batch and adds each adapter's low-rank delta to its rows only.
+once for the whole batch and adds each adapter's low-rank delta to its own tokens only.
 Grouping the batch by version and running one forward per version would multiply the
 base model's cost by the number of versions in flight -- two or three during every swap,
 exactly when a new version should reach people quickly. An answer keeps the version it
 joined with (its pin also keeps the adapter loaded) even when another becomes current.
-A step whose rows are all on one version (every step outside a swap) runs that version
-plainly, as the one-at-a-time server does. A step with several versions (nearly every
-step while versions are published every few seconds: the answers started before a
-publish are still running) makes every adapter of the batch active with a per-row
-scaling, the adapter's own where the row is on it and 0 elsewhere (:func:`_row_scaled`);
-PEFT's per-request ``adapter_names`` computes the same logits but registers a hook per
-LoRA layer at each forward and gathers/scatters each adapter's rows in every layer,
-which made a mixed step about 30% slower than a one-version step on SmolLM2 at 8 rows.
-``adapter_names`` stays the path for layers the scaling does not cover (LoRA variants
-such as DoRA, non-Linear LoRA layers).
+A step whose tokens are all on one version (every step outside a swap) runs that
+version plainly, as the one-at-a-time server does. A step with several versions (nearly
+every step while versions are published every few seconds: the answers started before
+a publish are still running) makes every adapter of the batch active with a per-token
+scaling, the adapter's own on its tokens and 0 elsewhere (:func:`_row_scaled`). PEFT's
+per-request ``adapter_names`` selects adapters per batch row, not per token of a packed
+row (and was about 30% slower than a one-version step at 8 rows). LoRA layers the
+scaling does not cover (variants such as DoRA, non-Linear LoRA layers) get one forward
+per version instead.
 
 Swaps: the loop holds the server's model lock for one step at a time, and yields
 to a waiting adapter edit before taking it again, so building a new adapter slot beside
@@ -38,26 +53,23 @@ weights are copied into the slot of a version no answer uses any more
 (``PolicyServer._load_locked``), which no forward reads.
 
 What is the libraries' and what is written here. transformers provides the model
-forward with a ``DynamicCache`` (whose layers' ``batch_select_indices`` drops finished
-rows), the sampling warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the
-incremental detokenizer (``TextIteratorStreamer``); PEFT provides the LoRA layers and
-mixed-adapter batches (``adapter_names``). Written by hand, because no library does it:
-the per-row scaling of a mixed step (PEFT has no per-row scaling), the scheduler loop itself,
-padding a prefilled cache on the left to join a running batch (DynamicCache has no
-concatenate), a cache layer with spare columns (``DynamicLayer`` copies the whole
-cache at every step), trimming the columns that only padding still uses, per-row
-sampling with per-request settings and generators, and a top-p that looks at the 64
-most likely tokens before sorting 49k (``top_p_filter``; the same kept set as
-transformers' warper, which it falls back to). transformers' own
-``ContinuousBatchingManager`` (``generate_batch``/``init_continuous_batching``) was
-read and not used: it packs all requests into one ragged row for paged attention,
-so PEFT's per-row ``adapter_names`` cannot apply (one adapter for the whole batch),
-and its ``do_sample`` and random seed are global to the manager, not per request.
+forward with a ``DynamicCache`` and its pluggable attention (``AttentionInterface``),
+PyTorch's ``scaled_dot_product_attention`` (grouped-query heads included), the sampling
+warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the incremental
+detokenizer (``TextIteratorStreamer``); PEFT provides the LoRA layers. Written by hand,
+because no library does it here: the scheduler loop, the packing of a step, the
+segment cache layer and the attention over segments, the per-token scaling of a mixed
+step (PEFT has no per-row or per-token scaling), per-row sampling with per-request
+settings and generators, and a top-p that looks at the 64 most likely tokens before
+sorting 49k (``top_p_filter``; the same kept set as transformers' warper, which it falls
+back to). transformers' own ``ContinuousBatchingManager``
+(``generate_batch``/``init_continuous_batching``) also packs requests into one ragged
+row, over a paged cache, and was read and not used: it runs one adapter for the whole
+batch, and its ``do_sample`` and random seed are global to the manager, not per request.
 
 Limits: decoder models whose layers all use full attention (SmolLM2, Llama, Qwen
-without sliding windows); the caller checks :func:`supports` and falls back to one
-answer at a time otherwise. A long prompt's prefill runs inside one step, so it
-delays the batch's next token by that prefill's time.
+without sliding windows, no attention softcap or sinks); the caller checks
+:func:`supports` and falls back to one answer at a time otherwise.
 """
 
 from __future__ import annotations
@@ -72,7 +84,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import DynamicLayer
 
 from rlhf_core.generation import generate_kwargs
@@ -83,8 +100,6 @@ if TYPE_CHECKING:
     from rlhf_core.serving import Generation, PolicyServer
 
 log = logging.getLogger(__name__)
-
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 def supports(model: Any) -> bool:
@@ -98,67 +113,123 @@ def supports(model: Any) -> bool:
     return bool(cache.layers) and not any(cache.is_sliding) and not any(cache.is_linear)
 
 
-class _ReservedLayer(DynamicLayer):
-    """A ``DynamicLayer`` with spare columns on the right of its key/value tensors, so a
-    decode step writes its one column in place. ``DynamicLayer.update`` concatenates,
-    which copies the whole batch's cache in every layer at every step (at 8 rows here
-    about a tenth of a decode step, and it grows with the batch and the answer).
-    ``keys``/``values`` are views of the filled columns, so everything that reads a
-    DynamicLayer (masks, attention, ``get_seq_length``) reads this one the same way."""
+class _SegmentLayer(DynamicLayer):
+    """One layer of the batch's key/value cache: one row of ``capacity`` columns in which
+    each answer owns a contiguous segment (``Slot.start``, room for its prompt and its
+    longest answer), so an answer's keys are a view, never gathered. ``update`` writes
+    the step's packed tokens into their answers' segments (the columns ``_STEP.cols``)
+    in place, and returns the whole row: ``_packed_attention`` reads each answer's
+    segment from it. ``DynamicLayer.update`` would concatenate instead, copying the whole
+    cache in every layer at every step (about a tenth of a decode step at 8 answers)."""
 
-    SPARE = 64  # columns reserved at a time: one reallocation per 64 steps
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, capacity: int) -> None:
         super().__init__()
-        self.device = keys.device
-        self.is_initialized = True
-        self._reserve(keys, values, self.SPARE)
-
-    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
-        filled = keys.shape[-2]
-        buffers = []
-        for tensor in (keys, values):
-            shape = list(tensor.shape)
-            shape[-2] = filled + spare
-            buffer = tensor.new_empty(shape)
-            buffer[..., :filled, :].copy_(tensor)
-            buffers.append(buffer)
-        self._keys, self._values = buffers
-        self._expose(filled)
-
-    def _expose(self, filled: int) -> None:
-        self.keys = self._keys[..., :filled, :]
-        self.values = self._values[..., :filled, :]
+        self.capacity = capacity
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        filled, new = self.keys.shape[-2], key_states.shape[-2]
-        if filled + new > self._keys.shape[-2]:
-            self._reserve(self.keys, self.values, max(self.SPARE, new))
-        self._keys[..., filled : filled + new, :] = key_states
-        self._values[..., filled : filled + new, :] = value_states
-        self._expose(filled + new)
+        if not self.is_initialized:
+            self.device = key_states.device
+            self.is_initialized = True
+            self.keys, self.values = (
+                t.new_empty((*t.shape[:-2], self.capacity, t.shape[-1]))
+                for t in (key_states, value_states)
+            )
+        cols = _STEP.cols
+        self.keys.index_copy_(-2, cols, key_states)
+        self.values.index_copy_(-2, cols, value_states)
         return self.keys, self.values
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        filled = self.keys.shape[-2]
-        self._keys, self._values = self._keys[indices], self._values[indices]
-        self._expose(filled)
+    def move(self, capacity: int, moves: list[tuple[int, int, int]]) -> None:
+        """Reallocate to ``capacity`` columns, copying ``length`` columns from ``old`` to
+        ``new`` for each (old, new, length) in ``moves``; the rest is free."""
+        self.capacity = capacity
+        if not self.is_initialized:
+            return
+        keys = self.keys.new_empty((*self.keys.shape[:-2], capacity, self.keys.shape[-1]))
+        values = torch.empty_like(keys)
+        for old, new, length in moves:
+            keys[..., new : new + length, :] = self.keys[..., old : old + length, :]
+            values[..., new : new + length, :] = self.values[..., old : old + length, :]
+        self.keys, self.values = keys, values
 
-    def drop_left(self, columns: int) -> None:
-        """Forget the first ``columns`` columns (padding for every row now); a view, no copy."""
-        filled = self.keys.shape[-2]
-        self._keys = self._keys[..., columns:, :]
-        self._values = self._values[..., columns:, :]
-        self._expose(filled - columns)
 
-
-def _reserved_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> DynamicCache:
-    """A DynamicCache over ``_ReservedLayer``s holding ``pairs`` (keys, values per layer)."""
+def _segment_cache(config: Any, capacity: int) -> DynamicCache:
+    """An empty DynamicCache over ``_SegmentLayer``s of ``capacity`` columns."""
     cache = DynamicCache(config=config)
-    cache.layers = [_ReservedLayer(keys, values) for keys, values in pairs]
+    cache.layers = [_SegmentLayer(capacity) for _ in cache.layers]
     return cache
+
+
+@dataclass
+class _Step:
+    """Where one forward's packed tokens go: ``cols`` the cache column of each token,
+    ``spans`` per answer (first token in the packed row, its token count, its segment's
+    start, its keys after this step)."""
+
+    cols: torch.Tensor | None = None
+    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+# The forward in progress (the model lock is held for it, so there is one at a time).
+_STEP = _Step()
+PACKED_ATTENTION = "rlhf_packed"
+
+
+def _packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a packed batch, registered with transformers' AttentionInterface:
+    each answer's tokens (``query[:, :, first:first + n]``) attend to their own segment
+    of the cache (``key[:, :, start:start + length]``, a view) and, for a prompt chunk,
+    causally among themselves. One ``scaled_dot_product_attention`` per answer: a dense
+    mask over the whole packed row would make every token pay for every answer's keys
+    (3x a decode step at 8 answers of 900 tokens, measured)."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("The batched server does not serve attention softcaps or sinks.")
+    outputs = []
+    for first, n, start, length in _STEP.spans:
+        mask = None
+        if n > 1:  # the prompt chunk is the last n of the keys: bottom-right causal
+            rows = torch.arange(length - n, length, device=query.device)
+            mask = torch.arange(length, device=query.device)[None, :] <= rows[:, None]
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, first : first + n],
+                key[:, :, start : start + length],
+                value[:, :, start : start + length],
+                attn_mask=mask,
+                scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1],
+            )
+        )
+    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+
+
+@contextlib.contextmanager
+def _packed(config: Any, step: _Step) -> Iterator[None]:
+    """The model's attention reads ``step`` for one forward, then is as it was."""
+    global _STEP
+    before = config._attn_implementation
+    config._attn_implementation = PACKED_ATTENTION
+    _STEP = step
+    try:
+        yield
+    finally:
+        _STEP = _Step()
+        config._attn_implementation = before
 
 
 @dataclass
@@ -172,13 +243,24 @@ class Slot:
     do_sample: bool
     stop_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)  # generated so far
-    length: int = 0  # real (unpadded) tokens in the cache for this row
+    length: int = 0  # this answer's tokens in the cache (its prompt, then its answer)
+    start: int = 0  # its segment of the cache: the first column (given as it joins)
     eos: bool = False  # ended with a stop token (not cut by the limit)
     stop_token: int | None = None  # that token (not streamed)
     error: BaseException | None = None
     done: bool = False
     released: bool = False  # pin released and stream ended (exactly once)
     joined_at: float | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        """Whether the whole prompt is in the cache (then it feeds its last token)."""
+        return self.length >= len(self.gen.prompt.input_ids)
+
+    @property
+    def room(self) -> int:
+        """Cache columns it can need: its prompt and all but the last of its tokens."""
+        return len(self.gen.prompt.input_ids) + self.gen.sampling.max_new_tokens
 
     @property
     def key(self) -> tuple:
@@ -193,24 +275,33 @@ class Slot:
 class ContinuousBatcher:
     """The decode loop of one :class:`PolicyServer` (started at the first request)."""
 
-    # Off: every forward on a PEFT model takes the per-row adapter_names path (tests
-    # compare the paths' tokens).
+    # Off: every forward on a PEFT model scales each adapter per token, also when all the
+    # answers are on one version (tests compare the paths' tokens).
     single_version_fast_path = True
-    # Off: steps with rows on several versions take PEFT's adapter_names path instead of
-    # scaling each adapter per row (tests compare the two).
+    # Off: a step with answers on several versions runs one forward per version instead
+    # of scaling each adapter per token (tests compare the two).
     row_scaled_mixing = True
+    # Prompt tokens prefilled per step, over all the answers joining. A longer prompt is
+    # prefilled over several steps, each of which also gives every running answer its
+    # next token, so a long prompt delays the others by a chunk at a time, not by its
+    # whole prefill. 256: a whole prompt of a typical chat in one step; larger chunks
+    # only lengthen the others' wait.
+    prefill_chunk = 256
 
     def __init__(self, server: PolicyServer, max_batch_size: int) -> None:
         self.server = server
         self.max_batch_size = max(1, int(max_batch_size))
         self._waiting: deque[Slot] = deque()
         self._active: list[Slot] = []
+        # The batch's key/value cache: one row of columns, a segment per answer; segments
+        # are handed out from ``_end`` on, and packed to the left when that runs out.
         self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [batch, columns] 1 = real token
+        self._end = 0
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.steps = 0  # decode steps run (tests and benchmarks read it)
+        self.steps = 0  # steps run, one forward each but per version (tests, benchmarks)
+        self.forwards = 0  # model forwards run (tests read it)
         self.mixed_forwards = 0  # forwards with rows on different versions (tests read it)
         self.max_seen_batch = 0
         self._layers_key: tuple | None = None
@@ -271,54 +362,144 @@ class ContinuousBatcher:
                     self._finish(slot)
                 else:
                     joining.append(slot)
+        for slot in joining:
+            self.server._repin_to_current(slot.gen)  # a request takes the version current now
+            slot.joined_at = time.perf_counter()
         if joining:
-            self._join(joining)
+            self._place(joining)
+        self._active += joining
         if self._active:
-            self._decode()
+            self._forward(self._feeds())
+            self.steps += 1
         self._drop(lambda s: s.done)
         self.max_seen_batch = max(self.max_seen_batch, len(self._active))
+
+    def _place(self, joining: list[Slot]) -> None:
+        """Give each joining answer a segment of the cache; when the free columns on the
+        right do not hold them, the running answers' segments are first packed to the
+        left in a cache sized for all of them with a quarter to spare."""
+        if self._cache is None:
+            self._cache, self._end = _segment_cache(self._model().config, 0), 0
+        need = sum(s.room for s in joining)
+        capacity = self._cache.layers[0].capacity
+        if self._end + need > capacity:
+            moves, end = [], 0
+            for slot in self._active:
+                moves.append((slot.start, end, slot.length))
+                slot.start, end = end, end + slot.room
+            capacity = (end + need) * 5 // 4 + 64
+            for layer in self._cache.layers:
+                layer.move(capacity, moves)
+            self._end = end
+        for slot in joining:
+            slot.start, self._end = self._end, self._end + slot.room
+
+    def _feeds(self) -> list[tuple[Slot, list[int]]]:
+        """What each answer feeds the model in this step: a running answer its last
+        token, a joining one the next chunk of its prompt (``prefill_chunk`` tokens per
+        step in all, in the order they joined; a prompt left without a share waits)."""
+        feeds = []
+        budget = self.prefill_chunk
+        for slot in self._active:
+            if slot.prefilled:
+                feeds.append((slot, slot.tokens[-1:]))
+            elif budget > 0:
+                chunk = slot.gen.prompt.input_ids[slot.length : slot.length + budget]
+                budget -= len(chunk)
+                feeds.append((slot, chunk))
+        return feeds
 
     def _model(self) -> Any:
         return self.server.model
 
-    @contextlib.contextmanager
-    def _versions(self, slots: list[Slot]) -> Iterator[dict[str, Any]]:
-        """Set the model up for one forward over ``slots``; yields its extra arguments.
-
-        When every row is on one version (every step outside a swap) the model runs that
-        version plainly, as the one-at-a-time server does. Rows on different versions
-        (every step while answers started before a swap are still running: with a publish
-        every few seconds, most steps) are scaled per row (:func:`_row_scaled`) where every
-        LoRA layer allows it, else they take PEFT's per-row ``adapter_names``. Same
-        arithmetic, the same tokens (test_serving checks all three)."""
-        if not self.server._peft:
-            yield {}
+    def _forward(self, feeds: list[tuple[Slot, list[int]]]) -> None:
+        """One step: every answer's tokens in one forward, or one forward per version
+        where the model's LoRA layers cannot be scaled per token (LoRA variants)."""
+        versions = {slot.gen.version for slot, _ in feeds}
+        if len(versions) > 1 and self.server._peft and not self._mixes_by_scaling(feeds):
+            for version in sorted(versions):
+                self._forward_packed([f for f in feeds if f[0].gen.version == version])
             return
+        self._forward_packed(feeds)
+
+    def _names(self, slots: list[Slot]) -> list[str | None]:
+        """Each slot's adapter (None: the base model)."""
         from rlhf_core.serving import BASE_VERSION
 
-        model = self.server.model
-        versions = {s.gen.version for s in slots}
-        names = [
+        return [
             None if s.gen.version == BASE_VERSION else self.server.adapter_for(s.gen.version)
             for s in slots
         ]
-        if len(versions) > 1 or not self.single_version_fast_path:
-            self.mixed_forwards += 1
-            layers = self._scalable_layers(model, {n for n in names if n is not None})
-            if self.single_version_fast_path and self.row_scaled_mixing and layers is not None:
-                with _row_scaled(layers, names):
-                    yield {}
-                return
-            yield {"adapter_names": [BASE_ADAPTER if n is None else n for n in names]}
+
+    def _mixes_by_scaling(self, feeds: list[tuple[Slot, list[int]]]) -> bool:
+        if not self.row_scaled_mixing:
+            return False
+        names = {n for n in self._names([slot for slot, _ in feeds]) if n is not None}
+        return self._scalable_layers(self.server.model, names) is not None
+
+    @torch.inference_mode()
+    def _forward_packed(self, feeds: list[tuple[Slot, list[int]]]) -> None:
+        """Run ``feeds`` as one packed row: every answer's tokens in one sequence, each
+        attending to its own answer only (``_packed_attention``); then sample for each
+        answer whose whole prompt is now in the cache."""
+        device = self.server.loaded.model.device
+        step = _Step()
+        ids, positions, cols, names, ends, sampled = [], [], [], [], [], []
+        for (slot, tokens), name in zip(feeds, self._names([f[0] for f in feeds]), strict=True):
+            n = len(tokens)
+            step.spans.append((len(ids), n, slot.start, slot.length + n))
+            ids += tokens
+            positions += range(slot.length, slot.length + n)
+            cols += range(slot.start + slot.length, slot.start + slot.length + n)
+            names += [name] * n
+            slot.length += n
+            if slot.prefilled:  # its last token's logits give its next token
+                ends.append(len(ids) - 1)
+                sampled.append(slot)
+        step.cols = torch.tensor(cols, device=device)
+        keep = torch.tensor(ends, device=device) if ends else 1
+        with self._versions(names), _packed(self.server.loaded.model.config, step):
+            out = self._model()(
+                input_ids=torch.tensor([ids], device=device),
+                position_ids=torch.tensor([positions], device=device),
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+        self.forwards += 1
+        if sampled:
+            self._emit(sampled, out.logits[0])
+
+    @contextlib.contextmanager
+    def _versions(self, names: list[str | None]) -> Iterator[None]:
+        """Set the model up for one forward whose tokens are on adapters ``names`` (one
+        per token, None = the base model).
+
+        Tokens all on one version (every step outside a swap) run that version plainly,
+        as the one-at-a-time server does. Tokens on several versions (every step while
+        answers started before a swap are still running: with a publish every few
+        seconds, most steps) are scaled per token (:func:`_row_scaled`); ``_forward``
+        runs one forward per version instead where the LoRA layers do not allow it. Same
+        arithmetic, the same tokens (test_serving checks all three)."""
+        if not self.server._peft:
+            yield
             return
+        model = self.server.model
+        if len(set(names)) > 1 or not self.single_version_fast_path:
+            layers = self._scalable_layers(model, {n for n in names if n is not None})
+            if layers is not None:
+                self.mixed_forwards += 1
+                with _row_scaled(layers, names):
+                    yield
+                return
         (name,) = set(names)
         if name is None:
             with model.disable_adapter():
-                yield {}
+                yield
             return
         if model.active_adapter != name:
             model.set_adapter(name)
-        yield {}
+        yield
 
     def _scalable_layers(self, model: Any, names: set[str]) -> list[Any] | None:
         """:func:`_scalable_lora_layers`, cached until the model's adapters change (a walk
@@ -327,60 +508,6 @@ class ContinuousBatcher:
         if self._layers_key != key:
             self._layers_key, self._layers = key, _scalable_lora_layers(model, names)
         return self._layers
-
-    @torch.inference_mode()
-    def _join(self, slots: list[Slot]) -> None:
-        """Prefill the new requests together and add them to the running batch."""
-        for slot in slots:
-            self.server._repin_to_current(slot.gen)  # a request takes the version current now
-            slot.joined_at = time.perf_counter()
-        device = self.server.loaded.model.device
-        width = max(len(s.gen.prompt.input_ids) for s in slots)
-        pad = self.server.tokenizer.pad_token_id or 0
-        ids = torch.full((len(slots), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(slots), width), dtype=torch.long, device=device)
-        for row, slot in enumerate(slots):
-            prompt = slot.gen.prompt.input_ids
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-            mask[row, width - len(prompt) :] = 1
-            slot.length = len(prompt)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model().config)
-        with self._versions(slots) as extra:
-            out = self._model()(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-        self._emit(slots, out.logits[:, -1, :])
-        self._merge(slots, out.cache, mask)
-
-    @torch.inference_mode()
-    def _decode(self) -> None:
-        slots = self._active
-        device = self._mask.device
-        last = torch.tensor([[s.tokens[-1]] for s in slots], dtype=torch.long, device=device)
-        positions = torch.tensor([[s.length] for s in slots], dtype=torch.long, device=device)
-        self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
-        with self._versions(slots) as extra:
-            out = self._model()(
-                input_ids=last,
-                attention_mask=self._mask,
-                position_ids=positions,
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-        self._cache = out.cache
-        for slot in slots:
-            slot.length += 1
-        self.steps += 1
-        self._emit(slots, out.logits[:, -1, :])
 
     def _emit(self, slots: list[Slot], logits: torch.Tensor) -> None:
         """Sample one token per row for ``slots``, stream it, mark the ones done."""
@@ -427,60 +554,21 @@ class ContinuousBatcher:
                 picks[row] = int(token)
         return picks
 
-    def _merge(self, slots: list[Slot], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append prefilled rows to the running batch, left-padding the shorter side so
-        every row's latest token sits in the last column."""
-        keep = [not s.done for s in slots]
-        if not any(keep):
-            for slot in slots:
-                self._finish(slot)
-            return
-        if not all(keep):  # answered in one token: they never join
-            rows = torch.tensor([i for i, k in enumerate(keep) if k], device=mask.device)
-            cache.batch_select_indices(rows)
-            mask = mask[rows]
-            for slot, k in zip(slots, keep, strict=True):
-                if not k:
-                    self._finish(slot)
-            slots = [s for s, k in zip(slots, keep, strict=True) if k]
-        if self._cache is None:
-            pairs = [(layer.keys, layer.values) for layer in cache.layers]
-            self._cache, self._mask = _reserved_cache(pairs, self._model().config), mask
-            self._active = list(slots)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        merged = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
-            merged.append((keys, values))
-        self._cache = _reserved_cache(merged, self._model().config)
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], dim=0)
-        self._active += slots
-
     def _drop(self, gone) -> None:
-        """Remove rows for which ``gone(slot)`` is true, then end their streams (a
-        reader that sees its stream end sees the batch without it)."""
+        """Remove the answers for which ``gone(slot)`` is true (their segments are free
+        from now on), then end their streams (a reader that sees its stream end sees the
+        batch without it)."""
         leaving = [s for s in self._active if gone(s)]
         if not leaving:
             return
-        staying = [i for i, s in enumerate(self._active) if not gone(s)]
-        if not staying:
-            self._active, self._cache, self._mask = [], None, None
-        else:
-            rows = torch.tensor(staying, device=self._mask.device)
-            self._cache.batch_select_indices(rows)
-            self._mask = self._mask[rows]
-            self._active = [self._active[i] for i in staying]
-            # Columns that only the departed rows used are padding for everyone now.
-            used = self._mask.any(dim=0).nonzero()
-            first = int(used[0]) if len(used) else 0
-            if first:
-                self._mask = self._mask[:, first:]
-                for layer in self._cache.layers:
-                    layer.drop_left(first)
+        self._active = [s for s in self._active if not gone(s)]
+        if not self._active:
+            self._clear()
         for slot in leaving:
             self._finish(slot)
+
+    def _clear(self) -> None:
+        self._active, self._cache, self._end = [], None, 0
 
     def _finish(self, slot: Slot) -> None:
         slot.done = True
@@ -497,14 +585,14 @@ class ContinuousBatcher:
         for slot in [*self._active, *waiting]:
             slot.error = error
             self._finish(slot)
-        self._active, self._cache, self._mask = [], None, None
+        self._clear()
 
 
 def _scalable_lora_layers(model: Any, names: set[str]) -> list[Any] | None:
-    """The model's LoRA layers when :func:`_row_scaled` computes what PEFT's
-    ``adapter_names`` does for adapters ``names``: plain LoRA on ``nn.Linear`` layers
+    """The model's LoRA layers when :func:`_row_scaled` computes each token on its own
+    adapter of ``names``: plain LoRA on ``nn.Linear`` layers
     (``result + lora_B(lora_A(x)) * scaling``), no variant (DoRA...), nothing merged.
-    None otherwise (the caller then takes ``adapter_names``)."""
+    None otherwise (the caller then runs one forward per version)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
@@ -519,29 +607,28 @@ def _scalable_lora_layers(model: Any, names: set[str]) -> list[Any] | None:
 
 @contextlib.contextmanager
 def _row_scaled(layers: list[Any], names: list[str | None]) -> Iterator[None]:
-    """Run one forward with each row on its own adapter (``names[row]``, None = none) by
-    making every adapter in the batch active with a per-row scaling: the adapter's
-    ``scaling`` where the row is on it, 0 where it is not.
+    """Run one forward over a packed row with each token on its own adapter
+    (``names[token]``, None = none) by making every adapter in the batch active with a
+    per-token scaling: the adapter's ``scaling`` where the token is on it, 0 where not.
 
     PEFT's plain LoRA forward adds ``lora_B(lora_A(x)) * scaling`` for each active
-    adapter; with ``scaling`` a ``[batch, 1, 1]`` tensor every row gets exactly its own
-    adapter's delta (the others add +-0.0, which leaves a float unchanged), so the
-    logits equal ``adapter_names``' bit for bit (test_serving compares the tokens).
-    Why not ``adapter_names``: it registers and removes a hook on each of the 120 LoRA
-    layers at every forward, walking the whole module tree to do so, and in each layer
-    gathers the rows of every adapter from a Python index list and scatters the
-    result back; on SmolLM2 with 8 rows that made a decode step about 30% slower than a
-    one-version step, and during swaps nearly every step has two versions. Here the
-    extra work is one rank-r product per adapter per layer over all rows.
+    adapter; with ``scaling`` a ``[1, tokens, 1]`` tensor every token gets exactly its
+    own adapter's delta (the others add +-0.0, which leaves a float unchanged), so each
+    token's logits are those of its adapter alone (test_serving compares the tokens).
+    Why not PEFT's per-request ``adapter_names``: it selects adapters per batch row, and
+    here the whole batch is one packed row; before the batch was packed it was also about
+    30% slower than a one-version step on SmolLM2 at 8 rows (a hook registered on each of
+    the 120 LoRA layers at every forward, and in each layer a gather and scatter of each
+    adapter's rows). Here the extra work is one rank-r product per adapter per layer.
 
     This sets ``_active_adapter`` and ``scaling`` on the layers directly (what PEFT's
     ``set_adapter`` would do, without walking the model to toggle ``requires_grad`` and
-    without a per-row scaling, which PEFT has no API for) and restores both after; the
+    without a per-token scaling, which PEFT has no API for) and restores both after; the
     model lock is held, so no other forward sees them."""
     unique = sorted({n for n in names if n is not None})
     device = layers[0].lora_A[unique[0]].weight.device if unique else None
     rows = {
-        n: torch.tensor([1.0 if m == n else 0.0 for m in names], device=device).view(-1, 1, 1)
+        n: torch.tensor([1.0 if m == n else 0.0 for m in names], device=device).view(1, -1, 1)
         for n in unique
     }
     scaled: dict[tuple[str, float, torch.dtype], torch.Tensor] = {}
@@ -593,18 +680,6 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     if len(undecided):
         out[undecided] = TopPLogitsWarper(top_p)(None, scores[undecided])
     return out
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad the sequence axis (-2 for cache tensors [batch, heads, seq, dim], -1 for a
-    mask [batch, seq]) with zeros on the left up to ``width``."""
-    axis = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[axis]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
 def make_slot(

@@ -228,8 +228,9 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
         for chat, sampling, v, seed in requests
     ]
     assert alone[1] != alone[2] or alone[0] != alone[1], "adapters should change answers"
-    # Alone, each ran its version plainly (the single-version path); together below, the
-    # batch takes PEFT's per-row adapter_names: the tokens must not tell them apart.
+    # Alone, each ran its version plainly (the single-version path); together below, each
+    # token of the packed batch takes its own adapter's scaling: the tokens must not tell
+    # them apart.
     assert server._batcher.mixed_forwards == 0
     # Hold the loop between steps so that all five join in the same step.
     with server._generate_lock:
@@ -250,8 +251,8 @@ def test_mixed_versions_in_one_batch_answer_as_each_version_alone(versions_serve
 
 @pytest.mark.parametrize("version", [0, 1])
 def test_one_version_batch_runs_plainly_with_the_same_tokens(versions_server, version):
-    """A batch whose rows are all on one version skips PEFT's adapter_names (the plain
-    adapter, or the adapter disabled for version 0) and writes what adapter_names does."""
+    """A batch whose answers are all on one version runs it plainly (the plain adapter, or
+    the adapter disabled for version 0) and writes what the per-token scaling writes."""
     server = versions_server
     requests = [(QUESTIONS[i % 3], SAMPLED, 20 + i) for i in range(4)]
 
@@ -548,7 +549,9 @@ def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
     PEFT's adapter_names path, a hook registered on every LoRA layer at each forward and a
     gather and scatter of each adapter's rows in each layer, about 30% slower than a
     one-version step on SmolLM2; while versions are published every few seconds nearly
-    every step is mixed. Scaling each adapter per row writes the same tokens without it."""
+    every step is mixed. Scaling each adapter per token writes the same tokens without
+    it, as does the fallback for LoRA layers that cannot be scaled (one forward per
+    version)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     calls = {"n": 0}
@@ -560,20 +563,97 @@ def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
 
     monkeypatch.setattr(LoraLinear, "_mixed_batch_forward", counted)
     server = versions_server
+    batcher = server._batcher
     greedy = {**SAMPLED, "temperature": 0.0}  # robust to rounding that depends on the batch
     requests = [(QUESTIONS[0], greedy, 2, None), (QUESTIONS[1], greedy, 1, None),
                 (QUESTIONS[2], greedy, 0, None), (QUESTIONS[0], greedy, 1, None)]  # fmt: skip
+    steps, forwards = batcher.steps, batcher.forwards
     scaled = _one_batch(server, requests)
-    assert server._batcher.mixed_forwards > 0
+    assert batcher.mixed_forwards > 0
+    assert batcher.forwards - forwards == batcher.steps - steps, "one forward a step"
+    batcher.row_scaled_mixing = False
+    steps, forwards = batcher.steps, batcher.forwards
+    per_version = _one_batch(server, requests)
+    assert batcher.forwards - forwards > batcher.steps - steps, "one forward per version"
     assert calls["n"] == 0, "a mixed step went through PEFT's adapter_names"
-    server._batcher.row_scaled_mixing = False
-    through_peft = _one_batch(server, requests)
-    assert calls["n"] > 0
-    assert scaled == through_peft and all(scaled)
+    assert scaled == per_version and all(scaled)
     # The layers are left as they were: the next one-version answer is unchanged.
     alone = [server.stream(c, s, version=v, seed=seed).consume().token_ids
              for c, s, v, seed in requests]  # fmt: skip
     assert alone == scaled
+
+
+def _count_forwards(model) -> list[int]:
+    """Tokens fed to ``model`` at each forward from now on (a hook, removed by the test)."""
+    sizes: list[int] = []
+
+    def hook(_module, args, kwargs):
+        sizes.append(int(kwargs["input_ids"].numel()))
+
+    model._test_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return sizes
+
+
+def test_a_joining_prompt_is_prefilled_in_the_running_answers_step(tiny_settings):
+    """Issue 12 (hot-swap visible time): a joining request's prompt was prefilled in a
+    forward of its own before the running answers' decode forward, so every join cost the
+    batch a second pass over all the weights (on SmolLM2 at 8 chats about 30% of the
+    loop's time went to joins) and lengthened every answer, which is also how long a
+    new version waits for the next message. Packed into the step, the prompt's tokens
+    ride along with the running answers' next tokens: one forward a step."""
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    greedy = {"temperature": 0.0, "max_new_tokens": 40}
+    short_s = {"temperature": 0.0, "max_new_tokens": 5}
+    long_alone = server.stream(QUESTIONS[0], greedy).consume().token_ids
+    short_alone = server.stream(QUESTIONS[2], short_s).consume().token_ids
+    assert len(long_alone) == 40, "the test needs an answer that runs to its limit"
+    sizes = _count_forwards(server.model)
+    try:
+        running = server.stream(QUESTIONS[0], greedy)
+        stream = iter(running)
+        next(stream)
+        joined = server.stream(QUESTIONS[2], short_s).consume()
+        for _ in stream:
+            pass
+    finally:
+        server.model._test_hook.remove()
+    assert joined.token_ids == short_alone and running.token_ids == long_alone
+    assert len(sizes) == len(long_alone), "a forward for each of the running answer's tokens"
+    prompt = len(server.build_prompt(QUESTIONS[2], 5).input_ids)
+    assert prompt + 1 in sizes, "the joining prompt shared a step with the running answer"
+    server.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_settings):
+    """A prompt longer than ``prefill_chunk`` joins over several steps; each of them also
+    gives the running answer its next token, and the joining answer is what it is with
+    the whole prompt in one step."""
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    greedy = {"temperature": 0.0, "max_new_tokens": 40}
+    short_s = {"temperature": 0.0, "max_new_tokens": 5}
+    prompt = len(server.build_prompt(QUESTIONS[2], 5).input_ids)
+    whole = server.stream(QUESTIONS[2], short_s).consume().token_ids
+    server._batcher.prefill_chunk = 8
+    assert prompt > 3 * 8, "the test needs a prompt of several chunks"
+    sizes = _count_forwards(server.model)
+    try:
+        chunked_alone = server.stream(QUESTIONS[2], short_s).consume().token_ids
+        assert max(sizes) == 8 and len(sizes) == -(-prompt // 8) + len(whole) - 1
+        sizes.clear()
+        running = server.stream(QUESTIONS[0], greedy)
+        stream = iter(running)
+        next(stream)
+        joined = server.stream(QUESTIONS[2], short_s).consume()
+        for _ in stream:
+            pass
+    finally:
+        server.model._test_hook.remove()
+    assert chunked_alone == whole and joined.token_ids == whole
+    # The running answer's own prompt took its chunks, then every step carried its token.
+    first = -(-len(server.build_prompt(QUESTIONS[0], 40).input_ids) // 8)
+    assert len(running.token_ids) == 40 and len(sizes) == first + 40 - 1
+    assert max(sizes) == 8 + 1, "a chunk and the running answer's token"
+    server.close()
 
 
 def test_a_version_is_copied_into_a_spare_slot_while_the_model_is_busy(tiny_settings, adapter_dirs):
