@@ -4,7 +4,7 @@ requests join and leave it at token boundaries.
 One thread owns the model and runs a loop of steps. Each step:
 
 1. drops the requests whose reader went away (a closed tab, Undo) and the ones done;
-2. admits waiting requests, each given a segment of the batch's key/value cache;
+2. admits waiting requests, each given a row of the batch's key/value cache;
 3. runs ONE forward over a packed row: every running answer's last token, and the
    prompts (or the next ``prefill_chunk`` tokens of them) of the answers joining; each
    answer whose prompt is now in the cache samples its next token with its own
@@ -24,11 +24,14 @@ to reach it. Packed, the prompt's tokens ride along with the running answers' ne
 tokens (test_serving: one forward a step). A long prompt joins ``prefill_chunk`` tokens
 at a time, so it delays the others' next token by one chunk, not by its whole prefill.
 
-The cache is one row of columns in which each answer owns a contiguous segment, room for
-its prompt and its longest answer (``_SegmentLayer``); each answer's tokens attend only
-to their own segment, a view (``_packed_attention``, registered with transformers'
-``AttentionInterface``): a dense block-diagonal mask over the whole row would make every
-token pay for every answer's keys, 3x a decode step at 8 answers of 900 tokens.
+The packed tokens are written into a cache with a row per answer (``_RowLayer``, room
+for its prompt and its longest answer), and each answer's tokens attend to their own row
+only (``_packed_attention``, registered with transformers' ``AttentionInterface``): the
+decode tokens in one batched attention over the rows, as an unpacked batch would, each
+prompt chunk over its own row. A dense block-diagonal mask over one packed cache row
+would make every token pay for every answer's keys (3.4x a decode step at 8 answers of
+900 tokens, measured), and one attention call per answer cost about 1 ms each on the
+loaded 2-core CPU.
 
 Versions in one batch, not grouped per version: every LoRA layer runs the base weights
 once for the whole batch and adds each adapter's low-rank delta to its own tokens only.
@@ -58,7 +61,7 @@ PyTorch's ``scaled_dot_product_attention`` (grouped-query heads included), the s
 warpers (``TemperatureLogitsWarper``, ``TopPLogitsWarper``) and the incremental
 detokenizer (``TextIteratorStreamer``); PEFT provides the LoRA layers. Written by hand,
 because no library does it here: the scheduler loop, the packing of a step, the
-segment cache layer and the attention over segments, the per-token scaling of a mixed
+row cache layer and the attention over its rows, the per-token scaling of a mixed
 step (PEFT has no per-row or per-token scaling), per-row sampling with per-request
 settings and generators, and a top-p that looks at the 64 most likely tokens before
 sorting 49k (``top_p_filter``; the same kept set as transformers' warper, which it falls
@@ -113,18 +116,18 @@ def supports(model: Any) -> bool:
     return bool(cache.layers) and not any(cache.is_sliding) and not any(cache.is_linear)
 
 
-class _SegmentLayer(DynamicLayer):
-    """One layer of the batch's key/value cache: one row of ``capacity`` columns in which
-    each answer owns a contiguous segment (``Slot.start``, room for its prompt and its
-    longest answer), so an answer's keys are a view, never gathered. ``update`` writes
-    the step's packed tokens into their answers' segments (the columns ``_STEP.cols``)
-    in place, and returns the whole row: ``_packed_attention`` reads each answer's
-    segment from it. ``DynamicLayer.update`` would concatenate instead, copying the whole
-    cache in every layer at every step (about a tenth of a decode step at 8 answers)."""
+class _RowLayer(DynamicLayer):
+    """One layer of the batch's key/value cache, ``[rows, heads, width, head_dim]``: each
+    answer owns a row (``Slot.row``) and its tokens fill it from column 0. ``update``
+    writes the step's packed tokens into their answers' rows at their next columns
+    (``_STEP.rows``/``_STEP.cols``) in place, and returns the whole buffers;
+    ``_packed_attention`` reads them. ``DynamicLayer.update`` would concatenate instead,
+    copying the whole cache in every layer at every step (about a tenth of a decode step
+    at 8 answers here)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, rows: int, width: int) -> None:
         super().__init__()
-        self.capacity = capacity
+        self.rows, self.width = rows, width
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -133,43 +136,56 @@ class _SegmentLayer(DynamicLayer):
             self.device = key_states.device
             self.is_initialized = True
             self.keys, self.values = (
-                t.new_empty((*t.shape[:-2], self.capacity, t.shape[-1]))
+                t.new_empty((self.rows, t.shape[1], self.width, t.shape[-1]))
                 for t in (key_states, value_states)
             )
-        cols = _STEP.cols
-        self.keys.index_copy_(-2, cols, key_states)
-        self.values.index_copy_(-2, cols, value_states)
+        # [1, heads, tokens, dim] -> one [heads, dim] vector per (row, column) pair.
+        self.keys[_STEP.rows, :, _STEP.cols] = key_states[0].transpose(0, 1)
+        self.values[_STEP.rows, :, _STEP.cols] = value_states[0].transpose(0, 1)
         return self.keys, self.values
 
-    def move(self, capacity: int, moves: list[tuple[int, int, int]]) -> None:
-        """Reallocate to ``capacity`` columns, copying ``length`` columns from ``old`` to
-        ``new`` for each (old, new, length) in ``moves``; the rest is free."""
-        self.capacity = capacity
-        if not self.is_initialized:
-            return
-        keys = self.keys.new_empty((*self.keys.shape[:-2], capacity, self.keys.shape[-1]))
-        values = torch.empty_like(keys)
-        for old, new, length in moves:
-            keys[..., new : new + length, :] = self.keys[..., old : old + length, :]
-            values[..., new : new + length, :] = self.values[..., old : old + length, :]
-        self.keys, self.values = keys, values
+    def resize(self, rows: int, width: int) -> None:
+        """Grow to ``rows`` x ``width``, keeping every row's columns where they are."""
+        if self.is_initialized:
+            old_rows, old_width = self.rows, self.width
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_empty((rows, old.shape[1], width, old.shape[-1]))
+                new[:old_rows, :, :old_width] = old
+                setattr(self, name, new)
+        self.rows, self.width = rows, width
+
+    def move_rows(self, moves: list[tuple[int, int, int]]) -> None:
+        """Copy the first ``length`` columns of row ``src`` into row ``dst`` for each
+        (src, dst, length)."""
+        if self.is_initialized:
+            for src, dst, length in moves:
+                self.keys[dst, :, :length] = self.keys[src, :, :length]
+                self.values[dst, :, :length] = self.values[src, :, :length]
 
 
-def _segment_cache(config: Any, capacity: int) -> DynamicCache:
-    """An empty DynamicCache over ``_SegmentLayer``s of ``capacity`` columns."""
+def _row_cache(config: Any, rows: int, width: int) -> DynamicCache:
+    """An empty DynamicCache over ``_RowLayer``s of ``rows`` x ``width`` columns."""
     cache = DynamicCache(config=config)
-    cache.layers = [_SegmentLayer(capacity) for _ in cache.layers]
+    cache.layers = [_RowLayer(rows, width) for _ in cache.layers]
     return cache
 
 
 @dataclass
 class _Step:
-    """Where one forward's packed tokens go: ``cols`` the cache column of each token,
-    ``spans`` per answer (first token in the packed row, its token count, its segment's
-    start, its keys after this step)."""
+    """Where one forward's packed tokens go and what they attend to: ``rows``/``cols``
+    the cache row and column of each token; ``decode`` the packed index of each decode
+    token (one per answer, the answer on row i of ``decode_rows``) and ``lengths`` the
+    keys of rows 0.. after this step; ``chunks`` per prompt chunk (first token in the
+    packed row, its token count, its row, its answer's keys after this step)."""
 
+    rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
-    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+    decode: torch.Tensor | None = None
+    decode_rows: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    in_order: bool = False  # decode token i is packed at i and on row i, for every row
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 # The forward in progress (the model lock is held for it, so there is one at a time).
@@ -187,31 +203,55 @@ def _packed_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for a packed batch, registered with transformers' AttentionInterface:
-    each answer's tokens (``query[:, :, first:first + n]``) attend to their own segment
-    of the cache (``key[:, :, start:start + length]``, a view) and, for a prompt chunk,
-    causally among themselves. One ``scaled_dot_product_attention`` per answer: a dense
-    mask over the whole packed row would make every token pay for every answer's keys
-    (3x a decode step at 8 answers of 900 tokens, measured)."""
+    """Attention for a packed batch, registered with transformers' AttentionInterface.
+    ``query`` is ``[1, heads, tokens, dim]`` (the packed row), ``key``/``value`` the
+    ``_RowLayer`` buffers. The decode tokens, one per answer, attend in ONE batched
+    ``scaled_dot_product_attention`` to their rows (``[rows, heads, longest, dim]``, a
+    view, each row masked past its length): one call per layer, like an unpacked batch
+    (a call per answer cost about 1 ms each on the loaded 2-core CPU, where OpenMP's
+    threads wait for each other). Each prompt chunk attends to its row, causally among
+    its own tokens: one call per joining answer."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("The batched server does not serve attention softcaps or sinks.")
-    outputs = []
-    for first, n, start, length in _STEP.spans:
-        mask = None
-        if n > 1:  # the prompt chunk is the last n of the keys: bottom-right causal
-            rows = torch.arange(length - n, length, device=query.device)
-            mask = torch.arange(length, device=query.device)[None, :] <= rows[:, None]
-        outputs.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, first : first + n],
-                key[:, :, start : start + length],
-                value[:, :, start : start + length],
-                attn_mask=mask,
-                scale=scaling,
-                enable_gqa=query.shape[1] != key.shape[1],
-            )
+    step = _STEP
+    gqa = query.shape[1] != key.shape[1]
+    output = torch.empty_like(query)
+    if step.decode is not None and len(step.decode):
+        rows = len(step.lengths)
+        longest = int(step.lengths.max())
+        if step.in_order:  # decode token i is packed at i and on row i: views, no gather
+            q = query[0, :, :rows].transpose(0, 1)[:, :, None]
+        else:
+            q = query.new_zeros((rows, query.shape[1], 1, query.shape[-1]))
+            q[step.decode_rows] = query[0, :, step.decode].transpose(0, 1)[:, :, None]
+        # Rows without a decode token (a prompt still joining) attend to column 0 only
+        # (a row with nothing to attend to would give NaN); their output is not used.
+        lengths = step.lengths.clamp_min(1)
+        mask = torch.arange(longest, device=query.device)[None, :] < lengths[:, None]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            key[:rows, :, :longest],
+            value[:rows, :, :longest],
+            attn_mask=mask[:, None, None, :],
+            scale=scaling,
+            enable_gqa=gqa,
         )
-    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        if step.in_order:
+            output[0, :, :rows] = attended[:, :, 0].transpose(0, 1)
+        else:
+            output[0, :, step.decode] = attended[step.decode_rows, :, 0].transpose(0, 1)
+    for first, n, row, length in step.chunks:
+        # The chunk is the last n of its row's keys: causal, aligned bottom-right.
+        ends = torch.arange(length - n, length, device=query.device)
+        mask = torch.arange(length, device=query.device)[None, :] <= ends[:, None]
+        output[:, :, first : first + n] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, first : first + n],
+            key[row : row + 1, :, :length],
+            value[row : row + 1, :, :length],
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -244,7 +284,7 @@ class Slot:
     stop_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)  # generated so far
     length: int = 0  # this answer's tokens in the cache (its prompt, then its answer)
-    start: int = 0  # its segment of the cache: the first column (given as it joins)
+    row: int = -1  # its row of the batch's key/value cache (given as it joins)
     eos: bool = False  # ended with a stop token (not cut by the limit)
     stop_token: int | None = None  # that token (not streamed)
     error: BaseException | None = None
@@ -293,10 +333,8 @@ class ContinuousBatcher:
         self.max_batch_size = max(1, int(max_batch_size))
         self._waiting: deque[Slot] = deque()
         self._active: list[Slot] = []
-        # The batch's key/value cache: one row of columns, a segment per answer; segments
-        # are handed out from ``_end`` on, and packed to the left when that runs out.
+        # The batch's key/value cache, a row per answer: ``_active[i]`` is on row i.
         self._cache: DynamicCache | None = None
-        self._end = 0
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -375,24 +413,21 @@ class ContinuousBatcher:
         self.max_seen_batch = max(self.max_seen_batch, len(self._active))
 
     def _place(self, joining: list[Slot]) -> None:
-        """Give each joining answer a segment of the cache; when the free columns on the
-        right do not hold them, the running answers' segments are first packed to the
-        left in a cache sized for all of them with a quarter to spare."""
+        """Give each joining answer the next row of the cache (rows 0.. hold the running
+        answers), with room for its prompt and its longest answer; the cache grows
+        (rows doubling, up to the batch limit) when it has too few rows or too short ones."""
+        rows = len(self._active) + len(joining)
+        width = max(s.room for s in [*self._active, *joining])
         if self._cache is None:
-            self._cache, self._end = _segment_cache(self._model().config, 0), 0
-        need = sum(s.room for s in joining)
-        capacity = self._cache.layers[0].capacity
-        if self._end + need > capacity:
-            moves, end = [], 0
-            for slot in self._active:
-                moves.append((slot.start, end, slot.length))
-                slot.start, end = end, end + slot.room
-            capacity = (end + need) * 5 // 4 + 64
+            self._cache = _row_cache(self._model().config, rows, width)
+        have = self._cache.layers[0]
+        if rows > have.rows or width > have.width:
+            rows = max(rows, have.rows, min(2 * have.rows, self.max_batch_size))
+            width = max(width, have.width)
             for layer in self._cache.layers:
-                layer.move(capacity, moves)
-            self._end = end
-        for slot in joining:
-            slot.start, self._end = self._end, self._end + slot.room
+                layer.resize(rows, width)
+        for i, slot in enumerate(joining):
+            slot.row = len(self._active) + i
 
     def _feeds(self) -> list[tuple[Slot, list[int]]]:
         """What each answer feeds the model in this step: a running answer its last
@@ -444,19 +479,35 @@ class ContinuousBatcher:
         answer whose whole prompt is now in the cache."""
         device = self.server.loaded.model.device
         step = _Step()
-        ids, positions, cols, names, ends, sampled = [], [], [], [], [], []
+        ids, positions, rows, names, ends, sampled = [], [], [], [], [], []
+        decode, decode_rows = [], []
         for (slot, tokens), name in zip(feeds, self._names([f[0] for f in feeds]), strict=True):
             n = len(tokens)
-            step.spans.append((len(ids), n, slot.start, slot.length + n))
+            if slot.prefilled:  # its last generated token
+                decode.append(len(ids))
+                decode_rows.append(slot.row)
+            else:
+                step.chunks.append((len(ids), n, slot.row, slot.length + n))
             ids += tokens
             positions += range(slot.length, slot.length + n)
-            cols += range(slot.start + slot.length, slot.start + slot.length + n)
+            rows += [slot.row] * n
             names += [name] * n
             slot.length += n
             if slot.prefilled:  # its last token's logits give its next token
                 ends.append(len(ids) - 1)
                 sampled.append(slot)
-        step.cols = torch.tensor(cols, device=device)
+        step.rows = torch.tensor(rows, device=device)
+        step.cols = torch.tensor(positions, device=device)
+        if decode:
+            step.decode = torch.tensor(decode, device=device)
+            step.decode_rows = torch.tensor(decode_rows, device=device)
+            lengths = [0] * (max(decode_rows) + 1)
+            for slot in self._active:
+                if slot.row < len(lengths):
+                    lengths[slot.row] = slot.length if slot.row in decode_rows else 0
+            step.lengths = torch.tensor(lengths, device=device)
+            order = list(range(len(decode)))
+            step.in_order = decode == order and decode_rows == order and len(lengths) == len(order)
         keep = torch.tensor(ends, device=device) if ends else 1
         with self._versions(names), _packed(self.server.loaded.model.config, step):
             out = self._model()(
@@ -555,20 +606,31 @@ class ContinuousBatcher:
         return picks
 
     def _drop(self, gone) -> None:
-        """Remove the answers for which ``gone(slot)`` is true (their segments are free
-        from now on), then end their streams (a reader that sees its stream end sees the
-        batch without it)."""
+        """Remove the answers for which ``gone(slot)`` is true, then end their streams (a
+        reader that sees its stream end sees the batch without it). The answers on the
+        last rows move into the rows freed (a copy of their filled columns), so the
+        running answers keep rows 0.. and a decode step reads no free row."""
         leaving = [s for s in self._active if gone(s)]
         if not leaving:
             return
-        self._active = [s for s in self._active if not gone(s)]
-        if not self._active:
+        staying = [s for s in self._active if not gone(s)]
+        if not staying:
             self._clear()
+        else:
+            free = sorted(s.row for s in leaving if s.row < len(staying))
+            movers = [s for s in staying if s.row >= len(staying)]
+            moves = []
+            for slot, row in zip(movers, free, strict=True):
+                moves.append((slot.row, row, slot.length))
+                slot.row = row
+            for layer in self._cache.layers:
+                layer.move_rows(moves)
+            self._active = sorted(staying, key=lambda s: s.row)
         for slot in leaving:
             self._finish(slot)
 
     def _clear(self) -> None:
-        self._active, self._cache, self._end = [], None, 0
+        self._active, self._cache = [], None
 
     def _finish(self, slot: Slot) -> None:
         slot.done = True
