@@ -135,8 +135,11 @@ class _RowLayer(DynamicLayer):
         if not self.is_initialized:
             self.device = key_states.device
             self.is_initialized = True
+            # Zeros, not empty: a decode step's attention reads every row up to the longest
+            # answer and masks the columns past each row's length, and a masked NaN (what
+            # uninitialised memory may hold) still makes the row's softmax NaN.
             self.keys, self.values = (
-                t.new_empty((self.rows, t.shape[1], self.width, t.shape[-1]))
+                t.new_zeros((self.rows, t.shape[1], self.width, t.shape[-1]))
                 for t in (key_states, value_states)
             )
         # [1, heads, tokens, dim] -> one [heads, dim] vector per (row, column) pair.
@@ -150,7 +153,7 @@ class _RowLayer(DynamicLayer):
             old_rows, old_width = self.rows, self.width
             for name in ("keys", "values"):
                 old = getattr(self, name)
-                new = old.new_empty((rows, old.shape[1], width, old.shape[-1]))
+                new = old.new_zeros((rows, old.shape[1], width, old.shape[-1]))
                 new[:old_rows, :, :old_width] = old
                 setattr(self, name, new)
         self.rows, self.width = rows, width
@@ -412,6 +415,7 @@ class ContinuousBatcher:
         self._drop(lambda s: s.done)
         self.max_seen_batch = max(self.max_seen_batch, len(self._active))
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors
     def _place(self, joining: list[Slot]) -> None:
         """Give each joining answer the next row of the cache (rows 0.. hold the running
         answers), with room for its prompt and its longest answer; the cache grows
@@ -605,6 +609,7 @@ class ContinuousBatcher:
                 picks[row] = int(token)
         return picks
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors
     def _drop(self, gone) -> None:
         """Remove the answers for which ``gone(slot)`` is true, then end their streams (a
         reader that sees its stream end sees the batch without it). The answers on the

@@ -679,3 +679,34 @@ def test_a_version_is_copied_into_a_spare_slot_while_the_model_is_busy(tiny_sett
     server.set_current(3)
     assert server.generate(CHAT, GREEDY).token_ids == expected
     server.close()
+
+
+def test_answers_after_a_row_that_leaves_move_up_and_answer_as_alone(tiny_settings):
+    """The running answers keep rows 0..n-1 of the cache: when an answer in the middle
+    leaves (done or cancelled), the one on the last row moves into its row, and every
+    answer still writes what it writes alone; a prompt cancelled half-way through its
+    chunked prefill leaves no trace either."""
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    greedy = {"temperature": 0.0, "max_new_tokens": 30}
+    short = {"temperature": 0.0, "max_new_tokens": 3}
+    requests = [(QUESTIONS[0], greedy, 0, None), (QUESTIONS[1], short, 0, None),
+                (QUESTIONS[2], greedy, 0, None), (QUESTIONS[1], greedy, 0, None)]  # fmt: skip
+    alone = [server.stream(c, s).consume().token_ids for c, s, _, _ in requests]
+    assert len(alone[0]) == len(alone[2]) == 30 and len(alone[1]) == 3
+    assert _one_batch(server, requests) == alone
+    # A long prompt cancelled while its chunks are prefilled, beside a running answer.
+    server._batcher.prefill_chunk = 8
+    running = server.stream(QUESTIONS[0], greedy)
+    stream = iter(running)
+    next(stream)
+    joining = iter(server.stream(QUESTIONS[2], greedy))
+    thread = threading.Thread(target=lambda: next(joining, None), daemon=True)
+    thread.start()
+    wait_for(lambda: server._batcher.active == 2, 30, "the long prompt joining", interval_s=0.001)
+    server._batcher._active[1].gen._cancel.set()
+    for _ in stream:
+        pass
+    thread.join(timeout=30)
+    assert running.token_ids == alone[0] and server._batcher.active == 0
+    assert server._pins == {}
+    server.close()
