@@ -588,7 +588,7 @@ def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
     while the controller's coefficient crept 0.24 -> 0.31). The round's KL penalty now
     grows as the parent's served KL fills the budget (``kl_barrier``): a parent at half
     the budget doubles it, in every step's rewards and in the round's metrics."""
-    settings = tiny_settings.model_copy(update={"ppo_steps": 1})
+    settings = tiny_settings.model_copy(update={"ppo_steps": 1, "kl_barrier": True})
     common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
                   heldout_pairs=_pairs(4))  # fmt: skip
     first = run_training_round(
