@@ -28,6 +28,7 @@ from rlhf_core.trainer import (
     attach_policy,
     backtrack_to_kl_budget,
     edited_tokens,
+    fraction_within_kl_budget,
     gate_samples_kl,
     run_training_round,
     set_update_fraction,
@@ -544,6 +545,46 @@ def test_backtracking_halves_the_update_until_the_served_kl_fits(tiny_settings):
         lambda f: {"objective/kl_served_ucb": 50.0}, fits, max_halvings=2
     )
     assert (fraction, tried) == (0.25, 3) and not fits(metrics)
+
+
+def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny_settings):
+    """Issue 9: near the budget, halving refused rounds that a smaller step would have
+    passed (formal round 2: a quarter step 0.40 nats from a parent at 4.20 measured 7.29
+    > 10 at its bound; bullets, question, concise: rounds 3-5). KL to the base grows as
+    ``(sqrt(K) + f sqrt(k))^2``. By hand: parent at K = 4, the full step 9 nats from it
+    (to the base (2 + 3)^2 = 25), budgets 10 and 8: ``f = (sqrt(10) - 2) / 3 = 0.3874``
+    (round budget: sqrt(8/9) = 0.943); with a bound 1 nat above the mean,
+    ``(sqrt(9) - 2) / 3 = 1/3``."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    full = {"objective/kl_served": 25.0, "objective/kl_served_ucb": 25.0,
+            "objective/kl_parent": 9.0, "objective/kl_parent_ucb": 9.0}  # fmt: skip
+    assert fraction_within_kl_budget(full, 4.0, settings) == pytest.approx(0.38743, abs=1e-5)
+    with_margin = {**full, "objective/kl_served_ucb": 26.0}
+    assert fraction_within_kl_budget(with_margin, 4.0, settings) == pytest.approx(1 / 3)
+    # From the base (K = 0) only the round budget can bind: min(sqrt(10)/3, sqrt(8/9)).
+    assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(8 / 9))
+    # A parent already at the budget: the smallest step.
+    assert fraction_within_kl_budget(full, 10.0, settings) == 1 / 64
+
+    # The line search measures the predicted fraction first: 1/3 fits ((2 + 1)^2 + 1 = 10),
+    # a larger step than halving finds (0.5: 13.25 refused; 0.25: 8.56), in one
+    # measurement fewer.
+    seen = []
+
+    def measure(fraction):
+        seen.append(fraction)
+        to_base, to_parent = (2 + 3 * fraction) ** 2, 9 * fraction**2
+        return {"objective/kl_served": to_base, "objective/kl_served_ucb": to_base + 1,
+                "objective/kl_parent": to_parent, "objective/kl_parent_ucb": to_parent}  # fmt: skip
+
+    def fits(metrics):
+        return within_kl_budget(metrics, settings)
+
+    fraction, metrics, tried = backtrack_to_kl_budget(
+        measure, fits, 2, first_guess=lambda m: fraction_within_kl_budget(m, 4.0, settings)
+    )
+    assert fraction == pytest.approx(1 / 3) and tried == 2 and fits(metrics)
+    assert backtrack_to_kl_budget(measure, fits, 2)[0] == 0.25  # halving alone
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
