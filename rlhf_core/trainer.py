@@ -1115,8 +1115,9 @@ def run_training_round(
 
         # The parent's served KL as its own round measured it (the gate's bound): the
         # closer to the budget, the harder this round's penalty pulls toward the base.
-        parent_kl = policy_meta.get("metrics", {}).get("objective/kl_served_ucb")
-        barrier = kl_barrier(parent_kl, settings.kl_budget) if settings.kl_barrier else 1.0
+        parent_metrics = policy_meta.get("metrics", {})
+        parent_bound = parent_metrics.get("objective/kl_served_ucb")
+        barrier = kl_barrier(parent_bound, settings.kl_budget) if settings.kl_barrier else 1.0
         trainer = PPOTrainer(
             model,
             base.tokenizer,
@@ -1163,9 +1164,7 @@ def run_training_round(
 
         # The parent's KL to the base as its own round measured it (0 for the base): the
         # line search predicts from it how much of the update fits (None: plain halving).
-        parent_kl = (
-            0.0 if policy_dir is None else policy_meta.get("metrics", {}).get("objective/kl_served")
-        )
+        parent_kl = 0.0 if policy_dir is None else parent_metrics.get("objective/kl_served")
         fraction, gate_metrics, tried = backtrack_to_kl_budget(
             measure,
             lambda m: within_kl_budget(m, settings),

@@ -583,6 +583,18 @@ def test_a_mixed_batch_scales_each_adapter_per_row_not_through_adapter_names(
     assert alone == scaled
 
 
+def _join_while_running(server, running_sampling, joining_sampling):
+    """QUESTIONS[0] streams; after its first token QUESTIONS[2] joins and is answered
+    whole; then the first answer runs to its end. Returns both answers."""
+    running = server.stream(QUESTIONS[0], running_sampling)
+    stream = iter(running)
+    next(stream)
+    joined = server.stream(QUESTIONS[2], joining_sampling).consume()
+    for _ in stream:
+        pass
+    return running, joined
+
+
 def _count_forwards(model) -> list[int]:
     """Tokens fed to ``model`` at each forward from now on (a hook, removed by the test)."""
     sizes: list[int] = []
@@ -609,12 +621,7 @@ def test_a_joining_prompt_is_prefilled_in_the_running_answers_step(tiny_settings
     assert len(long_alone) == 40, "the test needs an answer that runs to its limit"
     sizes = _count_forwards(server.model)
     try:
-        running = server.stream(QUESTIONS[0], greedy)
-        stream = iter(running)
-        next(stream)
-        joined = server.stream(QUESTIONS[2], short_s).consume()
-        for _ in stream:
-            pass
+        running, joined = _join_while_running(server, greedy, short_s)
     finally:
         server.model._test_hook.remove()
     assert joined.token_ids == short_alone and running.token_ids == long_alone
@@ -640,12 +647,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(tiny_setti
         chunked_alone = server.stream(QUESTIONS[2], short_s).consume().token_ids
         assert max(sizes) == 8 and len(sizes) == -(-prompt // 8) + len(whole) - 1
         sizes.clear()
-        running = server.stream(QUESTIONS[0], greedy)
-        stream = iter(running)
-        next(stream)
-        joined = server.stream(QUESTIONS[2], short_s).consume()
-        for _ in stream:
-            pass
+        running, joined = _join_while_running(server, greedy, short_s)
     finally:
         server.model._test_hook.remove()
     assert chunked_alone == whole and joined.token_ids == whole
