@@ -991,18 +991,26 @@ def fraction_within_kl_budget(
     of ``k`` nats from a parent at ``K`` lands near ``(sqrt(K) + sqrt(k))^2`` when it goes
     on in the direction the parent already moved (the learnt taste), which is why a
     quarter step 0.4 nats from a parent at 4.2 measured 7.3 (formal round 2), and 0.09
-    nats from 7.2 measured 8.8 (question). With the KL to the parent growing as ``f^2 k``
-    at fraction ``f``, the total fits when ``sqrt(K) + f sqrt(k) <= sqrt(B - margin)`` and
-    the round budget when ``f^2 k <= B_round - margin``; the margins are the full
-    measurement's bound minus its mean. Returns the smaller ``f``, within
-    ``[smallest, 1]``.
+    nats from 7.2 measured 8.8 (question). The KL to the parent grows as ``f^2 k`` at
+    fraction ``f``.
+
+    The gate decides on upper bounds, and each answer's KL shrinks with the step as the
+    mean does, so their spread shrinks with it: the bound is taken to keep its ratio to
+    the mean, ``r = bound / mean`` of the full measurement. The total fits when
+    ``sqrt(K) + f sqrt(k) <= sqrt(B / r)``, the round budget when
+    ``f^2 k_bound <= B_round``. (An additive margin, bound minus mean, was the first rule:
+    it left no room at all whenever the full step's spread alone passed the budget, and
+    formal's round 1 on ec58f49 published 1/64 of its update, 0.002 nats.) Returns the
+    smaller ``f``, within ``[smallest, 1]``.
     """
     k = max(full.get("objective/kl_parent", 0.0), 1e-12)
-    margin = full.get("objective/kl_served_ucb", 0.0) - full.get("objective/kl_served", 0.0)
-    room = math.sqrt(max(settings.kl_budget - max(margin, 0.0), 0.0))
+    mean = full.get("objective/kl_served", 0.0)
+    bound = full.get("objective/kl_served_ucb", mean)
+    spread = max(bound / mean, 1.0) if mean > 0 else 1.0
+    room = math.sqrt(settings.kl_budget / spread)
     f_total = (room - math.sqrt(max(parent_kl, 0.0))) / math.sqrt(k)
-    p_margin = full.get("objective/kl_parent_ucb", k) - k
-    f_round = math.sqrt(max(settings.kl_round_budget - max(p_margin, 0.0), 0.0) / k)
+    k_bound = max(full.get("objective/kl_parent_ucb", k), k)
+    f_round = math.sqrt(settings.kl_round_budget / k_bound)
     return min(max(min(f_total, f_round), smallest), 1.0)
 
 
@@ -1158,9 +1166,15 @@ def run_training_round(
         start = time.perf_counter()
         final_weights = [p.detach().clone() for p in lora]
 
+        full_step: dict[str, float] = {}
+
         def measure(fraction: float) -> dict[str, float]:
             set_update_fraction(lora, parent_weights, final_weights, fraction)
-            return gate_samples_kl(trainer, settings, list(prompts), policy_dir)
+            measured = gate_samples_kl(trainer, settings, list(prompts), policy_dir)
+            if fraction == 1.0:  # kept beside the published fraction's, for diagnosis
+                full_step.update({f"gate/full_{k.split('/')[1]}": v for k, v in measured.items()
+                                  if k.startswith("objective/")})  # fmt: skip
+            return measured
 
         # The parent's KL to the base as its own round measured it (0 for the base): the
         # line search predicts from it how much of the update fits (None: plain halving).
@@ -1174,6 +1188,7 @@ def run_training_round(
             else lambda m: fraction_within_kl_budget(m, parent_kl, settings),
         )
         metrics.update(gate_metrics)
+        metrics.update(full_step)
         metrics["gate/update_fraction"] = fraction
         metrics["gate/measurements"] = float(tried)
         metrics["time/served_kl_s"] = time.perf_counter() - start

@@ -553,29 +553,35 @@ def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny
     > 10 at its bound; bullets, question, concise: rounds 3-5). KL to the base grows as
     ``(sqrt(K) + f sqrt(k))^2``. By hand: parent at K = 4, the full step 9 nats from it
     (to the base (2 + 3)^2 = 25), budgets 10 and 8: ``f = (sqrt(10) - 2) / 3 = 0.3874``
-    (round budget: sqrt(8/9) = 0.943); with a bound 1 nat above the mean,
-    ``(sqrt(9) - 2) / 3 = 1/3``."""
+    (round budget: sqrt(8/9) = 0.943); with a bound 4% above the mean (26),
+    ``(sqrt(10 / 1.04) - 2) / 3 = 0.36696``."""
     settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
     full = {"objective/kl_served": 25.0, "objective/kl_served_ucb": 25.0,
             "objective/kl_parent": 9.0, "objective/kl_parent_ucb": 9.0}  # fmt: skip
     assert fraction_within_kl_budget(full, 4.0, settings) == pytest.approx(0.38743, abs=1e-5)
     with_margin = {**full, "objective/kl_served_ucb": 26.0}
-    assert fraction_within_kl_budget(with_margin, 4.0, settings) == pytest.approx(1 / 3)
+    assert fraction_within_kl_budget(with_margin, 4.0, settings) == pytest.approx(0.36696, abs=1e-5)
     # From the base (K = 0) only the round budget can bind: min(sqrt(10)/3, sqrt(8/9)).
     assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(8 / 9))
     # A parent already at the budget: the smallest step.
     assert fraction_within_kl_budget(full, 10.0, settings) == 1 / 64
 
-    # The line search measures the predicted fraction first: 1/3 fits ((2 + 1)^2 + 1 = 10),
-    # a larger step than halving finds (0.5: 13.25 refused; 0.25: 8.56), in one
-    # measurement fewer.
+    # The line search measures the predicted fraction first. The full step's bound is
+    # 10% above its mean (27.5; to the parent 9.9): f = (sqrt(10 / 1.1) - 2) / 3 = 0.33837
+    # (round: sqrt(8 / 9.9) = 0.899). Here the spread comes from the step alone (+2.5 f^2),
+    # so at 0.33837 the bound is 9.09 + 0.29 = 9.38: it fits, a larger step than halving
+    # finds (0.5: 12.25 refused; 0.25: 7.72), in one measurement fewer.
     seen = []
 
     def measure(fraction):
         seen.append(fraction)
         to_base, to_parent = (2 + 3 * fraction) ** 2, 9 * fraction**2
-        return {"objective/kl_served": to_base, "objective/kl_served_ucb": to_base + 1,
-                "objective/kl_parent": to_parent, "objective/kl_parent_ucb": to_parent}  # fmt: skip
+        return {
+            "objective/kl_served": to_base,
+            "objective/kl_served_ucb": to_base + 2.5 * fraction**2,
+            "objective/kl_parent": to_parent,
+            "objective/kl_parent_ucb": 1.1 * to_parent,
+        }
 
     def fits(metrics):
         return within_kl_budget(metrics, settings)
@@ -583,8 +589,34 @@ def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny
     fraction, metrics, tried = backtrack_to_kl_budget(
         measure, fits, 2, first_guess=lambda m: fraction_within_kl_budget(m, 4.0, settings)
     )
-    assert fraction == pytest.approx(1 / 3) and tried == 2 and fits(metrics)
+    assert fraction == pytest.approx(0.33837, abs=1e-5) and tried == 2 and fits(metrics)
     assert backtrack_to_kl_budget(measure, fits, 2)[0] == 0.25  # halving alone
+
+
+def test_a_wide_spread_in_the_full_step_still_leaves_room_for_a_smaller_one(tiny_settings):
+    """Issue 9 (ec58f49, formal round 1): the full step's gate bound stood 10 nats above
+    its mean (a few answers far out), and the first rule, an additive margin
+    ``sqrt(B - (bound - mean))``, left no room at all: 1/64 of the update was published,
+    0.002 nats from the base, a lost round. Each answer's KL shrinks as ``f^2`` from the
+    base, so the spread does too. By hand: mean 12, bound 22, to the parent (the base) the
+    same, budgets 10 and 8: total ``sqrt(10 / 22) = 0.674``, round ``sqrt(8 / 22) =
+    0.603``; the line search then measures 0.5 (bound 22 / 4 = 5.5) and publishes it."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    full = {"objective/kl_served": 12.0, "objective/kl_served_ucb": 22.0,
+            "objective/kl_parent": 12.0, "objective/kl_parent_ucb": 22.0}  # fmt: skip
+    assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(8 / 22))
+
+    def measure(fraction):
+        return {k: v * fraction**2 for k, v in full.items()}
+
+    fraction, metrics, tried = backtrack_to_kl_budget(
+        measure,
+        lambda m: within_kl_budget(m, settings),
+        2,
+        first_guess=lambda m: fraction_within_kl_budget(m, 0.0, settings),
+    )
+    assert (fraction, tried) == (0.5, 2)
+    assert metrics["objective/kl_served_ucb"] == pytest.approx(5.5)
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
@@ -619,6 +651,8 @@ def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
     assert shrunk.metrics["gate/measurements"] >= 2
     assert shrunk.metrics["objective/kl_served_ucb"] <= kl_full / 3
     assert within_kl_budget(shrunk.metrics, tight)
+    # The full step's own measurement is kept beside the published one's.
+    assert shrunk.metrics["gate/full_kl_served_ucb"] == pytest.approx(kl_full)
 
 
 def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
