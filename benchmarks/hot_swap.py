@@ -272,6 +272,20 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
         swapped = dict(app.watcher.swaps) if app.watcher else {}
         ready = [swapped[v] - at for v, at in published.items() if v in swapped]
         missed = [v for v in published if v not in chats.first_seen]
+        # Where each version's visible time went: the UI's swap (ready), then the wait for
+        # some chat to send a message after it, then that answer's first streamed update.
+        parts = []
+        for v, at in published.items():
+            on_v = [r for r in chats.records if r["version"] == v and "first" in r]
+            if on_v and v in swapped:
+                first = min(on_v, key=lambda r: r["first"])
+                parts.append({
+                    "version": v, "visible_s": round(first["first"] - at, 3),
+                    "ready_s": round(swapped[v] - at, 3),
+                    "send_after_ready_s": round(first["start"] - swapped[v], 3),
+                    "first_update_s": round(first["first"] - first["start"], 3),
+                })  # fmt: skip
+        parts.sort(key=lambda p: -p["visible_s"])
         lat_model = [r["end"] - r["start"] for r in on_base if r["ok"]]
         lat_base = [r["end"] - r["start"] for r in baseline if r["ok"]]
         lat_swap = [r["end"] - r["start"] for r in swapping if r["ok"]]
@@ -299,6 +313,13 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
             "versions_published": len(published),
             "command": "python benchmarks/hot_swap.py " + " ".join(sys.argv[1:]),
             "versions_never_seen": missed,
+            "send_after_ready_p50_s": round(
+                statistics.median([p["send_after_ready_s"] for p in parts]), 3
+            ) if parts else None,
+            "first_update_p50_s": round(
+                statistics.median([p["first_update_s"] for p in parts]), 3
+            ) if parts else None,
+            "visible_parts_slowest_first": parts,
             "errors": sorted({r.get("error", "") for r in failed})[:5],
             "config": {
                 "serving_backend": settings.serving_backend,
