@@ -979,8 +979,15 @@ def within_kl_budget(metrics: dict[str, float], settings: Settings) -> bool:
     return total <= settings.kl_budget and parent <= settings.kl_round_budget
 
 
+KL_AIM = 0.9  # the line search aims at this share of each KL budget (see below)
+
+
 def fraction_within_kl_budget(
-    full: dict[str, float], parent_kl: float, settings: Settings, smallest: float = 1 / 64
+    full: dict[str, float],
+    parent_kl: float,
+    settings: Settings,
+    smallest: float = 1 / 64,
+    aim: float = KL_AIM,
 ) -> float:
     """The fraction of a round's update predicted to fit both KL budgets, from the
     measurement of the full update (``full``) and the parent's own served KL to the base
@@ -1000,17 +1007,21 @@ def fraction_within_kl_budget(
     ``sqrt(K) + f sqrt(k) <= sqrt(B / r)``, the round budget when
     ``f^2 k_bound <= B_round``. (An additive margin, bound minus mean, was the first rule:
     it left no room at all whenever the full step's spread alone passed the budget, and
-    formal's round 1 on ec58f49 published 1/64 of its update, 0.002 nats.) Returns the
+    formal's round 1 on ec58f49 published 1/64 of its update, 0.002 nats.) Both budgets
+    are taken at ``aim`` (90%) of their value: the bound measured at the predicted
+    fraction has a sampling error of its own (with 16 samples about a quarter of the
+    answers' spread: 0.8 nats at 7), so aiming at the budget itself would fail half the
+    time, and each miss costs a measurement (30 s on SmolLM2) and a halving. Returns the
     smaller ``f``, within ``[smallest, 1]``.
     """
     k = max(full.get("objective/kl_parent", 0.0), 1e-12)
     mean = full.get("objective/kl_served", 0.0)
     bound = full.get("objective/kl_served_ucb", mean)
     spread = max(bound / mean, 1.0) if mean > 0 else 1.0
-    room = math.sqrt(settings.kl_budget / spread)
+    room = math.sqrt(aim * settings.kl_budget / spread)
     f_total = (room - math.sqrt(max(parent_kl, 0.0))) / math.sqrt(k)
     k_bound = max(full.get("objective/kl_parent_ucb", k), k)
-    f_round = math.sqrt(settings.kl_round_budget / k_bound)
+    f_round = math.sqrt(aim * settings.kl_round_budget / k_bound)
     return min(max(min(f_total, f_round), smallest), 1.0)
 
 
@@ -1028,8 +1039,11 @@ def backtrack_to_kl_budget(
     see the final policy at their temperature. Rather than refusing the whole round
     (and its feedback), the update is shrunk toward the parent until the gate's bounds
     hold: ``measure(1.0)``; then the fraction ``first_guess`` predicts from that
-    measurement (:func:`fraction_within_kl_budget`; at most 0.5), or 0.5 without one;
-    then halves of it, at most ``max_halvings`` measurements after the first. Returns
+    measurement (:func:`fraction_within_kl_budget`), or 0.5 without one (or where the
+    prediction says the full step fits, which it did not); then halves of it, at most
+    ``max_halvings`` measurements after the first. (The guess was capped at 0.5 at first:
+    formal's round 1 on bae41df, a full step just over both budgets, bound 10.1, was
+    predicted to fit at 0.89 and published at 0.5, a quarter of its KL.) Returns
     ``(fraction, metrics, measurements)``; when no fraction fits, the last one tried and
     its metrics, which the gate then refuses.
     """
@@ -1038,7 +1052,8 @@ def backtrack_to_kl_budget(
     tried = 1
     while not fits(metrics) and tried <= max_halvings:
         if tried == 1 and first_guess is not None:
-            fraction = min(0.5, first_guess(metrics))
+            guess = first_guess(metrics)
+            fraction = guess if guess < 1.0 else 0.5
         else:
             fraction /= 2
         metrics = measure(fraction)

@@ -554,23 +554,30 @@ def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny
     ``(sqrt(K) + f sqrt(k))^2``. By hand: parent at K = 4, the full step 9 nats from it
     (to the base (2 + 3)^2 = 25), budgets 10 and 8: ``f = (sqrt(10) - 2) / 3 = 0.3874``
     (round budget: sqrt(8/9) = 0.943); with a bound 4% above the mean (26),
-    ``(sqrt(10 / 1.04) - 2) / 3 = 0.36696``."""
+    ``(sqrt(10 / 1.04) - 2) / 3 = 0.36696``. (These at ``aim=1``: the budgets themselves;
+    the default aims at 90% of each: ``(sqrt(9) - 2) / 3 = 1/3``.)"""
     settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
     full = {"objective/kl_served": 25.0, "objective/kl_served_ucb": 25.0,
             "objective/kl_parent": 9.0, "objective/kl_parent_ucb": 9.0}  # fmt: skip
-    assert fraction_within_kl_budget(full, 4.0, settings) == pytest.approx(0.38743, abs=1e-5)
+
+    def predicted(metrics, parent, aim=1.0):
+        return fraction_within_kl_budget(metrics, parent, settings, aim=aim)
+
+    assert predicted(full, 4.0) == pytest.approx(0.38743, abs=1e-5)
     with_margin = {**full, "objective/kl_served_ucb": 26.0}
-    assert fraction_within_kl_budget(with_margin, 4.0, settings) == pytest.approx(0.36696, abs=1e-5)
+    assert predicted(with_margin, 4.0) == pytest.approx(0.36696, abs=1e-5)
     # From the base (K = 0) only the round budget can bind: min(sqrt(10)/3, sqrt(8/9)).
-    assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(8 / 9))
+    assert predicted(full, 0.0) == pytest.approx(math.sqrt(8 / 9))
     # A parent already at the budget: the smallest step.
-    assert fraction_within_kl_budget(full, 10.0, settings) == 1 / 64
+    assert predicted(full, 10.0) == 1 / 64
+    assert fraction_within_kl_budget(full, 4.0, settings) == pytest.approx(1 / 3)  # aim 0.9
 
     # The line search measures the predicted fraction first. The full step's bound is
-    # 10% above its mean (27.5; to the parent 9.9): f = (sqrt(10 / 1.1) - 2) / 3 = 0.33837
-    # (round: sqrt(8 / 9.9) = 0.899). Here the spread comes from the step alone (+2.5 f^2),
-    # so at 0.33837 the bound is 9.09 + 0.29 = 9.38: it fits, a larger step than halving
-    # finds (0.5: 12.25 refused; 0.25: 7.72), in one measurement fewer.
+    # 10% above its mean (27.5; to the parent 9.9): aiming at 90% of the budgets,
+    # f = (sqrt(9 / 1.1) - 2) / 3 = 0.28680 (round: sqrt(7.2 / 9.9) = 0.853). Here the
+    # spread comes from the step alone (+2.5 f^2), so at 0.28680 the bound is 8.18 + 0.21
+    # = 8.39: it fits, a larger step than halving finds (0.5: 12.25 refused; 0.25: 7.72),
+    # in one measurement fewer.
     seen = []
 
     def measure(fraction):
@@ -589,7 +596,7 @@ def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny
     fraction, metrics, tried = backtrack_to_kl_budget(
         measure, fits, 2, first_guess=lambda m: fraction_within_kl_budget(m, 4.0, settings)
     )
-    assert fraction == pytest.approx(0.33837, abs=1e-5) and tried == 2 and fits(metrics)
+    assert fraction == pytest.approx(0.28680, abs=1e-5) and tried == 2 and fits(metrics)
     assert backtrack_to_kl_budget(measure, fits, 2)[0] == 0.25  # halving alone
 
 
@@ -599,12 +606,13 @@ def test_a_wide_spread_in_the_full_step_still_leaves_room_for_a_smaller_one(tiny
     ``sqrt(B - (bound - mean))``, left no room at all: 1/64 of the update was published,
     0.002 nats from the base, a lost round. Each answer's KL shrinks as ``f^2`` from the
     base, so the spread does too. By hand: mean 12, bound 22, to the parent (the base) the
-    same, budgets 10 and 8: total ``sqrt(10 / 22) = 0.674``, round ``sqrt(8 / 22) =
-    0.603``; the line search then measures 0.5 (bound 22 / 4 = 5.5) and publishes it."""
+    same, budgets 10 and 8 aimed at 90%: total ``sqrt(9 / 22) = 0.640``, round
+    ``sqrt(7.2 / 22) = 0.572``; the line search measures 0.572 (bound 22 x 0.327 = 7.2)
+    and publishes it."""
     settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
     full = {"objective/kl_served": 12.0, "objective/kl_served_ucb": 22.0,
             "objective/kl_parent": 12.0, "objective/kl_parent_ucb": 22.0}  # fmt: skip
-    assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(8 / 22))
+    assert fraction_within_kl_budget(full, 0.0, settings) == pytest.approx(math.sqrt(7.2 / 22))
 
     def measure(fraction):
         return {k: v * fraction**2 for k, v in full.items()}
@@ -615,8 +623,28 @@ def test_a_wide_spread_in_the_full_step_still_leaves_room_for_a_smaller_one(tiny
         2,
         first_guess=lambda m: fraction_within_kl_budget(m, 0.0, settings),
     )
-    assert (fraction, tried) == (0.5, 2)
-    assert metrics["objective/kl_served_ucb"] == pytest.approx(5.5)
+    assert fraction == pytest.approx(math.sqrt(7.2 / 22)) and tried == 2
+    assert metrics["objective/kl_served_ucb"] == pytest.approx(7.2)
+
+
+def test_the_predicted_fraction_is_measured_even_above_a_half(tiny_settings):
+    """Issue 9 (bae41df, formal round 1): the full step just over both budgets (mean 8.5,
+    bound 10.1; from the base, so to the parent the same) was predicted to fit at 0.89
+    and published at 0.5, the cap on the first guess then: a quarter of its KL (1.65
+    nats), a round mostly lost. By hand, budgets 10 and 8 aimed at 90%: total
+    ``sqrt(9 / 10.1 x 8.5 / 8.5) = 0.944``, round ``sqrt(7.2 / 10.1) = 0.8443``."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    full = {"objective/kl_served": 8.5, "objective/kl_served_ucb": 10.1,
+            "objective/kl_parent": 8.5, "objective/kl_parent_ucb": 10.1}  # fmt: skip
+
+    fraction, metrics, tried = backtrack_to_kl_budget(
+        lambda f: {k: v * f**2 for k, v in full.items()},
+        lambda m: within_kl_budget(m, settings),
+        2,
+        first_guess=lambda m: fraction_within_kl_budget(m, 0.0, settings),
+    )
+    assert fraction == pytest.approx(0.84432, abs=1e-5) and tried == 2
+    assert metrics["objective/kl_parent_ucb"] == pytest.approx(7.2)
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
