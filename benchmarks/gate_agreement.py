@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 GATE_Z = 1.645  # rlhf_core.trainer.GATE_Z: the gate's one-sided 95% bound
+# Every run on record used both defaults (none set RLHF_GATE_SAMPLES or --eval-n).
 GATE_SAMPLES = 16  # RLHF_GATE_SAMPLES' default
 HELDOUT_SAMPLES = 32  # benchmarks/learning.py --eval-n
 
@@ -57,14 +58,18 @@ def main() -> None:
     rows = versions(args.folder)
     for run, row in rows:
         diff, spread, error, p_out = agreement(row, args.tolerance)
+        if error == 0:  # a bound on the mean itself: no spread to judge it by
+            continue
         expected += p_out
         outside += abs(diff) > args.tolerance
-        zs.append(diff / error if error > 0 else 0.0)
+        zs.append(diff / error)
         print(
             f"{run:32s} v{row['version']}: held-out {row['kl']:5.2f} gate {row['gate_kl']:5.2f}"
             f" diff {diff:+5.2f}  s {spread:4.2f}  se {error:4.2f}  P(outside) {p_out:4.2f}"
         )
-    print(f"{len(rows)} versions: outside +-{args.tolerance} nats {outside}, "
+    if not zs:
+        raise SystemExit(f"no published version with a gate bound under {args.folder}")
+    print(f"{len(zs)} versions: outside +-{args.tolerance} nats {outside}, "
           f"expected from sampling alone {expected:.1f}; difference / se: "
           f"mean {statistics.mean(zs):+.2f}, sd {statistics.pstdev(zs):.2f}")  # fmt: skip
 

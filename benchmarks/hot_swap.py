@@ -273,7 +273,9 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
         ready = [swapped[v] - at for v, at in published.items() if v in swapped]
         missed = [v for v in published if v not in chats.first_seen]
         # Where each version's visible time went: the UI's swap (ready), then the wait for
-        # some chat to send a message after it, then that answer's first streamed update.
+        # some chat to send a message after it (negative: sent just before the swap and
+        # given the new version as its request was handled), then that answer's first
+        # streamed update.
         parts = []
         for v, at in published.items():
             on_v = [r for r in chats.records if r["version"] == v and "first" in r]

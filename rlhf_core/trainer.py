@@ -1017,8 +1017,8 @@ def fraction_within_kl_budget(
     k = max(full.get("objective/kl_parent", 0.0), 1e-12)
     mean = full.get("objective/kl_served", 0.0)
     bound = full.get("objective/kl_served_ucb", mean)
-    spread = max(bound / mean, 1.0) if mean > 0 else 1.0
-    room = math.sqrt(aim * settings.kl_budget / spread)
+    ratio = max(bound / mean, 1.0) if mean > 0 else 1.0
+    room = math.sqrt(aim * settings.kl_budget / ratio)
     f_total = (room - math.sqrt(max(parent_kl, 0.0))) / math.sqrt(k)
     k_bound = max(full.get("objective/kl_parent_ucb", k), k)
     f_round = math.sqrt(aim * settings.kl_round_budget / k_bound)
@@ -1053,7 +1053,8 @@ def backtrack_to_kl_budget(
     while not fits(metrics) and tried <= max_halvings:
         if tried == 1 and first_guess is not None:
             guess = first_guess(metrics)
-            fraction = guess if guess < 1.0 else 0.5
+            # (NaN, from a NaN measurement, fails the comparison too: plain halving.)
+            fraction = guess if 0.0 < guess < 1.0 else 0.5
         else:
             fraction /= 2
         metrics = measure(fraction)

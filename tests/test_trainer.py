@@ -576,7 +576,7 @@ def test_the_fraction_that_fits_is_predicted_from_the_square_root_of_the_kl(tiny
     # 10% above its mean (27.5; to the parent 9.9): aiming at 90% of the budgets,
     # f = (sqrt(9 / 1.1) - 2) / 3 = 0.28680 (round: sqrt(7.2 / 9.9) = 0.853). Here the
     # spread comes from the step alone (+2.5 f^2), so at 0.28680 the bound is 8.18 + 0.21
-    # = 8.39: it fits, a larger step than halving finds (0.5: 12.25 refused; 0.25: 7.72),
+    # = 8.39: it fits, a larger step than halving finds (0.5: bound 12.875, refused; 0.25: 7.72),
     # in one measurement fewer.
     seen = []
 
@@ -632,7 +632,7 @@ def test_the_predicted_fraction_is_measured_even_above_a_half(tiny_settings):
     bound 10.1; from the base, so to the parent the same) was predicted to fit at 0.89
     and published at 0.5, the cap on the first guess then: a quarter of its KL (1.65
     nats), a round mostly lost. By hand, budgets 10 and 8 aimed at 90%: total
-    ``sqrt(9 / 10.1 x 8.5 / 8.5) = 0.944``, round ``sqrt(7.2 / 10.1) = 0.8443``."""
+    ``sqrt(9 / 10.1) = 0.944``, round ``sqrt(7.2 / 10.1) = 0.8443``."""
     settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
     full = {"objective/kl_served": 8.5, "objective/kl_served_ucb": 10.1,
             "objective/kl_parent": 8.5, "objective/kl_parent_ucb": 10.1}  # fmt: skip
@@ -645,6 +645,18 @@ def test_the_predicted_fraction_is_measured_even_above_a_half(tiny_settings):
     )
     assert fraction == pytest.approx(0.84432, abs=1e-5) and tried == 2
     assert metrics["objective/kl_parent_ucb"] == pytest.approx(7.2)
+    # A guess that is no fraction (a NaN measurement; the full step predicted to fit,
+    # which it did not): plain halving.
+    for guess in (math.nan, 1.0):
+        assert (
+            backtrack_to_kl_budget(
+                lambda f: {k: v * f**2 for k, v in full.items()},
+                lambda m: within_kl_budget(m, settings),
+                1,
+                first_guess=lambda m, g=guess: g,
+            )[0]
+            == 0.5
+        )
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
