@@ -148,6 +148,12 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter
     return [p for n, p in model.named_parameters() if tag in n and "lora_" in n]
 
 
+def adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
+    """The names of :func:`adapter_parameters`, in the same order."""
+    tag = f".{adapter_name}."
+    return [n for n, _ in model.named_parameters() if tag in n and "lora_" in n]
+
+
 def _finished_flags(
     pointwise: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]
 ) -> list[bool]:

@@ -251,9 +251,10 @@ class Settings(BaseSettings):
     kl_backtrack_steps: int = Field(
         2,
         ge=0,
-        description="When a round's update overshoots a KL budget, shrink it toward the parent "
-        "version up to this many times (each a new served-KL measurement: first the fraction "
-        "predicted to fit, then halves of it) before refusing it.",
+        description="When a round's update overshoots a KL budget, shrink it up to this many "
+        "times (each a new served-KL measurement) before refusing it: scaled toward the base "
+        "where that keeps more of the round, else toward the parent version (first the "
+        "fraction predicted to fit, then halves of it).",
     )
     gate_samples: int = Field(
         16,

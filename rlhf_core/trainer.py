@@ -75,6 +75,7 @@ from rlhf_core.ppo import (
 from rlhf_core.reward import (
     Messages,
     RewardModel,
+    adapter_parameter_names,
     adapter_parameters,
     attach_adapter,
     autocast,
@@ -1025,11 +1026,43 @@ def fraction_within_kl_budget(
     return min(max(min(f_total, f_round), smallest), 1.0)
 
 
+def scale_within_kl_budget(
+    full: dict[str, float], settings: Settings, aim: float = KL_AIM
+) -> float:
+    """The scale ``s`` of the round's whole adapter (its weight change from the base,
+    ``B A``, times ``s``) predicted to fit the total budget: the KL to the base is second
+    order in that change, ``s^2 M`` for the full step's ``M``, its bound keeping its
+    ratio ``r`` to the mean (as in :func:`fraction_within_kl_budget`), so
+    ``s = sqrt(aim B / (r M))``, within ``(0, 1]``."""
+    mean = full.get("objective/kl_served", 0.0)
+    if not mean > 0:
+        return 1.0
+    ratio = max(full.get("objective/kl_served_ucb", mean) / mean, 1.0)
+    return min(math.sqrt(aim * settings.kl_budget / (ratio * mean)), 1.0)
+
+
+def toward_base_keeps_more(full: dict[str, float], fraction: float, scale: float) -> bool:
+    """Whether the policy scaled toward the base (``scale``) stays nearer the round's full
+    step than the one moved back toward the parent (``fraction``): in KL, ``(1 - s)^2 M``
+    against ``(1 - f)^2 k`` (``M`` the full step's KL to the base, ``k`` to the parent).
+
+    Near the budget, moving back toward the parent gives up most of the round: a parent
+    at ``K`` leaves ``f = (sqrt(B) - sqrt(K)) / sqrt(k)``, 0.14 for formal's round 2 on
+    ef3f6f1 (K 5.4, k 6.2, M 15.3; round 3: 1/64, a republished parent), while scaling
+    the whole adapter keeps the round's direction at 0.68 of its length. Where the round
+    went on straight along the parent's direction (``M = (sqrt(K) + sqrt(k))^2``) the two
+    are the same policy; the further the round turned, the more scaling keeps."""
+    k = full.get("objective/kl_parent", 0.0)
+    big_m = full.get("objective/kl_served", 0.0)
+    return (1 - scale) ** 2 * big_m < (1 - fraction) ** 2 * k
+
+
 def backtrack_to_kl_budget(
     measure: Callable[[float], dict[str, float]],
     fits: Callable[[dict[str, float]], bool],
     max_halvings: int,
     first_guess: Callable[[dict[str, float]], float] | None = None,
+    full: dict[str, float] | None = None,
 ) -> tuple[float, dict[str, float], int]:
     """Backtracking line search on what people will be served (the KL constraint of
     TRPO, Schulman et al. 2015, sec. 6, applied to the served KL the gate measures).
@@ -1045,10 +1078,11 @@ def backtrack_to_kl_budget(
     formal's round 1 on bae41df, a full step just over both budgets, bound 10.1, was
     predicted to fit at 0.89 and published at 0.5, a quarter of its KL.) Returns
     ``(fraction, metrics, measurements)``; when no fraction fits, the last one tried and
-    its metrics, which the gate then refuses.
+    its metrics, which the gate then refuses. ``full``: the full step's measurement where
+    it was already made (it counts as the first).
     """
     fraction = 1.0
-    metrics = measure(fraction)
+    metrics = full if full is not None else measure(fraction)
     tried = 1
     while not fits(metrics) and tried <= max_halvings:
         if tried == 1 and first_guess is not None:
@@ -1182,30 +1216,56 @@ def run_training_round(
         start = time.perf_counter()
         final_weights = [p.detach().clone() for p in lora]
 
-        full_step: dict[str, float] = {}
+        is_lora_b = [".lora_B." in name for name in adapter_parameter_names(model, POLICY_ADAPTER)]
 
-        def measure(fraction: float) -> dict[str, float]:
+        def measure(fraction: float, scale: float = 1.0) -> dict[str, float]:
+            """The gate's measurement of the parent moved ``fraction`` of the way to the
+            round's full step, its adapter then scaled by ``scale`` toward the base (the
+            LoRA ``B`` matrices: the weight change ``B A`` scales exactly)."""
             set_update_fraction(lora, parent_weights, final_weights, fraction)
-            measured = gate_samples_kl(trainer, settings, list(prompts), policy_dir)
-            if fraction == 1.0:  # kept beside the published fraction's, for diagnosis
-                full_step.update({f"gate/full_{k.split('/')[1]}": v for k, v in measured.items()
-                                  if k.startswith("objective/")})  # fmt: skip
-            return measured
+            if scale != 1.0:
+                with torch.no_grad():
+                    for param, b in zip(lora, is_lora_b, strict=True):
+                        if b:
+                            param.mul_(scale)
+            return gate_samples_kl(trainer, settings, list(prompts), policy_dir)
+
+        def fits(measured: dict[str, float]) -> bool:
+            return within_kl_budget(measured, settings)
 
         # The parent's KL to the base as its own round measured it (0 for the base): the
         # line search predicts from it how much of the update fits (None: plain halving).
         parent_kl = 0.0 if policy_dir is None else parent_metrics.get("objective/kl_served")
-        fraction, gate_metrics, tried = backtrack_to_kl_budget(
-            measure,
-            lambda m: within_kl_budget(m, settings),
-            settings.kl_backtrack_steps,
-            first_guess=None
-            if parent_kl is None
-            else lambda m: fraction_within_kl_budget(m, parent_kl, settings),
-        )
+        full = measure(1.0)
+        metrics.update({f"gate/full_{k.split('/')[1]}": v for k, v in full.items()
+                        if k.startswith("objective/")})  # fmt: skip
+        fraction, scale, gate_metrics, tried = 1.0, 1.0, full, 1
+        if not fits(full) and parent_kl and settings.kl_backtrack_steps > 0:
+            # A parent of its own (not the base) and a step past the budget: scale the
+            # whole adapter toward the base where that keeps more of the round than
+            # moving back toward the parent does (``toward_base_keeps_more``).
+            guess = scale_within_kl_budget(full, settings)
+            if toward_base_keeps_more(
+                full, fraction_within_kl_budget(full, parent_kl, settings), guess
+            ):
+                scaled = measure(1.0, guess)
+                tried += 1
+                if fits(scaled):
+                    scale, gate_metrics = guess, scaled
+        if not fits(gate_metrics):
+            fraction, gate_metrics, more = backtrack_to_kl_budget(
+                measure,
+                fits,
+                settings.kl_backtrack_steps - (tried - 1),
+                first_guess=None
+                if parent_kl is None
+                else lambda m: fraction_within_kl_budget(m, parent_kl, settings),
+                full=full,
+            )
+            tried += more - 1
         metrics.update(gate_metrics)
-        metrics.update(full_step)
         metrics["gate/update_fraction"] = fraction
+        metrics["gate/base_scale"] = scale
         metrics["gate/measurements"] = float(tried)
         metrics["time/served_kl_s"] = time.perf_counter() - start
         metrics["objective/kl_coef"] = trainer.kl_coef

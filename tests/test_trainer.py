@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,9 @@ from rlhf_core.trainer import (
     fraction_within_kl_budget,
     gate_samples_kl,
     run_training_round,
+    scale_within_kl_budget,
     set_update_fraction,
+    toward_base_keeps_more,
     within_kl_budget,
 )
 
@@ -657,6 +660,81 @@ def test_the_predicted_fraction_is_measured_even_above_a_half(tiny_settings):
             )[0]
             == 0.5
         )
+
+
+def test_near_the_budget_the_adapter_is_scaled_toward_the_base_when_that_keeps_more(
+    tiny_settings,
+):
+    """Issue 9 (ef3f6f1, formal): near the budget the line search moved back toward the
+    parent and kept little of a round (round 2: 0.137 of it; round 3: 1/64, the parent
+    republished). Scaling the whole adapter toward the base keeps the round's direction.
+    By hand, budget 10 aimed at 90%: full step M = 10 nats from the base (bound 12.5,
+    ratio 1.25), k = 4 from a parent at K = 4: toward the parent
+    ``f = (sqrt(7.2) - 2) / 2 = 0.3416`` gives up ``(1 - f)^2 k = 1.734`` nats of the
+    round; scaled, ``s = sqrt(9 / 12.5) = 0.8485`` gives up ``(1 - s)^2 M = 0.229``. Had the
+    round gone on straight along the parent's direction (M = (2 + 2)^2 = 16, bound 20),
+    both are the same policy: s = sqrt(9 / 20) = 0.6708, ``0.329^2 x 16 = 1.734``."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    turned = {"objective/kl_served": 10.0, "objective/kl_served_ucb": 12.5,
+              "objective/kl_parent": 4.0, "objective/kl_parent_ucb": 4.0}  # fmt: skip
+    f = fraction_within_kl_budget(turned, 4.0, settings)
+    s = scale_within_kl_budget(turned, settings)
+    assert (f, s) == (pytest.approx(0.34164, abs=1e-5), pytest.approx(0.84853, abs=1e-5))
+    assert toward_base_keeps_more(turned, f, s)
+    straight = {**turned, "objective/kl_served": 16.0, "objective/kl_served_ucb": 20.0}
+    f2, s2 = (
+        fraction_within_kl_budget(straight, 4.0, settings),
+        scale_within_kl_budget(straight, settings),
+    )
+    assert (1 - s2) ** 2 * 16 == pytest.approx((1 - f2) ** 2 * 4, abs=1e-9)
+    assert scale_within_kl_budget({"objective/kl_served": 0.0}, settings) == 1.0
+
+
+def test_a_round_past_the_budget_from_a_parent_publishes_the_adapter_scaled(
+    tiny_model, tiny_settings, tmp_path
+):
+    """The same on the tiny model: a second round whose full step passes a tight total
+    budget, from a parent recorded near it, publishes its own full step with every LoRA
+    ``B`` scaled by the predicted ``s`` (so the weight change ``B A`` scales by ``s``),
+    ``A`` as the full step left it, and the scaled policy's KL within the budget."""
+    from safetensors.torch import load_file
+
+    settings = tiny_settings.model_copy(update={"ppo_steps": 2})
+    common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
+                  heldout_pairs=_pairs(4))  # fmt: skip
+    first = run_training_round(
+        tiny_model, settings, policy_dir=None, out_dir=tmp_path / "r1", **common
+    )
+    loose = run_training_round(
+        tiny_model, settings, policy_dir=first.policy_dir, out_dir=tmp_path / "loose", **common
+    )
+    assert loose.metrics["gate/base_scale"] == 1.0
+    assert loose.metrics["gate/update_fraction"] == 1.0
+    full = {k: loose.metrics[f"gate/full_{k.split('/')[1]}"] for k in (
+        "objective/kl_served", "objective/kl_served_ucb",
+        "objective/kl_parent", "objective/kl_parent_ucb")}  # fmt: skip
+    # A total budget at half the full step's bound; the parent recorded at the budget
+    # (K = 0.9 B / r), so moving back toward it keeps only the smallest step.
+    budget = full["objective/kl_served_ucb"] / 2
+    tight = settings.model_copy(
+        update={"kl_budget": budget, "kl_round_budget": 10 * budget, "kl_backtrack_steps": 2}
+    )
+    meta_file = tmp_path / "r1" / "policy" / "policy_meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["metrics"]["objective/kl_served"] = budget
+    meta_file.write_text(json.dumps(meta))
+    scaled = run_training_round(
+        tiny_model, tight, policy_dir=first.policy_dir, out_dir=tmp_path / "scaled", **common
+    )
+    expected = scale_within_kl_budget(full, tight)
+    assert scaled.metrics["gate/base_scale"] == pytest.approx(expected)
+    assert scaled.metrics["gate/update_fraction"] == 1.0
+    assert within_kl_budget(scaled.metrics, tight)
+    weights = load_file(Path(scaled.policy_dir) / "adapter_model.safetensors")
+    reference = load_file(Path(loose.policy_dir) / "adapter_model.safetensors")
+    for name, tensor in weights.items():
+        factor = expected if "lora_B" in name else 1.0
+        torch.testing.assert_close(tensor, factor * reference[name])
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
