@@ -688,6 +688,12 @@ def test_near_the_budget_the_adapter_is_scaled_toward_the_base_when_that_keeps_m
     )
     assert (1 - s2) ** 2 * 16 == pytest.approx((1 - f2) ** 2 * 4, abs=1e-9)
     assert scale_within_kl_budget({"objective/kl_served": 0.0}, settings) == 1.0
+    # From the base (the first version) the round budget binds too: to the parent 10 nats,
+    # bound 12.5, so s = min(sqrt(9 / 12.5), sqrt(7.2 / 12.5)) = 0.7589.
+    first = {**turned, "objective/kl_parent": 10.0, "objective/kl_parent_ucb": 12.5}
+    assert scale_within_kl_budget(first, settings, parent_is_base=True) == pytest.approx(
+        math.sqrt(7.2 / 12.5)
+    )
 
 
 def test_a_round_past_the_budget_from_a_parent_publishes_the_adapter_scaled(
@@ -760,17 +766,29 @@ def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
     )  # fmt: skip
     full = run_training_round(tiny_model, settings, out_dir=tmp_path / "full", **common)
     assert full.metrics["gate/update_fraction"] == 1.0
+    assert full.metrics["gate/base_scale"] == 1.0
     kl_full = full.metrics["objective/kl_served_ucb"]
     assert kl_full > 0
-    # A budget between the full step's KL and nothing: the same round (same seed) halves.
+    # A budget between the full step's KL and nothing: the same round (same seed) shrinks.
     tight = settings.model_copy(update={"kl_budget": kl_full / 3, "kl_backtrack_steps": 4})
     shrunk = run_training_round(tiny_model, tight, out_dir=tmp_path / "shrunk", **common)
-    assert shrunk.metrics["gate/update_fraction"] < 1.0
     assert shrunk.metrics["gate/measurements"] >= 2
     assert shrunk.metrics["objective/kl_served_ucb"] <= kl_full / 3
     assert within_kl_budget(shrunk.metrics, tight)
     # The full step's own measurement is kept beside the published one's.
     assert shrunk.metrics["gate/full_kl_served_ucb"] == pytest.approx(kl_full)
+    # The first version's parent is the base: the shrink scales every LoRA B (the weight
+    # change exactly ``s`` times the round's), A as the full step left it. (d16f707
+    # interpolated A and B both, not linear in the weight change: formal's round 1,
+    # predicted to fit at 0.555 of its step, passed the budget there.)
+    scale = shrunk.metrics["gate/base_scale"]
+    assert 0 < scale < 1 and shrunk.metrics["gate/update_fraction"] == 1.0
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(shrunk.policy_dir) / "adapter_model.safetensors")
+    reference = load_file(Path(full.policy_dir) / "adapter_model.safetensors")
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, (scale if "lora_B" in name else 1.0) * reference[name])
 
 
 def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
