@@ -249,12 +249,13 @@ class Settings(BaseSettings):
         "Off by default: measured on bullets and question it held the KL but lost taste.",
     )
     kl_backtrack_steps: int = Field(
-        2,
+        3,
         ge=0,
         description="When a round's update overshoots a KL budget, shrink it up to this many "
-        "times (each a new served-KL measurement) before refusing it: scaled toward the base "
-        "where that keeps more of the round, else toward the parent version (first the "
-        "fraction predicted to fit, then halves of it).",
+        "times (each a new served-KL measurement, ~30 s on SmolLM2) before refusing it: its "
+        "adapter scaled toward the base where that keeps more of the round (and for the first "
+        "version), each scale predicted from the last measurement; else moved back toward the "
+        "parent version (the fraction predicted to fit, then halves of it).",
     )
     gate_samples: int = Field(
         16,

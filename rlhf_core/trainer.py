@@ -1063,12 +1063,32 @@ def toward_base_keeps_more(full: dict[str, float], fraction: float, scale: float
     return (1 - scale) ** 2 * big_m < (1 - fraction) ** 2 * k
 
 
+def rescale_after_miss(
+    scale: float, measured: dict[str, float], settings: Settings, aim: float = KL_AIM
+) -> float:
+    """The next scale after ``scale`` missed a budget, from its own measurement: the KL of
+    a scaled adapter is second order in the scale, so a bound ``U`` at ``s`` predicts
+    ``U (s' / s)^2`` at ``s'``, and ``s' = s sqrt(aim B / U)`` (the smaller of the two
+    budgets' answers). Nearer than the full step's prediction, and kinder than halving
+    (a quarter of the KL): formal's round 2 on d16f707 missed at 0.66 and lost the round
+    to a parent-ward fallback."""
+    total = measured.get("objective/kl_served_ucb", 0.0)
+    parent = measured.get("objective/kl_parent_ucb", 0.0)
+    factor = 1.0
+    if total > 0:
+        factor = min(factor, math.sqrt(aim * settings.kl_budget / total))
+    if parent > 0:
+        factor = min(factor, math.sqrt(aim * settings.kl_round_budget / parent))
+    return scale * factor
+
+
 def backtrack_to_kl_budget(
     measure: Callable[[float], dict[str, float]],
     fits: Callable[[dict[str, float]], bool],
     max_halvings: int,
     first_guess: Callable[[dict[str, float]], float] | None = None,
     full: dict[str, float] | None = None,
+    next_guess: Callable[[float, dict[str, float]], float] | None = None,
 ) -> tuple[float, dict[str, float], int]:
     """Backtracking line search on what people will be served (the KL constraint of
     TRPO, Schulman et al. 2015, sec. 6, applied to the served KL the gate measures).
@@ -1085,7 +1105,9 @@ def backtrack_to_kl_budget(
     predicted to fit at 0.89 and published at 0.5, a quarter of its KL.) Returns
     ``(fraction, metrics, measurements)``; when no fraction fits, the last one tried and
     its metrics, which the gate then refuses. ``full``: the full step's measurement where
-    it was already made (it counts as the first).
+    it was already made (it counts as the first). ``next_guess(fraction, metrics)``: the
+    next fraction predicted from a failed one's measurement, instead of its half (used
+    where the KL is second order in the fraction: :func:`rescale_after_miss`).
     """
     fraction = 1.0
     metrics = full if full is not None else measure(fraction)
@@ -1095,6 +1117,9 @@ def backtrack_to_kl_budget(
             guess = first_guess(metrics)
             # (NaN, from a NaN measurement, fails the comparison too: plain halving.)
             fraction = guess if 0.0 < guess < 1.0 else 0.5
+        elif next_guess is not None:
+            guess = next_guess(fraction, metrics)
+            fraction = guess if 0.0 < guess < fraction else fraction / 2
         else:
             fraction /= 2
         metrics = measure(fraction)
@@ -1246,42 +1271,45 @@ def run_training_round(
         metrics.update({f"gate/full_{k.split('/')[1]}": v for k, v in full.items()
                         if k.startswith("objective/")})  # fmt: skip
         fraction, scale, gate_metrics, tried = 1.0, 1.0, full, 1
-        if not fits(full) and policy_dir is None:
+
+        def search_scale(first_guess: Callable[[dict[str, float]], float]) -> None:
+            nonlocal scale, gate_metrics, tried
+            scale, gate_metrics, tried = backtrack_to_kl_budget(
+                lambda s: measure(1.0, s),
+                fits,
+                settings.kl_backtrack_steps,
+                first_guess=first_guess,
+                full=full,
+                next_guess=lambda s, m: rescale_after_miss(s, m, settings),
+            )
+
+        if fits(full) or settings.kl_backtrack_steps == 0:
+            pass
+        elif policy_dir is None:
             # The first version: the parent is the base itself (every LoRA B zero), and
             # scaling B is moving back toward it, the weight change exactly s times the
             # round's. Interpolating A and B both is not linear in it, f B (A0 + f (A1 -
             # A0)): formal's round 1 on d16f707, predicted to fit at 0.555 of a 19.3-nat
             # step, passed the budget there and published 0.277 at 0.83 nats.
-            scale, gate_metrics, tried = backtrack_to_kl_budget(
-                lambda s: measure(1.0, s),
-                fits,
-                settings.kl_backtrack_steps,
-                first_guess=lambda m: scale_within_kl_budget(m, settings, parent_is_base=True),
-                full=full,
-            )
-        elif not fits(full) and parent_kl and settings.kl_backtrack_steps > 0:
-            # A parent of its own (not the base) and a step past the budget: scale the
-            # whole adapter toward the base where that keeps more of the round than
-            # moving back toward the parent does (``toward_base_keeps_more``).
-            guess = scale_within_kl_budget(full, settings)
-            if toward_base_keeps_more(
-                full, fraction_within_kl_budget(full, parent_kl, settings), guess
-            ):
-                scaled = measure(1.0, guess)
-                tried += 1
-                if fits(scaled):
-                    scale, gate_metrics = guess, scaled
-        if not fits(gate_metrics):
-            fraction, gate_metrics, more = backtrack_to_kl_budget(
+            search_scale(lambda m: scale_within_kl_budget(m, settings, parent_is_base=True))
+        elif parent_kl and toward_base_keeps_more(
+            full,
+            fraction_within_kl_budget(full, parent_kl, settings),
+            scale_within_kl_budget(full, settings),
+        ):
+            # Scaling the whole adapter toward the base keeps more of the round than
+            # moving back toward the parent (``toward_base_keeps_more``).
+            search_scale(lambda m: scale_within_kl_budget(m, settings))
+        else:
+            fraction, gate_metrics, tried = backtrack_to_kl_budget(
                 measure,
                 fits,
-                settings.kl_backtrack_steps - (tried - 1),
+                settings.kl_backtrack_steps,
                 first_guess=None
                 if parent_kl is None
                 else lambda m: fraction_within_kl_budget(m, parent_kl, settings),
                 full=full,
             )
-            tried += more - 1
         metrics.update(gate_metrics)
         metrics["gate/update_fraction"] = fraction
         metrics["gate/base_scale"] = scale
