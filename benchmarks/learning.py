@@ -293,6 +293,9 @@ def evaluate_versions(
             # figure above: the two should agree within the gate's error.
             "gate_kl": metrics.get("objective/kl_served"),
             "gate_kl_ucb": metrics.get("objective/kl_served_ucb"),
+            # How the round's KL search shrank it (1 and 1: the full step).
+            "gate_update_fraction": metrics.get("gate/update_fraction"),
+            "gate_base_scale": metrics.get("gate/base_scale"),
             "samples": [
                 {"prompt": p, "answer": a, "liked": ok}
                 for p, a, ok in list(zip(eval_prompts, answers, liked, strict=True))[:6]
