@@ -31,6 +31,7 @@ from rlhf_core.trainer import (
     edited_tokens,
     fraction_within_kl_budget,
     gate_samples_kl,
+    parent_kl_when_scaled,
     rescale_after_miss,
     run_training_round,
     scale_within_kl_budget,
@@ -721,7 +722,7 @@ def test_a_round_past_the_budget_from_a_parent_publishes_the_adapter_scaled(
         "objective/kl_served", "objective/kl_served_ucb",
         "objective/kl_parent", "objective/kl_parent_ucb")}  # fmt: skip
     # A total budget at half the full step's bound; the parent recorded at the budget
-    # (K = 0.9 B / r), so moving back toward it keeps only the smallest step.
+    # (K = B), so moving back toward it keeps only the smallest step.
     budget = full["objective/kl_served_ucb"] / 2
     tight = settings.model_copy(
         update={"kl_budget": budget, "kl_round_budget": 10 * budget, "kl_backtrack_steps": 2}
@@ -772,6 +773,28 @@ def test_a_scale_that_misses_is_followed_by_one_predicted_from_its_measurement(t
     # The round budget answers where it is the one missed: 0.5 x sqrt(7.2 / 9) = 0.4472.
     missed_round = {"objective/kl_served_ucb": 5.0, "objective/kl_parent_ucb": 9.0}
     assert rescale_after_miss(0.5, missed_round, settings) == pytest.approx(0.44721, abs=1e-5)
+
+
+def test_the_kl_to_the_parent_of_a_scaled_adapter_is_predicted(tiny_settings):
+    """Review of 7dac52d: scaling toward the base was chosen without asking the round
+    budget, and from a parent of its own it does not take the KL to the parent to 0.
+    By hand, KL as a squared distance: M = 9 from the base, k = 9.5 from the parent,
+    K = 5 the parent from the base; at s = 0.843 the scaled policy lies
+    ``0.843^2 x 9 + 5 - 0.843 x (5 + 9 - 9.5) = 6.3958 + 5 - 3.7935 = 7.6023`` from the
+    parent (K = 5 at s = 0, k = 9.5 at s = 1); the bound keeps its ratio (x 1.2)."""
+    full = {"objective/kl_served": 9.0, "objective/kl_parent": 9.5,
+            "objective/kl_parent_ucb": 11.4}  # fmt: skip
+    assert parent_kl_when_scaled(full, 5.0, 0.843) == pytest.approx(1.2 * 7.60234, abs=1e-4)
+    assert parent_kl_when_scaled(full, 5.0, 0.0) == pytest.approx(1.2 * 5.0)
+    assert parent_kl_when_scaled(full, 5.0, 1.0) == pytest.approx(11.4)
+    # Formal's round 3 on 7dac52d (M 19.00, k 7.19 [9.22], K 7.33, s 0.593): measured 3.42.
+    formal = {"objective/kl_served": 18.997, "objective/kl_parent": 7.191,
+              "objective/kl_parent_ucb": 9.215}  # fmt: skip
+    assert parent_kl_when_scaled(formal, 7.328, 0.5929) == pytest.approx(3.41, abs=0.01)
+    # From a parent of its own the rescale after a miss answers the total budget only.
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    missed_round = {"objective/kl_served_ucb": 5.0, "objective/kl_parent_ucb": 9.0}
+    assert rescale_after_miss(0.5, missed_round, settings, parent_is_base=False) == 0.5
 
 
 def test_set_update_fraction_interpolates_between_parent_and_final():
