@@ -142,16 +142,15 @@ def attach_adapter(
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
+def adapter_named_parameters(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+    """The LoRA parameters of one adapter with their names (``...lora_A.<name>.weight``)."""
+    tag = f".{adapter_name}."
+    return [(n, p) for n, p in model.named_parameters() if tag in n and "lora_" in n]
+
+
 def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    """The LoRA parameters of one adapter (names look like ``...lora_A.<name>.weight``)."""
-    tag = f".{adapter_name}."
-    return [p for n, p in model.named_parameters() if tag in n and "lora_" in n]
-
-
-def adapter_parameter_names(model: nn.Module, adapter_name: str) -> list[str]:
-    """The names of :func:`adapter_parameters`, in the same order."""
-    tag = f".{adapter_name}."
-    return [n for n, _ in model.named_parameters() if tag in n and "lora_" in n]
+    """The LoRA parameters of one adapter (:func:`adapter_named_parameters`)."""
+    return [p for _, p in adapter_named_parameters(model, adapter_name)]
 
 
 def _finished_flags(

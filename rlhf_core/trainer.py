@@ -75,7 +75,7 @@ from rlhf_core.ppo import (
 from rlhf_core.reward import (
     Messages,
     RewardModel,
-    adapter_parameter_names,
+    adapter_named_parameters,
     adapter_parameters,
     attach_adapter,
     autocast,
@@ -1114,20 +1114,21 @@ def backtrack_to_kl_budget(
     """Backtracking line search on what people will be served (the KL constraint of
     TRPO, Schulman et al. 2015, sec. 6, applied to the served KL the gate measures).
 
-    A round's PPO steps can overshoot the KL budget even with the adaptive penalty:
-    the controller sees the T=1 rollouts of each step *before* its update, the people
-    see the final policy at their temperature. Rather than refusing the whole round
-    (and its feedback), the update is shrunk toward the parent until the gate's bounds
-    hold: ``measure(1.0)``; then the fraction ``first_guess`` predicts from that
-    measurement (:func:`fraction_within_kl_budget`), or 0.5 without one (or where the
-    prediction says the full step fits, which it did not); then halves of it, at most
-    ``max_halvings`` measurements after the first. (The guess was capped at 0.5 at first:
-    formal's round 1 on bae41df, a full step just over both budgets, bound 10.1, was
-    predicted to fit at 0.89 and published at 0.5, a quarter of its KL.) Returns
-    ``(fraction, metrics, measurements)``; when no fraction fits, the last one tried and
-    its metrics, which the gate then refuses. ``full``: the full step's measurement where
-    it was already made (it counts as the first). ``next_guess(fraction, metrics)``: the
-    next fraction predicted from a failed one's measurement, instead of its half (used
+    A round's PPO steps can overshoot the KL budget even with the adaptive penalty: the
+    controller sees the T=1 rollouts of each step *before* its update, the people see the
+    final policy at their temperature. Rather than refusing the whole round (and its
+    feedback), the update is shrunk (``measure(x)``: toward the parent by the fraction
+    ``x``, or, as ``run_training_round`` also uses it, its adapter scaled by ``x`` toward
+    the base) until the gate's bounds hold: ``measure(1.0)``; then the fraction
+    ``first_guess`` predicts from that measurement (:func:`fraction_within_kl_budget`), or
+    0.5 without one (or where the prediction says the full step fits, which it did not);
+    then halves of it, at most ``max_halvings`` measurements after the first. (The guess was
+    capped at 0.5 at first: formal's round 1 on bae41df, a full step just over both budgets,
+    bound 10.1, was predicted to fit at 0.89 and published at 0.5, a quarter of its KL.)
+    Returns ``(fraction, metrics, measurements)``; when no fraction fits, the last one tried
+    and its metrics, which the gate then refuses. ``full``: the full step's measurement
+    where it was already made (it counts as the first). ``next_guess(fraction, metrics)``:
+    the next fraction predicted from a failed one's measurement, instead of its half (used
     where the KL is second order in the fraction: :func:`rescale_after_miss`).
     """
     fraction = 1.0
@@ -1248,7 +1249,9 @@ def run_training_round(
         )
         # The policy adapter as the round found it: the parent version (or, in round
         # one, LoRA's zero update). The line search below moves back toward it.
-        lora = adapter_parameters(model, POLICY_ADAPTER)
+        named_lora = adapter_named_parameters(model, POLICY_ADAPTER)
+        lora = [param for _, param in named_lora]
+        is_lora_b = [".lora_B." in name for name, _ in named_lora]
         parent_weights = [p.detach().clone() for p in lora]
         history: list[dict[str, float]] = []
         batches = _cycle_batches(
@@ -1267,8 +1270,6 @@ def run_training_round(
         report("measuring KL", 1.0)
         start = time.perf_counter()
         final_weights = [p.detach().clone() for p in lora]
-
-        is_lora_b = [".lora_B." in name for name in adapter_parameter_names(model, POLICY_ADAPTER)]
 
         def measure(fraction: float, scale: float = 1.0) -> dict[str, float]:
             """The gate's measurement of the parent moved ``fraction`` of the way to the
