@@ -341,7 +341,24 @@ def replay_prompts(
 
     excluded = {context_key(m) for m in exclude}
     turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
-    pool = [p for p in ppo_prompts(turns) if context_key(p) not in excluded]
+    pool = [p for p in ppo_prompts(turns) if context_key(p) not in excluded and not is_heldout(p)]
+    rng = random.Random(seed)
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def gate_prompts(
+    store: FeedbackStore, n: int, seed: int = 0, *, settings: Settings | None = None
+) -> list[list[dict[str, Any]]]:
+    """Up to ``n`` distinct held-out contexts (seeded sample of every turn that may train):
+    the prompts the KL gate samples on. No round trains on them (not the reward model,
+    not PPO), so the gate measures the policy on prompts it has not seen, as serving
+    will: measured on the round's own PPO prompts, where the KL penalty was optimised,
+    the gate sat below the KL of the same versions on the benchmark's held-out prompts
+    (formal, 17 versions: +1.33 nats on average, 14 of 17 above)."""
+    from rlhf_core.privacy import training_view
+
+    turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
+    pool = [p for p in ppo_prompts(turns) if is_heldout(p)]
     rng = random.Random(seed)
     return rng.sample(pool, min(n, len(pool)))
 
@@ -460,6 +477,7 @@ class RoundData:
     replay_pairs: list[dict[str, Any]]
     heldout_pairs: list[dict[str, Any]]  # every held-out pair in the store: measures only
     prompts: list[list[dict[str, Any]]]  # PPO: this round's contexts, then replayed ones
+    gate_prompts: list[list[dict[str, Any]]]  # held-out contexts: the KL gate samples on them
     turn_ids: list[str]  # turns touched by the trained events
     user_events: dict[str, int]  # trained events per user; later rounds' window reads it
     seed: int  # this round's seed (derived from the round)
@@ -483,6 +501,7 @@ def round_datasets(
     window_rounds: int = 1,
     recent_user_events: Sequence[Mapping[str, int]] = (),
     n_prompts: int = 0,
+    n_gate_prompts: int = 0,
     seed: int = 0,
     settings: Settings | None = None,
 ) -> RoundData:
@@ -501,7 +520,9 @@ def round_datasets(
        one user in the pool it is drawn from (a prolific user's history must not come
        back to dominate either);
     4. every held-out pair in the store (to measure the reward model);
-    5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones.
+    5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones,
+       never a held-out context;
+    6. up to ``n_gate_prompts`` held-out contexts for the KL gate (:func:`gate_prompts`).
     """
     users = dict.fromkeys(event.user_id for _, event in entries)
     budgets = window_budgets(users, max_per_user, window_rounds, recent_user_events)
@@ -541,11 +562,12 @@ def round_datasets(
     replay_point = replay_rng.sample(old_point, min(len(pointwise), len(old_point)))
     replay_pairs = replay_rng.sample(old_pairs, min(len(pairs), len(old_pairs)))
 
-    prompts = ppo_prompts([t for t in turns if t.turn_id in focus])
+    prompts = ppo_prompts([t for t in turns if t.turn_id in focus and not is_heldout(t)])
     if events and len(prompts) < n_prompts:
         prompts += replay_prompts(
             store, n_prompts - len(prompts), seed + 2, exclude=prompts, settings=settings
         )
+    unseen = gate_prompts(store, n_gate_prompts, seed + 3, settings=settings) if events else []
 
     user_events: dict[str, int] = defaultdict(int)
     for event in events:
@@ -563,6 +585,7 @@ def round_datasets(
         "replay_pairs": len(replay_pairs),
         "heldout_pairs": len(heldout_pairs),
         "prompts": len(prompts),
+        "gate_prompts": len(unseen),
     }
     return RoundData(
         entries=kept,
@@ -573,6 +596,7 @@ def round_datasets(
         replay_pairs=replay_pairs,
         heldout_pairs=heldout_pairs,
         prompts=prompts,
+        gate_prompts=unseen,
         turn_ids=touched,
         user_events=dict(user_events),
         seed=seed,

@@ -275,6 +275,7 @@ def run_round(
             window_rounds=settings.user_window_rounds,
             recent_user_events=recent_user_events(registry, settings.user_window_rounds - 1),
             n_prompts=settings.ppo_batch_size,
+            n_gate_prompts=settings.gate_samples,
             seed=round_seed(settings.seed, token),
             settings=settings,
         )
@@ -293,6 +294,14 @@ def run_round(
             # later votes is read from the per-turn history anyway.
             store.ack(taken)
             why = f"no votes or rewrites in {len(taken)} new events"
+            registry.record_round("skipped", why, events=len(taken))
+            return done(RoundOutcome("skipped", why, events=len(taken)))
+        if not data.prompts:
+            # Every new vote is on a context held out of training (one in five, by its
+            # hash): they measure the reward model and the KL gate, and nothing else
+            # is left to learn from or to run PPO on.
+            store.ack(taken)
+            why = f"all {len(taken)} new events are on held-out contexts (kept to measure with)"
             registry.record_round("skipped", why, events=len(taken))
             return done(RoundOutcome("skipped", why, events=len(taken)))
         events: list[Event] = data.events
@@ -326,6 +335,7 @@ def run_round(
             pointwise=data.pointwise,
             pairs=data.pairs,
             prompts=data.prompts,
+            gate_prompts=data.gate_prompts,
             policy_dir=str(policy_dir) if policy_dir else None,
             reward_dir=str(reward_dir) if reward_dir else None,
             out_dir=str(work_dir / "out"),

@@ -909,6 +909,14 @@ def attach_policy(
 
 PARENT_ADAPTER = "parent"
 GATE_Z = 1.645  # one-sided 95% upper confidence bound
+# Fewer held-out contexts than this (a young store) and the gate samples the round's PPO
+# prompts instead: a handful of prompts would make the bound describe them, not serving.
+MIN_GATE_PROMPTS = 4
+
+
+def distinct_prompts(prompts: Sequence[Messages]) -> list[Messages]:
+    """``prompts`` without repeats, order kept."""
+    return list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
 
 
 def gate_samples_kl(
@@ -919,7 +927,7 @@ def gate_samples_kl(
 ) -> dict[str, float]:
     """The KL gate's measurement: ``settings.gate_samples`` answers sampled as served
     (``Sampling.from_settings``: the UI's temperature, top-p and ``max_new_tokens``), over
-    the round's distinct prompts in turn; per answer the summed exact KL to the base and
+    the distinct ``prompts`` in turn; per answer the summed exact KL to the base and
     to the parent version (loaded beside the policy for the measurement; the base itself
     when this is the first version). Returns means and 95% upper confidence bounds.
 
@@ -931,7 +939,7 @@ def gate_samples_kl(
     95%, ``mean + 1.645 s / sqrt(n)``; with n = 16 it sits 0.41 standard deviations of
     the per-answer KL above the mean.
     """
-    unique = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
+    unique = distinct_prompts(prompts)
     n = max(2, int(settings.gate_samples))
     n -= n % trainer.world  # an even share per process
     picks = [unique[i % len(unique)] for i in range(max(n, trainer.world))]
@@ -1172,6 +1180,7 @@ def run_training_round(
     policy_dir: str | os.PathLike | None,
     reward_dir: str | os.PathLike | None,
     out_dir: str | os.PathLike,
+    gate_prompts: Sequence[Messages] = (),
     heldout_pairs: Sequence[dict[str, Any]] | None = None,
     replay_pointwise: Sequence[dict[str, Any]] = (),
     replay_pairs: Sequence[dict[str, Any]] = (),
@@ -1194,8 +1203,12 @@ def run_training_round(
     The gate's measurement (:func:`gate_samples_kl`): ``objective/kl_served`` and
     ``objective/kl_served_ucb`` (KL to the base of answers sampled as served, mean and
     95% upper bound), ``objective/kl_parent`` / ``objective/kl_parent_ucb`` (the same to
-    the version this round started from). ``kl_state``: the KL controller's state from
-    the last round, published or not (else the parent policy's).
+    the version this round started from). It samples on ``gate_prompts`` (contexts held
+    out of every round's training: the KL of what will be served to prompts the policy
+    has not seen) when there are at least ``MIN_GATE_PROMPTS`` of them, else on the
+    round's PPO prompts; ``gate/unseen_prompts`` says how many it used (0: the PPO
+    prompts). ``kl_state``: the KL controller's state from the last round, published or
+    not (else the parent policy's).
     """
     if not prompts:
         raise ValueError("run_training_round needs at least one prompt for PPO")
@@ -1270,6 +1283,9 @@ def run_training_round(
         report("measuring KL", 1.0)
         start = time.perf_counter()
         final_weights = [p.detach().clone() for p in lora]
+        unseen = distinct_prompts(gate_prompts)
+        measured_on = unseen if len(unseen) >= MIN_GATE_PROMPTS else list(prompts)
+        metrics["gate/unseen_prompts"] = float(len(unseen) if measured_on is unseen else 0)
 
         def measure(fraction: float, scale: float = 1.0) -> dict[str, float]:
             """The gate's measurement of the parent moved ``fraction`` of the way to the
@@ -1281,7 +1297,7 @@ def run_training_round(
                     for param, b in zip(lora, is_lora_b, strict=True):
                         if b:
                             param.mul_(scale)
-            return gate_samples_kl(trainer, settings, list(prompts), policy_dir)
+            return gate_samples_kl(trainer, settings, measured_on, policy_dir)
 
         def fits(measured: dict[str, float]) -> bool:
             return within_kl_budget(measured, settings)

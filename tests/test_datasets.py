@@ -253,7 +253,9 @@ def test_round_datasets_uses_full_history_and_siblings(store):
     assert data.user_events == {"u1": 1, "spammer": 3}
     assert len(data.pointwise) + data.stats["pointwise_heldout"] == 4
     assert set(data.turn_ids) == {"r", *(e.turn_id for e in data.events)}
-    assert len(data.prompts) == 4
+    by_id = {t.turn_id: t for t in [r, *noisy]}
+    trainable = [tid for tid in data.turn_ids if not ds.is_heldout(by_id[tid])]
+    assert len(data.prompts) == len(trainable) == 3  # one of the four contexts is held out
     # With an unvote in the round, the history-aware label disappears.
     unvote = ev(r, "unvote")
     assert ds.round_datasets(store, _entries(store, [unvote])).pointwise == []
@@ -285,6 +287,38 @@ def test_heldout_contexts_stay_out_of_every_training_list(store):
     assert len(measured) == 6 and all(ds.is_heldout(p) for p in data.heldout_pairs)
 
 
+def _prompts(heldout: bool, n: int) -> list[str]:
+    """``n`` user messages whose contexts are (or are not) held out."""
+    found = (f"q{i}" for i in range(10_000))
+    return [p for p in found if ds.is_heldout([SYSTEM, {"role": "user", "content": p}]) == heldout][
+        :n
+    ]
+
+
+def test_ppo_never_trains_on_a_heldout_context_and_the_kl_gate_samples_them(store):
+    """PPO prompts (new and replayed) leave out held-out contexts, and the KL gate gets
+    them instead: the KL of the policy on prompts no round trained on. Before, the gate
+    sampled the round's PPO prompts, and a held-out context was a PPO prompt."""
+    held, kept = _prompts(True, 6), _prompts(False, 6)
+    old = [turn(f"old{i}", prompt=p, session="s0") for i, p in enumerate(held[:3] + kept[:3])]
+    save(store, old, [ev(t, "like") for t in old])
+    new = [turn(f"new{i}", prompt=p, session="s1") for i, p in enumerate(held[3:] + kept[3:])]
+    save(store, new, [])
+    data = ds.round_datasets(
+        store, _entries(store, [ev(t, "dislike") for t in new]), n_prompts=5,
+        n_gate_prompts=4, seed=1,
+    )  # fmt: skip
+    asked = [p[-1]["content"] for p in data.prompts]
+    # The round's three kept contexts first, then two replayed kept ones.
+    assert set(asked[:3]) == set(kept[3:]) and set(asked[3:]) <= set(kept[:3]) and len(asked) == 5
+    gate = [p[-1]["content"] for p in data.gate_prompts]
+    assert len(gate) == 4 == len(set(gate)) and set(gate) <= set(held)
+    assert data.stats["gate_prompts"] == 4
+    # Fewer held-out contexts than asked for: all of them.
+    assert len(ds.gate_prompts(store, 16, seed=0)) == 6
+    assert not any(ds.is_heldout(p) for p in ds.replay_prompts(store, 16, seed=0))
+
+
 def test_window_budget_counts_the_earlier_rounds_of_the_window():
     budgets = ds.window_budgets(["a", "b", "c"], 2, 3, [{"a": 9}, {"a": 1, "b": 4}, {"b": 1}])
     # Window of 3 rounds: the 2 before this one count; budget 2 x 3 = 6 per user.
@@ -296,10 +330,11 @@ def test_window_budget_counts_the_earlier_rounds_of_the_window():
 
 
 def test_replay_prompts_sampled_from_all_turns(store):
-    save(store, [turn(f"t{i}", prompt=f"p{i}") for i in range(6)], [])
-    got = ds.replay_prompts(store, 3, seed=0, exclude=[turn("x", prompt="p0").messages])
+    kept = _prompts(False, 6)
+    save(store, [turn(f"t{i}", prompt=p) for i, p in enumerate(kept)], [])
+    got = ds.replay_prompts(store, 3, seed=0, exclude=[turn("x", prompt=kept[0]).messages])
     assert len(got) == 3 and len({json.dumps(p) for p in got}) == 3
-    assert all(p[-1]["content"] != "p0" for p in got)
+    assert all(p[-1]["content"] != kept[0] for p in got)
 
 
 # ---------------------------------------------------------------- TRL formats

@@ -226,6 +226,10 @@ def test_heldout_contexts_never_train_in_any_round(redis_client, tiny_settings, 
                    *call["replay_pairs"]]  # fmt: skip
         assert trained and not [x["messages"] for x in trained if is_heldout(x)]
         assert call["heldout_pairs"] and all(is_heldout(p) for p in call["heldout_pairs"])
+        # PPO never samples a held-out context; the KL gate samples only those.
+        assert call["prompts"] and not any(is_heldout(p) for p in call["prompts"])
+        assert call["gate_prompts"] and all(is_heldout(p) for p in call["gate_prompts"])
+    assert len(calls[1]["gate_prompts"]) == 4  # both rounds' held-out contexts
     assert calls[1]["replay_pointwise"]  # the second round replays the first's feedback
     assert len(calls[1]["heldout_pairs"]) == 4  # both rounds' held-out contexts measure
 
@@ -311,6 +315,27 @@ def test_crash_between_publish_and_ack_counts_events_once(
     assert store.pending()["pending"] == 0 and store.counts()["unconsumed"] == 0
     assert registry.versions() == [1]
     assert all(len(v) == 1 for v in events_consumed(registry).values())
+
+
+def test_a_round_of_heldout_contexts_only_is_skipped_and_acked(
+    redis_client, tiny_settings, tiny_model
+):
+    """Feedback only on held-out contexts measures, it never trains: the round says so
+    and consumes the events (they stay in the log as held-out pairs and gate prompts),
+    rather than failing in the trainer for want of a PPO prompt."""
+    from rlhf_core.datasets import is_heldout
+
+    store = FeedbackStore(redis_client)
+    texts = [t for t in (f"Question {i}?" for i in range(60))
+             if is_heldout([{"role": "user", "content": t}])][:2]  # fmt: skip
+    for text in texts:
+        turn = Turn(new_id(), "s", "alice", [{"role": "user", "content": text}], "Fine.")
+        store.save_turn(turn)
+        store.record_event(Event.new(turn.turn_id, "like", "s", "alice"))
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert outcome.status == "skipped" and "held-out contexts" in outcome.reason
+    assert outcome.events == 2 and Registry(redis_client, tiny_settings).current() == 0
+    assert run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1").events == 0
 
 
 def test_nothing_to_do_is_skipped(redis_client, tiny_settings, tiny_model):

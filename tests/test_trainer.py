@@ -23,6 +23,7 @@ from rlhf_core.modeling import lora_config
 from rlhf_core.ppo import make_kl_controller
 from rlhf_core.settings import Settings
 from rlhf_core.trainer import (
+    MIN_GATE_PROMPTS,
     NonFiniteError,
     PPOConfig,
     PPOTrainer,
@@ -880,3 +881,37 @@ def test_a_parent_near_the_kl_budget_raises_the_rounds_kl_coefficient(
     )
     assert plain.metrics["objective/kl_barrier"] == 1.0
     assert plain.metrics["objective/demo_coef"] == pytest.approx(settings.demo_coef)
+
+
+def test_the_kl_gate_samples_prompts_held_out_of_training(tiny_model, tiny_settings, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    """The gate measures the policy on held-out contexts (``gate_prompts``), not on the PPO
+    prompts it was just optimised on; with fewer than MIN_GATE_PROMPTS of them it falls
+    back to the PPO prompts and says so (``gate/unseen_prompts`` 0). Before, every
+    measurement sampled the round's PPO prompts."""
+    sampled: list[list] = []
+    original = PPOTrainer.served_kl_samples
+
+    def recording(self, prompts, *args, **kwargs):
+        sampled.append(list(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(PPOTrainer, "served_kl_samples", recording)
+    settings = tiny_settings.model_copy(update={"ppo_steps": 1, "gate_samples": 8})
+    unseen = [[{"role": "user", "content": f"Never trained on {i}?"}] for i in range(5)]
+    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, policy_dir=None,
+                  reward_dir=None)  # fmt: skip
+    result = run_training_round(
+        tiny_model, settings, out_dir=tmp_path / "a", gate_prompts=unseen + unseen[:1], **common
+    )
+    assert result.metrics["gate/unseen_prompts"] == 5
+    assert sampled and all(p in unseen for batch in sampled for p in batch)
+    assert {json.dumps(p) for batch in sampled for p in batch} == {json.dumps(p) for p in unseen}
+
+    sampled.clear()
+    few = unseen[: MIN_GATE_PROMPTS - 1]
+    result = run_training_round(
+        tiny_model, settings, out_dir=tmp_path / "b", gate_prompts=few, **common
+    )
+    assert result.metrics["gate/unseen_prompts"] == 0
+    assert sampled and all(p in PROMPTS for batch in sampled for p in batch)
