@@ -22,8 +22,9 @@ import statistics
 from pathlib import Path
 
 GATE_Z = 1.645  # rlhf_core.trainer.GATE_Z: the gate's one-sided 95% bound
-# Every run on record used both defaults (none set RLHF_GATE_SAMPLES or --eval-n).
-GATE_SAMPLES = 16  # RLHF_GATE_SAMPLES' default
+# Rows without ``gate_samples`` (before 2026-11-28) all used RLHF_GATE_SAMPLES' default;
+# no run set --eval-n.
+GATE_SAMPLES = 16
 HELDOUT_SAMPLES = 32  # benchmarks/learning.py --eval-n
 
 
@@ -42,8 +43,9 @@ def agreement(row: dict, tolerance: float) -> tuple[float, float, float, float]:
     held-out minus gate mean; the per-answer spread its gate bound implies; the standard
     error of the difference; the two-sided normal chance that sampling alone puts it
     outside ``tolerance``."""
-    spread = (row["gate_kl_ucb"] - row["gate_kl"]) * math.sqrt(GATE_SAMPLES) / GATE_Z
-    error = spread * math.sqrt(1 / GATE_SAMPLES + 1 / HELDOUT_SAMPLES)
+    n = row.get("gate_samples") or GATE_SAMPLES  # older rows: the default, 16
+    spread = (row["gate_kl_ucb"] - row["gate_kl"]) * math.sqrt(n) / GATE_Z
+    error = spread * math.sqrt(1 / n + 1 / HELDOUT_SAMPLES)
     outside = 1 - math.erf(tolerance / error / math.sqrt(2)) if error > 0 else 0.0
     return row["kl"] - row["gate_kl"], spread, error, outside
 

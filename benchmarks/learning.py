@@ -296,6 +296,13 @@ def evaluate_versions(
             # How the round's KL search shrank it (1 and 1: the full step).
             "gate_update_fraction": metrics.get("gate/update_fraction"),
             "gate_base_scale": metrics.get("gate/base_scale"),
+            # Answers behind gate_kl (twice RLHF_GATE_SAMPLES where a search's candidate was
+            # measured again), how many held-out contexts they answered (0: the round's
+            # PPO prompts), and the chosen sample's and the fresh one's means.
+            "gate_samples": metrics.get("gate/samples"),
+            "gate_unseen_prompts": metrics.get("gate/unseen_prompts"),
+            "gate_chosen_kl": metrics.get("gate/chosen_kl_served"),
+            "gate_fresh_kl": metrics.get("gate/fresh_kl_served"),
             "samples": [
                 {"prompt": p, "answer": a, "liked": ok}
                 for p, a, ok in list(zip(eval_prompts, answers, liked, strict=True))[:6]

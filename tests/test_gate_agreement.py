@@ -25,6 +25,13 @@ def test_the_spread_and_standard_error_follow_from_the_gates_bound():
     assert spread == pytest.approx(4.0)
     assert error == pytest.approx(1.22474, abs=1e-5)
     assert outside == pytest.approx(0.2207, abs=1e-4)
+    # A pooled gate (32 answers): bound 5 + 1.645 x 4 / sqrt(32) = 6.16319, the same
+    # spread 4; standard error 4 sqrt(1/32 + 1/32) = 1.0; P(|Z| > 1.5) = 0.1336.
+    pooled = {"gate_kl": 5.0, "gate_kl_ucb": 6.16319, "kl": 6.5, "gate_samples": 32}
+    _, spread, error, outside = gate_agreement.agreement(pooled, 1.5)
+    assert spread == pytest.approx(4.0, abs=1e-4)
+    assert error == pytest.approx(1.0, abs=1e-4)
+    assert outside == pytest.approx(0.1336, abs=1e-4)
 
 
 def test_every_learning_run_on_record_is_read(tmp_path):

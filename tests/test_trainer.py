@@ -830,6 +830,13 @@ def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
     assert shrunk.metrics["gate/measurements"] >= 2
     assert shrunk.metrics["objective/kl_served_ucb"] <= kl_full / 3
     assert within_kl_budget(shrunk.metrics, tight)
+    # The search chose the candidate on its sample: the gate decided on it pooled with a
+    # fresh sample of the same policy (twice the answers, the mean of the two means).
+    assert shrunk.metrics["gate/samples"] == 2 * settings.gate_samples
+    chosen, fresh = shrunk.metrics["gate/chosen_kl_served"], shrunk.metrics["gate/fresh_kl_served"]
+    assert chosen != fresh
+    assert shrunk.metrics["objective/kl_served"] == pytest.approx((chosen + fresh) / 2)
+    assert "gate/chosen_kl_served" not in full.metrics  # a full step that fits: no search
     # The full step's own measurement is kept beside the published one's.
     assert shrunk.metrics["gate/full_kl_served_ucb"] == pytest.approx(kl_full)
     # The first version's parent is the base: the shrink scales every LoRA B (the weight
