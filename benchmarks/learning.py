@@ -303,6 +303,9 @@ def evaluate_versions(
             "gate_unseen_prompts": metrics.get("gate/unseen_prompts"),
             "gate_chosen_kl": metrics.get("gate/chosen_kl_served"),
             "gate_fresh_kl": metrics.get("gate/fresh_kl_served"),
+            # Everything the gate recorded, each measurement of the KL search included
+            # (gate/try0_* is the full step).
+            "gate": {k: v for k, v in metrics.items() if k.startswith("gate/")},
             "samples": [
                 {"prompt": p, "answer": a, "liked": ok}
                 for p, a, ok in list(zip(eval_prompts, answers, liked, strict=True))[:6]

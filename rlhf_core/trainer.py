@@ -1335,7 +1335,20 @@ def run_training_round(
                             param.mul_(scale)
             sample = gate_sample(trainer, settings, measured_on, policy_dir)
             last_sample[:] = [sample]
-            return sample.metrics()
+            measured = sample.metrics()
+            # Every measurement in the round's metrics, in order: how the KL answered each
+            # step of the search is the evidence its predictions are judged by.
+            n = sum(key.endswith("_fraction") for key in metrics if key.startswith("gate/try"))
+            metrics.update({
+                f"gate/try{n}_fraction": fraction,
+                f"gate/try{n}_scale": scale,
+                f"gate/try{n}_kl_served": measured["objective/kl_served"],
+                f"gate/try{n}_kl_served_ucb": measured["objective/kl_served_ucb"],
+                f"gate/try{n}_kl_parent_ucb": measured["objective/kl_parent_ucb"],
+            })  # fmt: skip
+            log.info("gate measurement %d: fraction %.4f, scale %.4f: %s", n, fraction, scale,
+                     {k: round(v, 3) for k, v in measured.items()})  # fmt: skip
+            return measured
 
         def fits(measured: dict[str, float]) -> bool:
             return within_kl_budget(measured, settings)

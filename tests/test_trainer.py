@@ -837,6 +837,14 @@ def test_a_round_that_overshoots_the_kl_budget_publishes_a_shrunk_update(
     assert chosen != fresh
     assert shrunk.metrics["objective/kl_served"] == pytest.approx((chosen + fresh) / 2)
     assert "gate/chosen_kl_served" not in full.metrics  # a full step that fits: no search
+    # Every measurement is kept in order: the full step first, the confirmation last.
+    tries = int(shrunk.metrics["gate/measurements"])
+    assert shrunk.metrics["gate/try0_scale"] == 1.0 == shrunk.metrics["gate/try0_fraction"]
+    assert shrunk.metrics["gate/try0_kl_served_ucb"] == pytest.approx(kl_full)
+    last = f"gate/try{tries - 1}"
+    assert shrunk.metrics[f"{last}_scale"] == shrunk.metrics["gate/base_scale"]
+    assert f"gate/try{tries}_scale" not in shrunk.metrics
+    assert shrunk.metrics[f"{last}_kl_served"] == pytest.approx(fresh)
     # The full step's own measurement is kept beside the published one's.
     assert shrunk.metrics["gate/full_kl_served_ucb"] == pytest.approx(kl_full)
     # The first version's parent is the base: the shrink scales every LoRA B (the weight
