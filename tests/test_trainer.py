@@ -32,6 +32,7 @@ from rlhf_core.trainer import (
     edited_tokens,
     fraction_within_kl_budget,
     gate_samples_kl,
+    kl_exponent,
     parent_kl_when_scaled,
     rescale_after_miss,
     run_training_round,
@@ -774,6 +775,54 @@ def test_a_scale_that_misses_is_followed_by_one_predicted_from_its_measurement(t
     # The round budget answers where it is the one missed: 0.5 x sqrt(7.2 / 9) = 0.4472.
     missed_round = {"objective/kl_served_ucb": 5.0, "objective/kl_parent_ucb": 9.0}
     assert rescale_after_miss(0.5, missed_round, settings) == pytest.approx(0.44721, abs=1e-5)
+
+
+def test_the_rescale_after_a_miss_follows_the_measured_growth_of_the_kl(tiny_settings):
+    """Formal's rounds 1 and 2 on 7ab017c: the KL fell from 14.6 to 5.4 nats at scale
+    0.40 (and 19.8 to 6.2 at 0.46), far slower than second order, and the rescale that
+    assumed ``s^2`` missed twice in each round (5 measurements, 94 and 117 s of the gate).
+    By hand, KL mean ``15 s^1.1``, bound 1.2 x the mean, total budget 10 aimed at 9: the
+    first guess ``sqrt(9 / 18) = 0.70711`` measures mean 15 x 0.70711^1.1 = 10.2453,
+    bound 12.2944 (a miss); the two means give ``p = ln(15 / 10.2453) / ln(1 / 0.70711)
+    = 1.1``, and ``s2 = 0.70711 (9 / 12.2944)^(1 / 1.1) = 0.53252``, bound 9.000: it fits
+    in three measurements. The second-order rescale goes to 0.60500 (bound 10.356, a
+    miss) and 0.56399 (9.587): four."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 100.0})
+
+    def measure(s):
+        mean = 15 * s**1.1
+        return {"objective/kl_served": mean, "objective/kl_served_ucb": 1.2 * mean,
+                "objective/kl_parent": 0.1, "objective/kl_parent_ucb": 0.1}  # fmt: skip
+
+    full = measure(1.0)
+    first = scale_within_kl_budget(full, settings)
+    assert first == pytest.approx(0.70711, abs=1e-5)
+    assert measure(first)["objective/kl_served"] == pytest.approx(10.2453, abs=1e-4)
+    assert kl_exponent((1.0, full), first, measure(first)) == pytest.approx(1.1)
+    guess = rescale_after_miss(first, measure(first), settings, previous=(1.0, full))
+    assert guess == pytest.approx(0.53252, abs=1e-5)
+    assert rescale_after_miss(first, measure(first), settings) == pytest.approx(0.60500, abs=1e-5)
+    measured_scales = [(1.0, full)]
+
+    def next_scale(s, missed):
+        out = rescale_after_miss(s, missed, settings, previous=measured_scales[-1])
+        measured_scales.append((s, missed))
+        return out
+
+    scale, metrics, tried = backtrack_to_kl_budget(
+        measure, lambda m: within_kl_budget(m, settings), 3,
+        first_guess=lambda m: scale_within_kl_budget(m, settings), full=full,
+        next_guess=next_scale,
+    )  # fmt: skip
+    assert scale == pytest.approx(0.53252, abs=1e-5) and tried == 3
+    assert metrics["objective/kl_served_ucb"] == pytest.approx(9.0, abs=1e-3)
+    # The exponent stays within [1, 2]: second order at most, and a KL that did not fall
+    # (noise) says nothing, so the second-order rule of before.
+    quadratic = {"objective/kl_served": 4.0}
+    assert kl_exponent((1.0, {"objective/kl_served": 16.0}), 0.5, quadratic) == 2.0
+    assert kl_exponent((1.0, {"objective/kl_served": 40.0}), 0.5, quadratic) == 2.0
+    assert kl_exponent((1.0, {"objective/kl_served": 5.0}), 0.5, quadratic) == 1.0
+    assert kl_exponent((1.0, {"objective/kl_served": 3.0}), 0.5, quadratic) == 2.0
 
 
 def test_the_kl_to_the_parent_of_a_scaled_adapter_is_predicted(tiny_settings):
