@@ -327,6 +327,17 @@ def ppo_prompts(turns: Iterable[Turn], limit: int | None = None) -> list[list[di
     return out
 
 
+def trainable_contexts(
+    store: FeedbackStore, settings: Settings | None = None
+) -> list[list[dict[str, Any]]]:
+    """The distinct contexts of every turn that may train (consented, not deleted, not
+    held back), most recent first: the pool replayed and gate prompts are drawn from."""
+    from rlhf_core.privacy import training_view
+
+    turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
+    return ppo_prompts(turns)
+
+
 def replay_prompts(
     store: FeedbackStore,
     n: int,
@@ -337,11 +348,11 @@ def replay_prompts(
 ) -> list[list[dict[str, Any]]]:
     """``n`` distinct contexts sampled (seeded) from every turn that may train,
     other than ``exclude`` -- older prompts replayed so PPO does not forget them."""
-    from rlhf_core.privacy import training_view
-
     excluded = {context_key(m) for m in exclude}
-    turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
-    pool = [p for p in ppo_prompts(turns) if context_key(p) not in excluded and not is_heldout(p)]
+    pool = [
+        p for p in trainable_contexts(store, settings)
+        if context_key(p) not in excluded and not is_heldout(p)
+    ]  # fmt: skip
     rng = random.Random(seed)
     return rng.sample(pool, min(n, len(pool)))
 
@@ -355,10 +366,7 @@ def gate_prompts(
     will: measured on the round's own PPO prompts, where the KL penalty was optimised,
     the gate sat below the KL of the same versions on the benchmark's held-out prompts
     (formal, 17 versions: +1.33 nats on average, 14 of 17 above)."""
-    from rlhf_core.privacy import training_view
-
-    turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
-    pool = [p for p in ppo_prompts(turns) if is_heldout(p)]
+    pool = [p for p in trainable_contexts(store, settings) if is_heldout(p)]
     rng = random.Random(seed)
     return rng.sample(pool, min(n, len(pool)))
 
