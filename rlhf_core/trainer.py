@@ -1294,9 +1294,10 @@ def run_training_round(
     The gate's measurement (:func:`gate_samples_kl`): ``objective/kl_served`` and
     ``objective/kl_served_ucb`` (KL to the base of answers sampled as served, mean and
     95% upper bound), ``objective/kl_parent`` / ``objective/kl_parent_ucb`` (the same to
-    the version this round started from). It samples on ``gate_prompts`` (contexts held
-    out of every round's training: the KL of what will be served to prompts the policy
-    has not seen) when there are at least ``MIN_GATE_PROMPTS`` of them, else on the
+    the version this round started from). It samples on ``gate_prompts`` (prompts no round
+    trains on, ``datasets.gate_prompts``: held-out contexts and calibration prompts; the KL
+    of what will be served to prompts the policy has not seen) when there are at least
+    ``MIN_GATE_PROMPTS`` of them, else on the
     round's PPO prompts; ``gate/unseen_prompts`` says how many it used (0: the PPO
     prompts). When the full update overshot and the line search chose a smaller one, that
     candidate is measured again and decided on both samples pooled (``gate/samples`` =

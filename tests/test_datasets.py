@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 
 from rlhf_core import datasets as ds
+from rlhf_core.calibration import CALIBRATION_PROMPTS, calibration_context, is_calibration
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
+from rlhf_core.settings import Settings
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 ODD = 'שלום 👍🏽 👨‍👩‍👧 \x00 \u2028 \u2029 \x85 \u202e 漢字 \U0010ffff "q" \\'
@@ -313,9 +315,39 @@ def test_ppo_never_trains_on_a_heldout_context_and_the_kl_gate_samples_them(stor
     assert set(asked[:3]) == set(kept[3:]) and set(asked[3:]) <= set(kept[:3]) and len(asked) == 5
     gate = [p[-1]["content"] for p in data.gate_prompts]
     assert len(gate) == 4 == len(set(gate)) and set(gate) <= set(held)
-    assert data.stats["gate_prompts"] == 4
-    # Fewer held-out contexts than asked for: all of them.
-    assert len(ds.gate_prompts(store, 16, seed=0)) == 6
+    assert data.stats["gate_prompts"] == 4 and data.stats["gate_calibration_prompts"] == 0
+    assert not any(ds.is_heldout(p) for p in ds.replay_prompts(store, 16, seed=0))
+
+
+def test_the_kl_gate_gets_a_prompt_per_answer_before_the_store_has_enough_heldout_contexts(
+    store,
+):
+    """With fewer held-out contexts than the gate takes answers, the gate prompts are all
+    of them topped up with calibration prompts (with the default system prompt) that no
+    one sent, so the bound is over as many prompts as answers. Before, it was over the
+    6 held-out contexts alone (question on 203c79c: gate 6.75 nats [8.93] on 10 contexts
+    for a version at 11.85 on 32 held-out prompts)."""
+    held, kept = _prompts(True, 6), _prompts(False, 6)
+    settings = Settings(system_prompt="Be brief.")
+    # Someone sent one calibration prompt: a trained context now, not an unseen one.
+    sent = next(c for c in CALIBRATION_PROMPTS
+                if not ds.is_heldout(calibration_context(c, "Be brief.")))  # fmt: skip
+    turns = [turn(f"t{i}", prompt=p, session="s0") for i, p in enumerate(held + kept)]
+    turns.append(Turn("sent", "s0", "u", calibration_context(sent, "Be brief."), "Ok."))
+    save(store, turns, [ev(t, "like") for t in turns])
+    gate = ds.gate_prompts(store, 16, seed=0, settings=settings)
+    keys = [ds.context_key(p) for p in gate]
+    assert len(gate) == 16 == len(set(keys))
+    from_store = [p for p in gate if not is_calibration(p)]
+    assert sorted(p[-1]["content"] for p in from_store) == sorted(held)
+    added = [p for p in gate if is_calibration(p)]
+    assert len(added) == 10
+    assert all(p == [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": p[-1]["content"]}] for p in added)  # fmt: skip
+    assert sent not in [p[-1]["content"] for p in added]
+    # Seeded, and no calibration prompt once the store has enough held-out contexts.
+    assert gate == ds.gate_prompts(store, 16, seed=0, settings=settings)
+    assert not any(is_calibration(p) for p in ds.gate_prompts(store, 6, seed=0, settings=settings))
     assert not any(ds.is_heldout(p) for p in ds.replay_prompts(store, 16, seed=0))
 
 

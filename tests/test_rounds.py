@@ -192,6 +192,7 @@ def _spy(calls: list[dict], stop: bool = False):
 def test_heldout_contexts_never_train_in_any_round(redis_client, tiny_settings, tiny_model):
     """Issue 9, defect 1: pointwise examples and pairs of held-out contexts, new and
     replayed, stay out of reward training; their pairs measure the reward model."""
+    from rlhf_core.calibration import is_calibration
     from rlhf_core.datasets import is_heldout
 
     store = FeedbackStore(redis_client)
@@ -226,10 +227,14 @@ def test_heldout_contexts_never_train_in_any_round(redis_client, tiny_settings, 
                    *call["replay_pairs"]]  # fmt: skip
         assert trained and not [x["messages"] for x in trained if is_heldout(x)]
         assert call["heldout_pairs"] and all(is_heldout(p) for p in call["heldout_pairs"])
-        # PPO never samples a held-out context; the KL gate samples only those.
+        # PPO never samples a held-out context; the KL gate samples only those, topped up
+        # with calibration prompts (never in the store) to one prompt per answer.
         assert call["prompts"] and not any(is_heldout(p) for p in call["prompts"])
-        assert call["gate_prompts"] and all(is_heldout(p) for p in call["gate_prompts"])
-    assert len(calls[1]["gate_prompts"]) == 4  # both rounds' held-out contexts
+        gate = call["gate_prompts"]
+        assert len(gate) == tiny_settings.gate_samples
+        assert all(is_heldout(p) or is_calibration(p) for p in gate)
+    held = [p for p in calls[1]["gate_prompts"] if not is_calibration(p)]
+    assert len(held) == 4  # both rounds' held-out contexts
     assert calls[1]["replay_pointwise"]  # the second round replays the first's feedback
     assert len(calls[1]["heldout_pairs"]) == 4  # both rounds' held-out contexts measure
 
