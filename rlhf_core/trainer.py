@@ -1202,6 +1202,64 @@ def rescale_after_miss(
     return scale * factor
 
 
+# A candidate that fits this far below the aim leaves enough of the round unused to be
+# worth one more measurement (~20 s) between it and the scale that missed.
+SCALE_UP_BELOW = 0.7
+
+
+def scale_between(
+    low: tuple[float, dict[str, float]],
+    high: tuple[float, dict[str, float]],
+    settings: Settings,
+    aim: float = KL_AIM,
+    parent_is_base: bool = False,
+) -> float:
+    """A scale between one that fitted (``low``: ``(scale, metrics)``) and a larger one that
+    missed (``high``) predicted to land at the aim, by the growth ``KL ~ s^p`` the two
+    measurements show (:func:`kl_exponent` without its clamp: between two measurements it
+    interpolates, it does not extrapolate). The bound keeps the fitted candidate's ratio
+    to its mean; where the parent is the base the round budget is on the same KL and
+    answers too. ``low``'s own scale when the two say nothing (the KL did not grow).
+
+    Question's round 2 on 60af9b6: the full step at 17.80 nats, the first guess from a
+    second-order growth 0.641, where the KL fell to 3.84 [bound 4.54], less than half the
+    aim: between them ``p = 3.45``, and the scale for the aim is 0.78, a quarter more of
+    the round's step."""
+    (s_low, m_low), (s_high, m_high) = low, high
+    mean_low, mean_high = (
+        m_low.get("objective/kl_served", 0.0),
+        m_high.get("objective/kl_served", 0.0),
+    )
+    if not (0 < s_low < s_high and 0 < mean_low < mean_high):
+        return s_low
+    power = math.log(mean_high / mean_low) / math.log(s_high / s_low)
+    target = (
+        aim
+        * settings.kl_budget
+        * mean_low
+        / max(m_low.get("objective/kl_served_ucb", mean_low), mean_low)
+    )
+    if parent_is_base:
+        parent_bound = max(m_low.get("objective/kl_parent_ucb", mean_low), mean_low)
+        target = min(target, aim * settings.kl_round_budget * mean_low / parent_bound)
+    if target <= mean_low:
+        return s_low
+    return min(s_low * (target / mean_low) ** (1 / power), s_high)
+
+
+def scale_up_is_worth_it(
+    metrics: dict[str, float], settings: Settings, parent_is_base: bool
+) -> bool:
+    """Whether a fitted candidate sits so far below the aim (bound under ``SCALE_UP_BELOW``
+    of it, on either budget that scaling moves) that one more measurement may keep more."""
+    room = metrics.get("objective/kl_served_ucb", 0.0) / (KL_AIM * settings.kl_budget)
+    if parent_is_base:
+        room = max(
+            room, metrics.get("objective/kl_parent_ucb", 0.0) / (KL_AIM * settings.kl_round_budget)
+        )
+    return room < SCALE_UP_BELOW
+
+
 def backtrack_to_kl_budget(
     measure: Callable[[float], dict[str, float]],
     fits: Callable[[dict[str, float]], bool],
@@ -1379,20 +1437,25 @@ def run_training_round(
         start = time.perf_counter()
         final_weights = [p.detach().clone() for p in lora]
         last_sample: list[GateSample] = []  # the latest measurement's answers
+        fitted_below: tuple[float, GateSample] | None = None  # see search_scale
         unseen = distinct_prompts(gate_prompts)
         measured_on = unseen if len(unseen) >= MIN_GATE_PROMPTS else list(prompts)
         metrics["gate/unseen_prompts"] = float(len(unseen) if measured_on is unseen else 0)
 
-        def measure(fraction: float, scale: float = 1.0) -> dict[str, float]:
-            """The gate's measurement of the parent moved ``fraction`` of the way to the
-            round's full step, its adapter then scaled by ``scale`` toward the base (the
-            LoRA ``B`` matrices: the weight change ``B A`` scales exactly)."""
+        def apply(fraction: float, scale: float = 1.0) -> None:
+            """The parent moved ``fraction`` of the way to the round's full step, its
+            adapter then scaled by ``scale`` toward the base (the LoRA ``B`` matrices: the
+            weight change ``B A`` scales exactly)."""
             set_update_fraction(lora, parent_weights, final_weights, fraction)
             if scale != 1.0:
                 with torch.no_grad():
                     for param, b in zip(lora, is_lora_b, strict=True):
                         if b:
                             param.mul_(scale)
+
+        def measure(fraction: float, scale: float = 1.0) -> dict[str, float]:
+            """The gate's measurement of :func:`apply`'s policy."""
+            apply(fraction, scale)
             sample = gate_sample(trainer, settings, measured_on, policy_dir)
             last_sample[:] = [sample]
             measured = sample.metrics()
@@ -1422,8 +1485,14 @@ def run_training_round(
         fraction, scale, gate_metrics, tried = 1.0, 1.0, full, 1
 
         def search_scale(first_guess: Callable[[dict[str, float]], float]) -> None:
-            nonlocal scale, gate_metrics, tried
+            nonlocal scale, gate_metrics, tried, fitted_below
             measured_scales = [(1.0, full)]
+            samples: dict[float, GateSample] = {}
+
+            def measure_scale(s: float) -> dict[str, float]:
+                measured = measure(1.0, s)
+                samples[s] = last_sample[0]
+                return measured
 
             def next_scale(s: float, missed: dict[str, float]) -> float:
                 guess = rescale_after_miss(s, missed, settings, parent_is_base=policy_dir is None,
@@ -1432,13 +1501,33 @@ def run_training_round(
                 return guess
 
             scale, gate_metrics, tried = backtrack_to_kl_budget(
-                lambda s: measure(1.0, s),
+                measure_scale,
                 fits,
                 settings.kl_backtrack_steps,
                 first_guess=first_guess,
                 full=full,
                 next_guess=next_scale,
             )
+            parent_is_base = policy_dir is None
+            if not (fits(gate_metrics) and tried > 1 and tried <= settings.kl_backtrack_steps
+                    and scale_up_is_worth_it(gate_metrics, settings, parent_is_base)):  # fmt: skip
+                return
+            # The guess landed far below the aim (the KL fell faster than second order):
+            # one measurement between it and the nearest scale that missed.
+            missed = min((sm for sm in measured_scales if sm[0] > scale), key=lambda sm: sm[0])
+            up = scale_between((scale, gate_metrics), missed, settings,
+                               parent_is_base=parent_is_base)  # fmt: skip
+            if up < 1.05 * scale:
+                return
+            measured = measure_scale(up)
+            tried += 1
+            metrics["gate/scaled_up_from"] = scale
+            if fits(measured):
+                fitted_below = (scale, samples[scale])
+                scale, gate_metrics = up, measured
+            else:  # back to the candidate that fitted, weights and sample
+                apply(1.0, scale)
+                last_sample[:] = [samples[scale]]
 
         def scaling_keeps_more() -> bool:
             """Toward the base where it keeps more of the round and its KL to the parent
@@ -1485,6 +1574,14 @@ def run_training_round(
             metrics["gate/fresh_kl_served"] = fresh["objective/kl_served"]
             gate_metrics = chosen.pooled(last_sample[0]).metrics()
             tried += 1
+            if not fits(gate_metrics) and fitted_below is not None:
+                # The step up passed on its own sample but not pooled: the candidate
+                # below it, which fitted, confirmed the same way.
+                scale, below = fitted_below
+                fresh = measure(fraction, scale)
+                metrics["gate/fresh_kl_served"] = fresh["objective/kl_served"]
+                gate_metrics = below.pooled(last_sample[0]).metrics()
+                tried += 1
         metrics.update(gate_metrics)
         metrics["gate/update_fraction"] = fraction
         metrics["gate/base_scale"] = scale

@@ -24,6 +24,8 @@ from rlhf_core.ppo import make_kl_controller
 from rlhf_core.settings import Settings
 from rlhf_core.trainer import (
     MIN_GATE_PROMPTS,
+    POLICY_ADAPTER,
+    GateSample,
     NonFiniteError,
     PPOConfig,
     PPOTrainer,
@@ -37,6 +39,7 @@ from rlhf_core.trainer import (
     prompt_clustered_bound,
     rescale_after_miss,
     run_training_round,
+    scale_between,
     scale_within_kl_budget,
     set_update_fraction,
     toward_base_keeps_more,
@@ -1010,3 +1013,102 @@ def test_the_gate_bound_counts_prompts_not_only_answers():
     assert sample.metrics()["gate/prompts"] == 4
     both = sample.pooled(GateSample(kl + 1, None, ids))
     assert both.prompt_ids == ids + ids and both.metrics()["objective/kl_served"] == 5.75
+
+
+def test_a_guess_far_below_the_aim_is_followed_by_a_scale_between_it_and_the_miss(tiny_settings):
+    """Question's round 2 on 60af9b6: the full step measured 17.80 nats, the second-order
+    guess 0.641 fell to 3.84 [bound 4.54], under half the aim, and was published: the KL
+    had fallen as ``s^3.45``. By hand, budget 10 aimed at 9: ``p = ln(17.798 / 3.843) /
+    ln(1 / 0.641) = 3.44669``; the bound keeps the fitted candidate's ratio 4.543 / 3.843,
+    so the aim's mean is 9 x 3.843 / 4.543 = 7.61325 and ``s = 0.641 (7.61325 / 3.843)^(1
+    / 3.44669) = 0.78163``."""
+    settings = tiny_settings.model_copy(update={"kl_budget": 10.0, "kl_round_budget": 8.0})
+    low = (0.641, {"objective/kl_served": 3.843, "objective/kl_served_ucb": 4.543,
+                   "objective/kl_parent_ucb": 1.578})  # fmt: skip
+    high = (1.0, {"objective/kl_served": 17.798, "objective/kl_served_ucb": 21.919})
+    assert scale_between(low, high, settings) == pytest.approx(0.78163, abs=1e-5)
+    # The first version (the parent is the base): the round budget is on the same KL,
+    # 0.9 x 8 x 3.843 / 4.543 = 6.09 of mean: 0.641 (6.09060 / 3.843)^(1 / 3.44669) = 0.73262.
+    first = (0.641, {**low[1], "objective/kl_parent_ucb": 4.543})
+    assert scale_between(first, high, settings, parent_is_base=True) == pytest.approx(
+        0.73262, abs=1e-5
+    )
+    # Never past the scale that missed; the fitted one where the two say nothing.
+    assert scale_between(low, (0.7, {"objective/kl_served": 3.9}), settings) == 0.7
+    assert scale_between(low, (1.0, {"objective/kl_served": 3.0}), settings) == 0.641
+
+
+def lora_b_norm(named, adapter: str = "") -> float:
+    """The summed norm of the LoRA B matrices (of ``adapter``'s, in a model with several)."""
+    key = f"lora_B.{adapter}." if adapter else "lora_B"
+    return float(sum(t.detach().float().norm() for name, t in named if key in name))
+
+
+norms: list[float] = []  # the policy's LoRA B norm at each scripted measurement
+
+
+def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
+    """The gate's measurements, in order, replaced by 16 answers around each of ``means``
+    (one per prompt, +-0.5): the search's decisions without the model's sampling luck."""
+    import rlhf_core.trainer as trainer_module
+
+    queue = list(means)
+    norms.clear()
+
+    def scripted(trainer, settings, prompts, parent_dir):
+        norms.append(lora_b_norm(trainer.model.named_parameters(), POLICY_ADAPTER))
+        mean = queue.pop(0)
+        values = torch.tensor([mean + (0.5 if i % 2 else -0.5) for i in range(16)])
+        return GateSample(values, None, list(range(16)))
+
+    monkeypatch.setattr(trainer_module, "gate_sample", scripted)
+    return queue
+
+
+@pytest.mark.parametrize(
+    "case, means, published",
+    [
+        ("the step up fits", [17.8, 3.8, 7.0, 7.2], "up"),
+        ("the step up misses", [17.8, 3.8, 12.0, 4.0], "guess"),
+        ("the step up fits alone, not pooled", [17.8, 3.8, 8.4, 11.6, 4.0], "guess"),
+    ],
+)
+def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
+    tiny_model, tiny_settings, tmp_path, monkeypatch, case, means, published
+):
+    """The search measures once between a guess that fitted far below the aim and the
+    scale that missed, publishes the step up when it fits (pooled with a fresh sample,
+    as any searched candidate), and otherwise the guess, its own weights and sample.
+    Before, the guess was published (question's round 2 on 60af9b6: 3.84 nats of 10)."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 10.0, "gate_samples": 16}
+    )
+    left = _scripted_gate(monkeypatch, means)
+    result = run_training_round(
+        tiny_model, settings, out_dir=tmp_path / "r", pointwise=[], pairs=_pairs(4),
+        prompts=PROMPTS, policy_dir=None, reward_dir=None,
+    )  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == len(means)
+    guess = metrics["gate/try1_scale"]
+    assert metrics["gate/scaled_up_from"] == guess
+    up = metrics["gate/try2_scale"]
+    sample = lambda m: GateSample(  # noqa: E731
+        torch.tensor([m + (0.5 if i % 2 else -0.5) for i in range(16)]), None, list(range(16))
+    ).metrics()
+    expected = scale_between((guess, sample(3.8)), (1.0, sample(17.8)), settings,
+                             parent_is_base=True)  # fmt: skip
+    assert up == pytest.approx(expected) and up > 1.05 * guess
+    chosen = up if published == "up" else guess
+    assert metrics["gate/base_scale"] == chosen
+    assert within_kl_budget(metrics, settings) and result.policy_dir is not None
+    # Decided pooled with a fresh sample of the published candidate.
+    assert metrics["gate/samples"] == 32
+    assert metrics["objective/kl_served"] == pytest.approx((means[-1] + (7.0 if published ==
+           "up" else 3.8)) / 2)  # fmt: skip
+    # The saved policy is the published candidate's weights.
+    from safetensors.torch import load_file
+
+    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    assert saved == pytest.approx(norms[2 if published == "up" else 1], rel=1e-4)
+    assert norms[2] == pytest.approx(norms[1] * up / guess, rel=1e-4)
