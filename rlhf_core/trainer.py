@@ -1562,6 +1562,19 @@ def run_training_round(
                 else lambda m: fraction_within_kl_budget(m, parent_kl, settings),
                 full=full,
             )
+            total_bound = gate_metrics.get("objective/kl_served_ucb", 0.0)
+            if not fits(gate_metrics) and tried > 1 and total_bound > settings.kl_budget:
+                # Even the smallest step from the parent passed the total budget: on this
+                # round's prompts the parent itself is at it (question's round 4 on
+                # 60af9b6: 0.06 of the step from v3 read 10.4 [14.3] where v3's own round
+                # had read 5.3, and the round was refused). Moving toward the parent can
+                # never fit; the candidate scaled toward the base, as a missed scale is
+                # rescaled (:func:`rescale_after_miss`), may -- one measurement more than
+                # the search's, against a refused round's whole feedback.
+                scale = rescale_after_miss(1.0, gate_metrics, settings, parent_is_base=False)
+                gate_metrics = measure(fraction, scale)
+                tried += 1
+                metrics["gate/parent_over_budget"] = 1.0
         if tried > 1 and fits(gate_metrics):
             # A candidate the search chose because its sample fitted: of the candidates
             # near the budget, the ones whose sample came out low pass, and the sample

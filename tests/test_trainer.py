@@ -1055,11 +1055,15 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     queue = list(means)
     norms.clear()
 
+    def around(mean: float) -> torch.Tensor:
+        return torch.tensor([mean + (0.5 if i % 2 else -0.5) for i in range(16)])
+
     def scripted(trainer, settings, prompts, parent_dir):
         norms.append(lora_b_norm(trainer.model.named_parameters(), POLICY_ADAPTER))
-        mean = queue.pop(0)
-        values = torch.tensor([mean + (0.5 if i % 2 else -0.5) for i in range(16)])
-        return GateSample(values, None, list(range(16)))
+        mean = queue.pop(0)  # a number, or (KL to the base, KL to the parent)
+        if isinstance(mean, tuple):
+            return GateSample(around(mean[0]), around(mean[1]).clamp(min=0), list(range(16)))
+        return GateSample(around(mean), None, list(range(16)))
 
     monkeypatch.setattr(trainer_module, "gate_sample", scripted)
     return queue
@@ -1112,3 +1116,35 @@ def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
     saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
     assert saved == pytest.approx(norms[2 if published == "up" else 1], rel=1e-4)
     assert norms[2] == pytest.approx(norms[1] * up / guess, rel=1e-4)
+
+
+def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_base(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """Question's round 4 on 60af9b6: the full step measured 32.8 nats (6.98 from its
+    parent), and 0.23, 0.12 and 0.06 of it toward the parent 14.3, 9.4 and 10.4 [14.3]:
+    on that round's prompts the parent itself was at the budget, no step from it could
+    fit, and the round was refused. Now the smallest candidate is scaled toward the base
+    once more, as a missed scale is rescaled: by hand its bound, 16 answers at 10.4 +-0.5
+    (s.d. 0.51640), is 10.4 + 1.645 x 0.51640 / 4 = 10.61237, so ``s = sqrt(9 /
+    10.61237) = 0.92091``; it fits, and is published after the usual fresh sample."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    )
+    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
+    _scripted_gate(monkeypatch, [3.0])  # version 1 fits at once
+    first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
+                               **common)  # fmt: skip
+    means = [(32.8, 7.0), (14.3, 1.0), (10.5, 0.2), (10.4, 0.07), (6.0, 0.5), (6.2, 0.5)]
+    left = _scripted_gate(monkeypatch, means)
+    result = run_training_round(tiny_model, settings, out_dir=tmp_path / "v2",
+                                policy_dir=first.policy_dir, **common)  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 6
+    assert metrics["gate/parent_over_budget"] == 1.0
+    fraction = metrics["gate/try3_fraction"]
+    assert metrics["gate/try1_fraction"] == pytest.approx(4 * fraction)  # then two halvings
+    assert metrics["gate/try4_fraction"] == fraction == metrics["gate/update_fraction"]
+    assert metrics["gate/base_scale"] == pytest.approx(0.92091, abs=1e-5)
+    assert within_kl_budget(metrics, settings)
+    assert metrics["objective/kl_served"] == pytest.approx((6.0 + 6.2) / 2)
