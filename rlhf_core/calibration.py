@@ -65,6 +65,8 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
     "What is the best way to store fresh strawberries?",
 )
 
+_CALIBRATION_SET = frozenset(CALIBRATION_PROMPTS)
+
 
 def calibration_context(prompt: str, system_prompt: str) -> list[dict[str, str]]:
     """A calibration prompt as the UI would send it: the default system prompt (when
@@ -78,6 +80,3 @@ def is_calibration(context: list[dict[str, str]]) -> bool:
     builds it: one user message, after at most a system prompt)."""
     users = [m for m in context if m["role"] != "system"]
     return len(users) == 1 and users[0]["content"] in _CALIBRATION_SET
-
-
-_CALIBRATION_SET = frozenset(CALIBRATION_PROMPTS)

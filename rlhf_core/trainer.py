@@ -1170,7 +1170,13 @@ def kl_exponent(previous: tuple[float, dict[str, float]], scale: float, measured
     a, b = prev.get("objective/kl_served", 0.0), measured.get("objective/kl_served", 0.0)
     if not (prev_scale > scale > 0 and a > b > 0):
         return 2.0
-    return min(max(math.log(a / b) / math.log(prev_scale / scale), 1.0), 2.0)
+    return min(max(growth_exponent(scale, b, prev_scale, a), 1.0), 2.0)
+
+
+def growth_exponent(s_low: float, kl_low: float, s_high: float, kl_high: float) -> float:
+    """``p`` of ``KL ~ s^p`` through two measurements (both scales and KLs positive, the
+    scales different): ``ln(KL_high / KL_low) / ln(s_high / s_low)``."""
+    return math.log(kl_high / kl_low) / math.log(s_high / s_low)
 
 
 def rescale_after_miss(
@@ -1232,7 +1238,7 @@ def scale_between(
     )
     if not (0 < s_low < s_high and 0 < mean_low < mean_high):
         return s_low
-    power = math.log(mean_high / mean_low) / math.log(s_high / s_low)
+    power = growth_exponent(s_low, mean_low, s_high, mean_high)
     target = (
         aim
         * settings.kl_budget
