@@ -149,6 +149,27 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def continue_logprobs(logits: Tensor, stop_ids: list[int]) -> Tensor:
+    """log(1 - p(stop)) per position: the log-probability of *not* ending the answer
+    there, ``p(stop)`` being the total probability of the stop tokens ``stop_ids``.
+
+    logits: ``[batch, tokens, vocab]``; returns ``[batch, tokens]``. Computed from
+    ``log p(stop) = logsumexp(z[stop]) - logsumexp(z)`` with ``log1mexp`` in its
+    stable form (``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` below -ln 2).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    stop = torch.logsumexp(logits[..., stop_ids], dim=-1) - torch.logsumexp(logits, dim=-1)
+    # p(stop) rounded to 1 has no finite log(1 - p): keep it just below 1.
+    stop = stop.clamp(max=-torch.finfo(stop.dtype).tiny)
+    near_zero = stop > -math.log(2.0)
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(stop)),
+        torch.log1p(-torch.exp(stop)),
+    )
+
+
 def token_entropy(logits: Tensor) -> Tensor:
     """Entropy of ``softmax(logits)`` per token: ``logsumexp(z) - sum(p * z)``.
 

@@ -59,6 +59,7 @@ from rlhf_core.modeling import LoadedModel
 from rlhf_core.ppo import (
     RunningMoments,
     compute_gae,
+    continue_logprobs,
     kl_barrier,
     kl_penalty,
     logprobs_from_logits,
@@ -762,18 +763,33 @@ class PPOTrainer:
         return stats
 
     def _demo_loss(self, size: int) -> Tensor:
-        """Mean negative log-likelihood per token of ``size`` sampled demonstrations
-        under the policy: over the tokens the person changed and the closing EOS
-        (``demo_loss_mask``), or over every answer token (``demo_tokens`` "all", or a
-        demonstration given without the answer it edits)."""
+        """Negative log-likelihood per imitated token of ``size`` sampled
+        demonstrations under the policy: over the tokens the person changed and the
+        closing EOS (``demo_loss_mask``), or over every answer token (``demo_tokens``
+        "all", or a demonstration given without the answer it edits).
+
+        With "edited", the tokens the person kept add the other half of their choice
+        of where the answer ends: at each of them the answer went on, log(1 - p(stop)).
+        Imitating the closing EOS alone raises p(stop) wherever the context looks like
+        the end, at every earlier sentence end too: a rewrite that cut a long answer
+        back to its last full sentence taught "stop after the first sentence" (the
+        thorough oracle's answers fell from 47 to 20 words in one round). The length's
+        whole likelihood is the product of (1 - p(stop)) before the end and p(stop) at it;
+        the kept positions are summed into the same numerator, so a deletion's loss
+        is the stop decision's whole log-likelihood per imitated token."""
         picks = torch.randperm(len(self.demos), generator=self._gen)[:size].tolist()
         chosen = [self.demos[i] for i in picks]
         demo = self.rollout_from_texts([d[0] for d in chosen], [d[1] for d in chosen])
         logprobs, _values, logits = self.wrapped(
             demo.input_ids, demo.attention_mask, demo.query_ids.shape[1]
         )
+        imitated = self.demo_loss_mask(demo, chosen)
+        loss = -(logprobs * imitated).sum()
+        if self.config.demo_tokens == "edited":
+            kept = demo.response_mask * (1.0 - imitated)
+            loss = loss - (continue_logprobs(logits, self.eos_ids) * kept).sum()
         del logits
-        return -masked_mean(logprobs, self.demo_loss_mask(demo, chosen))
+        return loss / imitated.sum().clamp(min=1.0)
 
     def demo_loss_mask(self, demo: Rollout, chosen: Sequence[Demonstration]) -> Tensor:
         """``demo.response_mask`` narrowed, row by row, to the tokens the person wrote

@@ -17,6 +17,7 @@ from rlhf_core.ppo import (
     FixedKLController,
     RunningMoments,
     compute_gae,
+    continue_logprobs,
     entropy_from_logits,
     kl_barrier,
     kl_penalty,
@@ -439,3 +440,21 @@ def test_kl_barrier_by_hand():
     assert kl_barrier(5.0, 0.0) == 1.0  # a budget of 0 admits no change: the gate's call
     assert kl_barrier(5.0, 10.0, max_fill=0.5) == pytest.approx(2.0)
     assert kl_barrier(8.0, 10.0, max_fill=0.5) == pytest.approx(2.0)
+
+
+def test_continue_logprobs_is_log_one_minus_the_stop_tokens_probability():
+    """Hand values: logits [0, 0, ln 2] with stop id 2: p(stop) = 2/4, log(1 - p) = log 0.5;
+    logits [ln 3, 0, 0] with stop ids {1, 2}: p(stop) = 2/5, log 0.6; a stop token 30 nats
+    below the other: log(1 - 1/(1 + e^30)) = -9.4e-14 (the stable branch, not a rounded 0);
+    a stop token 10 nats above two others: log(2 / (e^10 + 2)); one 200 nats above (p(stop)
+    rounds to 1): finite."""
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    logits = torch.tensor([[[0.0, 0.0, ln2], [ln3, 0.0, 0.0]]])
+    got = continue_logprobs(logits, [2])
+    assert got[0, 0].item() == pytest.approx(math.log(0.5), abs=1e-6)
+    assert continue_logprobs(logits, [1, 2])[0, 1].item() == pytest.approx(math.log(0.6), abs=1e-6)
+    far = continue_logprobs(torch.tensor([[[0.0, -30.0]]], dtype=torch.float64), [1])
+    assert far.item() == pytest.approx(-math.exp(-30.0), rel=1e-6)
+    near = continue_logprobs(torch.tensor([[[0.0, 0.0, 10.0]]], dtype=torch.float64), [2])
+    assert near.item() == pytest.approx(ln2 - math.log(math.exp(10.0) + 2.0), abs=1e-9)
+    assert torch.isfinite(continue_logprobs(torch.tensor([[[0.0, 200.0]]]), [1])).all()

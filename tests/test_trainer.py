@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def eos_raised(model, eos_ids, by: float):
+    """The output layer's stop-token logits raised by ``by``: the tiny random model gives
+    EOS about 1/49k everywhere, too little for where it stops to be a live question."""
+
+    def raise_eos(_module, _inputs, out):
+        out = out.clone()
+        out[..., eos_ids] += by
+        return out
+
+    hook = model.get_base_model().get_output_embeddings().register_forward_hook(raise_eos)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _config(**overrides) -> PPOConfig:
@@ -358,9 +376,10 @@ def test_edited_tokens_by_hand():
 
 def test_only_the_edited_tokens_and_the_end_are_imitated(policy, tiny_model):
     """A rewrite that keeps the served answer and adds a question: its imitation loss is
-    the mean NLL of the added tokens and the EOS only (the kept words are the policy's
-    own sample: imitating them only sharpens it); "all" and a demonstration given without
-    its original take every token; a cut rewrite that only deleted keeps every token."""
+    the NLL of the added tokens and the EOS (the kept words are the policy's own sample:
+    imitating them only sharpens it), with, at each kept word, only that the answer did
+    not end there; "all" and a demonstration given without its original take every
+    token; a cut rewrite that only deleted keeps every token."""
     model, head = policy
     tok = tiny_model.tokenizer
     served = "The sky is blue because of scattering."
@@ -393,16 +412,63 @@ def test_only_the_edited_tokens_and_the_end_are_imitated(policy, tiny_model):
     everything = trainer_for("all").demo_loss_mask(demo, [(PROMPTS[0], rewrite, served)] * 3)
     assert everything.tolist() == demo.response_mask.tolist()
 
-    # The loss is the mean NLL over exactly those tokens.
+    # The loss is the NLL over exactly those tokens, plus, at each kept token, that the
+    # answer went on there (log(1 - p(stop))), per imitated token.
     trainer.demos = [(PROMPTS[0], rewrite, served)]
-    with torch.no_grad():
+    with torch.no_grad(), eos_raised(model, trainer.eos_ids, 9.0):  # p(stop) about 0.14
         loss = float(trainer._demo_loss(1))
         one = trainer.rollout_from_texts(PROMPTS[:1], [rewrite])
-        logprobs, _, _ = trainer.wrapped(one.input_ids, one.attention_mask, one.query_ids.shape[1])
-    by_hand = -logprobs[0, kept : total + 1].mean()
-    assert loss == pytest.approx(float(by_hand), rel=1e-5)
+        logprobs, _, logits = trainer.wrapped(
+            one.input_ids, one.attention_mask, one.query_ids.shape[1]
+        )
+    p_stop = torch.softmax(logits[0, :kept].double(), -1)[:, trainer.eos_ids].sum(-1)
+    imitated = total + 1 - kept
+    by_hand = -(logprobs[0, kept : total + 1].double().sum() + torch.log1p(-p_stop).sum())
+    assert loss == pytest.approx(float(by_hand) / imitated, rel=1e-5)
     with pytest.raises(ValueError, match="demo_tokens"):
         trainer_for("some")
+
+
+def test_a_rewrite_that_cut_back_to_a_sentence_end_does_not_teach_stopping_earlier(
+    policy, tiny_model
+):
+    """The thorough oracle's rewrite keeps a long answer's full sentences and deletes the
+    cut one. Imitating only the closing EOS (what "edited" imitated before) raised
+    p(stop) at every position, the earlier sentence ends too: one round took the
+    thorough oracle's answers from 47 to 20 words. With the kept tokens' "the answer
+    went on here" in the loss, 20 demonstration steps leave p(stop) at the kept positions
+    below where it started, and raise it at the end the person chose (on the commit
+    before: p(stop) 0.92-1.00 at every kept position)."""
+    model, head = policy
+    tok = tiny_model.tokenizer
+    kept_text = "The sky is blue. Light scatters in the air. Blue scatters most."
+    served = kept_text + " So at sunset the light"
+    trainer = PPOTrainer(
+        model, tok, _config(batch_size=4, demo_coef=1.0, learning_rate=1e-2),
+        reward_fn=lambda prompts, answers: [0.0] * len(answers), value_head=head,
+    )  # fmt: skip
+    trainer.demos = [(PROMPTS[0], kept_text, served)]
+    eos = trainer.eos_ids
+
+    def p_stop():
+        demo = trainer.rollout_from_texts(PROMPTS[:1], [kept_text])
+        with torch.no_grad():
+            _, _, logits = trainer.wrapped(
+                demo.input_ids, demo.attention_mask, demo.query_ids.shape[1]
+            )
+        n = int(demo.response_mask[0].sum())
+        return torch.softmax(logits[0, :n].double(), -1)[:, eos].sum(-1)
+
+    with eos_raised(model, eos, 9.0):
+        before = p_stop()
+        for _ in range(20):
+            trainer.optimizer.zero_grad()
+            trainer._demo_loss(1).backward()
+            trainer.optimizer.step()
+        after = p_stop()
+    assert 0.05 < float(before[:-1].mean()) < 0.3
+    assert float(after[:-1].max()) < float(before[:-1].mean()) / 2  # it went on: no stop
+    assert float(after[-1]) > 0.9  # where the person stopped
 
 
 def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
