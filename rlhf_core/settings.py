@@ -229,8 +229,9 @@ class Settings(BaseSettings):
     demo_tokens: Literal["edited", "all"] = Field(
         "edited",
         description="Which tokens of a rewrite are imitated: 'edited' = only what the person "
-        "changed (and where they stopped), 'all' = the whole rewrite, also the words they "
-        "kept (the policy's own sample: imitating those only sharpens it).",
+        "changed and where they stopped (at the words they kept, only that the answer went "
+        "on), 'all' = the whole rewrite, also the words they kept (the policy's own sample: "
+        "imitating those only sharpens it).",
     )
     kl_budget: float = Field(
         10.0,
