@@ -457,4 +457,8 @@ def test_continue_logprobs_is_log_one_minus_the_stop_tokens_probability():
     assert far.item() == pytest.approx(-math.exp(-30.0), rel=1e-6)
     near = continue_logprobs(torch.tensor([[[0.0, 0.0, 10.0]]], dtype=torch.float64), [2])
     assert near.item() == pytest.approx(ln2 - math.log(math.exp(10.0) + 2.0), abs=1e-9)
-    assert torch.isfinite(continue_logprobs(torch.tensor([[[0.0, 200.0]]]), [1])).all()
+    # p(stop) = 1 - 4e-18 and 1 - e^-200: finite, with a finite gradient.
+    certain = torch.tensor([[[0.0, 40.0], [0.0, 200.0]]], dtype=torch.float64, requires_grad=True)
+    out = continue_logprobs(certain, [1])
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(certain.grad).all()
