@@ -1214,3 +1214,43 @@ def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_ba
     assert metrics["gate/base_scale"] == pytest.approx(0.92091, abs=1e-5)
     assert within_kl_budget(metrics, settings)
     assert metrics["objective/kl_served"] == pytest.approx((6.0 + 6.2) / 2)
+
+
+def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """Question's round 3 on a5af884: the full step read 30.0 nats, 0.038 of it toward
+    the parent 7.58 [9.08], a fresh sample of that candidate 9.51, and pooled the bound
+    passed the budget (10.1): the round was refused, with the parent itself at the
+    budget. Now the candidate is scaled toward the base from the pooled figure and
+    measured once more. By hand: pooled, 32 answers at 8.6 +-0.5 and 12.0 +-0.5, mean
+    10.3, s.d. sqrt(8 x (2.2^2 + 1.2^2) x 2 / 31) = 1.80036 (larger than the prompts' error,
+    0.51640 / 4), bound 10.3 + 1.645 x 1.80036 / sqrt(32) = 10.82354, so ``s = sqrt(9 /
+    10.82354) = 0.91188``; its measurement (7.0) fits and decides."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    )
+    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
+    _scripted_gate(monkeypatch, [3.0])  # version 1 fits at once
+    first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
+                               **common)  # fmt: skip
+    means = [(32.8, 7.0), (8.6, 0.05), (12.0, 0.05), (7.0, 0.5)]
+    left = _scripted_gate(monkeypatch, means)
+    result = run_training_round(tiny_model, settings, out_dir=tmp_path / "v2",
+                                policy_dir=first.policy_dir, **common)  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 4
+    assert metrics["gate/confirmed_over_budget"] == 1.0
+    assert metrics["gate/fresh_kl_served"] == pytest.approx(12.0)
+    fraction = metrics["gate/try1_fraction"]
+    assert 0 < fraction < 1 and metrics["gate/try3_fraction"] == fraction
+    assert metrics["gate/update_fraction"] == fraction
+    assert metrics["gate/base_scale"] == pytest.approx(0.91188, abs=1e-5)
+    assert metrics["objective/kl_served"] == pytest.approx(7.0)
+    assert within_kl_budget(metrics, settings) and result.policy_dir is not None
+    # The saved adapter is the scaled candidate: the last measurement's LoRA B norm.
+    from safetensors.torch import load_file
+
+    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    assert saved == pytest.approx(norms[-1], rel=1e-4)
+    assert norms[-1] == pytest.approx(norms[-2] * 0.91188, rel=1e-4)
