@@ -1617,7 +1617,8 @@ def run_training_round(
                 metrics["gate/fresh_kl_served"] = fresh["objective/kl_served"]
                 gate_metrics = below.pooled(last_sample[0]).metrics()
                 tried += 1
-            if gate_metrics["objective/kl_served_ucb"] > settings.kl_budget:
+            over_total = gate_metrics["objective/kl_served_ucb"] > settings.kl_budget
+            if not fits(gate_metrics) and (over_total or policy_dir is None):
                 # Pooled, the candidate is over the total budget: question's round 3 on
                 # a5af884, 0.038 of the step from v2 read 7.58 [9.08], a fresh sample
                 # 9.51, pooled [10.1], and the round was refused. A step that small is
@@ -1625,8 +1626,11 @@ def run_training_round(
                 # budget, and no step from it fits. Scaled toward the base, rescaled from
                 # the pooled figure as any miss is (:func:`rescale_after_miss`), it is
                 # measured once more on a fresh sample, which decides (the scale was
-                # chosen from two samples, not by this one's luck).
-                scale = rescale_after_miss(scale, gate_metrics, settings, parent_is_base=False)
+                # chosen from two samples, not by this one's luck). Where the parent is the
+                # base, both budgets bound the same KL and the rescale answers both.
+                scale = rescale_after_miss(
+                    scale, gate_metrics, settings, parent_is_base=policy_dir is None
+                )
                 gate_metrics = measure(fraction, scale)
                 tried += 1
                 metrics["gate/confirmed_over_budget"] = 1.0

@@ -1254,3 +1254,28 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
     saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
     assert saved == pytest.approx(norms[-1], rel=1e-4)
     assert norms[-1] == pytest.approx(norms[-2] * 0.91188, rel=1e-4)
+
+
+def test_a_first_version_over_the_round_budget_once_pooled_is_scaled_toward_the_base(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """Where the parent is the base, the round budget (8) bounds the same KL as the total
+    one (10): a first version whose pooled bound lands between them is rescaled too, by
+    the tighter one. By hand: 32 answers at 6.8 +-0.5 and 9.0 +-0.5, mean 7.9, s.d.
+    sqrt(16 x (1.6^2 + 0.6^2) / 31) = 1.22764, bound 7.9 + 1.645 x 1.22764 / sqrt(32) =
+    8.25700, so the scale is multiplied by sqrt(0.9 x 8 / 8.25700) = 0.93380."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    )
+    left = _scripted_gate(monkeypatch, [17.8, 6.8, 9.0, 6.0])
+    result = run_training_round(
+        tiny_model, settings, out_dir=tmp_path / "r", pointwise=[], pairs=_pairs(4),
+        prompts=PROMPTS, policy_dir=None, reward_dir=None,
+    )  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 4
+    assert metrics["gate/confirmed_over_budget"] == 1.0
+    guess = metrics["gate/try1_scale"]
+    assert metrics["gate/base_scale"] == pytest.approx(guess * 0.93380, abs=1e-5)
+    assert metrics["objective/kl_served"] == pytest.approx(6.0)
+    assert within_kl_budget(metrics, settings) and result.policy_dir is not None
