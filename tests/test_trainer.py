@@ -1135,6 +1135,22 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     return queue
 
 
+def _second_round_scripted(tiny_model, tiny_settings, tmp_path, monkeypatch, means):
+    """Version 1 (its gate reads 3.0, it fits at once), then a round from it whose gate
+    measurements are ``means``; budgets 10 in total and 8 a round, 16 gate answers."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    )
+    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
+    _scripted_gate(monkeypatch, [3.0])
+    first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
+                               **common)  # fmt: skip
+    left = _scripted_gate(monkeypatch, means)
+    result = run_training_round(tiny_model, settings, out_dir=tmp_path / "v2",
+                                policy_dir=first.policy_dir, **common)  # fmt: skip
+    return settings, result, left
+
+
 @pytest.mark.parametrize(
     "case, means, published",
     [
@@ -1194,17 +1210,13 @@ def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_ba
     once more, as a missed scale is rescaled: by hand its bound, 16 answers at 10.4 +-0.5
     (s.d. 0.51640), is 10.4 + 1.645 x 0.51640 / 4 = 10.61237, so ``s = sqrt(9 /
     10.61237) = 0.92091``; it fits, and is published after the usual fresh sample."""
-    settings = tiny_settings.model_copy(
-        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    settings, result, left = _second_round_scripted(
+        tiny_model,
+        tiny_settings,
+        tmp_path,
+        monkeypatch,
+        [(32.8, 7.0), (14.3, 1.0), (10.5, 0.2), (10.4, 0.07), (6.0, 0.5), (6.2, 0.5)],
     )
-    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
-    _scripted_gate(monkeypatch, [3.0])  # version 1 fits at once
-    first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
-                               **common)  # fmt: skip
-    means = [(32.8, 7.0), (14.3, 1.0), (10.5, 0.2), (10.4, 0.07), (6.0, 0.5), (6.2, 0.5)]
-    left = _scripted_gate(monkeypatch, means)
-    result = run_training_round(tiny_model, settings, out_dir=tmp_path / "v2",
-                                policy_dir=first.policy_dir, **common)  # fmt: skip
     metrics = result.metrics
     assert not left and metrics["gate/measurements"] == 6
     assert metrics["gate/parent_over_budget"] == 1.0
@@ -1227,17 +1239,13 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
     10.3, s.d. sqrt(8 x (2.2^2 + 1.2^2) x 2 / 31) = 1.80036 (larger than the prompts' error,
     0.51640 / 4), bound 10.3 + 1.645 x 1.80036 / sqrt(32) = 10.82354, so ``s = sqrt(9 /
     10.82354) = 0.91188``; its measurement (7.0) fits and decides."""
-    settings = tiny_settings.model_copy(
-        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
+    settings, result, left = _second_round_scripted(
+        tiny_model,
+        tiny_settings,
+        tmp_path,
+        monkeypatch,
+        [(32.8, 7.0), (8.6, 0.05), (12.0, 0.05), (7.0, 0.5)],
     )
-    common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
-    _scripted_gate(monkeypatch, [3.0])  # version 1 fits at once
-    first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
-                               **common)  # fmt: skip
-    means = [(32.8, 7.0), (8.6, 0.05), (12.0, 0.05), (7.0, 0.5)]
-    left = _scripted_gate(monkeypatch, means)
-    result = run_training_round(tiny_model, settings, out_dir=tmp_path / "v2",
-                                policy_dir=first.policy_dir, **common)  # fmt: skip
     metrics = result.metrics
     assert not left and metrics["gate/measurements"] == 4
     assert metrics["gate/confirmed_over_budget"] == 1.0
