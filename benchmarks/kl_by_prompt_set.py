@@ -37,8 +37,8 @@ model = PeftModel.from_pretrained(loaded.model, adapter, adapter_name="candidate
 sampling = Sampling(0.7, 0.9, max_new)
 sets = {
     "calibration": list(CALIBRATION_PROMPTS)[:32],
-    "eval_heldout": SHARED_EVAL / "prompts_heldout.txt".read_text().splitlines()[:32],
-    "train": SHARED_EVAL / "prompts_train.txt".read_text().splitlines()[:32],
+    "eval_heldout": (SHARED_EVAL / "prompts_heldout.txt").read_text().splitlines()[:32],
+    "train": (SHARED_EVAL / "prompts_train.txt").read_text().splitlines()[:32],
 }
 out = {}
 for name, prompts in sets.items():
