@@ -1135,12 +1135,17 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     return queue
 
 
-def _second_round_scripted(tiny_model, tiny_settings, tmp_path, monkeypatch, means):
-    """Version 1 (its gate reads 3.0, it fits at once), then a round from it whose gate
-    measurements are ``means``; budgets 10 in total and 8 a round, 16 gate answers."""
-    settings = tiny_settings.model_copy(
+def _scripted_gate_settings(tiny_settings):
+    """One PPO step a round; budgets 10 in total and 8 a round; 16 gate answers."""
+    return tiny_settings.model_copy(
         update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
     )
+
+
+def _second_round_scripted(tiny_model, tiny_settings, tmp_path, monkeypatch, means):
+    """Version 1 (its gate reads 3.0, it fits at once), then a round from it whose gate
+    measurements are ``means`` (:func:`_scripted_gate_settings`)."""
+    settings = _scripted_gate_settings(tiny_settings)
     common = dict(pointwise=[], pairs=_pairs(4), prompts=PROMPTS, reward_dir=None)
     _scripted_gate(monkeypatch, [3.0])
     first = run_training_round(tiny_model, settings, out_dir=tmp_path / "v1", policy_dir=None,
@@ -1272,9 +1277,7 @@ def test_a_first_version_over_the_round_budget_once_pooled_is_scaled_toward_the_
     the tighter one. By hand: 32 answers at 6.8 +-0.5 and 9.0 +-0.5, mean 7.9, s.d.
     sqrt(16 x (1.6^2 + 0.6^2) / 31) = 1.22764, bound 7.9 + 1.645 x 1.22764 / sqrt(32) =
     8.25700, so the scale is multiplied by sqrt(0.9 x 8 / 8.25700) = 0.93380."""
-    settings = tiny_settings.model_copy(
-        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 8.0, "gate_samples": 16}
-    )
+    settings = _scripted_gate_settings(tiny_settings)
     left = _scripted_gate(monkeypatch, [17.8, 6.8, 9.0, 6.0])
     result = run_training_round(
         tiny_model, settings, out_dir=tmp_path / "r", pointwise=[], pairs=_pairs(4),
