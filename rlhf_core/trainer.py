@@ -121,6 +121,8 @@ class PPOConfig:
     # 10,000 samples of a long run; a round here has ~32, so the coefficient must react
     # within a round or two). from_settings: one round's samples by default.
     kl_horizon: float = 32.0
+    # The controller's proportional error is clipped to +-this: the most it moves per horizon.
+    kl_error_clip: float = 0.5
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
@@ -168,6 +170,7 @@ class PPOConfig:
             "init_kl_coef": settings.init_kl_coef,
             "target_kl": settings.target_kl,
             "kl_horizon": settings.kl_horizon or settings.ppo_steps * settings.ppo_batch_size,
+            "kl_error_clip": settings.kl_error_clip,
             "missing_eos_penalty": settings.missing_eos_penalty,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
@@ -350,7 +353,9 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         self.wrapped, self.optimizer = self.accelerator.prepare(self.policy_value, optimizer)
         self.device = self.accelerator.device
-        self.kl_ctl = make_kl_controller(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        self.kl_ctl = make_kl_controller(
+            config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
+        )
         if kl_state:
             self.kl_ctl.load_state_dict(kl_state)
         self.kl_barrier = float(kl_barrier)

@@ -480,14 +480,33 @@ def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
 
 def test_the_default_kl_controller_moves_measurably_in_one_round():
     """Issue 9 defect 4: at twice the target KL for one round of default settings
-    (4 steps of 8 answers, horizon = those 32 samples) the coefficient grows by
-    1.05**4 = 1.2155x. On main (horizon 10,000 samples) it grew 1.00006x."""
+    (4 steps of 8 answers, horizon = those 32 samples, error clipped to +-0.5) the
+    coefficient grows by (1 + 0.5 * 8/32)**4 = 1.125**4 = 1.6018x. On the issue's main
+    (horizon 10,000 samples) it grew 1.00006x; with the paper's clip 0.2, 1.05**4 = 1.2155x."""
     settings = Settings()
     config = PPOConfig.from_settings(settings)
-    ctl = make_kl_controller(config.init_kl_coef, config.target_kl, config.kl_horizon)
+    ctl = make_kl_controller(
+        config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
+    )
     for _ in range(settings.ppo_steps):
         ctl.update(2 * config.target_kl, config.batch_size)
-    assert ctl.value == pytest.approx(config.init_kl_coef * 1.05**4, rel=1e-6)
+    assert ctl.value == pytest.approx(config.init_kl_coef * 1.125**4, rel=1e-6)
+
+
+def test_the_default_kl_controller_leaves_the_base_within_two_rounds_of_thumbs_only():
+    """Thumbs only (nothing to imitate) PPO moved the policy 1-2 nats a round against a
+    target of 6: e = clip(1/6 - 1) = -0.5, x(1 - 0.5 * 8/32) = x0.875 a step, so two rounds
+    take 0.2 to 0.2 * 0.875**8 = 0.0687 (with the paper's clip 0.2: 0.2 * 0.95**8 = 0.1327,
+    and 0.0717 only after five rounds, when the measured run first learnt its taste)."""
+    settings = Settings()
+    config = PPOConfig.from_settings(settings)
+    assert (config.init_kl_coef, config.kl_error_clip) == (0.2, 0.5)
+    ctl = make_kl_controller(
+        config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
+    )
+    for _ in range(2 * settings.ppo_steps):
+        ctl.update(1.0, config.batch_size)
+    assert ctl.value == pytest.approx(0.0687, abs=1e-4)
 
 
 def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
