@@ -117,7 +117,7 @@ class PPOConfig:
     learning_rate: float = 3e-4
     init_kl_coef: float = 0.2
     target_kl: float | None = 6.0  # adaptive KL target per answer (nats); None = fixed coefficient
-    # Samples over which the adaptive coefficient moves by up to 20% (Ziegler et al. use
+    # Samples over which the adaptive coefficient moves by up to kl_error_clip (Ziegler et al. use
     # 10,000 samples of a long run; a round here has ~32, so the coefficient must react
     # within a round or two). from_settings: one round's samples by default.
     kl_horizon: float = 32.0
