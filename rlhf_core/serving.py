@@ -399,31 +399,46 @@ class PolicyServer:
         return prompt_ids(self.tokenizer, messages)
 
     def build_prompt(self, messages: list[dict[str, str]], max_new_tokens: int) -> Prompt:
-        """Render the conversation, dropping the oldest turns until it fits the budget."""
+        """Render the conversation, dropping the oldest exchanges until it fits the budget.
+
+        The conversation may start at the first message or at any later user message (a
+        trimmed chat still starts with a user turn; the last message, a user's, always
+        stays). Fewer messages never render to more tokens, so the latest start that fits
+        is found by bisection: O(log n) encodings of the chat, not one per dropped
+        exchange (a chat of hundreds of exchanges re-encoded once per drop cost seconds of
+        CPU per message, for every message after it grew that long)."""
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("The conversation must end with a user message.")
         clean = [{"role": m["role"], "content": str(m["content"])} for m in messages]
         system = clean[:1] if clean[0]["role"] == "system" else []
         rest = clean[len(system) :]
         budget = self.prompt_budget(max_new_tokens)
-        dropped = 0
-        while True:
-            ids = self._encode(system + rest)
-            if len(ids) <= budget or len(rest) <= 1:
-                break
-            # Drop one whole exchange so the conversation still starts with a user turn.
-            cut = 1
-            while cut < len(rest) - 1 and rest[cut]["role"] != "user":
-                cut += 1
-            rest = rest[cut:]
-            dropped += cut
+        starts = [0] + [i for i, m in enumerate(rest) if i > 0 and m["role"] == "user"]
+        encoded: dict[int, list[int]] = {}
+
+        def fits(k: int) -> bool:  # the chat from starts[k] on fits the budget
+            encoded[k] = self._encode(system + rest[starts[k] :])
+            return len(encoded[k]) <= budget
+
+        low, high = 0, len(starts) - 1  # the answer lies in [low, high]: high always kept
+        if not fits(low):
+            while low + 1 < high:  # invariant: starts[low] does not fit
+                middle = (low + high) // 2
+                if fits(middle):
+                    high = middle
+                else:
+                    low = middle
+            low = high
+            if low not in encoded:
+                fits(low)
+        ids = encoded[low]
         if len(ids) > budget:
             raise ContextTooLongError(
                 f"The message is too long for the model: {len(ids)} prompt tokens with the "
                 f"system prompt, the limit is {budget} (RLHF_MAX_CONTEXT_TOKENS). "
                 f"Shorten the message or the system prompt."
             )
-        return Prompt(messages=system + rest, input_ids=ids, dropped=dropped)
+        return Prompt(messages=system + rest[starts[low] :], input_ids=ids, dropped=starts[low])
 
     # --- generation ----------------------------------------------------------
     def stream(

@@ -6,6 +6,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import get_peft_model
 
 from rlhf_core.modeling import load_base_model, lora_config
@@ -55,6 +57,71 @@ def test_long_conversation_drops_oldest_turns_keeps_system_and_last(server, tiny
     gen.consume()
     with pytest.raises(ContextTooLongError, match="RLHF_MAX_CONTEXT_TOKENS"):
         server.build_prompt([{"role": "user", "content": "word " * 200}], max_new_tokens=8)
+
+
+def trim_one_exchange_at_a_time(server, messages, max_new_tokens):
+    """The reference: the trimming rule as first written (drop the oldest exchange,
+    re-encode, repeat), which costs one encoding of the whole chat per dropped exchange."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    budget, dropped = server.prompt_budget(max_new_tokens), 0
+    while True:
+        ids = server._encode(system + rest)
+        if len(ids) <= budget or len(rest) <= 1:
+            return ids, dropped
+        cut = 1
+        while cut < len(rest) - 1 and rest[cut]["role"] != "user":
+            cut += 1
+        rest, dropped = rest[cut:], dropped + cut
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    roles=st.lists(st.sampled_from(["user", "assistant"]), min_size=0, max_size=12),
+    words=st.lists(st.integers(0, 12), min_size=13, max_size=13),
+    limit=st.integers(20, 90),
+)
+def test_trimming_keeps_what_dropping_one_exchange_at_a_time_keeps(
+    server, tiny_settings, roles, words, limit
+):
+    server.settings = tiny_settings.model_copy(update={"max_context_tokens": limit})
+    chat = (
+        [CHAT[0]]
+        + [
+            {"role": role, "content": f"{role} said " + "word " * words[i]}
+            for i, role in enumerate(roles)
+        ]
+        + [{"role": "user", "content": "last " * words[-1]}]
+    )
+    want_ids, want_dropped = trim_one_exchange_at_a_time(server, chat, 8)
+    if len(want_ids) > server.prompt_budget(8):
+        with pytest.raises(ContextTooLongError):
+            server.build_prompt(chat, 8)
+        return
+    prompt = server.build_prompt(chat, 8)
+    assert (prompt.input_ids, prompt.dropped) == (want_ids, want_dropped)
+    assert prompt.messages == [chat[0], *chat[1 + want_dropped :]]
+
+
+def test_a_long_chat_is_trimmed_in_few_encodings(server, tiny_settings, monkeypatch):
+    # Review s11: 300 exchanges were encoded 300 times (the whole remaining chat each
+    # time) to keep the last two: quadratic in the chat's length, for every message sent.
+    server.settings = tiny_settings.model_copy(update={"max_context_tokens": 60})
+    chat = [CHAT[0]]
+    for i in range(300):
+        chat += [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    chat.append({"role": "user", "content": "the last question"})
+    calls = []
+    encode = server._encode
+    monkeypatch.setattr(server, "_encode", lambda messages: calls.append(1) or encode(messages))
+    prompt = server.build_prompt(chat, max_new_tokens=8)
+    assert 0 < len(prompt.input_ids) <= 60 and prompt.dropped > 580
+    assert len(calls) <= 12  # 1 + ceil(log2(301)) + 1; one per dropped exchange: ~298
 
 
 def test_control_tokens_in_user_text_stay_text(server):
