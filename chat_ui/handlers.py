@@ -383,10 +383,17 @@ class ChatService:
                 version=self.policy.current_version,
             )
 
-    def _turn(self, session: ChatSession, gen: Generation, parent: str | None = None) -> Turn:
+    def _turn(
+        self, session: ChatSession, gen: Generation, asked_at: float, parent: str | None = None
+    ) -> Turn:
         # The context stored is what the model saw (after trimming): the answer is
-        # conditioned on exactly that, which is what training needs.
+        # conditioned on exactly that, which is what training needs. The turn is dated
+        # when its context was taken, not when the answer ended: "Delete my data" clicked
+        # while it streamed tombstones everything up to that moment, and an answer
+        # finished after it carries the deleted chat as its context (the store refuses
+        # a turn dated at or before its user's tombstone).
         return Turn(
+            created_at=asked_at,
             turn_id=new_id(),
             session_id=session.session_id,
             user_id=session.user_id,
@@ -415,7 +422,7 @@ class ChatService:
         sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
             self._try_flush(session)
-            epoch = session.epoch
+            epoch, asked_at = session.epoch, time.time()
             context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
             shown = self.view(session) + [{"role": "user", "content": text}]
             stream = self._begin_stream(session, len(shown))
@@ -423,7 +430,7 @@ class ChatService:
             gen = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
-            turn = self._turn(session, gen)
+            turn = self._turn(session, gen, asked_at)
             with session.lock:
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
@@ -451,7 +458,7 @@ class ChatService:
         sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
             index, old = self._answer_at(session, index)
-            epoch = session.epoch
+            epoch, asked_at = session.epoch, time.time()
             context = list(old["context"])
             shown = self.view(session)[:index]
             stream = self._begin_stream(session, index)
@@ -459,7 +466,7 @@ class ChatService:
             gen = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
-            turn = self._turn(session, gen, parent=old["turn_id"])
+            turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
             with session.lock:
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
@@ -652,6 +659,7 @@ class ChatService:
         ]
         answers = ["", ""]
         turns: list[Turn] = []
+        asked_at = time.time()
         notices: list[str] = []
         for side, version in enumerate(versions):
             try:
@@ -666,7 +674,7 @@ class ChatService:
             for partial in gen:
                 answers[side] = partial
                 yield ArenaUpdate(a=answers[0], b=answers[1])
-            turn = self._turn(session, gen)
+            turn = self._turn(session, gen, asked_at)
             turns.append(turn)
         with session.lock:
             for turn in turns:

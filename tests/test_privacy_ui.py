@@ -72,6 +72,30 @@ def test_forget_me_deletes_this_users_data_only(service, tiny_settings):
     assert {t.user_id for t in service.store.turns()} == {"alice", "bob"}
 
 
+def test_an_answer_streaming_when_data_is_deleted_is_not_stored(service):
+    # Review s11: the turn was dated when its answer ended, after the tombstone, so an
+    # answer still streaming when "Delete my data" was clicked was stored afterwards with
+    # the whole deleted chat as its context, and trained.
+    ask(service, "alice", "my address is 1 Main Street")
+    for action in ("send", "regenerate"):
+        if action == "send":
+            updates = service.send(
+                "alice", "and my phone is 555-2671", None, {"max_new_tokens": 12}
+            )
+        else:
+            ask(service, "alice", "a question to regenerate")
+            updates = service.regenerate("alice", -1, {"max_new_tokens": 12})
+        first = next(updates)
+        assert not first.done  # the answer is streaming
+        service.forget_me("alice")
+        final = list(updates)[-1]
+        assert final.done and final.messages == []  # the emptied chat
+        assert [t for t in service.store.turns() if t.user_id == "alice"] == [], action
+        assert list(service.store.events()) == []
+    ask(service, "alice", "a new start")  # what comes after the deletion is kept
+    assert [t.user_id for t in service.store.turns()] == ["alice"]
+
+
 def test_review_panel_functions(service, tiny_settings, redis_client):
     settings = tiny_settings.model_copy(update={"review_rewrites": True})
     ask(service, "s1", "question")
