@@ -360,6 +360,7 @@ class ChatService:
             "rewritten": False,
             "context": gen.messages,
             "saved": False,
+            "answer_chars": len(gen.text),  # the rewrite limit's base (validation.rewrite)
         }
 
     def _stream(
@@ -565,7 +566,9 @@ class ChatService:
         validation.edited_text(text)  # its type, before any work
         with session.lock:
             _, msg = self._answer_at(session, index)
-            text = validation.rewrite(text, self.settings, len(msg["content"]))
+            # The limit is four times the model's answer, not the last rewrite: measured
+            # on the last rewrite, each edit could quadruple the one before it.
+            text = validation.rewrite(text, self.settings, msg["answer_chars"])
             if text == msg["content"]:
                 return self._update(session)
             self._record(session, msg["turn_id"], "rewrite", text)

@@ -76,6 +76,18 @@ def test_bad_input_is_refused_with_a_clear_message(service):
     assert service.store.counts()["turns"] == 0
 
 
+def test_a_rewrite_may_grow_to_four_times_the_answer_not_the_last_rewrite(service):
+    # Review s11: the limit was four times the text being replaced, so each rewrite of the
+    # same answer could be four times the last one (400 -> 1,600 -> 6,400 ... characters).
+    service.settings = service.settings.model_copy(update={"max_input_chars": 400})
+    answer = last(service.send("s1", "Hello", None, {"max_new_tokens": 4}))[-1].messages[-1]
+    assert 4 * len(answer["content"]) < 400
+    service.rewrite("s1", -1, "a" * 400)
+    with pytest.raises(InputError, match="the limit is 400"):
+        service.rewrite("s1", -1, "b" * 1600)
+    assert service.view(service.session("s1"))[-1]["content"] == "a" * 400
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
