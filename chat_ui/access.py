@@ -230,6 +230,22 @@ def client_ip(request: Any, settings: Settings) -> str:
     return _peer(request)
 
 
+def address_block(ip: str) -> str:
+    """The key of an address in the per-address rate windows: an IPv6 address counts as
+    its /64 (a home line or a rented server is given a whole /64: 2^64 addresses to rotate
+    through, one window each), an IPv4 address mapped into IPv6 as the IPv4 address,
+    anything else as given."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip or "?"
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def _oauth_username(request: Any) -> str | None:
     underlying = getattr(request, "request", None) or request
     scope = getattr(underlying, "scope", None)
@@ -330,20 +346,29 @@ class Access:
             ("message", "ip"): _items(settings.message_rate_ip, "message_rate_ip"),
             ("feedback", "account"): _items(settings.feedback_rate, "feedback_rate"),
             ("feedback", "ip"): _items(settings.feedback_rate_ip, "feedback_rate_ip"),
+            ("session", "ip"): _items(settings.session_rate_ip, "session_rate_ip"),
         }
         # Bindings this process has seen: a known chat keeps working while Redis is down.
         self._bindings: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
     # --- sessions -------------------------------------------------------------
-    def bind(self, session_hash: str, sid: str) -> None:
-        """Bind a chat to the browser that first used it; refuse it to any other."""
+    def bind(self, session_hash: str, sid: str, identity: Identity | None = None) -> None:
+        """Bind a chat to the browser that first used it; refuse it to any other.
+
+        A chat id nobody has used yet is bound only within the new-chats window of the
+        caller's address (``identity``; RLHF_SESSION_RATE_IP): each binding is a key kept
+        for a week and a chat held in memory, and a client picks its chat ids freely."""
         with self._lock:
             owner = self._bindings.get(session_hash)
         if owner is None:
             key = BIND_PREFIX + session_hash
             try:
-                stored = self.client.set(key, sid, nx=True, ex=BIND_TTL_S, get=True)
+                stored = self.client.get(key)
+                if stored is None:
+                    if identity is not None:
+                        self.check_rate("session", identity)
+                    stored = self.client.set(key, sid, nx=True, ex=BIND_TTL_S, get=True)
                 owner = sid if stored is None else stored.decode()
                 if owner == sid:
                     self.client.expire(key, BIND_TTL_S)
@@ -362,7 +387,8 @@ class Access:
 
     def identify(self, request: Any) -> Identity:
         """Who sent this request, or AccessError (no or forged cookie, someone else's
-        chat). Every handler calls this before it touches a session."""
+        chat, too many new chats from one address). Every handler calls this before it
+        touches a session."""
         if request is None:
             raise AccessError(NO_SESSION)
         try:
@@ -376,11 +402,10 @@ class Access:
         sid = verify(self.secret, raw)
         if sid is None:
             raise AccessError(BAD_COOKIE)
-        self.bind(session_hash, sid)
         account = account_of(request, self.settings)
         peer = _peer(request)
         local = is_loopback(peer) and not _forwarded(request)
-        return Identity(
+        identity = Identity(
             user_id=account or f"{ANON}{sid[:16]}",
             account=account,
             session_id=session_hash,
@@ -388,6 +413,8 @@ class Access:
             admin=is_admin(account, self.settings, local=local),
             local=local,
         )
+        self.bind(session_hash, sid, identity)
+        return identity
 
     def require_chat(self, identity: Identity) -> None:
         if not may_chat(identity, self.settings):
@@ -409,8 +436,8 @@ class Access:
             return
         checks = [
             (item, scope, key)
-            for scope, key in (("account", identity.user_id), ("ip", identity.ip or "?"))
-            for item in self.limits[(kind, scope)]
+            for scope, key in (("account", identity.user_id), ("ip", address_block(identity.ip)))
+            for item in self.limits.get((kind, scope), [])
         ]
         try:
             for item, scope, key in checks:
@@ -428,7 +455,7 @@ class Access:
             wait = max(1, int(reset - time.time() + 0.999))
         except redis.RedisError:
             wait = item.get_expiry()
-        what = "messages" if kind == "message" else "reactions"
+        what = {"message": "messages", "feedback": "reactions"}.get(kind, "new chats")
         per = "account" if scope == "account" else "address"
         window = (
             f"{item.multiples} {item.GRANULARITY.name}"

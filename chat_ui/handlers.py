@@ -144,6 +144,7 @@ class ChatService:
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
         self._last_sweep = time.monotonic()
+        self._sweeping = False  # one sweep at a time, however many requests come in
         self._sweep_every = max(1.0, min(60.0, settings.session_idle_s / 4))
 
     # --- sessions --------------------------------------------------------------
@@ -169,12 +170,21 @@ class ChatService:
             sweep = now - self._last_sweep >= self._sweep_every or len(self._sessions) > (
                 MAX_SESSIONS
             )
+            # Beyond MAX_SESSIONS every request asks for a sweep; one runs at a time (a
+            # thread per request, each walking every session, was a flood's lever).
+            sweep = sweep and not self._sweeping
             if sweep:
-                self._last_sweep = now
+                self._last_sweep, self._sweeping = now, True
         if sweep:
             # In the background: saving pending turns may wait on Redis.
-            threading.Thread(target=self.expire_idle, name="expire-sessions", daemon=True).start()
+            threading.Thread(target=self._sweep, name="expire-sessions", daemon=True).start()
         return found
+
+    def _sweep(self) -> None:
+        try:
+            self.expire_idle()
+        finally:
+            self._sweeping = False
 
     def expire_idle(self, now: float | None = None) -> int:
         """Drop sessions nobody touched for ``session_idle_s`` (an open tab polls every few

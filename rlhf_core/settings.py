@@ -144,6 +144,11 @@ class Settings(BaseSettings):
         "60/minute;2000/day", description="Reactions (vote, rewrite, undo) per account."
     )
     feedback_rate_ip: str = Field("240/minute", description="Reactions per IP address.")
+    session_rate_ip: str = Field(
+        "60/minute;1000/hour",
+        description="New chats per IP address (each page load opens one; a chat id the "
+        "server has not seen is bound to its browser only within this window).",
+    )
     max_body_kb: int = Field(256, description="Largest HTTP request body accepted, in KiB.")
     max_queue: int = Field(
         64, description="Requests that may wait in the queue; beyond it people are told to retry."

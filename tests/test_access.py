@@ -129,6 +129,22 @@ def test_rate_limits_per_account_and_per_ip_in_redis(redis_client, valkey):
         gate.check_rate("message", admin)  # admins are not counted
 
 
+def test_an_ipv6_visitor_is_one_address_per_64_block(redis_client, valkey):
+    # Review s11: the windows were keyed on the full address, and one IPv6 line holds a /64
+    # (2^64 addresses): a fresh address and cookie per request was never held up.
+    assert access.address_block("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert access.address_block("::ffff:198.51.100.7") == "198.51.100.7"
+    assert access.address_block("198.51.100.7") == "198.51.100.7"
+    assert access.address_block("not an address") == "not an address"
+    settings = Settings(redis_url=valkey.url, message_rate="", message_rate_ip="5/minute")
+    gate = Access(settings, redis_client, valkey.url)
+    for n in range(1, 6):
+        gate.check_rate("message", Identity(f"anon:{n}", None, f"s{n}", f"2001:db8:1:2::{n}"))
+    with pytest.raises(RateLimited, match="from one address"):
+        gate.check_rate("message", Identity("anon:6", None, "s6", "2001:db8:1:2:ffff::6"))
+    gate.check_rate("message", Identity("anon:7", None, "s7", "2001:db8:1:3::7"))  # next /64
+
+
 # --- infrastructure ------------------------------------------------------------------------
 def test_embedded_valkey_has_a_private_password(tmp_path):
     settings = Settings(data_dir=tmp_path, redis_url=None)
@@ -308,6 +324,24 @@ def test_rate_limits_and_body_size_over_http(serve_app):
     stranger = visitor(app.url)
     status, _, payload = http_call(stranger, "send", ["x" * 70_000, "", *SAMPLING], "big")
     assert status == 413 and "RLHF_MAX_BODY_KB" in payload["detail"]
+
+
+def test_new_chats_from_one_address_are_bounded(serve_app, redis_client):
+    # Review s11: every request with a chat id never seen before bound it (a key kept for
+    # a week) and opened a chat in memory, without any window: /status with a new id per
+    # call grew Redis and the UI's sessions without bound.
+    app = serve_app(**PUBLIC, session_rate_ip="5/minute")
+    stranger = visitor(app.url)
+    for n in range(5):
+        _, kind, payload = http_call(stranger, "status", [], f"flood-{n}")
+        assert kind == "complete", payload
+    for n in range(5, 8):
+        _, kind, payload = http_call(stranger, "status", [], f"flood-{n}")
+        assert kind == "error" and "Too many new chats" in payload and "Try again in" in payload
+    assert len(redis_client.keys(access.BIND_PREFIX + "flood-*")) == 5
+    assert not any(f"flood-{n}" in app.service._sessions for n in range(5, 8))
+    _, kind, _ = http_call(stranger, "status", [], "flood-0")  # a known chat goes on
+    assert kind == "complete"
 
 
 def test_a_full_queue_says_busy(serve_app):

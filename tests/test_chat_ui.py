@@ -88,6 +88,27 @@ def test_a_rewrite_may_grow_to_four_times_the_answer_not_the_last_rewrite(servic
     assert service.view(service.session("s1"))[-1]["content"] == "a" * 400
 
 
+def test_past_the_session_cap_one_sweep_runs_at_a_time(service, monkeypatch):
+    # Review s11: past MAX_SESSIONS every request started a thread walking every session.
+    import threading
+
+    from chat_ui import handlers
+
+    monkeypatch.setattr(handlers, "MAX_SESSIONS", 5)
+    release, calls = threading.Event(), []
+
+    def slow_sweep(now=None):
+        calls.append(now)
+        release.wait(10)
+        return 0
+
+    monkeypatch.setattr(service, "expire_idle", slow_sweep)
+    for n in range(50):
+        service.session(f"visitor-{n}")
+    release.set()
+    assert len(calls) == 1
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
