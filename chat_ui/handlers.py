@@ -214,20 +214,36 @@ class ChatService:
         return dropped
 
     def drop_session(self, session_id: str) -> None:
-        """Forget a closed session's conversation (its turns stay in Redis). Pending
-        turns are tried once more so a closed tab loses nothing while Redis is up."""
+        """Forget a closed session's conversation (its turns stay in Redis). What it has
+        not saved yet (answers, and reactions queued behind them) is tried once more;
+        when the store is still down the session is kept, marked idle, so that the sweep
+        (``expire_idle``) saves it once the store is back: a closed tab loses nothing."""
         with self._sessions_lock:
             session = self._sessions.pop(session_id, None)
-        if session is not None and session.pending:
+        if session is None:
+            return
+        with session.lock:
+            if not (session.pending or session.pending_events):
+                return
             try:
                 self._flush(session)
-            except Exception as error:  # the tab is gone: log, nobody to tell
-                log.error(
-                    "Session %s closed with %d unsaved turns: %s",
+                return
+            except Exception as error:
+                log.warning(
+                    "Session %s closed with %d unsaved answers and %d reactions, kept for the "
+                    "next sweep: %s",
                     session_id,
                     len(session.pending),
+                    len(session.pending_events),
                     error,
                 )
+            session.touched = float("-inf")  # idle: the next sweep saves it, then drops it
+        with self._sessions_lock:
+            current = self._sessions.setdefault(session_id, session)
+        if current is not session:  # the chat id came back meanwhile: hand it the unsaved
+            with current.lock:
+                current.pending.update(session.pending)
+                current.pending_events[:0] = session.pending_events
 
     def view(self, session: ChatSession) -> list[dict[str, Any]]:
         """The conversation as plain dicts (copies), with each answer's metadata."""
@@ -788,7 +804,7 @@ class ChatService:
 
     # --- status ------------------------------------------------------------------
     def _try_flush(self, session: ChatSession) -> bool:
-        if not session.pending:
+        if not (session.pending or session.pending_events):
             return True
         try:
             self._flush(session)

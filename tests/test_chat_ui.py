@@ -109,6 +109,34 @@ def test_past_the_session_cap_one_sweep_runs_at_a_time(service, monkeypatch):
     assert len(calls) == 1
 
 
+def test_nothing_unsaved_is_lost_when_a_tab_closes_during_an_outage(service, monkeypatch):
+    # Review s11: drop_session forgot the session when its last flush failed (the answers
+    # kept for the store were gone), and reactions queued behind saved answers (a
+    # regenerate while the store was down) were never retried by the status tick.
+    from rlhf_core.feedback import FeedbackUnavailable
+
+    def down(*_args, **_kwargs):
+        raise FeedbackUnavailable("the store is down")
+
+    store = service.store
+    with monkeypatch.context() as outage:
+        outage.setattr(store, "save_turn", down)
+        answer = last(service.send("s1", "Hello", None, {"max_new_tokens": 4}))[-1]
+        assert "unreachable" in answer.notices[0]
+        service.drop_session("s1")  # the tab closes while the store is still down
+    service.expire_idle()
+    assert [t.session_id for t in store.turns()] == ["s1"]
+    assert "s1" not in service._sessions  # saved, then dropped
+
+    last(service.send("s2", "Hello", None, {"max_new_tokens": 4}))
+    with monkeypatch.context() as outage:
+        outage.setattr(store, "record_event", down)
+        last(service.regenerate("s2", -1, {"max_new_tokens": 4}))  # shown; its event queued
+        assert service.status("s2")["store_ok"] is False
+    assert service.status("s2")["store_ok"] is True
+    assert [e.kind for e in store.events()] == ["regenerate"]
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
