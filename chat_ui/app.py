@@ -684,7 +684,10 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
     app = create_app(settings, watch_versions=watch_versions)
     # max_size: beyond it a request is refused at once with access.BUSY, not queued for
     # minutes behind a crowd.
-    app.demo.queue(default_concurrency_limit=8, max_size=settings.max_queue)
+    # api_open=False: a queued handler (sending, voting...) answers only through the queue,
+    # with its concurrency limits and RLHF_MAX_QUEUE. Gradio leaves POST /run/<name> open
+    # off a Space, where a direct call skipped both (and held a server thread while it ran).
+    app.demo.queue(default_concurrency_limit=8, max_size=settings.max_queue, api_open=False)
     boundary = Middleware(
         access_mod.BoundaryMiddleware,
         secret=app.access.secret,

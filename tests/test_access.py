@@ -344,6 +344,20 @@ def test_new_chats_from_one_address_are_bounded(serve_app, redis_client):
     assert kind == "complete"
 
 
+def test_queued_handlers_cannot_skip_the_queue(serve_app):
+    # Review s11: off a Space Gradio leaves POST /run/<name> open, which ran /send directly,
+    # past the queue's concurrency limit and RLHF_MAX_QUEUE.
+    app = serve_app(**PUBLIC)
+    stranger = visitor(app.url)
+    reply = stranger.post(
+        "/gradio_api/run/send", json={"data": ["hi", "", *SAMPLING], "session_hash": "direct"}
+    )
+    assert reply.status_code == 404 and "join the queue" in reply.json()["detail"]
+    assert app.service.store.counts()["turns"] == 0
+    _, kind, payload = http_call(stranger, "send", ["hi", "", *SAMPLING], "queued")
+    assert kind == "complete", payload  # through the queue it answers
+
+
 def test_a_full_queue_says_busy(serve_app):
     app = serve_app(**PUBLIC, max_queue=0)
     stranger = visitor(app.url)
