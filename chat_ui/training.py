@@ -373,9 +373,12 @@ def versions_table(client: redis.Redis, settings: Settings) -> list[dict[str, An
     return rows
 
 
-def status_markdown(client: redis.Redis, settings: Settings, swap_error: str | None = None) -> str:
+def status_markdown(
+    client: redis.Redis, settings: Settings, swap_error: str | None = None, public: bool = True
+) -> str:
+    """The tab's status; ``public``: without a failed round's exception text (admins only)."""
     registry = Registry(client, settings)
-    lines = [f"**Serving version {registry.current()}** · {registry.status_line()}"]
+    lines = [f"**Serving version {registry.current()}** · {registry.status_line(public=public)}"]
     if swap_error:
         lines.append(f"⚠️ This UI keeps serving its version: {swap_error}")
     progress = registry.progress()
@@ -571,12 +574,13 @@ def build_training_tab(
         try:
             rows, ab, board = snapshot.get()
             table, quality, policy = _frames(rows)
+            admin = is_admin(request)
             problem = swap_error() if swap_error else None
-            if problem and not is_admin(request):
+            if problem and not admin:
                 # The watcher's error names hosts and paths: admins (and the log) only.
                 problem = "the newest version could not be loaded yet"
             return (
-                status_markdown(client, settings, problem),
+                status_markdown(client, settings, problem, public=not admin),
                 table,
                 quality,
                 policy,
@@ -872,7 +876,7 @@ def cmd_versions(args: Any) -> int:
             f"{fmt(r['reward accuracy'], '>6.2f')} {fmt(r['mean reward'], '>7.3f')} "
             f"{fmt(r['KL'], '>7.3f')} {fmt(r['👍 rate'], '>7.2f')}"
         )
-    print(Registry(client, settings).status_line())
+    print(Registry(client, settings).status_line(public=False))
     return 0
 
 

@@ -8,9 +8,12 @@ import threading
 import time
 
 import gradio as gr
+import pytest
 
 from chat_ui import training
+from chat_ui.access import COOKIE, Access, new_cookie_value
 from rlhf_core.feedback import Battle, Event, FeedbackStore, Turn, new_id
+from rlhf_core.rounds import run_round
 
 
 def answered_turn(store: FeedbackStore, i: int, user: str = "alice", version: int = 0) -> Turn:
@@ -109,3 +112,37 @@ def test_leaderboard_reads_the_arena_only_when_a_battle_changed(redis_client, mo
     assert store.record_battle(Battle(new_id(), "bob-s", "bob", c.turn_id, d.turn_id, 1, 2, "b"))
     assert training.leaderboard_rows(store, rounds=20)[0]["battles"] == 2
     assert len(reads) == 2
+
+
+def test_a_failed_rounds_exception_text_is_for_admins_only(tiny_settings, redis_client):
+    """Exception text can name paths, hosts and ports: visitors of the read-only tab get a
+    short reason, admins the detail."""
+    store = FeedbackStore(redis_client)
+    for i in range(4):
+        vote(store, i, ("like", "dislike")[i % 2])
+
+    def out_of_disk(*args, **kwargs):
+        raise OSError("[Errno 28] No space left: '/data/artifacts/x' (store 10.0.0.5:6379)")
+
+    with pytest.raises(OSError):
+        run_round(
+            tiny_settings, redis_client, lambda: None, consumer_name="w1",
+            run_training_round=out_of_disk,
+        )  # fmt: skip
+
+    settings = tiny_settings.model_copy(update={"public": True, "admins": "root", "auth": "header"})
+    access = Access(settings, redis_client)
+    refresh = training_tab(settings, redis_client, access=access)["refresh"]
+
+    def request(session: str, **headers: str) -> gr.Request:
+        cookie = new_cookie_value(access.secret)
+        return gr.Request(
+            session_hash=session, headers=headers, cookies={COOKIE: cookie},
+            client={"host": "198.51.100.7"},
+        )  # fmt: skip
+
+    visitor = refresh(request("s-visitor"))[0]
+    assert "last round failed" in visitor
+    assert "/data/artifacts" not in visitor and "10.0.0.5" not in visitor, visitor
+    admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))[0]
+    assert "/data/artifacts/x" in admin and "10.0.0.5:6379" in admin, admin
