@@ -259,7 +259,8 @@ def current_version(settings: Settings, client: Any) -> int:
 def _training_line(settings: Settings, client: Any) -> str:
     from rlhf_core.registry import Registry
 
-    return Registry(client, settings).status_line()  # e.g. "last round failed: KL 12 > budget 10"
+    # For the operator: a failed round's exception text included.
+    return Registry(client, settings).status_line(public=False)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

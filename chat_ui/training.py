@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import redis
 
@@ -27,7 +29,6 @@ from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import discover_url
 from rlhf_core.registry import (
     CHANNEL,
-    K_DECISIONS,
     CandidateError,
     Registry,
     UnknownVersionError,
@@ -36,6 +37,7 @@ from rlhf_core.rounds import round_is_due
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SWAP_RETRY_S = 60.0  # a version whose adapter failed to load is tried again after this
 TRAIN_TASK = "rlhf.train_round"  # worker/celery_app.py; by name, not by import
@@ -291,17 +293,45 @@ def _first(metrics: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return None
 
 
-_thumbs_cache: dict[int, tuple[float, int, dict[int, tuple[int, int]]]] = {}
-THUMBS_CACHE_S = 5.0
+TAB_REFRESH_S = 5.0  # the Training tab's figures are recomputed at most this often
+
+
+class Snapshot(Generic[T]):
+    """The last value of an expensive read, recomputed at most every ``TAB_REFRESH_S``
+    seconds, by one caller at a time. Every open Training tab polls, and anyone can
+    call the tab's handler over HTTP: callers that arrive while it is recomputed get
+    the last value (only the very first callers wait for one)."""
+
+    def __init__(self, compute: Callable[[], T]) -> None:
+        self._compute = compute
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._at = -math.inf
+
+    def stale(self) -> None:
+        """Recompute at the next call (an admin's action changed what it shows)."""
+        self._at = -math.inf
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._at < TAB_REFRESH_S
+
+    def get(self) -> T:
+        if self._fresh():
+            return self._value  # type: ignore[return-value]  # set before _at
+        if not self._lock.acquire(blocking=self._value is None):
+            return self._value  # type: ignore[return-value]  # another caller recomputes it
+        try:
+            if not self._fresh():
+                self._value = self._compute()
+                self._at = time.monotonic()
+            return self._value
+        finally:
+            self._lock.release()
 
 
 def thumbs_up_rate(store: FeedbackStore) -> dict[int, tuple[int, int]]:
     """policy version -> (likes, votes) over the final votes people gave its answers.
-    Reads all feedback, so it is cached a few seconds (every open tab polls it)."""
-    n_events = store.counts()["events"]
-    cached = _thumbs_cache.get(id(store.redis))
-    if cached and cached[1] == n_events and time.monotonic() - cached[0] < THUMBS_CACHE_S:
-        return cached[2]
+    Reads all feedback: the Training tab reads it through its Snapshot."""
     # Counts of votes only, shown to admins: the records as stored (no scrubbing).
     turns, events = load_feedback(store, raw=True)
     out: dict[int, list[int]] = {}
@@ -311,9 +341,7 @@ def thumbs_up_rate(store: FeedbackStore) -> dict[int, tuple[int, int]]:
         counts = out.setdefault(item.turn.policy_version, [0, 0])
         counts[0] += item.vote == "like"
         counts[1] += 1
-    result = {v: (c[0], c[1]) for v, c in out.items()}
-    _thumbs_cache[id(store.redis)] = (time.monotonic(), n_events, result)
-    return result
+    return {v: (c[0], c[1]) for v, c in out.items()}
 
 
 def versions_table(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
@@ -345,9 +373,12 @@ def versions_table(client: redis.Redis, settings: Settings) -> list[dict[str, An
     return rows
 
 
-def status_markdown(client: redis.Redis, settings: Settings, swap_error: str | None = None) -> str:
+def status_markdown(
+    client: redis.Redis, settings: Settings, swap_error: str | None = None, public: bool = True
+) -> str:
+    """The tab's status; ``public``: without a failed round's exception text (admins only)."""
     registry = Registry(client, settings)
-    lines = [f"**Serving version {registry.current()}** · {registry.status_line()}"]
+    lines = [f"**Serving version {registry.current()}** · {registry.status_line(public=public)}"]
     if swap_error:
         lines.append(f"⚠️ This UI keeps serving its version: {swap_error}")
     progress = registry.progress()
@@ -438,39 +469,20 @@ def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_ab_cache: dict[int, tuple[float, tuple[int, str], dict[str, Any]]] = {}
-
-
-def ab_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """rlhf_core.canary.status, cached a few seconds while neither the events nor the
-    canary change: every open Training tab polls it, and it reads every vote since the
-    canary started."""
-    from rlhf_core import canary
-
-    key = (
-        FeedbackStore(client).counts()["events"],
-        repr((Registry(client, settings).candidate(), client.llen(K_DECISIONS))),
-    )
-    cached = _ab_cache.get(id(client))
-    if cached and cached[1] == key and time.monotonic() - cached[0] < THUMBS_CACHE_S:
-        return cached[2]
-    status = canary.status(client, settings)
-    _ab_cache[id(client)] = (time.monotonic(), key, status)
-    return status
-
-
-_board_cache: dict[int, tuple[int, list[dict[str, Any]]]] = {}
+_board_cache: dict[int, tuple[tuple[int, str | None], list[dict[str, Any]]]] = {}
 
 
 def leaderboard_rows(store: FeedbackStore, rounds: int = 1000) -> list[dict[str, Any]]:
     """Bradley-Terry ratings with bootstrap 95% intervals over every arena battle
-    (cached until a new battle arrives: the bootstrap refits ``rounds`` times)."""
+    (cached until a battle is recorded or deleted: the bootstrap refits ``rounds`` times,
+    and the arena stream is read only then)."""
     from rlhf_core.live_eval import leaderboard
 
-    battles = store.battles()
+    mark = store.battles_mark()
     cached = _board_cache.get(id(store.redis))
-    if cached and cached[0] == len(battles):
+    if cached and cached[0] == mark:
         return cached[1]
+    battles = store.battles()
     rows = leaderboard(
         [(b["version_a"], b["version_b"], b["outcome"]) for b in battles], rounds=rounds
     )
@@ -486,7 +498,7 @@ def leaderboard_rows(store: FeedbackStore, rounds: int = 1000) -> list[dict[str,
         }
         for k, r in enumerate(rows)
     ]
-    _board_cache[id(store.redis)] = (len(battles), out)
+    _board_cache[id(store.redis)] = (mark, out)
     return out
 
 
@@ -547,25 +559,35 @@ def build_training_tab(
         except AccessError:
             return False
 
+    def tab_data() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+        # Reads every vote (and every arena battle when one was added): once per
+        # TAB_REFRESH_S for all tabs and callers together.
+        return (
+            versions_table(client, settings),
+            canary.status(client, settings),
+            leaderboard_rows(feedback),
+        )
+
+    snapshot = Snapshot(tab_data)
+
     def refresh(request: gr.Request):
         try:
-            rows = versions_table(client, settings)
+            rows, ab, board = snapshot.get()
             table, quality, policy = _frames(rows)
-            choices = [r["version"] for r in rows]
-            ab = ab_status(client, settings)
+            admin = is_admin(request)
             problem = swap_error() if swap_error else None
-            if problem and not is_admin(request):
+            if problem and not admin:
                 # The watcher's error names hosts and paths: admins (and the log) only.
                 problem = "the newest version could not be loaded yet"
             return (
-                status_markdown(client, settings, problem),
+                status_markdown(client, settings, problem, public=not admin),
                 table,
                 quality,
                 policy,
-                gr.update(choices=choices),
+                gr.update(choices=[r["version"] for r in rows]),
                 ab_markdown(ab),
                 pd.DataFrame(decision_rows(ab["decisions"])),
-                pd.DataFrame(leaderboard_rows(feedback)),
+                pd.DataFrame(board),
             )
         except redis.RedisError as error:
             log.warning("training tab: Redis unreachable: %s", error)
@@ -601,6 +623,7 @@ def build_training_tab(
             record = canary.override(client, settings, action, by="admin (Training tab)")
         except CandidateError as error:
             return str(error)
+        snapshot.stale()  # the admin's next refresh shows the decision
         verb = "is current now" if action == "promote" else "was rolled back"
         return f"Candidate v{record['version']} {verb}; every UI follows within seconds."
 
@@ -617,6 +640,7 @@ def build_training_tab(
             Registry(client, settings).set_candidate_share(share)
         except (CandidateError, ValueError, TypeError) as error:
             return str(error)
+        snapshot.stale()
         return f"The candidate now serves {share:.0%} of users."
 
     def rollback(version: Any, request: gr.Request) -> str:
@@ -631,6 +655,7 @@ def build_training_tab(
         except redis.RedisError as error:
             log.warning("rollback: Redis unreachable: %s", error)
             return "The feedback store is unreachable; try again in a few seconds."
+        snapshot.stale()
         return f"Version {version} is current again; every UI switches within seconds."
 
     # gradio is imported here, not at the top (CLI commands import this module), so the
@@ -851,7 +876,7 @@ def cmd_versions(args: Any) -> int:
             f"{fmt(r['reward accuracy'], '>6.2f')} {fmt(r['mean reward'], '>7.3f')} "
             f"{fmt(r['KL'], '>7.3f')} {fmt(r['👍 rate'], '>7.2f')}"
         )
-    print(Registry(client, settings).status_line())
+    print(Registry(client, settings).status_line(public=False))
     return 0
 
 

@@ -728,6 +728,17 @@ class FeedbackStore:
                 out.append(json.loads(_text(_field(data, "battle"))))
         return out
 
+    @_surface_unavailable
+    def battles_mark(self) -> tuple[int, str | None]:
+        """(number of battles, id of the newest): it changes whenever a battle is recorded
+        or deleted, so a cache of what is computed from every battle can check it cheaply
+        before reading the stream."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(ARENA_STREAM)
+        pipe.xrevrange(ARENA_STREAM, count=1)
+        n, newest = pipe.execute()
+        return n, _text(newest[0][0]) if newest else None
+
     def _turn_sessions(self, turn_ids: Iterable[str]) -> dict[str, str]:
         """turn id -> its session id, for the turns that exist (one MGET; only the one
         field is read, a full Turn is not built)."""

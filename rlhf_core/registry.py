@@ -65,6 +65,8 @@ K_USED = PREFIX + "used"
 K_ROUND = PREFIX + "round"
 K_LAST_ROUND = PREFIX + "last_round"
 K_FAILURES = PREFIX + "failures"
+# What visitors read of a round that an exception stopped (its text is for operators).
+ROUND_ERROR = "an error stopped it (the operator's log has the details)"
 K_POINTER_LOG = PREFIX + "pointer_log"
 K_REQUESTED = PREFIX + "round_requested"
 # Live A/B (see rlhf_core.canary): the candidate being evaluated, versions that passed
@@ -107,6 +109,13 @@ def confined(root: Path, *parts: str) -> Path:
             "good version (`rlhf-chat rollback N`)."
         )
     return path
+
+
+def _split_reason(entry: dict[str, Any]) -> bool:
+    """Whether a round's record keeps an exception's text out of its ``reason``: every
+    record written since ``detail`` exists, and the KL gate's (its text is ours). Older
+    records of failures may carry an exception's text in ``reason``."""
+    return "detail" in entry or "kl_budget_reached" in entry
 
 
 class StaleTokenError(RuntimeError):
@@ -872,9 +881,14 @@ class Registry:
     def clear_round_request(self) -> None:
         self.client.delete(K_REQUESTED)
 
-    def record_round(self, status: str, reason: str = "", **details: Any) -> None:
-        """The outcome of a round: 'published', 'failed' (gate or error) or 'skipped'."""
-        entry = {"status": status, "reason": reason, "at": time.time(), **details}
+    def record_round(
+        self, status: str, reason: str = "", detail: str | None = None, **details: Any
+    ) -> None:
+        """The outcome of a round: 'published', 'failed' (gate or error) or 'skipped'.
+        ``reason`` is our own words, shown to everyone (the gate's, a skip's); ``detail`` is
+        an exception's text, which can name paths, hosts and ports: operators and admins
+        only (``status_line(public=False)``)."""
+        entry = {"status": status, "reason": reason, "detail": detail, "at": time.time(), **details}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(K_LAST_ROUND, json.dumps(entry))
         if status == "failed":
@@ -882,8 +896,8 @@ class Registry:
             pipe.ltrim(K_FAILURES, 0, 99)
         pipe.execute()
 
-    def record_failure(self, reason: str, **details: Any) -> None:
-        self.record_round("failed", reason, **details)
+    def record_failure(self, reason: str, detail: str | None = None, **details: Any) -> None:
+        self.record_round("failed", reason, detail, **details)
 
     def last_round(self) -> dict[str, Any] | None:
         raw = self.client.get(K_LAST_ROUND)
@@ -892,8 +906,9 @@ class Registry:
     def failures(self, count: int = 20) -> list[dict[str, Any]]:
         return [json.loads(m) for m in self.client.lrange(K_FAILURES, 0, count - 1)]
 
-    def status_line(self) -> str:
-        """One line for ``rlhf-chat status`` and the Training tab."""
+    def status_line(self, public: bool = True) -> str:
+        """One line for the Training tab (``public``: a failed round's exception text left
+        out) and for ``rlhf-chat status`` and admins (``public=False``)."""
         parts = [f"current version {self.current()}"]
         candidate = self.candidate()
         if candidate is not None:
@@ -905,15 +920,20 @@ class Registry:
             parts.append(f"round running: {progress['stage']} {progress['fraction']:.0%}")
         last = self.last_round()
         if last:
+            reason = last["reason"]
+            if last["status"] == "failed" and not public and last.get("detail"):
+                reason = last["detail"]
+            elif last["status"] == "failed" and public and not _split_reason(last):
+                reason = ROUND_ERROR
             if last["status"] == "failed" and last.get("kl_budget_reached"):
                 # Said plainly: rounds keep training the reward model, the policy stays.
-                parts.append(f"KL budget reached: {last['reason']}")
+                parts.append(f"KL budget reached: {reason}")
             elif last["status"] == "failed":
-                parts.append(f"last round failed: {last['reason']}")
+                parts.append(f"last round failed: {reason}")
             elif last["status"] == "published":
                 role = last.get("role", "current")
                 as_what = "" if role == "current" else f" as {role}"
                 parts.append(f"last round published version {last.get('version')}{as_what}")
             else:
-                parts.append(f"last round {last['status']}: {last['reason']}")
+                parts.append(f"last round {last['status']}: {reason}")
         return "; ".join(parts)

@@ -44,7 +44,7 @@ import redis
 from rlhf_core.datasets import is_heldout, round_datasets
 from rlhf_core.feedback import Event, FeedbackStore
 from rlhf_core.privacy import apply_retention, sort_entries
-from rlhf_core.registry import Registry, StaleTokenError
+from rlhf_core.registry import ROUND_ERROR, Registry, StaleTokenError
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,9 @@ def run_round(
         why = f"{type(error).__name__}: {error}"
         log.exception("round %s failed", token)
         try:
-            registry.record_failure(why[:500], events=len(taken), events_total=events_total)
+            registry.record_failure(
+                ROUND_ERROR, why[:500], events=len(taken), events_total=events_total
+            )
             if taken:
                 store.release(consumer_name, taken)
         except redis.RedisError:

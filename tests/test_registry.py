@@ -14,7 +14,9 @@ import torch
 from rlhf_core.modeling import lora_config
 from rlhf_core.registry import (
     CHANNEL,
+    K_LAST_ROUND,
     LOCK_KEY,
+    ROUND_ERROR,
     Registry,
     StaleTokenError,
     TrainingLock,
@@ -216,6 +218,19 @@ def test_round_status_and_failures(redis_client, tiny_settings):
     assert registry.last_round()["status"] == "failed"
     assert registry.failures()[0]["metrics"]["objective/kl"] == 12.3
     assert "last round failed: KL 12.3 > budget 10" in registry.status_line()
+
+
+def test_a_failures_exception_text_stays_out_of_the_public_status_line(redis_client, tiny_settings):
+    registry = Registry(redis_client, tiny_settings)
+    registry.record_failure(ROUND_ERROR, "ConnectionError: 10.0.0.5:6379 refused")
+    assert "last round failed: an error stopped it" in registry.status_line()
+    assert "10.0.0.5" not in registry.status_line()
+    assert "failed: ConnectionError: 10.0.0.5:6379" in registry.status_line(public=False)
+    # A record from before reasons and details were kept apart may carry either.
+    old = {"status": "failed", "reason": "OSError: /data/artifacts/x", "at": time.time()}
+    redis_client.set(K_LAST_ROUND, json.dumps(old))
+    assert "/data" not in registry.status_line() and ROUND_ERROR in registry.status_line()
+    assert "/data/artifacts/x" in registry.status_line(public=False)
 
 
 def test_cli_versions_rollback_status(redis_client, tiny_settings, adapters):

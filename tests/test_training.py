@@ -1,0 +1,148 @@
+"""The Training tab (chat_ui/training.py) as a stranger on a public Space reaches it: its
+`refresh` runs for every open tab every few seconds and for anyone who posts its fn_index.
+Real Valkey, real Gradio components, the real round code."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import gradio as gr
+import pytest
+
+from chat_ui import training
+from chat_ui.access import COOKIE, Access, new_cookie_value
+from rlhf_core.feedback import Battle, Event, FeedbackStore, Turn, new_id
+from rlhf_core.rounds import run_round
+
+
+def answered_turn(store: FeedbackStore, i: int, user: str = "alice", version: int = 0) -> Turn:
+    turn = Turn(
+        turn_id=new_id(),
+        session_id=f"{user}-s",
+        user_id=user,
+        messages=[{"role": "user", "content": f"Question {i} from {user}?"}],
+        answer=f"Answer {i}",
+        policy_version=version,
+    )
+    store.save_turn(turn)
+    return turn
+
+
+def vote(store: FeedbackStore, i: int, kind: str = "like") -> None:
+    turn = answered_turn(store, i)
+    assert store.record_event(Event.new(turn.turn_id, kind, turn.session_id, turn.user_id))
+
+
+def training_tab(settings, client, **kwargs) -> dict:
+    with gr.Blocks():
+        with gr.Tab("Training"):
+            return training.build_training_tab(settings, client=client, **kwargs)
+
+
+def count_calls(monkeypatch, name: str, pause_s: float = 0.0) -> list[int]:
+    """Wrap ``training.<name>`` with a counter (and a pause that lets concurrent callers
+    overlap, as they would on a big store)."""
+    real = getattr(training, name)
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        time.sleep(pause_s)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, name, counted)
+    return calls
+
+
+def test_refresh_reads_all_feedback_at_most_once_per_window(
+    tiny_settings, redis_client, monkeypatch
+):
+    """Every open tab polls `refresh`, and anyone can call it: a vote between calls must not
+    make each call load every turn and event again, nor may concurrent callers each load."""
+    store = FeedbackStore(redis_client)
+    vote(store, 0)
+    monkeypatch.setattr(training, "TAB_REFRESH_S", 3600.0, raising=False)
+    loads = count_calls(monkeypatch, "load_feedback", pause_s=0.3)
+    refresh = training_tab(tiny_settings, redis_client)["refresh"]
+
+    # Four tabs at once on a cold tab: one load, the others wait for its result.
+    results: list[tuple] = []
+    start = threading.Barrier(4)
+
+    def tab() -> None:
+        start.wait()
+        results.append(refresh(None))
+
+    threads = [threading.Thread(target=tab) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and len(loads) == 1
+    assert all(list(r[1]["votes"]) == [1] for r in results)
+
+    # People keep voting between ticks: still the one load within the window.
+    for i in range(1, 6):
+        vote(store, i)
+        refresh(None)
+    assert len(loads) == 1
+
+    # Once the window has passed, the figures follow the store again.
+    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    table = refresh(None)[1]
+    assert len(loads) == 2
+    assert list(table["votes"]) == [6] and list(table["👍 rate"]) == [1.0]
+
+
+def test_leaderboard_reads_the_arena_only_when_a_battle_changed(redis_client, monkeypatch):
+    store = FeedbackStore(redis_client)
+    a, b = answered_turn(store, 0, "bob", version=1), answered_turn(store, 1, "bob", version=2)
+    battle = Battle(new_id(), "bob-s", "bob", a.turn_id, b.turn_id, 1, 2, "a")
+    assert store.record_battle(battle)
+    reads = []
+    real = FeedbackStore.battles
+    monkeypatch.setattr(FeedbackStore, "battles", lambda self: reads.append(1) or real(self))
+    first = training.leaderboard_rows(store, rounds=20)
+    assert [r["version"] for r in first] == [1, 2]
+    for _ in range(3):
+        assert training.leaderboard_rows(store, rounds=20) == first
+    assert len(reads) == 1, "the whole arena stream was read again with no new battle"
+    c, d = answered_turn(store, 2, "bob", version=1), answered_turn(store, 3, "bob", version=2)
+    assert store.record_battle(Battle(new_id(), "bob-s", "bob", c.turn_id, d.turn_id, 1, 2, "b"))
+    assert training.leaderboard_rows(store, rounds=20)[0]["battles"] == 2
+    assert len(reads) == 2
+
+
+def test_a_failed_rounds_exception_text_is_for_admins_only(tiny_settings, redis_client):
+    """Exception text can name paths, hosts and ports: visitors of the read-only tab get a
+    short reason, admins the detail."""
+    store = FeedbackStore(redis_client)
+    for i in range(4):
+        vote(store, i, ("like", "dislike")[i % 2])
+
+    def out_of_disk(*args, **kwargs):
+        raise OSError("[Errno 28] No space left: '/data/artifacts/x' (store 10.0.0.5:6379)")
+
+    with pytest.raises(OSError):
+        run_round(
+            tiny_settings, redis_client, lambda: None, consumer_name="w1",
+            run_training_round=out_of_disk,
+        )  # fmt: skip
+
+    settings = tiny_settings.model_copy(update={"public": True, "admins": "root", "auth": "header"})
+    access = Access(settings, redis_client)
+    refresh = training_tab(settings, redis_client, access=access)["refresh"]
+
+    def request(session: str, **headers: str) -> gr.Request:
+        cookie = new_cookie_value(access.secret)
+        return gr.Request(
+            session_hash=session, headers=headers, cookies={COOKIE: cookie},
+            client={"host": "198.51.100.7"},
+        )  # fmt: skip
+
+    visitor = refresh(request("s-visitor"))[0]
+    assert "last round failed" in visitor
+    assert "/data/artifacts" not in visitor and "10.0.0.5" not in visitor, visitor
+    admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))[0]
+    assert "/data/artifacts/x" in admin and "10.0.0.5:6379" in admin, admin
