@@ -6,7 +6,9 @@ picked by a stable hash of the user (:func:`version_for`), and the rest keep the
 version (the *baseline*). Every answer records the version that wrote it, so the live
 👍 rate of each comes from the feedback store (:func:`live_votes`): the final vote on
 each answer written since the canary started, a rewrite counting as 👎, at most
-``RLHF_CANARY_MAX_VOTES_PER_USER`` answers per person. :func:`check` compares the two
+``RLHF_CANARY_MAX_VOTES_PER_USER`` answers per person, and only feedback that may
+train (:func:`rlhf_core.privacy.training_view`: not anonymous on a public Space, not
+a "don't train" chat, not a deleted user's). :func:`check` compares the two
 with the always-valid test of :mod:`rlhf_core.live_eval` and, when it decides, promotes
 or rolls back through the registry, recording the numbers. Workers call it every
 ``RLHF_CANARY_CHECK_S`` seconds; an admin can decide instead (:func:`override`).
@@ -25,6 +27,7 @@ from rlhf_core.datasets import resolve_events
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.live_eval import ABResult, Rule, decide, in_candidate_arm
 from rlhf_core.periodic import PeriodicLoop
+from rlhf_core.privacy import training_view
 from rlhf_core.registry import CandidateError, Registry
 from rlhf_core.settings import Settings
 
@@ -64,6 +67,7 @@ def version_for(user_id: str, candidate: dict[str, Any] | None) -> int | None:
 
 def live_votes(
     store: FeedbackStore,
+    settings: Settings,
     versions: tuple[int, ...],
     since: float,
     max_per_user: int,
@@ -73,11 +77,26 @@ def live_votes(
     Each answer counts once, with its final state (votes changed or undone count as
     they ended): a 👍 is a like; a 👎 or a rewrite (the person wanted another answer)
     is not. A person counts at most ``max_per_user`` answers per version, the
-    earliest ones. Only events after ``since`` are read (stream ids are times)."""
+    earliest ones. Only events after ``since`` are read (stream ids are times).
+
+    Only what the admission rules let train now counts (the rounds' rule, applied by
+    :func:`rlhf_core.privacy.training_view`): feedback that may not train must not pick
+    what everyone is served either. A stranger gets a fresh user, and so a fresh
+    per-user cap, with every cookie; people whose feedback trains are signed in, or the
+    deployment trusts its anonymous users. Held feedback (a rewrite waiting for review,
+    a new account's) counts once it may train."""
     start = f"{max(0, int((since - CLOCK_SLACK_S) * 1000))}-0"
     events = [event for _, event in store.event_entries(start=start)]
-    turns = store.get_turns({e.turn_id for e in events})
-    states = resolve_events(e for e in events if e.turn_id in turns)
+    found = store.get_turns({e.turn_id for e in events})
+    kept, events = training_view(
+        store,
+        settings,
+        list(found.values()),
+        [e for e in events if e.turn_id in found],
+        scrub=False,
+    )
+    turns = {t.turn_id: t for t in kept}
+    states = resolve_events(events)
     by_user: dict[tuple[int, str], list[tuple[float, bool]]] = defaultdict(list)
     for turn_id, state in states.items():
         turn = turns[turn_id]
@@ -109,7 +128,11 @@ def evaluate(
         return None
     c, b = candidate["version"], candidate["baseline"]
     votes = live_votes(
-        FeedbackStore(client), (c, b), candidate["started_at"], settings.canary_max_votes_per_user
+        FeedbackStore(client),
+        settings,
+        (c, b),
+        candidate["started_at"],
+        settings.canary_max_votes_per_user,
     )
     now = time.time() if now is None else now
     result = decide(*votes[c], *votes[b], rule_from(settings), now - candidate["started_at"])

@@ -19,6 +19,16 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:accounts``                 hash: user id -> when its first turn was written.
 - ``rlhf:forgotten``                hash: sha256(user id) -> when that user's data was deleted;
                                     a turn of theirs made before then is refused.
+- ``rlhf:forgotten_recent:{sha256}`` the same for a user who had nothing stored when they asked,
+                                    expiring after ``SHORT_TOMBSTONE_S`` (see :meth:`tombstone`).
+- ``rlhf:user_data:{user_id}``      hash: everything stored of one user, so that deleting it costs
+                                    what they wrote, not the size of the store:
+                                    ``t:<turn id>`` -> its ``rlhf:turns`` id, ``e:<stream id>`` ->
+                                    the turn of an event they made, ``b:<stream id>`` -> the
+                                    battle id of an arena pick of theirs.
+- ``rlhf:user_index``               "1" once every record is in the per-user hashes (written when
+                                    the first turn goes into an empty store, or by
+                                    :meth:`FeedbackStore.ensure_user_index` for an older store).
 
 Every write is one Lua script, so a crash (of the client or of the server: the
 embedded server logs each script's effects as one MULTI/EXEC block with
@@ -67,6 +77,13 @@ REVIEW_KEY = f"{PREFIX}review"
 HELD_KEY = f"{PREFIX}held"
 ACCOUNTS_KEY = f"{PREFIX}accounts"
 FORGOTTEN_KEY = f"{PREFIX}forgotten"
+USER_INDEX_READY = f"{PREFIX}user_index"
+# How long a deletion of a user who had nothing stored is remembered. It only guards
+# against an answer another UI replica kept in memory while Redis was unreachable and
+# flushes late (this replica's own are dropped by the handler); one such mark per
+# request, so it must expire: a stranger can ask for a fresh cookie's deletion at the
+# per-IP rate (an hour of that is ~15,000 small keys).
+SHORT_TOMBSTONE_S = 3600
 GROUP = "trainers"
 REVIEW_DECISIONS: tuple[str, ...] = ("approved", "dropped")
 
@@ -101,6 +118,14 @@ def turn_events_key(turn_id: str) -> str:
 
 def battle_seen_key(battle_id: str) -> str:
     return f"{PREFIX}battle_seen:{battle_id}"
+
+
+def user_data_key(user_id: str) -> str:
+    return f"{PREFIX}user_data:{user_id}"
+
+
+def recent_tombstone_key(user_id: str) -> str:
+    return f"{PREFIX}forgotten_recent:{user_hash(user_id)}"
 
 
 # The votes an arena pick stands for have ids "arena:<battle id>:<side>" (Battle.events);
@@ -441,22 +466,45 @@ class Battle:
 # the store
 # --------------------------------------------------------------------------
 
-# KEYS: turn, turns stream, session list, accounts, forgotten.
-# ARGV: turn json, turn id, user id, created_at, user hash.
+# KEYS: turn, turns stream, session list, accounts, forgotten, recent tombstone, user data,
+# user-index marker. ARGV: turn json, turn id, user id, created_at, user hash.
 # Returns 1 when written, 0 when the turn already existed (nothing changed), -1 when
 # its user's data was deleted after the turn was made (a UI replica flushing a turn
 # it kept while Redis was down must not bring deleted data back).
+# The first turn of an empty store marks the per-user index complete: there is nothing
+# older to index.
 _SAVE_TURN = """
-local forgotten = redis.call('HGET', KEYS[5], ARGV[5])
-if forgotten and tonumber(ARGV[4]) <= tonumber(forgotten) then
+local function erased(at)
+  return at and tonumber(ARGV[4]) <= tonumber(at)
+end
+if erased(redis.call('HGET', KEYS[5], ARGV[5])) or erased(redis.call('GET', KEYS[6])) then
   return -1
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('XADD', KEYS[2], '*', 'turn_id', ARGV[2])
+  if redis.call('XLEN', KEYS[2]) == 0 then
+    redis.call('SET', KEYS[8], '1', 'NX')
+  end
+  local sid = redis.call('XADD', KEYS[2], '*', 'turn_id', ARGV[2])
   redis.call('RPUSH', KEYS[3], ARGV[2])
   redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4])
+  redis.call('HSET', KEYS[7], 't:' .. ARGV[2], sid)
   return 1
 end
+return 0
+"""
+
+# A deletion's tombstone. KEYS: forgotten, accounts, user data, recent tombstone.
+# ARGV: user hash, user id, time, seconds a short one lasts. A user with anything stored
+# (or deleted before) gets the lasting field; one with nothing stored an expiring key.
+# Returns 1 for the lasting one, 0 for the short one.
+_TOMBSTONE = """
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1
+    or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  return 1
+end
+redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
 return 0
 """
 
@@ -465,12 +513,19 @@ return 0
 # with an event at or after it is left alone, so a vote that arrives on an old answer
 # while retention runs keeps the answer), then per turn: turn id, its index entry's
 # stream id ('' when unknown), session id. Events are acked before XDEL: a deleted
-# entry left in the pending list would count as pending forever.
+# entry left in the pending list would count as pending forever. Each record says whose
+# it is, and leaves that user's index with it.
 # Returns {number of turns deleted, {stream ids of the deleted events}}.
 _DELETE_TURNS = """
 local group, prefix = ARGV[1], ARGV[2]
 local cutoff = tonumber(ARGV[3])
 local deleted, n_turns = {}, 0
+local function unindex(raw, field)
+  local ok, record = pcall(cjson.decode, raw)
+  if ok and type(record) == 'table' and type(record.user_id) == 'string' then
+    redis.call('HDEL', prefix .. 'user_data:' .. record.user_id, field)
+  end
+end
 for i = 4, #ARGV, 3 do
   local turn_id, index_id, session = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local list_key = prefix .. 'turn_events:' .. turn_id
@@ -493,6 +548,8 @@ for i = 4, #ARGV, 3 do
         if f[j] == 'event_id' then
           redis.call('DEL', prefix .. 'event_seen:' .. f[j + 1])
           redis.call('HDEL', KEYS[4], f[j + 1])
+        elseif f[j] == 'event' then
+          unindex(f[j + 1], 'e:' .. sid)
         end
       end
     end
@@ -500,6 +557,10 @@ for i = 4, #ARGV, 3 do
     redis.call('XDEL', KEYS[1], sid)
     redis.call('ZREM', KEYS[3], sid)
     deleted[#deleted + 1] = sid
+  end
+  local record = redis.call('GET', prefix .. 'turn:' .. turn_id)
+  if record then
+    unindex(record, 't:' .. turn_id)
   end
   redis.call('DEL', list_key, prefix .. 'turn:' .. turn_id)
   if index_id ~= '' then
@@ -514,11 +575,12 @@ return {n_turns, deleted}
 
 # Delete single events (a user's reactions on a turn that is not theirs). KEYS: events
 # stream, held, review. ARGV: group, key prefix, then per event: stream id, event id,
-# turn id.
+# turn id, user id.
 _DELETE_EVENTS = """
 local group, prefix = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 3 do
-  local sid, event_id, turn_id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 3, #ARGV, 4 do
+  local sid, event_id, turn_id, user_id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  redis.call('HDEL', prefix .. 'user_data:' .. user_id, 'e:' .. sid)
   redis.call('DEL', prefix .. 'event_seen:' .. event_id)
   redis.call('HDEL', KEYS[3], event_id)
   redis.pcall('XACK', KEYS[1], group, sid)
@@ -526,12 +588,13 @@ for i = 3, #ARGV, 3 do
   redis.call('ZREM', KEYS[2], sid)
   redis.call('LREM', prefix .. 'turn_events:' .. turn_id, 0, sid)
 end
-return #ARGV / 3 - 1
+return (#ARGV - 2) / 4
 """
 
 # A batch of events, all or nothing (one script runs atomically; the embedded server
 # logs its effects as one MULTI/EXEC block). KEYS: the events stream, then per event:
-# seen marker, turn-events list. ARGV: per event: event json, event id, turn id, kind.
+# seen marker, turn-events list, its user's data. ARGV: per event: event json, event id,
+# turn id, kind.
 # Returns {status, stream id} per event: 1 written, 0 a duplicate (the id it was
 # written with). The caller has checked that every turn exists (turns are never
 # deleted), so there is nothing to refuse here.
@@ -539,7 +602,8 @@ SCRIPT_BATCH = 500  # events per script call
 _RECORD_EVENTS = """
 local out = {}
 for i = 0, #ARGV / 4 - 1 do
-  local seen_key, index_key, a = KEYS[2 * i + 2], KEYS[2 * i + 3], 4 * i
+  local seen_key, index_key, user_key = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
+  local a = 4 * i
   local seen = redis.call('GET', seen_key)
   if seen then
     out[i + 1] = {0, seen}
@@ -548,6 +612,7 @@ for i = 0, #ARGV / 4 - 1 do
                           'turn_id', ARGV[a + 3], 'kind', ARGV[a + 4])
     redis.call('SET', seen_key, id)
     redis.call('RPUSH', index_key, id)
+    redis.call('HSET', user_key, 'e:' .. id, ARGV[a + 3])
     out[i + 1] = {1, id}
   end
 end
@@ -556,20 +621,23 @@ return out
 
 
 # The battle and its two votes, all or nothing. KEYS: arena stream, battle marker, events
-# stream, then per event: seen marker, turn-events list. ARGV: battle json, then per event:
-# event json, event id, turn id, kind. Returns 0 when the battle was already recorded.
+# stream, the picker's user data, then per event: seen marker, turn-events list. ARGV:
+# battle json, battle id, then per event: event json, event id, turn id, kind (the votes
+# are the picker's). Returns 0 when the battle was already recorded.
 _RECORD_BATTLE = """
 if not redis.call('SET', KEYS[2], '1', 'NX') then
   return 0
 end
-redis.call('XADD', KEYS[1], '*', 'battle', ARGV[1])
-for i = 0, (#ARGV - 1) / 4 - 1 do
-  local seen_key, index_key, a = KEYS[2 * i + 4], KEYS[2 * i + 5], 4 * i + 1
+local battle = redis.call('XADD', KEYS[1], '*', 'battle', ARGV[1])
+redis.call('HSET', KEYS[4], 'b:' .. battle, ARGV[2])
+for i = 0, (#ARGV - 2) / 4 - 1 do
+  local seen_key, index_key, a = KEYS[2 * i + 5], KEYS[2 * i + 6], 4 * i + 2
   if not redis.call('GET', seen_key) then
     local id = redis.call('XADD', KEYS[3], '*', 'event', ARGV[a + 1], 'event_id', ARGV[a + 2],
                           'turn_id', ARGV[a + 3], 'kind', ARGV[a + 4])
     redis.call('SET', seen_key, id)
     redis.call('RPUSH', index_key, id)
+    redis.call('HSET', KEYS[4], 'e:' .. id, ARGV[a + 3])
   end
 end
 return 1
@@ -593,6 +661,15 @@ def _check_event(event: Event, turn_session: str | None, suffix: str = "") -> No
         )
 
 
+@dataclass
+class UserData:
+    """What the per-user index lists for one user (see :meth:`FeedbackStore.user_data`)."""
+
+    turns: dict[str, str] = field(default_factory=dict)  # turn id -> its rlhf:turns id
+    events: dict[str, str] = field(default_factory=dict)  # rlhf:events id -> turn id
+    battles: dict[str, str] = field(default_factory=dict)  # rlhf:arena id -> battle id
+
+
 class FeedbackStore:
     """Turns and events in Redis. Thread-safe (redis-py clients are) and works
     with clients made with or without ``decode_responses``."""
@@ -606,6 +683,7 @@ class FeedbackStore:
         self._record_battle = redis_client.register_script(_RECORD_BATTLE)
         self._delete_turns = redis_client.register_script(_DELETE_TURNS)
         self._delete_events = redis_client.register_script(_DELETE_EVENTS)
+        self._tombstone = redis_client.register_script(_TOMBSTONE)
         self._group_ready = False
 
     # ---- turns -----------------------------------------------------------
@@ -622,6 +700,9 @@ class FeedbackStore:
                 session_turns_key(turn.session_id),
                 ACCOUNTS_KEY,
                 FORGOTTEN_KEY,
+                recent_tombstone_key(turn.user_id),
+                user_data_key(turn.user_id),
+                USER_INDEX_READY,
             ],
             args=[
                 turn.to_json(),
@@ -694,7 +775,11 @@ class FeedbackStore:
         for start in range(0, len(events), SCRIPT_BATCH):
             keys, args = [EVENTS_STREAM], []
             for event in events[start : start + SCRIPT_BATCH]:
-                keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
+                keys += [
+                    seen_key(event.event_id),
+                    turn_events_key(event.turn_id),
+                    user_data_key(event.user_id),
+                ]
                 args += [event.to_json(), event.event_id, event.turn_id, event.kind]
             results += [
                 _text(stream_id) if status == 1 else None
@@ -712,8 +797,13 @@ class FeedbackStore:
         sessions = self._turn_sessions({e.turn_id for e in events})
         for event in events:
             _check_event(event, sessions.get(event.turn_id), " Nothing was written.")
-        keys = [ARENA_STREAM, battle_seen_key(battle.battle_id), EVENTS_STREAM]
-        args = [_to_json(battle.to_dict(), f"Battle {battle.battle_id}")]
+        keys = [
+            ARENA_STREAM,
+            battle_seen_key(battle.battle_id),
+            EVENTS_STREAM,
+            user_data_key(battle.user_id),
+        ]
+        args = [_to_json(battle.to_dict(), f"Battle {battle.battle_id}"), battle.battle_id]
         for event in events:
             keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
             args += [event.to_json(), event.event_id, event.turn_id, event.kind]
@@ -1167,17 +1257,110 @@ class FeedbackStore:
         return {u: float(v) for u, v in zip(ids, values, strict=True) if v is not None}
 
     @_surface_unavailable
-    def tombstone(self, user_id: str, at: float | None = None) -> float:
+    def tombstone(self, user_id: str, at: float | None = None) -> bool:
         """Mark a user's data as deleted from ``at`` on: turns of theirs made before
         then are refused from now on (a replica's late flush), and they count as a new
-        account again. Keeps only a digest of the id."""
+        account again. Keeps only a digest of the id.
+
+        Returns whether the user has (or had) anything stored: then the mark lasts (a
+        field of ``rlhf:forgotten``). A user with nothing stored gets a mark that expires
+        after ``SHORT_TOMBSTONE_S``: anyone can ask this for any number of fresh
+        cookies, and a lasting mark each would grow without bound. Call
+        :meth:`ensure_user_index` first: "nothing stored" is read from the user's index."""
         _require_id(user_id, "user_id")
         at = time.time() if at is None else float(at)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(FORGOTTEN_KEY, user_hash(user_id), repr(at))
-        pipe.hdel(ACCOUNTS_KEY, user_id)
-        pipe.execute()
-        return at
+        lasting = self._tombstone(
+            keys=[
+                FORGOTTEN_KEY,
+                ACCOUNTS_KEY,
+                user_data_key(user_id),
+                recent_tombstone_key(user_id),
+            ],
+            args=[user_hash(user_id), user_id, repr(at), SHORT_TOMBSTONE_S],
+        )
+        return bool(lasting)
+
+    @_surface_unavailable
+    def user_data(self, user_id: str) -> UserData:
+        """What the per-user index says is stored of ``user_id`` (one HGETALL)."""
+        out = UserData()
+        for raw_field, raw_value in self.redis.hgetall(user_data_key(user_id)).items():
+            name, value = _text(raw_field), _text(raw_value)
+            kind, _, ident = name.partition(":")
+            part = {"t": out.turns, "e": out.events, "b": out.battles}.get(kind)
+            if part is not None and ident:
+                part[ident] = value
+        return out
+
+    @_surface_unavailable
+    def unindex_user(self, user_id: str, data: UserData) -> None:
+        """Drop these entries from the user's index (those already gone are tidied:
+        a record deleted while the index was being built, or never decodable)."""
+        names = (
+            [f"t:{t}" for t in data.turns]
+            + [f"e:{s}" for s in data.events]
+            + [f"b:{s}" for s in data.battles]
+        )
+        if names:
+            self.redis.hdel(user_data_key(user_id), *names)
+
+    @_surface_unavailable
+    def ensure_user_index(self, batch: int = 500) -> bool:
+        """Put every stored turn, event and battle into its user's index, once per store:
+        a store written before the index existed gets it here, in one pass over the whole
+        store, the first time anyone's data is deleted. Every later write keeps the index
+        itself (in the same script as the record), and a store that was empty when its
+        first turn came is marked complete then. Concurrent callers wait for the one that
+        builds it. Returns True when this call built it."""
+        if self.redis.exists(USER_INDEX_READY):
+            return False
+        with self.redis.lock(f"{USER_INDEX_READY}:lock", timeout=900, blocking_timeout=900):
+            if self.redis.exists(USER_INDEX_READY):
+                return False
+            for _, entries in self._scan(TURNS_STREAM, batch):
+                ids = [(_text(sid), _text(_field(data, "turn_id"))) for sid, data in entries]
+                found = self.get_turns(t for _, t in ids)
+                pipe = self.redis.pipeline(transaction=False)
+                for sid, turn_id in ids:
+                    if turn_id in found:
+                        pipe.hset(user_data_key(found[turn_id].user_id), f"t:{turn_id}", sid)
+                pipe.execute()
+            for _, entries in self._scan(EVENTS_STREAM, batch):
+                pipe = self.redis.pipeline(transaction=False)
+                for sid, data in entries:
+                    event = self._decode_entry(sid, data)
+                    if event is not None:
+                        pipe.hset(user_data_key(event.user_id), f"e:{_text(sid)}", event.turn_id)
+                pipe.execute()
+            for _, entries in self._scan(ARENA_STREAM, batch):
+                pipe = self.redis.pipeline(transaction=False)
+                for sid, data in entries:
+                    battle = json.loads(_text(_field(data, "battle")))
+                    pipe.hset(
+                        user_data_key(str(battle.get("user_id"))),
+                        f"b:{_text(sid)}",
+                        str(battle.get("battle_id")),
+                    )
+                pipe.execute()
+            self.redis.set(USER_INDEX_READY, "1")
+            log.info("built the per-user index of the feedback store")
+        return True
+
+    @_surface_unavailable
+    def event_entries_at(self, stream_ids: Iterable[str]) -> list[tuple[str, Event]]:
+        """(stream id, Event) for the given ids that still exist, in the order given."""
+        ids = list(dict.fromkeys(stream_ids))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in ids:
+            pipe.xrange(EVENTS_STREAM, sid, sid)
+        out = []
+        for sid, result in zip(ids, pipe.execute(), strict=True):
+            event = self._decode_entry(sid, result[0][1]) if result else None
+            if event is not None:
+                out.append((sid, event))
+        return out
 
     @_surface_unavailable
     def turn_index(
@@ -1235,7 +1418,7 @@ class FeedbackStore:
             return []
         args: list[str] = [GROUP, PREFIX]
         for sid, event in items:
-            args += [sid, event.event_id, event.turn_id]
+            args += [sid, event.event_id, event.turn_id, event.user_id]
         self._delete_events(keys=[EVENTS_STREAM, HELD_KEY, REVIEW_KEY], args=args)
         return [sid for sid, _ in items]
 
@@ -1243,19 +1426,29 @@ class FeedbackStore:
     def delete_battles(self, user_id: str | None = None, before_ms: int | None = None) -> int:
         """Delete arena battles picked by ``user_id`` and/or older than ``before_ms``
         (their votes are events, deleted with their turns). Returns how many."""
-        doomed: list[tuple[str, str]] = []
+        doomed: list[tuple[str, str, str]] = []
         end = "+" if before_ms is None else f"({before_ms}-0"
         for _, entries in self._scan(ARENA_STREAM, 1000, "-", end):
             for sid, data in entries:
                 battle = json.loads(_text(_field(data, "battle")))
                 if user_id is None or battle.get("user_id") == user_id:
-                    doomed.append((_text(sid), str(battle.get("battle_id"))))
-        if doomed:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xdel(ARENA_STREAM, *[sid for sid, _ in doomed])
-            pipe.delete(*[battle_seen_key(b) for _, b in doomed])
-            pipe.execute()
-        return len(doomed)
+                    who = str(battle.get("user_id"))
+                    doomed.append((_text(sid), str(battle.get("battle_id")), who))
+        return self.delete_battle_entries(doomed)
+
+    @_surface_unavailable
+    def delete_battle_entries(self, battles: Iterable[tuple[str, str, str]]) -> int:
+        """Delete arena battles ``(stream id, battle id, user id)`` with their markers and
+        index entries. Returns how many were still there."""
+        doomed = list(battles)
+        if not doomed:
+            return 0
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xdel(ARENA_STREAM, *[sid for sid, _, _ in doomed])
+        pipe.delete(*[battle_seen_key(b) for _, b, _ in doomed])
+        for sid, _, who in doomed:
+            pipe.hdel(user_data_key(who), f"b:{sid}")
+        return int(pipe.execute()[0])
 
     @_surface_unavailable
     def pending_ids(self) -> set[str]:

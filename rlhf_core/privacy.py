@@ -378,39 +378,46 @@ def forget_user(client: Any, settings: Settings, user_id: str) -> dict[str, int]
     and consent marks; the registry's record that a version trained on those entries.
     From now on turns of theirs made before this moment are refused. Returns what was deleted.
 
+    The cost is that of the user's own data, read from their index in the store (see
+    :meth:`FeedbackStore.user_data`), never a pass over everyone's: anyone can ask this
+    for a fresh cookie, as often as the rate limits allow. (A store written before the
+    index existed is indexed once, by the first deletion: a migration rather than a slow
+    path per user, because only a full pass can tell which users of an old store have
+    data -- a reaction on a turn of another account leaves no other trace of its author.)
+
     A round already running may still publish a version trained on some of it (it read
     the events before); every later round and export goes without."""
     from rlhf_core.registry import Registry
 
     store = FeedbackStore(client)
-    # First, so that a turn flushed late by another UI replica cannot slip in after the scan.
-    store.tombstone(user_id)
+    store.ensure_user_index()
+    # First, so that a turn flushed late by another UI replica cannot slip in after the
+    # index is read. Nothing stored: nothing to read either.
+    if not store.tombstone(user_id):
+        return {"turns": 0, "events": 0, "battles": 0}
+    data = store.user_data(user_id)
+    owned = list(data.turns.items())
     doomed: list[tuple[str, str, str]] = []
-    batch: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        found = store.get_turns(t for _, t in batch)
-        for sid, turn_id in batch:
-            turn = found.get(turn_id)
-            if turn is not None and turn.user_id == user_id:
-                doomed.append((turn_id, sid, turn.session_id))
-        batch.clear()
-
-    for sid, turn_id in store.turn_index():
-        batch.append((sid, turn_id))
-        if len(batch) >= 500:
-            flush()
-    flush()
+    for start in range(0, len(owned), 500):  # a prolific user's records, a slice at a time
+        found = store.get_turns(t for t, _ in owned[start : start + 500])
+        doomed += [
+            (turn_id, index_id, found[turn_id].session_id)
+            for turn_id, index_id in owned[start : start + 500]
+            if turn_id in found and found[turn_id].user_id == user_id
+        ]
     doomed_ids = {t for t, _, _ in doomed}
     _, deleted = store.delete_turns(doomed)
     # Their reactions on turns that are not theirs (a session whose account changed).
     stray = [
         (sid, e)
-        for sid, e in store.event_entries()
-        if e.user_id == user_id and e.turn_id not in doomed_ids
+        for sid, e in store.event_entries_at(
+            sid for sid, turn_id in data.events.items() if turn_id not in doomed_ids
+        )
+        if e.user_id == user_id
     ]
     deleted += store.delete_events(stray)
-    battles = store.delete_battles(user_id=user_id)
+    battles = store.delete_battle_entries((sid, b, user_id) for sid, b in data.battles.items())
+    store.unindex_user(user_id, data)
     Registry(client, settings).forget_stream_ids(deleted)
     log.info("forgot user data: %d turns, %d events", len(doomed), len(deleted))
     return {"turns": len(doomed), "events": len(deleted), "battles": battles}

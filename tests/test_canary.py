@@ -25,13 +25,20 @@ def publish(registry: Registry, folder, share: float = 0.0) -> int:
 
 
 def answer(
-    store: FeedbackStore, user: str, version: int, kind: str | None, created_at=None
+    store: FeedbackStore,
+    user: str,
+    version: int,
+    kind: str | None,
+    created_at=None,
+    may_train: bool = True,
 ) -> Turn:
-    """One answer written by ``version`` for ``user``, with one reaction."""
+    """One answer written by ``version`` for ``user``, with one reaction. ``may_train``
+    as the UI writes it: False for a person whose feedback may not train (anonymous on a
+    public Space); their reactions carry only the chat's own switch, so stay True."""
     turn = Turn(
         turn_id=new_id(), session_id=f"{user}-s", user_id=user,
         messages=[{"role": "user", "content": f"hi from {user}"}], answer="hello",
-        policy_version=version, created_at=created_at or time.time(),
+        policy_version=version, created_at=created_at or time.time(), may_train=may_train,
     )  # fmt: skip
     store.save_turn(turn)
     if kind is not None:
@@ -128,14 +135,48 @@ def test_live_votes_count_final_state_rewrites_and_per_user_cap(redis_client, se
     undone = answer(store, "d", 1, "dislike")
     store.record_event(Event.new(undone.turn_id, "undo", "d-s", "d"))
 
-    counts = canary.live_votes(store, (2, 1), since, max_per_user=50)
+    counts = canary.live_votes(store, settings, (2, 1), since, max_per_user=50)
     # v2: a like, a dislike, b like, b like-then-rewrite (a 👎) -> 2 of 4.
     # v1: c like, d dislike; not the unvoted answer, the undone dislike, or the
     # answer written before the canary started (voted on since) -> 1 of 2. v3 is no arm.
     assert counts == {2: (2, 4), 1: (1, 2)}
     # One answer per person: a's first (like), b's first (like).
-    assert canary.live_votes(store, (2, 1), since, max_per_user=1)[2] == (2, 2)
-    assert canary.live_votes(store, (2, 1), time.time() + 60, 50) == {2: (0, 0), 1: (0, 0)}
+    assert canary.live_votes(store, settings, (2, 1), since, max_per_user=1)[2] == (2, 2)
+    assert canary.live_votes(store, settings, (2, 1), time.time() + 60, 50) == {
+        2: (0, 0),
+        1: (0, 0),
+    }
+
+
+def test_only_feedback_that_may_train_decides_the_canary(redis_client, settings, adapters):  # noqa: F811
+    """Strangers' cookies on a public Space (feedback that may not train), a chat with
+    "don't train" switched on afterwards and a person who deleted their data do not
+    count; the same votes of people whose feedback trains do."""
+    from rlhf_core.privacy import forget_user
+
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    for k in range(40):  # enough to roll back (canary_min_votes=30), were they counted
+        answer(store, f"anon:{k}", v2, "dislike", may_train=False)
+        answer(store, f"anon:b{k}", v1, "like", may_train=False)
+    switched = [answer(store, "hf:cy", v2, "dislike") for _ in range(3)]
+    store.set_training([t.turn_id for t in switched], allowed=False)
+    answer(store, "hf:gone", v2, "dislike")
+    forget_user(redis_client, settings, "hf:gone")
+
+    assert canary.check(redis_client, settings) is None and registry.candidate() is not None
+    assert canary.live_votes(store, settings, (v2, v1), time.time() - 60, 50) == {
+        v2: (0, 0),
+        v1: (0, 0),
+    }
+    answer(store, "hf:ann", v2, "dislike")
+    answer(store, "hf:bo", v1, "like")
+    assert canary.live_votes(store, settings, (v2, v1), time.time() - 60, 50) == {
+        v2: (0, 1),
+        v1: (1, 1),
+    }
 
 
 def test_check_rolls_back_a_worse_candidate_and_records_numbers(redis_client, settings, adapters):  # noqa: F811

@@ -243,6 +243,127 @@ def test_forget_user_removes_everything_and_keeps_it_out(store, redis_client, ti
     assert sorted(ev.user_id for _, ev in rest) == ["ann", "bob", "bob"]
 
 
+# What "delete my data" may read: everything of that one user, nothing of the whole store.
+WHOLE_STORE_STREAMS = ("rlhf:turns", "rlhf:events", "rlhf:arena")
+WHOLE_STORE_HASHES = ("rlhf:accounts", "rlhf:forgotten", "rlhf:consent", "rlhf:review")
+
+
+def commands_during(client, call):
+    """(what ``call`` returned, every command the server ran meanwhile, oldest first, as
+    lists of strings, the ones run inside scripts included): the server's slow log with a
+    threshold of 0 logs each command, however it was sent."""
+    client.config_set("slowlog-max-len", 100_000)
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    try:
+        result = call()
+    finally:
+        client.config_set("slowlog-log-slower-than", 10_000)
+    entries = client.slowlog_get(100_000)[::-1]
+    return result, [e["command"].decode("utf-8", "replace").split(" ") for e in entries]
+
+
+def whole_store_reads(commands, max_keys: int = 0):
+    """The commands that read a whole-store structure: a range of one of the streams
+    (a single entry, start == end, is fine), SCAN/KEYS, a whole global hash, or an MGET
+    of more than ``max_keys`` keys."""
+    out = []
+    for cmd in commands:
+        name = cmd[0].upper()
+        if name in ("XRANGE", "XREVRANGE") and cmd[1] in WHOLE_STORE_STREAMS and cmd[2] != cmd[3]:
+            out.append(cmd)
+        elif name in ("XREAD", "XREADGROUP", "SCAN", "KEYS"):
+            out.append(cmd)
+        elif name in ("HGETALL", "HKEYS", "HVALS", "HSCAN") and cmd[1] in WHOLE_STORE_HASHES:
+            out.append(cmd)
+        elif name == "MGET" and len(cmd) - 1 > max_keys:
+            out.append(cmd[:4])
+    return out
+
+
+def test_forget_user_costs_only_that_users_data(store, redis_client, tiny_settings):
+    """A stranger can ask to delete the data of a fresh cookie at the per-IP rate: that
+    must cost nothing of the size of the store, and leave nothing behind that grows."""
+    for k in range(40):  # 2,000 turns (each with a vote) of other people
+        chat(store, f"u{k}", f"s{k}", 50)
+    other = Battle(new_id(), "s0", "u0", *[t for _, t in list(store.turn_index())[:2]], 0, 1, "b")
+    assert store.record_battle(other)
+    before = store.counts()
+    late = Turn(new_id(), "n1", "anon:new", [{"role": "user", "content": "hi"}], "x",
+                created_at=time.time() - 1)  # fmt: skip
+
+    counts, commands = commands_during(
+        redis_client, lambda: privacy.forget_user(redis_client, tiny_settings, "anon:new")
+    )
+    assert counts == {"turns": 0, "events": 0, "battles": 0}
+    assert whole_store_reads(commands) == []
+    assert redis_client.hlen("rlhf:forgotten") == 0  # nothing that grows per cookie
+    privacy.forget_user(redis_client, tiny_settings, "anon:new")
+    assert redis_client.hlen("rlhf:forgotten") == 0
+    # Still, an answer of theirs that another replica kept while Redis was down and
+    # flushes late is refused.
+    assert store.save_turn(late) is False
+
+    # A user with data: exactly theirs goes, read from their own index.
+    mine, _ = chat(store, "cat", "c1", 3)
+    bob_turn = next(t for t in store.turns() if t.user_id == "u1")
+    # A reaction on another person's answer (a session whose account changed).
+    assert store.record_event(Event.new(bob_turn.turn_id, "dislike", bob_turn.session_id, "cat"))
+    assert store.record_battle(Battle(new_id(), "c1", "cat", mine[0].turn_id, mine[1].turn_id,
+                                      0, 1, "tie"))  # fmt: skip
+    counts, commands = commands_during(
+        redis_client, lambda: privacy.forget_user(redis_client, tiny_settings, "cat")
+    )
+    assert counts == {"turns": 3, "events": 3 + 1 + 2, "battles": 1}
+    assert whole_store_reads(commands, max_keys=3) == []
+    after = store.counts()
+    assert (after["turns"], after["events"]) == (before["turns"], before["events"])
+    assert [b["user_id"] for b in store.battles()] == ["u0"]
+    assert redis_client.hlen("rlhf:forgotten") == 1  # cat had data: tombstoned for good
+    assert store.get_turn(bob_turn.turn_id) is not None
+
+
+def test_forget_user_indexes_an_older_store_once(store, redis_client, tiny_settings):
+    """A store written before the per-user index existed is indexed by the first
+    deletion, in one pass; later deletions read only the user's own index."""
+    ann, _ = chat(store, "ann", "a1", 2)
+    chat(store, "bob", "b1", 30)
+    bob_turn = next(t for t in store.turns() if t.user_id == "bob")
+    assert store.record_event(Event.new(bob_turn.turn_id, "like", "b1", "ann"))
+    assert store.record_battle(Battle(new_id(), "a1", "ann", ann[0].turn_id, ann[1].turn_id,
+                                      0, 1, "a"))  # fmt: skip
+    # As an older version left it: no index, no marker.
+    redis_client.delete("rlhf:user_index", *redis_client.keys("rlhf:user_data:*"))
+
+    _, commands = commands_during(
+        redis_client, lambda: privacy.forget_user(redis_client, tiny_settings, "anon:x")
+    )
+    assert whole_store_reads(commands)  # the one pass that builds the index
+    assert redis_client.get("rlhf:user_index") == b"1"
+    counts, commands = commands_during(
+        redis_client, lambda: privacy.forget_user(redis_client, tiny_settings, "ann")
+    )
+    assert counts == {"turns": 2, "events": 2 + 1 + 2, "battles": 1}
+    assert whole_store_reads(commands, max_keys=2) == []
+    assert {t.user_id for t in store.turns()} == {"bob"}
+    assert {e.user_id for e in store.events()} == {"bob"} and store.battles() == []
+    # Nothing of ann is left in the index either.
+    assert not redis_client.exists("rlhf:user_data:ann")
+
+
+def test_retention_leaves_no_index_entries_behind(store, redis_client, tiny_settings):
+    settings = tiny_settings.model_copy(update={"retention_days": 30})
+    turns, _ = chat(store, "ann", "a1", 2)
+    store.ack(sid for sid, _ in store.read_unconsumed("w1", count=10))
+    assert store.record_battle(Battle(new_id(), "a1", "ann", turns[0].turn_id,
+                                      turns[1].turn_id, 0, 1, "a"))  # fmt: skip
+    store.ack(sid for sid, _ in store.read_unconsumed("w1", count=10))
+    assert redis_client.hlen("rlhf:user_data:ann") == 2 + 4 + 1
+    counts = privacy.apply_retention(redis_client, settings, now=time.time() + 31 * 86_400)
+    assert counts == {"turns": 2, "events": 4}
+    assert not redis_client.exists("rlhf:user_data:ann")
+
+
 def test_retention_trims_old_consumed_turns_only(store, redis_client, tiny_settings):
     settings = tiny_settings.model_copy(update={"retention_days": 30})
     day = 86_400
