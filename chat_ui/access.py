@@ -176,6 +176,9 @@ class Identity:
     ip: str
     admin: bool = False
     local: bool = False  # straight from this machine, to a UI that listens on loopback
+    # What this browser's anonymous turns carry (anon:<session cookie id>), also when
+    # signed in: "Delete my data" deletes what the person wrote before signing in too.
+    browser_user: str = ""
 
     @property
     def signed_in(self) -> bool:
@@ -412,6 +415,7 @@ class Access:
             ip=client_ip(request, self.settings),
             admin=is_admin(account, self.settings, local=local),
             local=local,
+            browser_user=f"{ANON}{sid[:16]}",
         )
         self.bind(session_hash, sid, identity)
         return identity

@@ -509,7 +509,8 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
 
         @guarded
         def on_forget(request: gr.Request):
-            update = call(service.forget_me, who(request, "feedback").session_id)
+            identity = who(request, "feedback")
+            update = call(service.forget_me, identity.session_id, [identity.browser_user])
             return (*render(update), gr.update(visible=False))
 
         def on_consent_load(seen):

@@ -32,7 +32,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -772,21 +772,26 @@ class ChatService:
             )
             return self._update(session, notices=[notice])
 
-    def forget_me(self, session_id: str) -> Update:
-        """Delete my data: every turn and reaction of this session's user, from the
-        store and from every later round and export; this process's open chats of that
-        user are emptied (answers not yet saved are discarded, not saved)."""
+    def forget_me(self, session_id: str, also: Sequence[str] = ()) -> Update:
+        """Delete my data: every turn and reaction of this session's user (and of the
+        user ids in ``also``: the web layer names the id this browser's anonymous turns
+        carry, written before the person signed in), from the store and from every later
+        round and export; this process's open chats of those users are emptied (answers
+        not yet saved are discarded, not saved)."""
         from rlhf_core.privacy import forget_user
 
         session = self.session(session_id)
-        user_id = session.user_id
+        user_ids = set(filter(None, [session.user_id, *also]))
         with self._sessions_lock:
-            mine = [s for s in self._sessions.values() if s.user_id == user_id]
+            mine = [s for s in self._sessions.values() if s.user_id in user_ids]
         for other in mine:
             with other.lock:
                 other.pending.clear()
                 other.pending_events.clear()
-        counts = forget_user(self.store.redis, self.settings, user_id)
+        counts = {"turns": 0, "events": 0}
+        for user_id in sorted(user_ids):
+            for key, n in forget_user(self.store.redis, self.settings, user_id).items():
+                counts[key] = counts.get(key, 0) + n
         for other in mine:
             with other.lock:
                 other.messages, other.actions, other.chat_turns = [], [], []

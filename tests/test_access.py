@@ -358,6 +358,30 @@ def test_queued_handlers_cannot_skip_the_queue(serve_app):
     assert kind == "complete", payload  # through the queue it answers
 
 
+def test_delete_my_data_covers_what_the_browser_wrote_before_signing_in(serve_app):
+    # Review s11: the deletion took only the signed-in account's data; the turns the same
+    # browser wrote anonymously just before signing in (anon:<cookie id>) stayed stored.
+    app = serve_app(**PUBLIC)
+    store = app.service.store
+    alice = {"headers": {"X-Forwarded-User": "alice"}}
+    browser, other = visitor(app.url), visitor(app.url)
+    for http, session, kw in ((browser, "tab-1", {}), (other, "tab-2", {})):
+        _, kind, payload = http_call(
+            http, "send", ["before signing in", "", *SAMPLING], session, **kw
+        )
+        assert kind == "complete", payload
+    _, kind, payload = http_call(browser, "send", ["signed in", "", *SAMPLING], "tab-1", **alice)
+    assert kind == "complete", payload
+    users = sorted(t.user_id for t in store.turns())
+    assert users.count("alice") == 1 and len(users) == 3
+    _, kind, payload = http_call(browser, "delete_my_data", [], "tab-1", **alice)
+    assert kind == "complete", payload
+    (left,) = store.turns()  # the other browser's
+    assert left.user_id.startswith(access.ANON) and left.messages[-1]["content"] == (
+        "before signing in"
+    )
+
+
 def test_a_full_queue_says_busy(serve_app):
     app = serve_app(**PUBLIC, max_queue=0)
     stranger = visitor(app.url)
