@@ -432,7 +432,9 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
 
         @guarded
         def on_like(data: gr.LikeData, request: gr.Request):
-            kind = {True: "like", False: "dislike"}.get(data.liked, "unvote")
+            # Anything but true or false (a list, say, from a hand-made request) un-votes: a
+            # dict lookup raised TypeError on an unhashable value.
+            kind = "like" if data.liked is True else "dislike" if data.liked is False else "unvote"
             return on_vote(data.index, kind, request)
 
         @guarded

@@ -382,6 +382,38 @@ def test_delete_my_data_covers_what_the_browser_wrote_before_signing_in(serve_ap
     )
 
 
+def queue_call(http, fn_index: int, data: list, session_hash: str, event_data=None) -> dict:
+    """Run a handler by its index through the queue, as the page does (private handlers
+    answer this way too): the process_completed message."""
+    body = {"fn_index": fn_index, "data": data, "event_data": event_data,
+            "session_hash": session_hash}  # fmt: skip
+    http.post("/gradio_api/queue/join", json=body).raise_for_status()
+    params = {"session_hash": session_hash}
+    with http.stream("GET", "/gradio_api/queue/data", params=params) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the queue closed without a result")
+
+
+def test_a_hand_made_like_event_gets_a_clear_answer(serve_app):
+    # Review s11: the Chatbot's like handler looked its value up in a dict, so a request
+    # with liked=[1] (a list) answered "Something went wrong (TypeError)".
+    app = serve_app(**PUBLIC)
+    stranger = visitor(app.url)
+    _, kind, payload = http_call(stranger, "send", ["hi", "", *SAMPLING], "liker")
+    assert kind == "complete", payload
+    config = stranger.get("/config").json()
+    (like,) = [d["id"] for d in config["dependencies"] if d.get("api_name") == "on_like"]
+    for liked, vote in (([1], None), (True, "like"), ({"a": 1}, None)):
+        event = {"index": [1, 0], "value": "x", "liked": liked}
+        done = queue_call(stranger, like, [], "liker", event)
+        assert done["success"], done
+        assert app.service.view(app.service.session("liker"))[-1]["vote"] == vote
+
+
 def test_a_full_queue_says_busy(serve_app):
     app = serve_app(**PUBLIC, max_queue=0)
     stranger = visitor(app.url)
