@@ -596,8 +596,9 @@ return (#ARGV - 2) / 4
 # seen marker, turn-events list, its user's data. ARGV: per event: event json, event id,
 # turn id, kind.
 # Returns {status, stream id} per event: 1 written, 0 a duplicate (the id it was
-# written with). The caller has checked that every turn exists (turns are never
-# deleted), so there is nothing to refuse here.
+# written with). The caller has checked that every turn exists; a turn deleted between
+# that check and this script (retention, "Delete my data") leaves an event on a turn that
+# is gone, which no round or export admits (privacy.Admission needs the turn).
 SCRIPT_BATCH = 500  # events per script call
 _RECORD_EVENTS = """
 local out = {}
