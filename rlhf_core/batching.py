@@ -602,7 +602,10 @@ class ContinuousBatcher:
             # (torch.multinomial took 24 ms a row over the 49k-token vocabulary here),
             # then one searchsorted for the group.
             cdf = torch.softmax(sub, dim=-1).cumsum(dim=-1)
+            # Drawn on the CPU (each request's generator is a CPU one, so a seed gives the
+            # same answer on any device), then moved to the logits' device.
             u = torch.cat([torch.rand(1, generator=slots[row].generator) for row in rows])
+            u = u.to(cdf.device)
             u = (u[:, None] * cdf[:, -1:]).clamp_min(torch.finfo(cdf.dtype).tiny)  # u = 0 would
             drawn = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)  # pick a p = 0 token
             for row, token in zip(rows, drawn[:, 0].tolist(), strict=True):

@@ -463,6 +463,28 @@ def test_batched_sampler_top_p_draws_as_the_warper_would():
     assert len(set(draws["fast"])) > 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_sampler_draws_the_same_tokens_on_a_gpu():
+    """Review s11: each request's generator is a CPU one and its uniform draw met the
+    logits on the GPU (a device mismatch: every sampled answer failed on a GPU UI). With
+    the draw moved to the logits' device, the same seeds give the same tokens there."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from rlhf_core.batching import ContinuousBatcher, Slot
+
+    def draw(device):
+        slots = [
+            Slot(gen=None, streamer=None, generator=torch.Generator().manual_seed(row),
+                 warpers=[TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)],
+                 do_sample=True, stop_ids=frozenset())
+            for row in range(8)
+        ]  # fmt: skip
+        scores = torch.randn(8, 49152, generator=torch.Generator().manual_seed(2)) * 4
+        return ContinuousBatcher._sample(slots, scores.to(device))
+
+    assert draw("cuda") == draw("cpu")
+
+
 def test_batched_sampler_draws_from_the_warped_softmax():
     """Hand-worked: logits log([0, .25, .75, 0]) give those probabilities; top-p 0.7 keeps
     only the 0.75 token (the smallest set whose mass reaches 0.7)."""
