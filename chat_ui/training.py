@@ -211,6 +211,9 @@ class VersionWatcher:
     def _sync_candidate(self, registry: Registry) -> None:
         candidate = registry.candidate()
         if candidate is not None and candidate["version"] not in self.server.loaded_versions:
+            # Until the new candidate is loaded nobody is routed to a candidate: the one
+            # before it may have just been rolled back (a load that fails raises here).
+            self.candidate = None
             self._load(registry, candidate["version"])
             log.info("loaded candidate version %d", candidate["version"])
         self.candidate = candidate

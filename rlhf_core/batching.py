@@ -403,11 +403,19 @@ class ContinuousBatcher:
                     self._finish(slot)
                 else:
                     joining.append(slot)
-        for slot in joining:
-            self.server._repin_to_current(slot.gen)  # a request takes the version current now
-            slot.joined_at = time.perf_counter()
-        if joining:
-            self._place(joining)
+        try:
+            for slot in joining:
+                self.server._repin_to_current(slot.gen)  # it takes the version current now
+                slot.joined_at = time.perf_counter()
+            if joining:
+                self._place(joining)
+        except BaseException as error:
+            # Neither waiting nor active: _fail_all would not see them, and their readers
+            # would wait for the stream's timeout with their versions pinned.
+            for slot in joining:
+                slot.error = error
+                self._finish(slot)
+            raise
         self._active += joining
         if self._active:
             self._forward(self._feeds())

@@ -122,6 +122,11 @@ class StaleTokenError(RuntimeError):
     """A publish came from a round that no longer holds the training lock."""
 
 
+class ParentChangedError(StaleTokenError):
+    """A round's version was not published: the current version it trained from was
+    replaced while it trained (its events stay for the next round, as for a stale token)."""
+
+
 class CandidateError(RuntimeError):
     """A canary operation that does not fit the present state (no candidate, another one)."""
 
@@ -135,7 +140,9 @@ class UnknownVersionError(KeyError):
 
 # KEYS: lock, current, next, versions, used, pointer_log, candidate, candidate_queue
 # ARGV: token, meta_json, created_at, version_key_prefix, channel, artifact, storage,
-#       canary_share, n_blobs, blob keys..., stream ids...
+#       canary_share, expected current ('' = any), n_blobs, blob keys..., stream ids...
+# Refused ({-2, current}) when the current version is no longer the one the round trained
+# from: a rollback or a promotion while it trained must not be undone by its child.
 # While a candidate is out, the new version waits in the queue (never two candidates,
 # and the baseline does not move under a running comparison). Otherwise, with
 # canary_share > 0 it becomes the candidate (served to that share of users), else current.
@@ -144,8 +151,11 @@ local holder = redis.call('GET', KEYS[1])
 if holder ~= ARGV[1] then
   return {-1, holder or ''}
 end
-local v = redis.call('INCR', KEYS[3])
 local previous = redis.call('GET', KEYS[2]) or '0'
+if ARGV[9] ~= '' and previous ~= ARGV[9] then
+  return {-2, previous}
+end
+local v = redis.call('INCR', KEYS[3])
 local share = tonumber(ARGV[8])
 local role = 'current'
 if redis.call('EXISTS', KEYS[7]) == 1 then
@@ -165,11 +175,11 @@ elseif role == 'candidate' then
 else
   redis.call('RPUSH', KEYS[8], v)
 end
-local n_blobs = tonumber(ARGV[9])
-for i = 10, 9 + n_blobs do
+local n_blobs = tonumber(ARGV[10])
+for i = 11, 10 + n_blobs do
   redis.call('PERSIST', ARGV[i])
 end
-for i = 10 + n_blobs, #ARGV do
+for i = 11 + n_blobs, #ARGV do
   redis.call('HSET', KEYS[5], ARGV[i], v)
 end
 local reason = 'publish'
@@ -225,6 +235,9 @@ end
 if redis.call('EXISTS', ARGV[2]) == 0 then
   return {-1, ''}
 end
+if redis.call('HGET', ARGV[2], 'storage') == 'pruned' then
+  return {-3, ''}
+end
 local current = redis.call('GET', KEYS[2]) or '0'
 if current == ARGV[1] then
   return {-2, current}
@@ -254,10 +267,30 @@ end
 return {r, ''}
 """
 
+# KEYS: version key, current, candidate; ARGV: version. Marks a version's adapter as
+# pruned unless it is current or the candidate now (a rollback or a canary may have picked
+# it after the pruner chose what to keep): 1 marked, 0 left alone. The rollback and
+# candidate scripts refuse a pruned version, so the two cannot cross.
+_MARK_PRUNED = """
+local storage = redis.call('HGET', KEYS[1], 'storage')
+if not storage or storage == 'pruned' then
+  return 0
+end
+if (redis.call('GET', KEYS[2]) or '0') == ARGV[1]
+    or redis.call('HGET', KEYS[3], 'version') == ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'storage', 'pruned')
+return 1
+"""
+
 # KEYS: current, pointer_log; ARGV: version, version_key, channel, at
 _ROLLBACK = """
 if ARGV[1] ~= '0' and redis.call('EXISTS', ARGV[2]) == 0 then
   return -1
+end
+if ARGV[1] ~= '0' and redis.call('HGET', ARGV[2], 'storage') == 'pruned' then
+  return -2
 end
 redis.call('SET', KEYS[1], ARGV[1])
 local msg = '{"version": ' .. ARGV[1] .. ', "reason": "rollback", "at": ' .. ARGV[4] .. '}'
@@ -406,6 +439,7 @@ class Registry:
         self._publish = client.register_script(_PUBLISH)
         self._publish_reward = client.register_script(_PUBLISH_REWARD)
         self._rollback = client.register_script(_ROLLBACK)
+        self._mark_pruned = client.register_script(_MARK_PRUNED)
         self._decide = client.register_script(_DECIDE)
         self._start_candidate = client.register_script(_START_CANDIDATE)
 
@@ -489,6 +523,7 @@ class Registry:
         reward_dir: str | Path | None = None,
         stream_ids: Iterable[str] = (),
         canary_share: float = 0.0,
+        parent: int | None = None,
     ) -> int:
         """Store the adapter(s), then atomically make them the next current version.
 
@@ -501,6 +536,10 @@ class Registry:
         to that share of users until :meth:`decide`). While a candidate is out (also
         one an admin started), a new version waits in the candidate queue whatever the
         share; ``get(v)["published_as"]`` says which.
+
+        ``parent``: the current version the round trained from. When another version
+        became current meanwhile (a rollback, a promotion), the publish is refused with
+        :class:`ParentChangedError`: its child would undo that decision.
         """
         if not 0.0 <= canary_share <= 1.0:
             raise ValueError(f"canary share must be in [0, 1], got {canary_share}")
@@ -524,12 +563,20 @@ class Registry:
                 artifact,
                 "inline" if inline else "shared",
                 repr(float(canary_share)),
+                "" if parent is None else str(int(parent)),
                 len(blob_keys),
                 *blob_keys,
                 *ids,
             ],
         )
         version, holder = int(result[0]), _text(result[1])
+        if version == -2:
+            self._unstage(artifact, blob_keys)
+            raise ParentChangedError(
+                f"Not published: the round trained from version {parent}, and version "
+                f"{holder} became current while it trained (a rollback or a promotion); its "
+                f"events stay for the next round, which trains from version {holder}."
+            )
         if version < 0:
             self._unstage(artifact, blob_keys)
             raise StaleTokenError(
@@ -675,26 +722,33 @@ class Registry:
 
     def rollback(self, version: int) -> int:
         """Make an earlier version (or 0, the base model) current again and announce it."""
-        if (
-            int(version) != 0
-            and _text(self.client.hget(f"{PREFIX}version:{int(version)}", "storage") or b"")
-            == "pruned"
-        ):
+        ok = self._rollback(
+            keys=[K_CURRENT, K_POINTER_LOG],
+            args=[int(version), f"{PREFIX}version:{int(version)}", CHANNEL, repr(time.time())],
+        )
+        if int(ok) == -2:  # checked in the script: a prune cannot slip in between
             raise UnknownVersionError(
                 f"Cannot roll back to version {version}: its adapter was deleted to keep the "
                 f"store bounded (RLHF_KEEP_ADAPTERS={self.settings.keep_adapters}). "
                 f"Versions with adapters: {self.versions()[-self.settings.keep_adapters :]}"
             )
-        ok = self._rollback(
-            keys=[K_CURRENT, K_POINTER_LOG],
-            args=[int(version), f"{PREFIX}version:{int(version)}", CHANNEL, repr(time.time())],
-        )
         if int(ok) < 0:
             raise UnknownVersionError(
                 f"Cannot roll back to version {version}: it was never published. "
                 f"Known versions: {self.versions() or 'none (0 = base model)'}"
             )
         return int(version)
+
+    def mark_pruned(self, version: int) -> bool:
+        """Mark ``version``'s adapter as deleted, in one step with the check that it is
+        neither current nor the candidate; False when it is (or has no adapter to
+        delete). Mark first, delete after: a reader then says "pruned", not "missing"."""
+        return bool(
+            self._mark_pruned(
+                keys=[f"{PREFIX}version:{int(version)}", K_CURRENT, K_CANDIDATE],
+                args=[int(version)],
+            )
+        )
 
     # ------------------------------------------------------------ canary
     def candidate(self) -> dict[str, Any] | None:
@@ -739,6 +793,11 @@ class Registry:
             )
         if code == -2:
             raise CandidateError(f"Version {version} is already current; pick another version.")
+        if code == -3:
+            raise UnknownVersionError(
+                f"Version {version}'s adapter was deleted to keep the store bounded "
+                f"(RLHF_KEEP_ADAPTERS={self.settings.keep_adapters}); pick a newer version."
+            )
 
     def set_candidate_share(self, share: float) -> None:
         """Change the share of users the running candidate serves."""

@@ -224,7 +224,12 @@ def run_round(
     work_dir: Path | None = None
 
     def report(stage: str, fraction: float) -> None:
-        registry.set_progress(stage, fraction, token, reason=reason, events=len(taken))
+        try:
+            registry.set_progress(stage, fraction, token, reason=reason, events=len(taken))
+        except redis.RedisError as error:
+            # Progress is for people watching; a blip must not throw the round away (the
+            # lease renewal tolerates blips too, and the publish checks the lock).
+            log.warning("round %s: progress not recorded (%s)", token, error)
         if progress is not None:
             progress(stage, fraction)
 
@@ -412,7 +417,7 @@ def run_round(
             # one out to be decided); the parent stays the current version either way.
             version = registry.publish(
                 result.policy_dir, metadata, token, stream_ids=taken,
-                canary_share=settings.canary_share,
+                canary_share=settings.canary_share, parent=parent,
             )  # fmt: skip
         except StaleTokenError as error:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)

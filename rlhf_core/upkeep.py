@@ -117,8 +117,11 @@ def prune_adapters(settings: Settings, client: redis.Redis) -> list[int]:
         )
         if storage in (None, PRUNED):
             continue
-        # Mark first: a reader then says "pruned" instead of "missing".
-        client.hset(key, "storage", PRUNED)
+        # ``kept`` was read before this loop: a rollback (or a canary) may have picked
+        # this version since. The mark checks that in one step with it, and the rollback
+        # refuses a version marked pruned.
+        if not registry.mark_pruned(version):
+            continue
         if storage == "inline":
             client.delete(*(f"{PREFIX}blob:{artifact}:{kind}" for kind in ("policy", "reward")))
         elif storage == "shared":

@@ -154,6 +154,55 @@ def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings
     assert registry.last_round()["status"] == "skipped"
 
 
+def test_a_rollback_while_a_round_trains_is_not_undone(redis_client, tiny_settings, tiny_model):
+    # Review 2 of s11: the round read its parent (the current version) before training and
+    # its publish made its child current whatever was current by then, so a rollback (or
+    # a promotion) made while it trained was undone by a child of the old version.
+    store = FeedbackStore(redis_client)
+    registry = Registry(redis_client, tiny_settings)
+    post_feedback(store, 4, "alice")
+    first = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert first.status == "published" and registry.current() == 1
+    second_events = post_feedback(store, 4, "bob")
+
+    def admin_rolls_back(stage, fraction):
+        if stage == "gate" and registry.current() == 1:
+            registry.rollback(0)
+
+    second = run_round(
+        tiny_settings, redis_client, tiny_model, consumer_name="w1", progress=admin_rolls_back
+    )
+    assert second.status == "failed" and "became current while it trained" in second.reason
+    assert registry.current() == 0 and registry.versions() == [1]
+    # Its events were not consumed: the next round trains them from version 0.
+    third = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert third.status == "published" and registry.get(third.version)["parent"] == 0
+    assert {e.event_id for e in second_events} <= set(registry.get(third.version)["event_ids"])
+    assert registry.current() == third.version
+
+
+def test_a_redis_blip_in_a_progress_report_does_not_fail_the_round(
+    redis_client, tiny_settings, tiny_model, monkeypatch
+):
+    # Review 2 of s11: the trainer reports progress once per PPO batch and the report was
+    # not guarded, so one failed write threw the whole round away.
+    import redis
+
+    calls = []
+    set_progress = Registry.set_progress
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise redis.ConnectionError("a blip")
+        return set_progress(self, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "set_progress", flaky)
+    post_feedback(FeedbackStore(redis_client), 4)
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert len(calls) > 3 and outcome.status == "published", outcome.reason
+
+
 def test_a_round_whose_policy_was_refused_counts_in_the_window(
     redis_client, tiny_settings, tiny_model
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -122,6 +123,43 @@ def test_a_long_chat_is_trimmed_in_few_encodings(server, tiny_settings, monkeypa
     prompt = server.build_prompt(chat, max_new_tokens=8)
     assert 0 < len(prompt.input_ids) <= 60 and prompt.dropped > 580
     assert len(calls) <= 12  # 1 + ceil(log2(301)) + 1; one per dropped exchange: ~298
+
+
+def test_a_failure_while_requests_join_the_batch_ends_them_and_releases_their_pins(
+    server, monkeypatch
+):
+    # Review 2 of s11: the joining requests were in neither the waiting nor the active
+    # list when placing them raised, so their readers waited for the stream's timeout and
+    # their versions stayed pinned.
+    from rlhf_core.batching import ContinuousBatcher
+
+    if not server.batched:
+        pytest.skip("the batched server only")
+    place = ContinuousBatcher._place
+    failures = []
+
+    def fail_once(self, joining):
+        if not failures:
+            failures.append(len(joining))
+            raise MemoryError("no room for the cache")
+        return place(self, joining)
+
+    monkeypatch.setattr(ContinuousBatcher, "_place", fail_once)
+    started = time.monotonic()
+    with pytest.raises(MemoryError):
+        server.generate(CHAT, GREEDY)
+    assert time.monotonic() - started < 30 and failures == [1]
+    assert not any(server._pins.values())  # no version left pinned
+    # The failed step then fails whatever is in flight (a request sent at that instant
+    # may get the same error): the server serves again once the loop has gone round.
+    for _ in range(3):
+        try:
+            assert server.generate(CHAT, GREEDY).text is not None
+            break
+        except MemoryError:
+            time.sleep(0.5)
+    else:
+        raise AssertionError("the server did not serve again after the failed step")
 
 
 def test_control_tokens_in_user_text_stay_text(server):

@@ -88,6 +88,35 @@ def test_adapters_beyond_the_cap_are_pruned_and_cannot_be_rolled_back_to(
     assert registry.materialize(2) is not None and registry.rollback(4) == 4
 
 
+def test_a_rollback_while_pruning_never_leaves_current_without_weights(
+    tiny_settings, redis_client, folders, monkeypatch
+):
+    """Review 2 of s11: the pruner chose what to keep once, then deleted the rest; a
+    rollback to an old version in between made it current and then deleted its weights
+    (every UI then failed to load it, and every round failed to load its parent)."""
+    from rlhf_core import upkeep
+
+    settings = tiny_settings.model_copy(update={"keep_adapters": 2})
+    registry = Registry(redis_client, settings)
+    for i in range(4):
+        publish(registry, folders[i % 2], parent=i)
+    chosen = upkeep.kept_versions
+
+    def admin_rolls_back_meanwhile(registry_, keep):
+        kept = chosen(registry_, keep)
+        registry.rollback(1)  # after the pruner decided that 1 goes
+        return kept
+
+    monkeypatch.setattr(upkeep, "kept_versions", admin_rolls_back_meanwhile)
+    assert prune_adapters(settings, redis_client) == [2]  # 1 is current now: left alone
+    assert registry.current() == 1 and registry.materialize(1) is not None
+    monkeypatch.undo()
+    registry.rollback(4)
+    assert prune_adapters(settings, redis_client) == [1]
+    with pytest.raises(UnknownVersionError, match="RLHF_KEEP_ADAPTERS"):
+        registry.start_candidate(1, 0.5)
+
+
 def test_a_corrupt_adapter_does_not_stop_later_swaps(tiny_settings, redis_client, folders):
     """The watcher thread died on anything but Redis/OS/ValueError errors: a corrupt
     safetensors file stopped every later swap until a restart."""
@@ -112,6 +141,38 @@ def test_a_corrupt_adapter_does_not_stop_later_swaps(tiny_settings, redis_client
                  "version 2 served and the error cleared", interval_s=0.1)  # fmt: skip
     finally:
         watcher.stop()
+
+
+def test_a_candidate_that_fails_to_load_does_not_leave_the_last_one_served(
+    tiny_settings, redis_client, folders
+):
+    """Review 2 of s11: when the next candidate's adapter failed to load, the watcher kept
+    the one before it, which had just been rolled back, for the canary's share of users."""
+    from rlhf_core import canary
+
+    registry = Registry(redis_client, tiny_settings)
+    corrupt = folders[0].with_name("corrupt")
+    shutil.copytree(folders[0], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    lock = registry.lock()
+    token = lock.acquire()
+    try:
+        registry.publish(folders[0], {"parent": 0}, token)  # v1 current
+        registry.publish(folders[1], {"parent": 1}, token, canary_share=0.5)  # v2 candidate
+        registry.publish(corrupt, {"parent": 1}, token, canary_share=0.5)  # v3 waits
+    finally:
+        lock.release()
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    watcher = VersionWatcher(server, tiny_settings, client=redis_client)
+    watcher._safe_sync()
+    users = [f"user-{n}" for n in range(40)]
+    assert {watcher.version_for(u) for u in users} == {2, None}  # the share gets v2
+    canary.override(redis_client, tiny_settings, "rollback", by="test")  # v3 is next
+    assert registry.candidate()["version"] == 3
+    watcher._safe_sync()
+    assert "cannot be served" in watcher.last_error
+    assert {watcher.version_for(u) for u in users} == {None}  # nobody gets v2 any more
+    server.close()
 
 
 def test_the_model_is_built_once_and_the_other_process_waits(tmp_path, model_cache):
