@@ -466,6 +466,7 @@ class ChatService:
                     session.messages += [{"role": "user", "content": text}, answer]
                     session.actions.append({"kind": "send", "turn_id": turn.turn_id, "text": text})
                     self._apply_deferred_votes(session, stream, answer)
+                self._end_stream(session, stream)  # under the lock: no vote lands in between
                 final = self._update(session, notices=notices)
         finally:
             self._end_stream(session, stream)
@@ -517,6 +518,7 @@ class ChatService:
                         }
                     )
                     self._apply_deferred_votes(session, stream, answer)
+                self._end_stream(session, stream)  # under the lock: no vote lands in between
                 final = self._update(session, notices=notices)
         finally:
             self._end_stream(session, stream)
@@ -529,9 +531,14 @@ class ChatService:
         return stream
 
     def _end_stream(self, session: ChatSession, stream: dict[str, Any]) -> None:
-        with session.lock:
-            if session.streaming is stream:
-                session.streaming = None
+        """The answer is no longer streaming. Called with the session's lock held once the
+        answer is stored (so that a vote clicked at that moment finds either the stream or
+        the stored answer, never a stream already applied), and again without it when the
+        generator ends: Gradio closes a generator whose client left on its event loop,
+        and waiting there for the lock (held across Redis calls, up to their timeout
+        while Redis hangs) would stall every visitor. One reference write needs no lock."""
+        if session.streaming is stream:
+            session.streaming = None
 
     def _apply_deferred_votes(
         self, session: ChatSession, stream: dict[str, Any], answer: dict[str, Any]

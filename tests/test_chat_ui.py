@@ -137,6 +137,35 @@ def test_nothing_unsaved_is_lost_when_a_tab_closes_during_an_outage(service, mon
     assert [e.kind for e in store.events()] == ["regenerate"]
 
 
+def test_a_closed_stream_does_not_wait_for_the_session_lock(service):
+    # Review 2 of s11: Gradio closes the generator of a client that left on its event loop,
+    # and the close waited for the session's lock, which handlers hold across Redis calls
+    # (up to the socket timeout while Redis hangs): one closed tab stalled every visitor.
+    import threading
+    import time
+
+    updates = service.send("s1", "Hello", None, {"max_new_tokens": 64})
+    assert not next(updates).done
+    session = service.session("s1")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with session.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(5)
+    started = time.monotonic()
+    updates.close()
+    closed_in = time.monotonic() - started
+    release.set()
+    holder.join()
+    assert closed_in < 2 and session.streaming is None
+    assert not last(service.send("s1", "Hello again", None, {"max_new_tokens": 4}))[-1].notices
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
