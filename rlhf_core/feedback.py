@@ -871,16 +871,7 @@ class FeedbackStore:
         for t in dict.fromkeys(turn_ids):
             pipe.lrange(turn_events_key(t), 0, -1)
         stream_ids = sorted({_text(s) for ids in pipe.execute() for s in ids}, key=_stream_id_key)
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in stream_ids:
-            pipe.xrange(EVENTS_STREAM, sid, sid)
-        out: list[Event] = []
-        for result in pipe.execute() if stream_ids else []:
-            for sid, data in result:
-                event = self._decode_entry(sid, data)
-                if event is not None:
-                    out.append(event)
-        return out
+        return [event for _, event in self.event_entries_at(stream_ids)]
 
     def _scan(
         self, stream: str, batch: int, start: str = "-", end: str = "+"
@@ -1207,17 +1198,9 @@ class FeedbackStore:
         sids = [_text(s) for s in self.redis.zrangebyscore(HELD_KEY, "-inf", now, 0, count)]
         if not sids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in sids:
-            pipe.xrange(EVENTS_STREAM, sid, sid)
-        out: list[tuple[str, Event]] = []
-        gone: list[str] = []
-        for sid, result in zip(sids, pipe.execute(), strict=True):
-            event = self._decode_entry(sid, result[0][1]) if result else None
-            if event is None:
-                gone.append(sid)
-            else:
-                out.append((sid, event))
+        out = self.event_entries_at(sids)
+        found = {sid for sid, _ in out}
+        gone = [sid for sid in sids if sid not in found]
         if gone:
             self.redis.zrem(HELD_KEY, *gone)
         return sorted(out, key=lambda e: _stream_id_key(e[0]))
