@@ -117,12 +117,14 @@ class PPOConfig:
     learning_rate: float = 3e-4
     init_kl_coef: float = 0.2
     target_kl: float | None = 6.0  # adaptive KL target per answer (nats); None = fixed coefficient
-    # Samples over which the adaptive coefficient moves by up to kl_error_clip (Ziegler et al. use
-    # 10,000 samples of a long run; a round here has ~32, so the coefficient must react
-    # within a round or two). from_settings: one round's samples by default.
+    # Samples over which the adaptive coefficient moves by up to kl_rise_clip / kl_fall_clip
+    # (Ziegler et al. use 10,000 samples of a long run; a round here has ~32, so the
+    # coefficient must react within a round or two). from_settings: one round's samples.
     kl_horizon: float = 32.0
-    # The controller's proportional error is clipped to +-this: the most it moves per horizon.
-    kl_error_clip: float = 0.5
+    # The controller's proportional error is clipped to [-kl_fall_clip, kl_rise_clip]: the
+    # most it moves per horizon (AdaptiveKLController says why the two differ).
+    kl_rise_clip: float = 0.2
+    kl_fall_clip: float = 0.5
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
@@ -170,7 +172,8 @@ class PPOConfig:
             "init_kl_coef": settings.init_kl_coef,
             "target_kl": settings.target_kl,
             "kl_horizon": settings.kl_horizon or settings.ppo_steps * settings.ppo_batch_size,
-            "kl_error_clip": settings.kl_error_clip,
+            "kl_rise_clip": settings.kl_rise_clip,
+            "kl_fall_clip": settings.kl_fall_clip,
             "missing_eos_penalty": settings.missing_eos_penalty,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
@@ -354,7 +357,11 @@ class PPOTrainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(self.policy_value, optimizer)
         self.device = self.accelerator.device
         self.kl_ctl = make_kl_controller(
-            config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
+            config.init_kl_coef,
+            config.target_kl,
+            config.kl_horizon,
+            config.kl_rise_clip,
+            config.kl_fall_clip,
         )
         if kl_state:
             self.kl_ctl.load_state_dict(kl_state)

@@ -373,18 +373,24 @@ def test_adaptive_kl_controller_by_hand():
     assert restored.value == ctl.value
 
 
-def test_adaptive_kl_controller_error_clip_by_hand():
-    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=32, error_clip=0.5)
+def test_adaptive_kl_controller_clips_rises_and_falls_apart_by_hand():
+    ctl = AdaptiveKLController(
+        init_kl_coef=0.2, target=6.0, horizon=32, rise_clip=0.2, fall_clip=0.5
+    )
     # KL 1: error -5/6 clipped to -.5; mult = 1 - .5 * 8 / 32 = .875
     assert ctl.update(1.0, 8) == pytest.approx(0.175)
-    # KL 7.2: error .2, inside the clip, the same step as with the paper's 0.2
-    assert ctl.update(7.2, 8) == pytest.approx(0.175 * 1.05)
-    # KL 30: error 4 clipped to .5; mult 1.125
-    assert ctl.update(30.0, 8) == pytest.approx(0.175 * 1.05 * 1.125)
-    assert ctl.state_dict()["error_clip"] == 0.5
+    # KL 4.2: error -.3, inside the fall clip: mult = 1 - .3 * 8 / 32 = .925
+    assert ctl.update(4.2, 8) == pytest.approx(0.175 * 0.925)
+    # KL 7.2: error .2, at the rise clip: mult 1.05
+    assert ctl.update(7.2, 8) == pytest.approx(0.175 * 0.925 * 1.05)
+    # KL 30: error 4 clipped to .2 (it was .5, x1.125, with one clip of 0.5): mult 1.05
+    assert ctl.update(30.0, 8) == pytest.approx(0.175 * 0.925 * 1.05**2)
+    assert (ctl.state_dict()["rise_clip"], ctl.state_dict()["fall_clip"]) == (0.2, 0.5)
     for bad in (0.0, 1.0, -0.1):
-        with pytest.raises(ValueError, match="error_clip"):
-            AdaptiveKLController(0.2, 6.0, 32, error_clip=bad)
+        with pytest.raises(ValueError, match="clips"):
+            AdaptiveKLController(0.2, 6.0, 32, rise_clip=bad)
+        with pytest.raises(ValueError, match="clips"):
+            AdaptiveKLController(0.2, 6.0, 32, fall_clip=bad)
 
 
 def test_fixed_kl_controller_and_factory():

@@ -478,19 +478,28 @@ def test_demo_limit_defaults_to_the_served_answer_limit(tiny_settings):
     assert PPOConfig.from_settings(settings).demo_max_tokens == 50
 
 
-def test_the_default_kl_controller_moves_measurably_in_one_round():
-    """Issue 9 defect 4: at twice the target KL for one round of default settings
-    (4 steps of 8 answers, horizon = those 32 samples, error clipped to +-0.5) the
-    coefficient grows by (1 + 0.5 * 8/32)**4 = 1.125**4 = 1.6018x. On the issue's main
-    (horizon 10,000 samples) it grew 1.00006x; with the paper's clip 0.2, 1.05**4 = 1.2155x."""
-    settings = Settings()
+def default_kl_controller(settings: Settings):
     config = PPOConfig.from_settings(settings)
     ctl = make_kl_controller(
-        config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
+        config.init_kl_coef,
+        config.target_kl,
+        config.kl_horizon,
+        config.kl_rise_clip,
+        config.kl_fall_clip,
     )
+    return config, ctl
+
+
+def test_the_default_kl_controller_moves_measurably_in_one_round():
+    """Issue 9 defect 4: at twice the target KL for one round of default settings
+    (4 steps of 8 answers, horizon = those 32 samples, rises clipped to 0.2) the
+    coefficient grows by (1 + 0.2 * 8/32)**4 = 1.05**4 = 1.2155x. On the issue's main
+    (horizon 10,000 samples) it grew 1.00006x."""
+    settings = Settings()
+    config, ctl = default_kl_controller(settings)
     for _ in range(settings.ppo_steps):
         ctl.update(2 * config.target_kl, config.batch_size)
-    assert ctl.value == pytest.approx(config.init_kl_coef * 1.125**4, rel=1e-6)
+    assert ctl.value == pytest.approx(config.init_kl_coef * 1.05**4, rel=1e-6)
 
 
 def test_the_default_kl_controller_leaves_the_base_within_two_rounds_of_thumbs_only():
@@ -499,14 +508,28 @@ def test_the_default_kl_controller_leaves_the_base_within_two_rounds_of_thumbs_o
     take 0.2 to 0.2 * 0.875**8 = 0.0687 (with the paper's clip 0.2: 0.2 * 0.95**8 = 0.1327,
     and 0.0717 only after five rounds, when the measured run first learnt its taste)."""
     settings = Settings()
-    config = PPOConfig.from_settings(settings)
-    assert (config.init_kl_coef, config.kl_error_clip) == (0.2, 0.5)
-    ctl = make_kl_controller(
-        config.init_kl_coef, config.target_kl, config.kl_horizon, config.kl_error_clip
-    )
+    config, ctl = default_kl_controller(settings)
+    assert (config.init_kl_coef, config.kl_fall_clip) == (0.2, 0.5)
     for _ in range(2 * settings.ppo_steps):
         ctl.update(1.0, config.batch_size)
     assert ctl.value == pytest.approx(0.0687, abs=1e-4)
+
+
+def test_the_default_kl_controller_keeps_a_taste_through_four_rounds_of_rollouts_above_target():
+    """The rollouts of upbeat-clip05-20min's four rounds read 5.3, 12.9, 13.5 and 11.2 nats
+    (the whole step, before the gate scaled it toward the base) against the target of 6.
+    Round 1: e = 5.3/6 - 1 = -0.116667, x(1 - 0.116667/4)**4 = x0.888339 -> 0.177668;
+    then rises clipped to 0.2, x1.05**4 a round: 0.177668 * 1.05**12 = 0.319066, whose
+    KL-regularised optimum lies 1/(2 * 0.319066**2) = 4.91 nats from the base. With one clip
+    of 0.5 (3a15b3b) the rises were x1.125**4: 0.177668 * 1.125**12 = 0.730195, an optimum
+    0.94 nats from the base, and that run's v4 fell from 0.84 to 0.25."""
+    settings = Settings()
+    config, ctl = default_kl_controller(settings)
+    for round_kl in (5.3, 12.9, 13.5, 11.2):
+        for _ in range(settings.ppo_steps):
+            ctl.update(round_kl, config.batch_size)
+    assert ctl.value == pytest.approx(0.319066, abs=1e-6)
+    assert 1 / (2 * ctl.value**2) > 4.9
 
 
 def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
