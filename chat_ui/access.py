@@ -432,10 +432,11 @@ class Access:
         return may_train(identity, self.settings)
 
     # --- rate limits ----------------------------------------------------------
-    def check_rate(self, kind: str, identity: Identity) -> None:
-        """Count one ``kind`` ('message' or 'feedback') request against the caller's
-        account and IP windows; RateLimited when a window is full. Admins are not
-        counted. Fails open when Redis is down: chatting must survive an outage."""
+    def check_rate(self, kind: str, identity: Identity, cost: int = 1) -> None:
+        """Count a ``kind`` ('message' or 'feedback') request, as ``cost`` of them (an arena
+        message asks for two answers), against the caller's account and IP windows;
+        RateLimited when a window is full. Admins are not counted. Fails open when Redis
+        is down: chatting must survive an outage."""
         if identity.admin:
             return
         checks = [
@@ -445,10 +446,10 @@ class Access:
         ]
         try:
             for item, scope, key in checks:
-                if not self.limiter.test(item, kind, scope, key):
+                if not self.limiter.test(item, kind, scope, key, cost=cost):
                     raise RateLimited(self._limited(kind, scope, item, key))
             for item, scope, key in checks:
-                if not self.limiter.hit(item, kind, scope, key):
+                if not self.limiter.hit(item, kind, scope, key, cost=cost):
                     raise RateLimited(self._limited(kind, scope, item, key))
         except redis.RedisError as error:
             log.warning("rate limit not checked, Redis unavailable: %s", error)

@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -182,6 +183,15 @@ def guarded(fn):
     return call
 
 
+def public_model_name(base_model: str) -> str:
+    """What a visitor is told of RLHF_BASE_MODEL: a hub id as it is, a local folder by its
+    last part only (its full path says how the operator's disks are laid out)."""
+    path = Path(base_model).expanduser()
+    if path.is_absolute() or base_model.startswith(".") or path.exists():
+        return path.name or "a local model"
+    return base_model
+
+
 PICKS = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both are bad"}
 
 
@@ -227,14 +237,15 @@ def consent_notice(settings: Settings) -> str:
 def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Blocks:
     store = service.store
 
-    def who(request: gr.Request, kind: str | None = None) -> Identity:
+    def who(request: gr.Request, kind: str | None = None, cost: int = 1) -> Identity:
         """The caller, checked: their own chat, allowed to chat, within their rate
-        limits for ``kind`` ('message' or 'feedback'). Raises gr.Error otherwise."""
+        limits for ``kind`` ('message' or 'feedback'), counted ``cost`` times. Raises
+        gr.Error otherwise."""
         try:
             identity = access.identify(request)
             access.require_chat(identity)
             if kind is not None:
-                access.check_rate(kind, identity)
+                access.check_rate(kind, identity, cost)
         except AccessError as error:
             raise _fail(error) from error
         service.session(identity.session_id, identity.user_id, access.may_train(identity))
@@ -469,9 +480,11 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         def on_status(request: gr.Request):
             identity = who(request)
             status = service.status(identity.session_id)
-            if status.get("swap_error") and not identity.admin:
-                # The watcher's error names hosts and paths: admins only (and the log).
-                status["swap_error"] = "the newest version could not be loaded yet"
+            if not identity.admin:
+                status["model"] = public_model_name(status["model"])
+                if status.get("swap_error"):
+                    # The watcher's error names hosts and paths: admins only (and the log).
+                    status["swap_error"] = "the newest version could not be loaded yet"
             return status
 
         @guarded
@@ -493,7 +506,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         def on_arena_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
             sampling = sampling_of(temp, p, max_new)
-            identity = who(request, "message")
+            identity = who(request, "message", cost=2)  # two versions answer
             for update in service.arena_send(identity.session_id, message, system, sampling):
                 _notify(Update([], notices=update.notices), shown)
                 yield (*arena_view(update), "")

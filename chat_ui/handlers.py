@@ -102,6 +102,7 @@ class ChatSession:
     pending_events: list[Event] = field(default_factory=list)
     # The answer being streamed: its index on the page and votes clicked on it meanwhile.
     streaming: dict[str, Any] | None = None
+    arena_streaming: object | None = None  # the arena battle being answered (a token)
     reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
     epoch: int = 0  # bumped when the conversation is replaced (new chat)
     arena: dict[str, Any] | None = None  # the last arena battle: turns, versions, pick
@@ -201,7 +202,8 @@ class ChatService:
         dropped = 0
         for session in victims:
             with session.lock:
-                if session.streaming is not None or not self._try_flush(session):
+                answering = session.streaming is not None or session.arena_streaming is not None
+                if answering or not self._try_flush(session):
                     continue
                 with self._sessions_lock:
                     if self._sessions.get(session.session_id) is session and (
@@ -448,6 +450,7 @@ class ChatService:
         system_prompt = validation.system_prompt(system_prompt, self.settings)
         sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
+            self._refuse_a_second_answer(session)
             self._try_flush(session)
             epoch, asked_at = session.epoch, time.time()
             context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
@@ -485,6 +488,7 @@ class ChatService:
         session = self.session(session_id)
         sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
+            self._refuse_a_second_answer(session)
             index, old = self._answer_at(session, index)
             epoch, asked_at = session.epoch, time.time()
             context = list(old["context"])
@@ -525,6 +529,18 @@ class ChatService:
         yield final
 
     # --- answers still streaming ------------------------------------------------------
+    def _refuse_a_second_answer(self, session: ChatSession) -> None:
+        """One answer at a time per chat. The page disables nothing while an answer
+        streams (Enter in the box sends), and any script can call send, regenerate and
+        arena_send on one chat id at once: two answers to one chat would each take the
+        context without the other and land in an order nobody sent, and one chat id
+        would hold several of the server's decode slots. Called with the session's lock."""
+        if session.streaming is not None or session.arena_streaming is not None:
+            raise InputError(
+                "An answer is still being written in this chat. Wait for it to finish "
+                "then send again."
+            )
+
     def _begin_stream(self, session: ChatSession, index: int) -> dict[str, Any]:
         stream = {"index": index, "votes": []}
         session.streaming = stream
@@ -693,35 +709,42 @@ class ChatService:
         context = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
         ]
-        answers = ["", ""]
-        turns: list[Turn] = []
-        asked_at = time.time()
-        notices: list[str] = []
-        for side, version in enumerate(versions):
-            try:
-                gen = self.policy.stream(context, sampling, version=version)
-            except UnknownVersionError as error:
-                raise InputError(
-                    "One of the versions was just unloaded (a new version arrived). "
-                    "Send the message again."
-                ) from error
-            except ContextTooLongError as error:
-                raise InputError(str(error)) from error
-            for partial in gen:
-                answers[side] = partial
-                yield ArenaUpdate(a=answers[0], b=answers[1])
-            turn = self._turn(session, gen, asked_at)
-            turns.append(turn)
         with session.lock:
-            for turn in turns:
-                notices += self._save(session, turn)
-            session.arena = {
-                "battle_id": new_id(),
-                "turns": (turns[0].turn_id, turns[1].turn_id),
-                "versions": (turns[0].policy_version, turns[1].policy_version),
-                "answers": (answers[0], answers[1]),
-                "picked": None,
-            }
+            self._refuse_a_second_answer(session)
+            battle = session.arena_streaming = object()
+        try:
+            answers = ["", ""]
+            turns: list[Turn] = []
+            asked_at = time.time()
+            notices: list[str] = []
+            for side, version in enumerate(versions):
+                try:
+                    gen = self.policy.stream(context, sampling, version=version)
+                except UnknownVersionError as error:
+                    raise InputError(
+                        "One of the versions was just unloaded (a new version arrived). "
+                        "Send the message again."
+                    ) from error
+                except ContextTooLongError as error:
+                    raise InputError(str(error)) from error
+                for partial in gen:
+                    answers[side] = partial
+                    yield ArenaUpdate(a=answers[0], b=answers[1])
+                turn = self._turn(session, gen, asked_at)
+                turns.append(turn)
+            with session.lock:
+                for turn in turns:
+                    notices += self._save(session, turn)
+                session.arena = {
+                    "battle_id": new_id(),
+                    "turns": (turns[0].turn_id, turns[1].turn_id),
+                    "versions": (turns[0].policy_version, turns[1].policy_version),
+                    "answers": (answers[0], answers[1]),
+                    "picked": None,
+                }
+        finally:
+            if session.arena_streaming is battle:  # lock-free, as _end_stream
+                session.arena_streaming = None
         yield ArenaUpdate(a=answers[0], b=answers[1], done=True, notices=notices)
 
     def arena_pick(self, session_id: str, outcome: str) -> ArenaUpdate:

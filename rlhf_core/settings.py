@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     )
     message_rate: str = Field(
         "20/minute;300/day",
-        description="Messages (send, regenerate) per account ('limits' syntax).",
+        description="Messages (send, regenerate; an arena message counts two) per account "
+        "('limits' syntax).",
     )
     message_rate_ip: str = Field("60/minute", description="Messages per IP address.")
     feedback_rate: str = Field(

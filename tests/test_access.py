@@ -326,6 +326,45 @@ def test_rate_limits_and_body_size_over_http(serve_app):
     assert status == 413 and "RLHF_MAX_BODY_KB" in payload["detail"]
 
 
+def test_an_arena_message_counts_as_the_two_answers_it_asks_for(serve_app):
+    # Review 1 of s11: an arena message generates two answers but counted as one message,
+    # so the arena doubled what RLHF_MESSAGE_RATE lets one person make the server write.
+    app = serve_app(**PUBLIC, message_rate="3/hour")
+    client = Client(app.url, verbose=False)
+    with pytest.raises(AppError, match="only one so far"):  # counted before it is answered
+        client.predict("Which is better?", "", *SAMPLING, api_name="/arena_send")
+    client.predict("question 1", "", *SAMPLING, api_name="/send")
+    with pytest.raises(AppError, match=r"Too many messages: .* at most 3 per hour"):
+        client.predict("question 2", "", *SAMPLING, api_name="/send")
+
+
+def test_status_names_a_local_model_folder_by_its_last_part_only(serve_app):
+    # Review 1 of s11: /status gave anyone RLHF_BASE_MODEL as set, a local path when one
+    # is (how the operator's disks are laid out); visitors now get the folder's name.
+    app = serve_app(**PUBLIC)
+    app.service.settings = app.service.settings.model_copy(
+        update={"base_model": "/srv/operator/models/SmolLM2-135M-Instruct"}
+    )
+    status = Client(app.url, verbose=False).predict(api_name="/status")
+    assert status["model"] == "SmolLM2-135M-Instruct"
+    admin = Client(app.url, verbose=False, headers={"X-Forwarded-User": "root"})
+    assert (
+        admin.predict(api_name="/status")["model"] == "/srv/operator/models/SmolLM2-135M-Instruct"
+    )
+
+
+def test_public_model_name():
+    from chat_ui.app import public_model_name
+
+    assert public_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert public_model_name("/models/smol/") == "smol"
+    assert public_model_name("./models/smol") == "smol"
+    assert public_model_name("~/models/smol") == "smol"
+    assert public_model_name("tiny-random") == "tiny-random"
+
+
 def test_new_chats_from_one_address_are_bounded(serve_app, redis_client):
     # Review s11: every request with a chat id never seen before bound it (a key kept for
     # a week) and opened a chat in memory, without any window: /status with a new id per

@@ -40,6 +40,14 @@ def test_arena_pick_is_a_battle_a_pair_and_two_votes(tiny_settings, tiny_model, 
         service.arena_pick("s1", "a")
     updates = list(service.arena_send("s1", "Which is better?", None, {"max_new_tokens": 6}))
     assert updates[-1].done and updates[-1].versions is None  # anonymous until the pick
+    # One answer at a time per chat: not a second battle, nor a send, while one is answered.
+    battle = service.arena_send("s1", "Which is better?", None, {"max_new_tokens": 32})
+    next(battle)
+    with pytest.raises(InputError, match="still being written in this chat"):
+        list(service.arena_send("s1", "Another?", None, {"max_new_tokens": 4}))
+    with pytest.raises(InputError, match="still being written in this chat"):
+        list(service.send("s1", "A chat message", None, {"max_new_tokens": 4}))
+    list(battle)
     arena = service.session("s1").arena
     assert sorted(arena["versions"]) == [0, v1]
     with pytest.raises(InputError, match="Unknown pick"):

@@ -166,6 +166,30 @@ def test_a_closed_stream_does_not_wait_for_the_session_lock(service):
     assert not last(service.send("s1", "Hello again", None, {"max_new_tokens": 4}))[-1].notices
 
 
+def test_a_chat_answers_one_message_at_a_time(service):
+    # Review 2 of s11: two sends on one chat id at once were both answered (Enter in the box
+    # while an answer streams, or any script): each took the context without the other,
+    # they landed in an order nobody sent, and one chat held two decode slots.
+    first = service.send("s1", "Hello", None, {"max_new_tokens": 64})
+    assert not next(first).done
+    for second in (
+        lambda: service.send("s1", "Are you there?", None, {"max_new_tokens": 4}),
+        lambda: service.regenerate("s1", -1, {"max_new_tokens": 4}),
+    ):
+        with pytest.raises(InputError, match="still being written in this chat"):
+            list(second())
+    assert not last(service.send("s2", "Another chat", None, {"max_new_tokens": 4}))[-1].notices
+    list(first)  # the first answer ends and is stored
+    messages = last(service.send("s1", "Now?", None, {"max_new_tokens": 4}))[-1].messages
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello", "Now?"]
+    assert len(list(service.store.turns())) == 3
+    # A stream closed half-way (a tab that left) frees the chat too.
+    closed = service.send("s1", "Long one", None, {"max_new_tokens": 64})
+    next(closed)
+    closed.close()
+    assert last(service.send("s1", "And now?", None, {"max_new_tokens": 4}))
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"
