@@ -314,6 +314,7 @@ class ChatService:
             user_id=session.user_id,
             text=text,
             may_train=not session.no_train,
+            consent=session.train,
         )
         session.pending_events.append(event)
         session.reactions[turn_id] = n + 1
@@ -434,6 +435,7 @@ class ChatService:
             parent_turn_id=parent,
             finished=gen.ended_with_eos,
             may_train=session.train and not session.no_train,
+            consent=session.train,
         )
 
     def send(
@@ -537,7 +539,7 @@ class ChatService:
         would hold several of the server's decode slots. Called with the session's lock."""
         if session.streaming is not None or session.arena_streaming is not None:
             raise InputError(
-                "An answer is still being written in this chat. Wait for it to finish "
+                "An answer is still being written in this chat. Wait for it to finish, "
                 "then send again."
             )
 
@@ -773,6 +775,7 @@ class ChatService:
                 version_a=arena["versions"][0],
                 version_b=arena["versions"][1],
                 outcome=outcome,
+                consent=session.train,
             )
             self.store.record_battle(battle)
             arena["picked"] = outcome

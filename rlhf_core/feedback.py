@@ -298,13 +298,19 @@ class Turn:
     # this field existed read as True, which is what training assumed of them.
     finished: bool = True
     # False: the person said "don't use this chat for training" (or may not train at
-    # all); the turn and every event on it stay out of training and exports.
+    # all); the turn and every event on it stay out of training and exports, unless the
+    # chat is switched back on later (FeedbackStore.set_training).
     may_train: bool = True
+    # False: the person who wrote it may not train at all (chat_ui.access.may_train: an
+    # anonymous visitor of a public UI). Unlike may_train no switch changes it: turning a
+    # chat's switch off and on again must not make an anonymous visitor's chat train.
+    consent: bool = True
 
     def __post_init__(self) -> None:
         for name in ("turn_id", "session_id", "user_id"):
             _require_id(getattr(self, name), name)
         _require_bool(self.may_train, "Turn.may_train")
+        _require_bool(self.consent, "Turn.consent")
         if not isinstance(self.messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
             for m in self.messages
@@ -364,11 +370,15 @@ class Event:
     text: str | None = None  # the rewritten answer, for kind == "rewrite"
     created_at: float = field(default_factory=time.time)
     may_train: bool = True  # False: made while the chat's "don't train" switch was on
+    # False: made by a person who may not train at all (Turn.consent), e.g. one who
+    # signed out and reacted anonymously to the answers of their signed-in chat.
+    consent: bool = True
 
     def __post_init__(self) -> None:
         for name in ("event_id", "turn_id", "session_id", "user_id"):
             _require_id(getattr(self, name), name)
         _require_bool(self.may_train, "Event.may_train")
+        _require_bool(self.consent, "Event.consent")
         if self.kind not in EVENT_KINDS:
             raise FeedbackError(
                 f"Unknown event kind {self.kind!r}; allowed kinds are {', '.join(EVENT_KINDS)}."
@@ -436,6 +446,7 @@ class Battle:
     version_b: int
     outcome: str  # one of BATTLE_OUTCOMES
     created_at: float = field(default_factory=time.time)
+    consent: bool = True  # the picker may train (Event.consent of the two votes)
 
     def __post_init__(self) -> None:
         for name in ("battle_id", "session_id", "user_id", "turn_a", "turn_b"):
@@ -454,7 +465,13 @@ class Battle:
         kinds = _PICK_VOTES[self.outcome]
         who = (self.session_id, self.user_id)
         return [
-            Event(f"{ARENA_EVENT_PREFIX}{self.battle_id}:{side}", turn, kind, *who)
+            Event(
+                f"{ARENA_EVENT_PREFIX}{self.battle_id}:{side}",
+                turn,
+                kind,
+                *who,
+                consent=self.consent,
+            )  # fmt: skip
             for side, turn, kind in (("a", self.turn_a, kinds[0]), ("b", self.turn_b, kinds[1]))
         ]
 

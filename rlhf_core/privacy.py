@@ -5,11 +5,12 @@ here, applied once where feedback becomes training data (``datasets.load_feedbac
 and where a round takes its events (``sort_entries``):
 
 - **Consent.** A turn written with ``may_train=False`` (its chat's "don't use this chat
-  for training" switch was on, or the UI's access rules say this person's feedback may
-  not train), or whose chat was switched off later (``FeedbackStore.set_training``),
-  is left out with every event on it. The latest switch wins: turning it back on lets
-  the chat train again. An event made while the switch was on is left out unless the
-  chat was switched back on afterwards.
+  for training" switch was on), or whose chat was switched off later
+  (``FeedbackStore.set_training``), is left out with every event on it. The latest switch
+  wins: turning it back on lets the chat train again. An event made while the switch was
+  on is left out unless the chat was switched back on afterwards. A turn or event with
+  ``consent=False`` (the UI's access rules say its writer may not train: an anonymous
+  visitor of a public UI) is left out whatever the switch says.
 - **Deletion.** :func:`forget_user` removes a person's turns and events from the store
   (records, stream entries, indexes, markers, pending entries, held entries) and the
   registry's record of them; a digest of the id keeps late copies out.
@@ -258,14 +259,17 @@ class Admission:
         return at is not None and created_at <= at
 
     def turn_ok(self, turn: Turn) -> bool:
-        """May this turn (and so any event on it) be used at all?"""
-        if self._erased(turn.user_id, turn.created_at):
+        """May this turn (and so any event on it) be used at all? The chat switch set
+        later wins over the turn's own flag, never over its writer's consent."""
+        if not turn.consent or self._erased(turn.user_id, turn.created_at):
             return False
         return self.overrides.get(turn.turn_id, turn.may_train)
 
     def event_status(self, event: Event, turn: Turn | None) -> tuple[Status, float]:
         """("train", 0), ("held", until) or ("excluded", 0) for one event."""
-        if turn is None or not self.turn_ok(turn) or self._erased(event.user_id, event.created_at):
+        if turn is None or not self.turn_ok(turn) or not event.consent:
+            return "excluded", 0.0
+        if self._erased(event.user_id, event.created_at):
             return "excluded", 0.0
         # The chat switch set later for the whole chat wins over the event's own flag.
         if not self.overrides.get(event.turn_id, event.may_train):

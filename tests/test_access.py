@@ -16,6 +16,7 @@ from gradio_client.exceptions import AppError
 
 from chat_ui import access
 from chat_ui.access import Access, Identity, RateLimited
+from rlhf_core import datasets as ds
 from rlhf_core.datasets import load_feedback, round_datasets
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.redis_server import (
@@ -363,6 +364,31 @@ def test_public_model_name():
     assert public_model_name("./models/smol") == "smol"
     assert public_model_name("~/models/smol") == "smol"
     assert public_model_name("tiny-random") == "tiny-random"
+
+
+def test_an_anonymous_visitor_cannot_switch_training_on_in_public(serve_app):
+    # Review s12: the chat switch set later won over the turn's own flag, so an anonymous
+    # visitor of a public UI (whose turns may not train) switched "Don't use this chat for
+    # training" on and off again, and the chat trained: a flood needed no account.
+    app = serve_app(**PUBLIC)
+    store, settings = app.service.store, app.settings
+    stranger = Client(app.url, verbose=False)
+    stranger.predict("train on me", "", *SAMPLING, api_name="/send")
+    stranger.predict(-1, "like", api_name="/vote")
+    stranger.predict(True, api_name="/set_no_train")
+    stranger.predict(False, api_name="/set_no_train")
+    stranger.predict("and on me", "", *SAMPLING, api_name="/send")
+    stranger.predict(-1, "like", api_name="/vote")
+    assert ds.export_rows(store, "turns", settings=settings) == []
+    assert ds.export_rows(store, "kto", settings=settings) == []
+    # A signed-in person's chat switched off and on again trains, earlier answers too.
+    alice = Client(app.url, verbose=False, headers={"X-Forwarded-User": "alice"})
+    alice.predict("mine", "", *SAMPLING, api_name="/send")
+    alice.predict(-1, "like", api_name="/vote")
+    alice.predict(True, api_name="/set_no_train")
+    assert ds.export_rows(store, "kto", settings=settings) == []
+    alice.predict(False, api_name="/set_no_train")
+    assert len(ds.export_rows(store, "kto", settings=settings)) == 1
 
 
 def test_new_chats_from_one_address_are_bounded(serve_app, redis_client):

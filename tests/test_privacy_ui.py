@@ -56,6 +56,20 @@ def test_dont_train_switch_covers_the_whole_chat_and_new_chats_follow_it(service
         service.set_no_train("s1", "yes")
 
 
+def test_reactions_made_after_signing_out_do_not_train(service, tiny_settings):
+    # Review 1 of s11: an event carried only the chat switch, so a chat that signed out
+    # (anonymous visitors may not train in public) reacted anonymously to the answers of
+    # its signed-in turns, and those reactions trained.
+    service.session("s1", "alice", True)
+    ask(service, "s1", "signed in")
+    service.vote("s1", -1, "like")
+    assert len(ds.export_rows(service.store, "kto", settings=tiny_settings)) == 1
+    service.session("s1", "anon:cookie1", False)  # signed out: the web layer says so
+    service.vote("s1", -1, "dislike")
+    rows = ds.export_rows(service.store, "kto", settings=tiny_settings)
+    assert [r["label"] for r in rows] == [True], "the anonymous dislike must not train"
+
+
 def test_forget_me_deletes_this_users_data_only(service, tiny_settings):
     ask(service, "alice", "my number is +1 415-555-2671")
     service.vote("alice", -1, "like")
