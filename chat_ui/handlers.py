@@ -221,9 +221,16 @@ class ChatService:
         when the store is still down the session is kept, marked idle, so that the sweep
         (``expire_idle``) saves it once the store is back: a closed tab loses nothing."""
         with self._sessions_lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            return
+            session = self._sessions.get(session_id)
+            if session is None:
+                return
+            if session.streaming is not None or session.arena_streaming is not None:
+                # Still answering: dropped now, the chat's next message would find a new
+                # session with no answer running (an unload any script can send would
+                # undo "one answer at a time"). Marked idle, the sweep drops it once done.
+                session.touched = float("-inf")
+                return
+            del self._sessions[session_id]
         with session.lock:
             if not (session.pending or session.pending_events):
                 return

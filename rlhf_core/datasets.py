@@ -718,8 +718,10 @@ def to_arena_rows(
         a, bb = turns.get(b["turn_a"]), turns.get(b["turn_b"])
         if a is None or bb is None:
             continue  # the turns were deleted (a person asked to forget their data)
-        if not (a.may_train and bb.may_train):
+        if not (a.may_train and bb.may_train and a.consent and bb.consent):
             continue  # not for training (e.g. an anonymous visitor's, in public)
+        if not b.get("consent", True):
+            continue  # picked by someone who may not train (signed out before the pick)
         row: dict[str, Any] = {
             "prompt": chat_messages(a.messages),
             "answer_a": _assistant(a.answer),

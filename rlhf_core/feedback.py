@@ -12,7 +12,8 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:arena``                    stream: arena battles (two versions, one message, a pick).
 - ``rlhf:battle_seen:{battle_id}``  idempotency marker of a battle's pick.
 - ``rlhf:consent``                  hash: turn id -> "0"/"1", the chat's "don't train" switch as
-                                    last set (overrides what the records say; see ``may_train``).
+                                    last set (overrides the records' ``may_train``, never their
+                                    ``consent``).
 - ``rlhf:review``                   hash: event id -> "approved" / "dropped" (rewrite review).
 - ``rlhf:held``                     sorted set: stream ids of events acked but held back, scored
                                     by when they may train (+inf: waiting for review).

@@ -10,7 +10,9 @@ and where a round takes its events (``sort_entries``):
   wins: turning it back on lets the chat train again. An event made while the switch was
   on is left out unless the chat was switched back on afterwards. A turn or event with
   ``consent=False`` (the UI's access rules say its writer may not train: an anonymous
-  visitor of a public UI) is left out whatever the switch says.
+  visitor of a public UI) is left out whatever the switch says (records written before the
+  field existed read ``consent=True``: for them the switch decides, as it did then). An
+  un-vote is the exception: it only takes a vote back, so it counts whoever made it.
 - **Deletion.** :func:`forget_user` removes a person's turns and events from the store
   (records, stream entries, indexes, markers, pending entries, held entries) and the
   registry's record of them; a digest of the id keeps late copies out.
@@ -267,7 +269,8 @@ class Admission:
 
     def event_status(self, event: Event, turn: Turn | None) -> tuple[Status, float]:
         """("train", 0), ("held", until) or ("excluded", 0) for one event."""
-        if turn is None or not self.turn_ok(turn) or not event.consent:
+        # An un-vote only takes back: it counts whoever made it (the same chat, signed out).
+        if turn is None or not self.turn_ok(turn) or not (event.consent or event.kind == "unvote"):
             return "excluded", 0.0
         if self._erased(event.user_id, event.created_at):
             return "excluded", 0.0
@@ -495,8 +498,8 @@ def review_queue(store: FeedbackStore, settings: Settings, limit: int = 200) -> 
     out = []
     for sid, event in rewrites:
         turn = turns.get(event.turn_id)
-        if turn is None or not admission.turn_ok(turn):
-            continue
+        if turn is None or admission.event_status(event, turn)[0] == "excluded":
+            continue  # could never train, approved or not (e.g. made after signing out)
         state = resolve_turn_events(by_turn.get(event.turn_id, []))
         if not any(e.event_id == event.event_id for e in state.effective):
             continue  # undone, or a later rewrite replaced it

@@ -7,15 +7,22 @@ sharing the same environment. The README's settings table lists them all.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL = "tiny-random"
+# Settings no longer read, and what to set instead: an operator who still sets one must
+# hear of it, not run silently on a default (unknown RLHF_ variables are ignored).
+RETIRED_SETTINGS = {
+    "RLHF_KL_ERROR_CLIP": "it was split into RLHF_KL_RISE_CLIP (default 0.2) and "
+    "RLHF_KL_FALL_CLIP (default 0.5); set those instead and unset RLHF_KL_ERROR_CLIP.",
+}
 
 
 class Settings(BaseSettings):
@@ -359,6 +366,13 @@ class Settings(BaseSettings):
         description="How often each worker looks at the running canary (0 = never: decisions "
         "are then only an admin's).",
     )
+
+    @model_validator(mode="after")
+    def _no_retired_settings(self) -> Settings:
+        for name, instead in RETIRED_SETTINGS.items():
+            if name in os.environ:
+                raise ValueError(f"{name} is no longer read: {instead}")
+        return self
 
     def resolved_artifact_dir(self) -> Path:
         return Path(self.artifact_dir) if self.artifact_dir else Path(self.data_dir) / "artifacts"

@@ -190,6 +190,18 @@ def test_a_chat_answers_one_message_at_a_time(service):
     assert last(service.send("s1", "And now?", None, {"max_new_tokens": 4}))
 
 
+def test_an_unload_while_answering_does_not_free_the_chat(service):
+    # Review of s12: an unload (any script can send one for its own chat) dropped the
+    # session while it answered, and the next send found a new one with nothing running.
+    first = service.send("s1", "Hello", None, {"max_new_tokens": 64})
+    next(first)
+    service.drop_session("s1")
+    with pytest.raises(InputError, match="still being written in this chat"):
+        list(service.send("s1", "Again", None, {"max_new_tokens": 4}))
+    list(first)
+    assert [m["content"] for m in service.session("s1").messages][:1] == ["Hello"]
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"

@@ -388,6 +388,24 @@ def test_retention_trims_old_consumed_turns_only(store, redis_client, tiny_setti
     assert privacy.apply_retention(redis_client, tiny_settings, now=later)["turns"] == 0
 
 
+def test_what_cannot_train_is_neither_reviewed_nor_exported_as_an_arena_row(store, tiny_settings):
+    # Review of s12: the review queue showed admins a rewrite made after signing out (it can
+    # never train), and the arena export kept a battle picked after signing out.
+    settings = tiny_settings.model_copy(update={"review_rewrites": True})
+    turn = Turn("t1", "s1", "alice", [{"role": "user", "content": "q"}], "a")
+    store.save_turn(turn)
+    store.record_event(Event("e1", "t1", "rewrite", "s1", "anon:c1", "Better.", consent=False))
+    assert privacy.review_queue(store, settings) == []
+    other = Turn("t2", "s1", "alice", [{"role": "user", "content": "q"}], "b")
+    battle = dict(
+        battle_id="b1", session_id="s1", user_id="anon:c1", turn_a="t1", turn_b="t2",
+        version_a=1, version_b=0, outcome="a",
+    )  # fmt: skip
+    turns = {"t1": turn, "t2": other}
+    assert len(ds.to_arena_rows([Battle(**battle).to_dict()], turns)) == 1
+    assert ds.to_arena_rows([Battle(**battle, consent=False).to_dict()], turns) == []
+
+
 def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):
     settings = tiny_settings.model_copy(update={"review_rewrites": True})
     turns, events = chat(store, "ann", "a1", 3, kinds=("rewrite", "like", "rewrite"))

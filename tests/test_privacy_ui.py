@@ -68,6 +68,9 @@ def test_reactions_made_after_signing_out_do_not_train(service, tiny_settings):
     service.vote("s1", -1, "dislike")
     rows = ds.export_rows(service.store, "kto", settings=tiny_settings)
     assert [r["label"] for r in rows] == [True], "the anonymous dislike must not train"
+    # An un-vote only takes back, whoever makes it: the like is gone.
+    service.vote("s1", -1, "unvote")
+    assert ds.export_rows(service.store, "kto", settings=tiny_settings) == []
 
 
 def test_forget_me_deletes_this_users_data_only(service, tiny_settings):

@@ -490,6 +490,12 @@ def default_kl_controller(settings: Settings):
     return config, ctl
 
 
+def test_a_retired_kl_setting_is_refused_with_what_to_set_instead(monkeypatch):
+    monkeypatch.setenv("RLHF_KL_ERROR_CLIP", "0.2")
+    with pytest.raises(ValueError, match="RLHF_KL_RISE_CLIP .* RLHF_KL_FALL_CLIP"):
+        Settings()
+
+
 def test_the_default_kl_controller_moves_measurably_in_one_round():
     """Issue 9 defect 4: at twice the target KL for one round of default settings
     (4 steps of 8 answers, horizon = those 32 samples, rises clipped to 0.2) the
