@@ -114,6 +114,11 @@ class ChatSession:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     touched: float = field(default_factory=time.monotonic)
 
+    @property
+    def answering(self) -> bool:
+        """An answer (a chat message's or an arena battle's) is being written."""
+        return self.streaming is not None or self.arena_streaming is not None
+
 
 def validate_message(text: Any, settings: Settings) -> str:
     """The user's message, cleaned, or InputError saying what is wrong with it."""
@@ -202,8 +207,7 @@ class ChatService:
         dropped = 0
         for session in victims:
             with session.lock:
-                answering = session.streaming is not None or session.arena_streaming is not None
-                if answering or not self._try_flush(session):
+                if session.answering or not self._try_flush(session):
                     continue
                 with self._sessions_lock:
                     if self._sessions.get(session.session_id) is session and (
@@ -224,7 +228,7 @@ class ChatService:
             session = self._sessions.get(session_id)
             if session is None:
                 return
-            if session.streaming is not None or session.arena_streaming is not None:
+            if session.answering:
                 # Still answering: dropped now, the chat's next message would find a new
                 # session with no answer running (an unload any script can send would
                 # undo "one answer at a time"). Marked idle, the sweep drops it once done.
@@ -544,7 +548,7 @@ class ChatService:
         arena_send on one chat id at once: two answers to one chat would each take the
         context without the other and land in an order nobody sent, and one chat id
         would hold several of the server's decode slots. Called with the session's lock."""
-        if session.streaming is not None or session.arena_streaming is not None:
+        if session.answering:
             raise InputError(
                 "An answer is still being written in this chat. Wait for it to finish, "
                 "then send again."
