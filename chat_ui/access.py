@@ -444,6 +444,15 @@ class Access:
             for scope, key in (("account", identity.user_id), ("ip", address_block(identity.ip)))
             for item in self.limits.get((kind, scope), [])
         ]
+        for item, scope, _key in checks:
+            if cost > item.amount:
+                # No wait would ever let it through: say so instead of "try again in N s".
+                raise RateLimited(
+                    f"This asks for {cost} answers at once (an arena message: one from each "
+                    f"version), and this service takes at most {item.amount} per "
+                    f"{_window(item)} from one {_scope_word(scope)}. Chat in the Chat tab, "
+                    "one answer at a time."
+                )
         try:
             for item, scope, key in checks:
                 if not self.limiter.test(item, kind, scope, key, cost=cost):
@@ -461,16 +470,20 @@ class Access:
         except redis.RedisError:
             wait = item.get_expiry()
         what = {"message": "messages", "feedback": "reactions"}.get(kind, "new chats")
-        per = "account" if scope == "account" else "address"
-        window = (
-            f"{item.multiples} {item.GRANULARITY.name}"
-            if item.multiples > 1
-            else (item.GRANULARITY.name)
-        )
         return (
-            f"Too many {what}: this service takes at most {item.amount} per {window} from one "
-            f"{per}. Try again in {wait} s."
+            f"Too many {what}: this service takes at most {item.amount} per {_window(item)} "
+            f"from one {_scope_word(scope)}. Try again in {wait} s."
         )
+
+
+def _window(item: Any) -> str:
+    """A rate limit's window in words: "hour", "10 minute"."""
+    name = item.GRANULARITY.name
+    return f"{item.multiples} {name}" if item.multiples > 1 else name
+
+
+def _scope_word(scope: str) -> str:
+    return "account" if scope == "account" else "address"
 
 
 # ------------------------------------------------------------------ ASGI middlewares

@@ -37,6 +37,7 @@ from chat_ui.access import Access, AccessError, Identity, RateLimited
 from chat_ui.handlers import (
     EMPTY_ANSWER,
     STORE_ERRORS,
+    Admit,
     ArenaUpdate,
     ChatService,
     InputError,
@@ -237,19 +238,31 @@ def consent_notice(settings: Settings) -> str:
 def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Blocks:
     store = service.store
 
-    def who(request: gr.Request, kind: str | None = None, cost: int = 1) -> Identity:
+    def who(request: gr.Request, kind: str | None = None) -> Identity:
         """The caller, checked: their own chat, allowed to chat, within their rate
-        limits for ``kind`` ('message' or 'feedback'), counted ``cost`` times. Raises
-        gr.Error otherwise."""
+        limits for ``kind`` ('feedback'; messages are counted by :func:`charge`, once
+        they will be answered). Raises gr.Error otherwise."""
         try:
             identity = access.identify(request)
             access.require_chat(identity)
             if kind is not None:
-                access.check_rate(kind, identity, cost)
+                access.check_rate(kind, identity)
         except AccessError as error:
             raise _fail(error) from error
         service.session(identity.session_id, identity.user_id, access.may_train(identity))
         return identity
+
+    def charge(identity: Identity, cost: int = 1) -> Admit:
+        """The service's ``admit`` (handlers.Admit): counts ``cost`` messages against the
+        caller's rate limits once the request will be answered; gr.Error when over."""
+
+        def admit() -> None:
+            try:
+                access.check_rate("message", identity, cost)
+            except AccessError as error:
+                raise _fail(error) from error
+
+        return admit
 
     with gr.Blocks(title="rlhf-chat") as demo:
         # Remembered in the browser, so the notice shows once per browser, not per visit.
@@ -396,10 +409,12 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         @guarded
         def on_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
-            identity = who(request, "message")
+            identity = who(request)
             try:
                 sampling = sampling_of(temp, p, max_new)
-                for update in service.send(identity.session_id, message, system, sampling):
+                for update in service.send(
+                    identity.session_id, message, system, sampling, admit=charge(identity)
+                ):
                     _notify(update, shown)
                     yield (*render(update), "")
             except Exception:
@@ -410,10 +425,12 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         @guarded
         def stream_regenerate(index, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
-            identity = who(request, "message")
+            identity = who(request)
             try:
                 sampling = sampling_of(temp, p, max_new)
-                for update in service.regenerate(identity.session_id, index, sampling):
+                for update in service.regenerate(
+                    identity.session_id, index, sampling, admit=charge(identity)
+                ):
                     _notify(update, shown)
                     yield render(update)
             except Exception:
@@ -506,8 +523,11 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         def on_arena_send(message, system, temp, p, max_new, request: gr.Request):
             shown: set[str] = set()
             sampling = sampling_of(temp, p, max_new)
-            identity = who(request, "message", cost=2)  # two versions answer
-            for update in service.arena_send(identity.session_id, message, system, sampling):
+            identity = who(request)
+            admit = charge(identity, cost=2)  # two versions answer
+            for update in service.arena_send(
+                identity.session_id, message, system, sampling, admit=admit
+            ):
                 _notify(Update([], notices=update.notices), shown)
                 yield (*arena_view(update), "")
 

@@ -63,6 +63,12 @@ MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
 STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
+# Called by send, regenerate and arena_send once the request is one that will be answered
+# (the message valid, the chat free, the answer to regenerate found), under the chat's lock
+# and before anything is written; it raises to refuse. The app counts the message against
+# its rate limits here, so a refused request (a second Enter while an answer streams, an
+# empty message, an arena with one version) does not use up the person's messages.
+Admit = Callable[[], None]
 
 
 @dataclass
@@ -456,14 +462,18 @@ class ChatService:
         system_prompt: str | None = None,
         sampling: dict[str, Any] | None = None,
         user_id: str | None = None,
+        admit: Admit | None = None,
     ) -> Iterator[Update]:
-        """Stream an answer to ``text``; the last update comes after the turn is saved."""
+        """Stream an answer to ``text``; the last update comes after the turn is saved.
+        ``admit``: see :data:`Admit`."""
         session = self.session(session_id, user_id)
         text = validate_message(text, self.settings)
         system_prompt = validation.system_prompt(system_prompt, self.settings)
         sampling = validation.sampling_dict(sampling, self.settings)
         with session.lock:
             self._refuse_a_second_answer(session)
+            if admit is not None:
+                admit()
             self._try_flush(session)
             epoch, asked_at = session.epoch, time.time()
             context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
@@ -490,10 +500,15 @@ class ChatService:
         yield final
 
     def regenerate(
-        self, session_id: str, index: int = -1, sampling: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        index: int = -1,
+        sampling: dict[str, Any] | None = None,
+        admit: Admit | None = None,
     ) -> Iterator[Update]:
         """A new answer in place of the one at ``index`` (same context, so the two
         can form a preference pair); later messages are dropped, as in a retry.
+        ``admit``: see :data:`Admit`.
 
         The ``regenerate`` event is recorded only together with the new answer: a
         generation that fails (or a closed tab) leaves no event behind, so a later Undo
@@ -503,6 +518,8 @@ class ChatService:
         with session.lock:
             self._refuse_a_second_answer(session)
             index, old = self._answer_at(session, index)
+            if admit is not None:
+                admit()
             epoch, asked_at = session.epoch, time.time()
             context = list(old["context"])
             shown = self.view(session)[:index]
@@ -701,9 +718,11 @@ class ChatService:
         text: Any,
         system_prompt: str | None = None,
         sampling: dict[str, Any] | None = None,
+        admit: Admit | None = None,
     ) -> Iterator[ArenaUpdate]:
         """Two versions answer ``text`` one after the other, shown as A and B in a random
-        order; both answers are saved as turns. The last update comes after both are saved."""
+        order; both answers are saved as turns. The last update comes after both are saved.
+        ``admit``: see :data:`Admit` (the caller counts the two answers)."""
         session = self.session(session_id)
         text = validate_message(text, self.settings)
         system_prompt = validation.system_prompt(system_prompt, self.settings)
@@ -724,6 +743,8 @@ class ChatService:
         ]
         with session.lock:
             self._refuse_a_second_answer(session)
+            if admit is not None:
+                admit()
             battle = session.arena_streaming = object()
         try:
             answers = ["", ""]

@@ -332,11 +332,47 @@ def test_an_arena_message_counts_as_the_two_answers_it_asks_for(serve_app):
     # so the arena doubled what RLHF_MESSAGE_RATE lets one person make the server write.
     app = serve_app(**PUBLIC, message_rate="3/hour")
     client = Client(app.url, verbose=False)
-    with pytest.raises(AppError, match="only one so far"):  # counted before it is answered
+    # Review s12: refused for want of a second version, it is not counted at all.
+    with pytest.raises(AppError, match="only one so far"):
         client.predict("Which is better?", "", *SAMPLING, api_name="/arena_send")
+    app.service.arena_versions = lambda: (0, 0)  # two "versions" the tiny model serves
+    client.predict("Which is better?", "", *SAMPLING, api_name="/arena_send")
     client.predict("question 1", "", *SAMPLING, api_name="/send")
     with pytest.raises(AppError, match=r"Too many messages: .* at most 3 per hour"):
         client.predict("question 2", "", *SAMPLING, api_name="/send")
+
+
+def test_a_refused_message_uses_none_of_the_rate_window(serve_app):
+    # Review s12: the message rate was counted before the request was checked, so a second
+    # Enter while an answer streamed (refused: one answer at a time), an empty message or a
+    # regenerate of nothing each used up one of the person's messages.
+    app = serve_app(**PUBLIC, message_rate="2/hour")
+    client = Client(app.url, verbose=False)
+    with pytest.raises(AppError, match="not a finished answer of this chat"):
+        client.predict(-1, *SAMPLING, api_name="/regenerate")
+    with pytest.raises(AppError, match="empty"):
+        client.predict("   ", "", *SAMPLING, api_name="/send")
+    client.predict("question 1", "", *SAMPLING, api_name="/send")
+    session = app.service.session(client.session_hash)
+    session.streaming = {"index": 2, "votes": []}  # an answer of this chat still streaming
+    for _ in range(2):
+        with pytest.raises(AppError, match="still being written"):
+            client.predict("question 2", "", *SAMPLING, api_name="/send")
+    session.streaming = None
+    client.predict("question 2", "", *SAMPLING, api_name="/send")
+    with pytest.raises(AppError, match=r"Too many messages: .* at most 2 per hour"):
+        client.predict("question 3", "", *SAMPLING, api_name="/send")
+
+
+def test_an_arena_message_over_the_whole_message_rate_says_so(serve_app):
+    # Review s12: with RLHF_MESSAGE_RATE of one per window an arena message (two answers)
+    # can never be taken; "try again in N s" would send the person back to wait for nothing.
+    app = serve_app(**PUBLIC, message_rate="1/hour")
+    app.service.arena_versions = lambda: (0, 0)
+    client = Client(app.url, verbose=False)
+    with pytest.raises(AppError, match=r"asks for 2 answers at once.*Chat in the Chat tab"):
+        client.predict("Which is better?", "", *SAMPLING, api_name="/arena_send")
+    client.predict("question 1", "", *SAMPLING, api_name="/send")
 
 
 def test_status_names_a_local_model_folder_by_its_last_part_only(serve_app):
