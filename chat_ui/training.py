@@ -475,17 +475,21 @@ def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _board_cache: dict[int, tuple[tuple[int, str | None], list[dict[str, Any]]]] = {}
 
 
-def leaderboard_rows(store: FeedbackStore, rounds: int = 1000) -> list[dict[str, Any]]:
-    """Bradley-Terry ratings with bootstrap 95% intervals over every arena battle
-    (cached until a battle is recorded or deleted: the bootstrap refits ``rounds`` times,
-    and the arena stream is read only then)."""
+def leaderboard_rows(
+    store: FeedbackStore, rounds: int = 1000, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """Bradley-Terry ratings with bootstrap 95% intervals over the arena battles that
+    count (``datasets.counted_battles``: picks by people who may train), cached until a
+    battle is recorded or deleted: the bootstrap refits ``rounds`` times, and the arena
+    stream is read only then."""
+    from rlhf_core.datasets import counted_battles
     from rlhf_core.live_eval import leaderboard
 
     mark = store.battles_mark()
     cached = _board_cache.get(id(store.redis))
     if cached and cached[0] == mark:
         return cached[1]
-    battles = store.battles()
+    battles, _ = counted_battles(store, settings)
     rows = leaderboard(
         [(b["version_a"], b["version_b"], b["outcome"]) for b in battles], rounds=rounds
     )
@@ -568,7 +572,7 @@ def build_training_tab(
         return (
             versions_table(client, settings),
             canary.status(client, settings),
-            leaderboard_rows(feedback),
+            leaderboard_rows(feedback, settings=settings),
         )
 
     snapshot = Snapshot(tab_data)
@@ -945,7 +949,7 @@ def cmd_ab(args: Any) -> int:
 
 def cmd_leaderboard(args: Any) -> int:
     settings, client = _cli_client(args)
-    rows = leaderboard_rows(FeedbackStore(client), rounds=args.rounds)
+    rows = leaderboard_rows(FeedbackStore(client), rounds=args.rounds, settings=settings)
     if args.json:
         print(json.dumps(rows))
         return 0

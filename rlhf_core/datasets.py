@@ -705,6 +705,37 @@ def to_turn_rows(
     return rows
 
 
+def battle_counts(battle: Mapping[str, Any], turns: Mapping[str, Turn]) -> bool:
+    """Whether an arena pick may train, be exported or move the leaderboard: both of its
+    answers are in ``turns`` (deleted ones are not), may train, and were picked by someone
+    who may train."""
+    a, b = turns.get(battle["turn_a"]), turns.get(battle["turn_b"])
+    if a is None or b is None:
+        return False  # the turns were deleted (a person asked to forget their data)
+    if not (a.may_train and b.may_train and a.consent and b.consent):
+        return False  # not for training (e.g. an anonymous visitor's, in public)
+    # Picked by someone who may not train (signed out before the pick).
+    return bool(battle.get("consent", True))
+
+
+def counted_battles(
+    store: FeedbackStore, settings: Settings | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Turn]]:
+    """The arena battles whose picks count (:func:`battle_counts`), with their turns as
+    training sees them (consent, deletion and scrubbing: ``privacy.training_view``). The
+    export and the leaderboard read the same ones: a flood of anonymous cookies on a
+    public UI must not move the versions' ratings any more than it may train them."""
+    from rlhf_core.privacy import training_view
+
+    battles = store.battles()
+    ids = {t for b in battles for t in (b["turn_a"], b["turn_b"])}
+    turns, _ = training_view(
+        store, settings or get_settings(), list(store.get_turns(ids).values()), []
+    )
+    by_id = {t.turn_id: t for t in turns}
+    return [b for b in battles if battle_counts(b, by_id)], by_id
+
+
 def to_arena_rows(
     battles: Iterable[Mapping[str, Any]], turns: Mapping[str, Turn]
 ) -> list[dict[str, Any]]:
@@ -715,13 +746,9 @@ def to_arena_rows(
     every pick's two votes are labels in the kto export."""
     rows = []
     for b in battles:
-        a, bb = turns.get(b["turn_a"]), turns.get(b["turn_b"])
-        if a is None or bb is None:
-            continue  # the turns were deleted (a person asked to forget their data)
-        if not (a.may_train and bb.may_train and a.consent and bb.consent):
-            continue  # not for training (e.g. an anonymous visitor's, in public)
-        if not b.get("consent", True):
-            continue  # picked by someone who may not train (signed out before the pick)
+        if not battle_counts(b, turns):
+            continue
+        a, bb = turns[b["turn_a"]], turns[b["turn_b"]]
         row: dict[str, Any] = {
             "prompt": chat_messages(a.messages),
             "answer_a": _assistant(a.answer),
@@ -760,15 +787,7 @@ def export_rows(
             f"Unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}."
         )
     if format == "arena":
-        from rlhf_core.privacy import training_view
-
-        battles = store.battles()
-        ids = {t for b in battles for t in (b["turn_a"], b["turn_b"])}
-        # The battles' answers obey the same consent, deletion and scrubbing.
-        turns, _ = training_view(
-            store, settings or get_settings(), list(store.get_turns(ids).values()), []
-        )
-        return to_arena_rows(battles, {t.turn_id: t for t in turns})
+        return to_arena_rows(*counted_battles(store, settings))
     turns, all_events = load_feedback(store, events, settings=settings)
     return _BUILDERS[format](turns, all_events)
 

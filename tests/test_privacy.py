@@ -406,6 +406,30 @@ def test_what_cannot_train_is_neither_reviewed_nor_exported_as_an_arena_row(stor
     assert ds.to_arena_rows([Battle(**battle, consent=False).to_dict()], turns) == []
 
 
+def test_the_leaderboard_counts_only_picks_that_may_train(store, tiny_settings):
+    # Review of s12: the arena leaderboard rated versions on every pick, so anonymous
+    # cookies on a public UI (whose picks may not train) could move the ratings.
+    from chat_ui.training import leaderboard_rows
+
+    def battle(name, turn_consent=True, pick_consent=True):
+        a = Turn(f"{name}a", "s1", "alice", [{"role": "user", "content": "q"}], "a",
+                 policy_version=1, consent=turn_consent)  # fmt: skip
+        b = Turn(f"{name}b", "s1", "alice", [{"role": "user", "content": "q"}], "b",
+                 policy_version=0, consent=turn_consent)  # fmt: skip
+        store.save_turn(a)
+        store.save_turn(b)
+        user = "alice" if pick_consent else "anon:c1"
+        assert store.record_battle(Battle(name, "s1", user, a.turn_id, b.turn_id, 1, 0, "a",
+                                          consent=pick_consent))  # fmt: skip
+
+    battle("counted")
+    battle("signed-out", pick_consent=False)
+    battle("anonymous", turn_consent=False, pick_consent=False)
+    rows = leaderboard_rows(store, rounds=10)
+    assert {r["version"]: r["battles"] for r in rows} == {0: 1, 1: 1}
+    assert len(ds.export_rows(store, "arena", settings=tiny_settings)) == 1  # the same one
+
+
 def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):
     settings = tiny_settings.model_copy(update={"review_rewrites": True})
     turns, events = chat(store, "ann", "a1", 3, kinds=("rewrite", "like", "rewrite"))
