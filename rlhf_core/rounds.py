@@ -89,6 +89,11 @@ class RoundOutcome:
         return asdict(self)
 
 
+class LeaseLostError(StaleTokenError):
+    """A round found, at one of its progress reports, that its lease on the training lock
+    had passed to another worker: it stops there instead of training to a refused publish."""
+
+
 def round_seed(base_seed: int, token: int) -> int:
     """The seed of one round, from the base seed (RLHF_SEED) and the round's fencing
     token: rounds draw different samples (replay, caps, PPO batches, sampling) while a
@@ -327,6 +332,14 @@ def run_round(
             from rlhf_core.trainer import run_training_round
 
         def train_progress(stage: str, fraction: float) -> None:
+            if lock.lost.is_set():
+                # Another worker holds the lease now (this process was frozen past
+                # RLHF_LOCK_TTL_S): the publish would be refused, so training on is waste.
+                raise LeaseLostError(
+                    f"This round lost the training lock (token {token}) while it trained, so "
+                    f"it could not publish; it stopped at '{stage}', and its events stay for "
+                    "the next round."
+                )
             report(stage, 0.1 + 0.8 * max(0.0, min(1.0, fraction)))
 
         train_kwargs: dict[str, Any] = {}
@@ -439,6 +452,15 @@ def run_round(
         outcome = RoundOutcome("published", "", version, parent, len(events), metrics)
         outcome.role = role
         return done(outcome)
+    except LeaseLostError as error:
+        log.warning("round %s: %s", token, error)
+        try:
+            registry.record_failure(str(error), events=len(taken), events_total=events_total)
+            if taken:
+                store.release(consumer_name, taken)
+        except redis.RedisError:
+            pass  # the entries are reclaimed by the next round anyway
+        return done(RoundOutcome("failed", str(error), None, None, len(taken)))
     except BaseException as error:
         # Includes Celery's SoftTimeLimitExceeded. Events stay unacked for the next round.
         why = f"{type(error).__name__}: {error}"

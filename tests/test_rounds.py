@@ -203,6 +203,39 @@ def test_a_redis_blip_in_a_progress_report_does_not_fail_the_round(
     assert len(calls) > 3 and outcome.status == "published", outcome.reason
 
 
+def test_a_round_that_lost_its_lease_stops_training(redis_client, tiny_settings, tiny_model):
+    # Review of s12: a round whose lease passed to another worker (this process frozen past
+    # RLHF_LOCK_TTL_S) trained to the end before its publish was refused.
+    import time
+
+    from rlhf_core.registry import LOCK_KEY
+
+    settings = tiny_settings.model_copy(update={"lock_ttl_s": 0.3})  # renewed every 0.1 s
+    store = FeedbackStore(redis_client)
+    events = post_feedback(store, 4)
+    stages = []
+
+    def another_worker_takes_the_lease(stage, fraction):
+        stages.append(stage)
+        if stages.count("reward") == 1 and stage == "reward":  # training has begun
+            redis_client.set(LOCK_KEY, "999999", px=60_000)
+            time.sleep(0.5)  # the renewal finds someone else's token
+
+    outcome = run_round(
+        settings, redis_client, tiny_model, consumer_name="w1",
+        progress=another_worker_takes_the_lease,
+    )  # fmt: skip
+    assert outcome.status == "failed" and "lost the training lock" in outcome.reason
+    assert "ppo" not in stages and "publishing" not in stages
+    assert Registry(redis_client, settings).versions() == []
+    # Its events were handed back: the next round (the lock free again) trains them.
+    redis_client.delete(LOCK_KEY)
+    again = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert again.status == "published"
+    used = set(Registry(redis_client, settings).get(again.version)["event_ids"])
+    assert {e.event_id for e in events} <= used
+
+
 def test_a_round_whose_policy_was_refused_counts_in_the_window(
     redis_client, tiny_settings, tiny_model
 ):
