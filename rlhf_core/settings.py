@@ -246,9 +246,7 @@ class Settings(BaseSettings):
     missing_eos_penalty: float | None = Field(
         1.0,
         description="Subtracted from the normalised score of a PPO answer cut without EOS "
-        "(as TRL's missing_eos_penalty) when RLHF_PPO_NEW_TOKENS is below RLHF_MAX_NEW_TOKENS; "
-        "a rollout cut at the served limit is scored by the reward model, which learnt "
-        "served answers that were cut, as cut. Unset = no penalty.",
+        "(as TRL's missing_eos_penalty); unset = no penalty.",
     )
     demo_coef: float = Field(
         0.5,

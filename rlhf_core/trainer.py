@@ -143,14 +143,6 @@ class PPOConfig:
     # without EOS, as TRL's missing_eos_penalty: such an answer is not one people were
     # served whole, and the reward model scores it at a token that ends nothing.
     missing_eos_penalty: float | None = 1.0
-    # The served answer limit (RLHF_MAX_NEW_TOKENS). A rollout cut there is an answer as
-    # it was served: the reward model learnt served answers that were cut, as cut (from
-    # people's own reactions to them), so it scores such a rollout itself and the penalty
-    # is only for rollouts cut shorter than any served answer is (max_new_tokens below
-    # this). Penalising cut answers the reward model can judge adds a taste for ending
-    # early that no person expressed, and a taste for long, finished answers pays for it
-    # (the thorough oracle's answers fell from 47 words to 20-28). None = always penalise.
-    served_max_new_tokens: int | None = None
     # Weight of the imitation loss on people's rewrites (mean NLL of the rewritten answer),
     # added to each PPO optimiser step, as InstructGPT's PPO-ptx adds a supervised loss.
     # A rewrite is a demonstration of the answer wanted: learning from it directly is far
@@ -183,7 +175,6 @@ class PPOConfig:
             "kl_rise_clip": settings.kl_rise_clip,
             "kl_fall_clip": settings.kl_fall_clip,
             "missing_eos_penalty": settings.missing_eos_penalty,
-            "served_max_new_tokens": settings.max_new_tokens,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
             "demo_max_tokens": settings.demo_max_tokens or settings.max_new_tokens,
@@ -586,8 +577,7 @@ class PPOTrainer:
         return scores.float().clone()
 
     def _process_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
-        """Normalise (running moments), then penalise answers without EOS (those cut
-        shorter than served answers are: ``penalises_missing_eos``), then clip.
+        """Normalise (running moments), then penalise answers without EOS, then clip.
         The penalty comes after the normalisation so that it is in units of the scores'
         standard deviation whatever the reward model's scale, and it does not enter the
         moments (they describe the reward model, not the penalty)."""
@@ -598,21 +588,11 @@ class PPOTrainer:
             if finite.numel():  # a NaN score must not poison the running statistics
                 self.score_moments.update(finite)
             scores = self.score_moments.normalize(scores)
-        if self.penalises_missing_eos:
+        if config.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
-
-    @property
-    def penalises_missing_eos(self) -> bool:
-        """Whether a rollout cut without EOS loses ``missing_eos_penalty``: only when
-        rollouts are cut shorter than served answers are (see ``served_max_new_tokens``)."""
-        config = self.config
-        if config.missing_eos_penalty is None:
-            return False
-        served = config.served_max_new_tokens
-        return served is None or config.max_new_tokens < served
 
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: Tensor) -> Experience:

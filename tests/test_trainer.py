@@ -545,7 +545,6 @@ def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
     -1.341641, -0.447214, 0.447214, 1.341641; the 2nd and 4th have no EOS: -1 each."""
     model, head = policy
     config = PPOConfig.from_settings(Settings())
-    assert (config.max_new_tokens, config.served_max_new_tokens) == (64, 256)
     trainer = PPOTrainer(
         model, tiny_model.tokenizer, config, reward_fn=lower_half_rule(tiny_model.tokenizer),
         value_head=head,
@@ -556,25 +555,6 @@ def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
     torch.testing.assert_close(
         processed, torch.tensor([-1.341641, -1.447214, 0.447214, 0.341641]), atol=1e-5, rtol=0
     )
-
-
-def test_a_rollout_cut_where_serving_cuts_is_left_to_the_reward_model(policy, tiny_model):
-    """With rollouts as long as served answers (RLHF_PPO_NEW_TOKENS = RLHF_MAX_NEW_TOKENS =
-    64, as the learning benchmark serves), an answer cut without EOS is an answer as people
-    were served it, and the reward model learnt those as cut from their reactions: no
-    penalty on top. Scores 1..4 normalise to -1.341641, -0.447214, 0.447214, 1.341641 and
-    stay so. Rollouts of 48 tokens under the same served limit: the cut ones lose 1."""
-    model, head = policy
-    has_eos = torch.tensor([True, False, True, False])
-    normalised = torch.tensor([-1.341641, -0.447214, 0.447214, 1.341641])
-    for rollout_tokens, expected in ((64, normalised), (48, normalised - 1.0 * ~has_eos)):
-        config = PPOConfig.from_settings(Settings(max_new_tokens=64, ppo_new_tokens=rollout_tokens))
-        trainer = PPOTrainer(
-            model, tiny_model.tokenizer, config, reward_fn=lower_half_rule(tiny_model.tokenizer),
-            value_head=head,
-        )  # fmt: skip
-        processed = trainer._process_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]), has_eos)
-        torch.testing.assert_close(processed, expected, atol=1e-5, rtol=0)
 
 
 def test_old_and_new_logprobs_are_taken_in_the_same_mode(tiny_model, tiny_settings):
