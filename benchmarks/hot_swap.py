@@ -37,8 +37,13 @@ Two changes of method in the hot-swap work of issue 12 (the targets are defined 
   decode step at 8 chats here), which no swap mechanism removes; the JSON keeps that
   ratio too (``latency_p95_ratio_vs_base_model``), so both can be read.
 
+A third, of 2026-12-05: the chats run in a process of their own (``--clients process``, the
+default), as people's browsers are not in the server's process; as threads of the server's
+process (``--clients thread``, the method before) they took its interpreter lock from the decode
+loop (answers 12% slower, results/hot_swap_clients/).
+
     python benchmarks/hot_swap.py [--chats 8] [--duration 40] [--interval 4] [--stagger 0.6]
-                                   [--out FILE]
+                                   [--clients process|thread] [--out FILE]
 
 (RLHF_MODEL_CACHE_DIR names the model cache; the JSON keeps the command line.)
 """
@@ -183,6 +188,54 @@ class Chats:
             ]  # fmt: skip
 
 
+def _chats_in_a_process(url, n, max_new_tokens, stagger_s, started, stop, out) -> None:
+    """:class:`ChatsProcess`'s child: the chats, their records sent back when stopped."""
+    chats = Chats(url, n, max_new_tokens)
+    chats.start(stagger_s)
+    started.set()
+    stop.wait()
+    chats.finish()
+    out.put({"records": chats.records, "first_seen": chats.first_seen})
+
+
+class ChatsProcess:
+    """The same chats (:class:`Chats`) in a process of their own, as people's browsers are
+    not in the server's process: in one process the eight clients' threads (streaming
+    reads, JSON, the SSE parser) take the interpreter lock from the server's decode loop
+    and its Gradio event loop. The records come back when the chats stop; times are
+    ``time.time()`` of the same machine, so they compare with the publishes'."""
+
+    def __init__(self, url: str, n: int, max_new_tokens: int) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")  # no forked copy of the model
+        self._args = (url, n, max_new_tokens)
+        self._started, self._stop = self._ctx.Event(), self._ctx.Event()
+        self._out = self._ctx.Queue()
+        self.records: list[dict] = []
+        self.first_seen: dict[int, float] = {}
+        self.lock = threading.Lock()
+
+    def start(self, stagger_s: float) -> None:
+        """Start the chats and return once the last one has sent its first message."""
+        self.process = self._ctx.Process(
+            target=_chats_in_a_process,
+            args=(*self._args, stagger_s, self._started, self._stop, self._out),
+            daemon=True,
+        )
+        self.process.start()
+        if not self._started.wait(timeout=300):
+            raise RuntimeError("the chat clients' process did not start")
+
+    def finish(self) -> None:
+        self._stop.set()
+        got = self._out.get(timeout=600)
+        self.process.join(timeout=60)
+        self.records, self.first_seen = got["records"], got["first_seen"]
+
+    between = Chats.between
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chats", type=int, default=8)
@@ -192,6 +245,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stagger", type=float, default=0.6, help="seconds between the chats' first messages"
     )
+    parser.add_argument(
+        "--clients", choices=("process", "thread"), default="process",
+        help="the chat clients in a process of their own (as browsers are), or as threads of "
+        "the server's process (the method before; they share its interpreter lock)",
+    )  # fmt: skip
     parser.add_argument("--base-model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -224,7 +282,8 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
         from chat_ui.app import serve
 
         app = serve(settings, block=False)
-        chats = Chats(app.url, args.chats, args.max_new_tokens)
+        chats_class = ChatsProcess if args.clients == "process" else Chats
+        chats = chats_class(app.url, args.chats, args.max_new_tokens)
         phases: dict[str, tuple[float, float]] = {}
         # The chats run without a break through all phases; a phase is a time window.
         chats.start(args.stagger)
@@ -326,7 +385,7 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
             "config": {
                 "serving_backend": settings.serving_backend,
                 "chats": args.chats, "duration_s": args.duration, "interval_s": args.interval,
-                "stagger_s": args.stagger,
+                "stagger_s": args.stagger, "clients": args.clients,
                 "max_new_tokens": args.max_new_tokens, "base_model": settings.base_model,
                 "device": "cpu", "cpus": os.cpu_count(), "machine": platform.machine(),
                 "torch": torch.__version__,
