@@ -179,6 +179,10 @@ class Chats:
         for t in self.threads:
             t.join(timeout=300)
 
+    def close(self) -> None:
+        """After an error: the chats stop after their answer in progress."""
+        self.stop.set()
+
     def between(self, start: float, end: float, ended_by: float | None = None) -> list[dict]:
         """Answers that started in [start, end) (and, given ``ended_by``, ended before it)."""
         with self.lock:
@@ -189,13 +193,19 @@ class Chats:
 
 
 def _chats_in_a_process(url, n, max_new_tokens, stagger_s, started, stop, out) -> None:
-    """:class:`ChatsProcess`'s child: the chats, their records sent back when stopped."""
-    chats = Chats(url, n, max_new_tokens)
-    chats.start(stagger_s)
-    started.set()
-    stop.wait()
-    chats.finish()
-    out.put({"records": chats.records, "first_seen": chats.first_seen})
+    """:class:`ChatsProcess`'s child: the chats, their records sent back when stopped
+    (or the error that stopped them)."""
+    import traceback
+
+    try:
+        chats = Chats(url, n, max_new_tokens)
+        chats.start(stagger_s)
+        started.set()
+        stop.wait()
+        chats.finish()
+        out.put({"records": chats.records, "first_seen": chats.first_seen})
+    except BaseException:
+        out.put({"error": traceback.format_exc()})
 
 
 class ChatsProcess:
@@ -224,14 +234,44 @@ class ChatsProcess:
             daemon=True,
         )
         self.process.start()
-        if not self._started.wait(timeout=300):
-            raise RuntimeError("the chat clients' process did not start")
+        deadline = time.time() + 300
+        while not self._started.wait(timeout=1.0):
+            if self.process.exitcode is not None or time.time() > deadline:
+                self.close()
+                raise RuntimeError(f"the chat clients' process did not start: {self._error()}")
 
     def finish(self) -> None:
+        import queue
+
         self._stop.set()
-        got = self._out.get(timeout=600)
+        deadline = time.time() + 600
+        while True:
+            try:
+                got = self._out.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.process.is_alive() or time.time() > deadline:
+                    self.close()
+                    raise RuntimeError(
+                        "the chat clients' process ended without its records"
+                    ) from None
         self.process.join(timeout=60)
+        if "error" in got:
+            raise RuntimeError(f"the chat clients' process failed:\n{got['error']}")
         self.records, self.first_seen = got["records"], got["first_seen"]
+
+    def _error(self) -> str:
+        try:
+            return self._out.get(timeout=1.0).get("error", "no error reported")
+        except Exception:
+            return f"exit code {self.process.exitcode}"
+
+    def close(self) -> None:
+        """Stop the clients' process whatever state it is in (after an error)."""
+        self._stop.set()
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
 
     between = Chats.between
 
@@ -260,7 +300,7 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
     ``records``, ``published`` {version: time}, ``phases`` {name: (start, end)})."""
     tmp = Path(tempfile.mkdtemp(prefix="hot-swap-"))
     server = EmbeddedValkey(tmp / "valkey", fsync="everysec").start()
-    app = None
+    app = chats = None
     try:
         settings = Settings(
             data_dir=tmp / "data",
@@ -394,6 +434,8 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
         raw = {"records": list(chats.records), "published": published, "phases": phases}
         return result, raw
     finally:
+        if chats is not None:
+            chats.close()  # after an error before finish(): no client left sending
         if app is not None:
             app.close()
         server.stop()

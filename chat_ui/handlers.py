@@ -63,11 +63,13 @@ MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
 STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
-# Called by send, regenerate and arena_send once the request is one that will be answered
-# (the message valid, the chat free, the answer to regenerate found), under the chat's lock
-# and before anything is written; it raises to refuse. The app counts the message against
-# its rate limits here, so a refused request (a second Enter while an answer streams, an
-# empty message, an arena with one version) does not use up the person's messages.
+# Called by send, regenerate and arena_send once the request has passed every check the chat
+# makes itself (the message valid, the chat free, the answer to regenerate found, an arena with
+# two versions), under the chat's lock and before anything is written; it raises to refuse.
+# The app counts the message against its rate limits here, so a request refused by those
+# checks (a second Enter while an answer streams, an empty message) does not use up the
+# person's messages. The server's own refusals come after it and are counted: a system prompt
+# and message that alone overflow the model's context, a version unloaded mid-arena.
 Admit = Callable[[], None]
 
 

@@ -472,16 +472,17 @@ def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_board_cache: dict[int, tuple[tuple[int, str | None], list[dict[str, Any]]]] = {}
+_board_cache: dict[int, tuple[tuple[int, str | None, int], list[dict[str, Any]]]] = {}
 
 
 def leaderboard_rows(
     store: FeedbackStore, rounds: int = 1000, settings: Settings | None = None
 ) -> list[dict[str, Any]]:
     """Bradley-Terry ratings with bootstrap 95% intervals over the arena battles that
-    count (``datasets.counted_battles``: picks by people who may train), cached until a
-    battle is recorded or deleted: the bootstrap refits ``rounds`` times, and the arena
-    stream is read only then."""
+    count (``datasets.counted_battles``: picks by people who may train). The bootstrap
+    refits ``rounds`` times, and the arena stream and its turns are read, only when the
+    battles that count may have changed (``FeedbackStore.battles_mark``: a battle recorded
+    or deleted, a chat switched to "don't train", turns deleted)."""
     from rlhf_core.datasets import counted_battles
     from rlhf_core.live_eval import leaderboard
 
@@ -489,7 +490,7 @@ def leaderboard_rows(
     cached = _board_cache.get(id(store.redis))
     if cached and cached[0] == mark:
         return cached[1]
-    battles, _ = counted_battles(store, settings)
+    battles, _ = counted_battles(store, settings, scrub=False)
     rows = leaderboard(
         [(b["version_a"], b["version_b"], b["outcome"]) for b in battles], rounds=rounds
     )

@@ -719,18 +719,19 @@ def battle_counts(battle: Mapping[str, Any], turns: Mapping[str, Turn]) -> bool:
 
 
 def counted_battles(
-    store: FeedbackStore, settings: Settings | None = None
+    store: FeedbackStore, settings: Settings | None = None, *, scrub: bool = True
 ) -> tuple[list[dict[str, Any]], dict[str, Turn]]:
     """The arena battles whose picks count (:func:`battle_counts`), with their turns as
     training sees them (consent, deletion and scrubbing: ``privacy.training_view``). The
     export and the leaderboard read the same ones: a flood of anonymous cookies on a
-    public UI must not move the versions' ratings any more than it may train them."""
+    public UI must not move the versions' ratings any more than it may train them.
+    ``scrub=False`` leaves the turns' text as stored (for counting, not for export)."""
     from rlhf_core.privacy import training_view
 
     battles = store.battles()
     ids = {t for b in battles for t in (b["turn_a"], b["turn_b"])}
     turns, _ = training_view(
-        store, settings or get_settings(), list(store.get_turns(ids).values()), []
+        store, settings or get_settings(), list(store.get_turns(ids).values()), [], scrub=scrub
     )
     by_id = {t.turn_id: t for t in turns}
     return [b for b in battles if battle_counts(b, by_id)], by_id

@@ -14,6 +14,8 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:consent``                  hash: turn id -> "0"/"1", the chat's "don't train" switch as
                                     last set (overrides the records' ``may_train``, never their
                                     ``consent``).
+- ``rlhf:consent_epoch``            counter: +1 whenever written turns change whether they may
+                                    train (the switch, a deletion); caches read it.
 - ``rlhf:review``                   hash: event id -> "approved" / "dropped" (rewrite review).
 - ``rlhf:held``                     sorted set: stream ids of events acked but held back, scored
                                     by when they may train (+inf: waiting for review).
@@ -74,6 +76,7 @@ EVENTS_STREAM = f"{PREFIX}events"
 INVALID_STREAM = f"{PREFIX}events:invalid"
 ARENA_STREAM = f"{PREFIX}arena"
 CONSENT_KEY = f"{PREFIX}consent"
+CONSENT_EPOCH_KEY = f"{PREFIX}consent_epoch"
 REVIEW_KEY = f"{PREFIX}review"
 HELD_KEY = f"{PREFIX}held"
 ACCOUNTS_KEY = f"{PREFIX}accounts"
@@ -838,15 +841,17 @@ class FeedbackStore:
         return out
 
     @_surface_unavailable
-    def battles_mark(self) -> tuple[int, str | None]:
-        """(number of battles, id of the newest): it changes whenever a battle is recorded
-        or deleted, so a cache of what is computed from every battle can check it cheaply
-        before reading the stream."""
+    def battles_mark(self) -> tuple[int, str | None, int]:
+        """(number of battles, id of the newest, consent epoch): it changes whenever a
+        battle is recorded or deleted, or written turns change whether they may train (a
+        chat switched to "don't train", turns deleted), so a cache of what is computed from
+        the battles that count can check it cheaply before reading the stream."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(ARENA_STREAM)
         pipe.xrevrange(ARENA_STREAM, count=1)
-        n, newest = pipe.execute()
-        return n, _text(newest[0][0]) if newest else None
+        pipe.get(CONSENT_EPOCH_KEY)
+        n, newest, epoch = pipe.execute()
+        return n, _text(newest[0][0]) if newest else None, int(epoch or 0)
 
     def _turn_sessions(self, turn_ids: Iterable[str]) -> dict[str, str]:
         """turn id -> its session id, for the turns that exist (one MGET; only the one
@@ -1137,7 +1142,10 @@ class FeedbackStore:
         earlier answers included. Returns how many turns were marked."""
         ids = list(dict.fromkeys(turn_ids))
         if ids:
-            self.redis.hset(CONSENT_KEY, mapping={t: "1" if allowed else "0" for t in ids})
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(CONSENT_KEY, mapping={t: "1" if allowed else "0" for t in ids})
+            pipe.incr(CONSENT_EPOCH_KEY)
+            pipe.execute()
         return len(ids)
 
     @_surface_unavailable
@@ -1410,6 +1418,8 @@ class FeedbackStore:
             )
             n_turns += int(n)
             deleted += [_text(s) for s in sids]
+        if n_turns:
+            self.redis.incr(CONSENT_EPOCH_KEY)
         return n_turns, deleted
 
     @_surface_unavailable

@@ -225,6 +225,7 @@ def run_round(
     registry.clear_round_request()
     started = time.monotonic()
     taken: list[str] = []  # stream ids pending on us, not yet acked
+    parent: int | None = None  # the current version the round trains from, once read
     events_total = 0
     work_dir: Path | None = None
 
@@ -337,8 +338,8 @@ def run_round(
                 # RLHF_LOCK_TTL_S): the publish would be refused, so training on is waste.
                 raise LeaseLostError(
                     f"This round lost the training lock (token {token}) while it trained, so "
-                    f"it could not publish; it stopped at '{stage}', and its events stay for "
-                    "the next round."
+                    f"it could not publish; it stopped at '{stage}', and its events stay "
+                    "pending for the round that holds the lock."
                 )
             report(stage, 0.1 + 0.8 * max(0.0, min(1.0, fraction)))
 
@@ -453,14 +454,14 @@ def run_round(
         outcome.role = role
         return done(outcome)
     except LeaseLostError as error:
+        # No release: the round holding the lock now has reclaimed these entries (its read
+        # takes every pending one) and trains on them; only it may move them.
         log.warning("round %s: %s", token, error)
         try:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)
-            if taken:
-                store.release(consumer_name, taken)
         except redis.RedisError:
-            pass  # the entries are reclaimed by the next round anyway
-        return done(RoundOutcome("failed", str(error), None, None, len(taken)))
+            pass
+        return done(RoundOutcome("failed", str(error), None, parent, len(taken)))
     except BaseException as error:
         # Includes Celery's SoftTimeLimitExceeded. Events stay unacked for the next round.
         why = f"{type(error).__name__}: {error}"

@@ -428,6 +428,10 @@ def test_the_leaderboard_counts_only_picks_that_may_train(store, tiny_settings):
     rows = leaderboard_rows(store, rounds=10)
     assert {r["version"]: r["battles"] for r in rows} == {0: 1, 1: 1}
     assert len(ds.export_rows(store, "arena", settings=tiny_settings)) == 1  # the same one
+    # The counted pick's chat switched to "don't train" after the pick: out of the ratings
+    # at once, though no battle was recorded or deleted (the cache must not keep it).
+    store.set_training(["counteda", "countedb"], False)
+    assert leaderboard_rows(store, rounds=10) == []
 
 
 def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):

@@ -228,7 +228,7 @@ def test_a_round_that_lost_its_lease_stops_training(redis_client, tiny_settings,
     assert outcome.status == "failed" and "lost the training lock" in outcome.reason
     assert "ppo" not in stages and "publishing" not in stages
     assert Registry(redis_client, settings).versions() == []
-    # Its events were handed back: the next round (the lock free again) trains them.
+    # Its events stayed pending, never acked: the next round to hold the lock trains them.
     redis_client.delete(LOCK_KEY)
     again = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
     assert again.status == "published"
