@@ -391,6 +391,13 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
         lat_base = [r["end"] - r["start"] for r in baseline if r["ok"]]
         lat_swap = [r["end"] - r["start"] for r in swapping if r["ok"]]
         failed = [r for r in measured if not r["ok"]]
+        for phase, times in (("base model", lat_model), ("baseline", lat_base),
+                             ("swapping", lat_swap)):  # fmt: skip
+            if not times:
+                raise SystemExit(
+                    f"No answer finished within the {phase} phase: give --duration several "
+                    "times one answer's length (about 6 s at 8 chats on 2 CPU cores)."
+                )
         result = {
             "swap_visible_p50_s": round(statistics.median(visible), 3) if visible else None,
             "swap_visible_p95_s": round(percentile(visible, 95), 3) if visible else None,
