@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -42,10 +43,22 @@ class RedisUnavailableError(RuntimeError):
     """No Redis could be reached; the message says how to start or name one."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now and that is none of ``avoid``:
+    ports another part of this program will bind later (the UI's), which the kernel may
+    well hand out now, since nothing holds them yet."""
+    held: list[socket.socket] = []
+    try:
+        while True:
+            sock = socket.socket()
+            held.append(sock)  # held open until the end, so the kernel offers another
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid:
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 PR_SET_PDEATHSIG = 1
@@ -111,9 +124,10 @@ class EmbeddedValkey:
         fsync: str = "always",
         password: str | None = None,
         die_with_parent: bool = False,
+        avoid_ports: Collection[int] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.port = port or free_port()
+        self.port = port or free_port(avoid=avoid_ports)
         self.fsync = fsync
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.password = password or data_dir_password(self.data_dir)
@@ -239,6 +253,9 @@ def start_embedded_if_needed(
             return existing, None  # another `up` with the same data dir owns it
         except redis.RedisError:
             pass  # stale file from a crashed run: start our own
-    server = EmbeddedValkey(Path(settings.data_dir), die_with_parent=die_with_parent).start()
+    # The UI binds its port after Valkey has started: keep Valkey off it.
+    server = EmbeddedValkey(
+        Path(settings.data_dir), die_with_parent=die_with_parent, avoid_ports={settings.port}
+    ).start()
     server.write_url_file()
     return server.url, server

@@ -1,12 +1,16 @@
 """The embedded server: real Valkey, AOF persistence, address discovery."""
 
+import socket
+
 import pytest
 import redis
 
+from rlhf_core import redis_server
 from rlhf_core.redis_server import (
     EmbeddedValkey,
     RedisUnavailableError,
     connect,
+    free_port,
     start_embedded_if_needed,
 )
 from rlhf_core.settings import Settings
@@ -35,6 +39,35 @@ def test_second_command_finds_the_embedded_server(tmp_path):
         url2, server2 = start_embedded_if_needed(settings)
         assert (url2, server2) == (url, None)
         assert connect(settings).get("k") == b"v"
+    finally:
+        server.stop()
+
+
+def test_the_embedded_server_never_takes_the_port_the_ui_will_bind(tmp_path, monkeypatch):
+    """`up` starts Valkey on a port the kernel offers, then the UI binds RLHF_PORT. Nothing
+    holds RLHF_PORT in between, so the kernel may offer it to Valkey (it did, in CI: "Cannot
+    find empty port in range: 51495-51495"). The kernel's pick is forced here to be the UI's
+    port once; the bind itself is real."""
+    ui_port = free_port()
+
+    class OffersTheUiPortFirst(socket.socket):
+        offered = False
+
+        def bind(self, address):
+            if address == ("127.0.0.1", 0) and not OffersTheUiPortFirst.offered:
+                OffersTheUiPortFirst.offered = True
+                address = ("127.0.0.1", ui_port)
+            super().bind(address)
+
+    monkeypatch.setattr(redis_server.socket, "socket", OffersTheUiPortFirst)
+    url, server = start_embedded_if_needed(Settings(data_dir=tmp_path, redis_url=None, port=ui_port))
+    monkeypatch.undo()
+    try:
+        assert OffersTheUiPortFirst.offered
+        assert server is not None and server.port != ui_port
+        with socket.socket() as ui:
+            ui.bind(("127.0.0.1", ui_port))  # the UI's port is still there for the UI
+        connect(Settings(data_dir=tmp_path, redis_url=None)).ping()
     finally:
         server.stop()
 
