@@ -60,7 +60,8 @@ def test_the_embedded_server_never_takes_the_port_the_ui_will_bind(tmp_path, mon
             super().bind(address)
 
     monkeypatch.setattr(redis_server.socket, "socket", OffersTheUiPortFirst)
-    url, server = start_embedded_if_needed(Settings(data_dir=tmp_path, redis_url=None, port=ui_port))
+    settings = Settings(data_dir=tmp_path, redis_url=None, port=ui_port)
+    _, server = start_embedded_if_needed(settings)
     monkeypatch.undo()
     try:
         assert OffersTheUiPortFirst.offered
