@@ -707,13 +707,14 @@ def to_turn_rows(
 
 def battle_counts(battle: Mapping[str, Any], turns: Mapping[str, Turn]) -> bool:
     """Whether an arena pick may train, be exported or move the leaderboard: both of its
-    answers are in ``turns`` (deleted ones are not), may train, and were picked by someone
-    who may train."""
-    a, b = turns.get(battle["turn_a"]), turns.get(battle["turn_b"])
-    if a is None or b is None:
-        return False  # the turns were deleted (a person asked to forget their data)
-    if not (a.may_train and b.may_train and a.consent and b.consent):
-        return False  # not for training (e.g. an anonymous visitor's, in public)
+    answers are in ``turns``, the turns that may train as ``privacy.training_view`` admits
+    them, and it was picked by someone who may train.
+
+    ``turns`` must come from that view, not from the store: it applies the writer's consent,
+    deletion, and the chat's training switch as set *later* (the turn record keeps the flag
+    it was written with; a chat switched off and on again trains, so its picks count)."""
+    if battle["turn_a"] not in turns or battle["turn_b"] not in turns:
+        return False  # deleted, not consented, or the chat is switched to "don't train"
     # Picked by someone who may not train (signed out before the pick).
     return bool(battle.get("consent", True))
 

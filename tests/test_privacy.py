@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -432,6 +433,17 @@ def test_the_leaderboard_counts_only_picks_that_may_train(store, tiny_settings):
     # at once, though no battle was recorded or deleted (the cache must not keep it).
     store.set_training(["counteda", "countedb"], False)
     assert leaderboard_rows(store, rounds=10) == []
+    # Review of s13: a chat switched off when its answers were written and on again before
+    # the pick trains its votes (the switch set later wins), so its pick counts here too.
+    late = Turn("latea", "s1", "alice", [{"role": "user", "content": "q"}], "a",
+                policy_version=1, may_train=False)  # fmt: skip
+    store.save_turn(late)
+    store.save_turn(replace(late, turn_id="lateb", answer="b", policy_version=0))
+    store.set_training(["latea", "lateb"], True)
+    assert store.record_battle(Battle("late", "s1", "alice", "latea", "lateb", 1, 0, "a"))
+    rows = leaderboard_rows(store, rounds=10)
+    assert {r["version"]: r["battles"] for r in rows} == {0: 1, 1: 1}
+    assert [r["version_a"] for r in ds.export_rows(store, "arena", settings=tiny_settings)] == [1]
 
 
 def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):
