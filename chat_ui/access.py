@@ -505,6 +505,7 @@ async def _send_response(send: Any, status: int, headers: list, body: bytes) -> 
 
 
 _CALL_RE = re.compile(r"^/gradio_api/(call/v2|call|run|api)/([^/]+)/?$")
+UPLOAD_PATH = "/gradio_api/upload"
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
 
@@ -532,6 +533,13 @@ class BoundaryMiddleware:
         if root and path.startswith(root):
             path = path[len(root) :]
 
+        if method == "POST" and path.rstrip("/") == UPLOAD_PATH:
+            # No component here takes a file: uploads would only make the Space a free
+            # file host, each kept on disk (Gradio keeps what is uploaded until restart).
+            await _send_response(
+                send, *_json_response(404, "This service takes no files: send text instead.")
+            )
+            return
         if method == "POST":
             match = _CALL_RE.match(path)
             # The page itself posts non-queued events to /run/predict with an fn_index

@@ -487,7 +487,9 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         @guarded
         def on_undo(request: gr.Request):
             update = call(service.undo, who(request, "feedback").session_id)
-            return (*render(update), update.textbox if update.textbox is not None else gr.skip())
+            textbox = update.textbox if update.textbox is not None else gr.skip()
+            # Undo of a new chat brings back that chat's training switch: show it.
+            return (*render(update), textbox, update.no_train)
 
         @guarded
         def on_new_chat(request: gr.Request):
@@ -539,7 +541,9 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
 
         @guarded
         def on_no_train(value, request: gr.Request):
-            update = call(service.set_no_train, who(request).session_id, value)
+            # A reaction's rate: each switch writes every turn of the chat and resets the
+            # leaderboard's cache (the consent epoch).
+            update = call(service.set_no_train, who(request, "feedback").session_id, value)
             return render(update)
 
         @guarded
@@ -615,9 +619,9 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
             on_rewrite, [api_index, api_text], outputs, api_name="rewrite", **reactions
         ).then(**sync)
         chatbot.edit(on_edit, None, outputs, api_visibility="private", **reactions).then(**sync)
-        undo_button.click(on_undo, None, [*outputs, textbox], api_name="undo", **reactions).then(
-            **sync
-        )
+        undo_button.click(
+            on_undo, None, [*outputs, textbox, no_train], api_name="undo", **reactions
+        ).then(**sync)
         new_chat_button.click(on_new_chat, None, outputs, api_name="new_chat", **reactions).then(
             **sync
         )

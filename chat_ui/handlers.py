@@ -82,6 +82,7 @@ class Update:
     done: bool = True  # False while an answer is still streaming
     textbox: str | None = None  # text to put back in the input box (undo of a send)
     version: int = 0  # the current policy version
+    no_train: bool = False  # the chat's "don't use this chat for training" switch, as set
 
 
 @dataclass
@@ -271,7 +272,10 @@ class ChatService:
         return [{k: v for k, v in m.items() if k != "context"} for m in session.messages]
 
     def _update(self, session: ChatSession, **kwargs: Any) -> Update:
-        return Update(messages=self.view(session), version=self.policy.current_version, **kwargs)
+        return Update(
+            messages=self.view(session), version=self.policy.current_version,
+            no_train=session.no_train, **kwargs,
+        )  # fmt: skip
 
     # --- store helpers -----------------------------------------------------------
     def _flush(self, session: ChatSession) -> None:
@@ -694,6 +698,10 @@ class ChatService:
             elif action["kind"] == "new_chat":
                 session.messages = action["messages"]
                 session.chat_turns = action.get("chat_turns", [])
+                # The chat comes back with its own switch: its turns carry it (a switch set
+                # in the chat after it covered only that chat), and what it answers next
+                # must follow it too. The page shows it (Update.no_train).
+                session.no_train = action.get("no_train", session.no_train)
                 session.epoch += 1
             return self._update(session, textbox=textbox)
 
@@ -706,6 +714,7 @@ class ChatService:
                         "kind": "new_chat",
                         "messages": session.messages,
                         "chat_turns": session.chat_turns,
+                        "no_train": session.no_train,
                     }
                 )
             session.messages = []

@@ -321,10 +321,32 @@ def test_rate_limits_and_body_size_over_http(serve_app):
     with pytest.raises(AppError, match="Too many reactions"):
         client.predict(-1, "dislike", api_name="/vote")
     assert len(list(app.service.store.events())) == 3
+    # The chat's training switch counts as a reaction: each switch writes every turn of
+    # the chat and resets the leaderboard's cache (review of s13: it was not counted).
+    other = Client(app.url, verbose=False)
+    for value in (True, False, True):
+        other.predict(value, api_name="/set_no_train")
+    with pytest.raises(AppError, match="Too many reactions"):
+        other.predict(False, api_name="/set_no_train")
     # A body over RLHF_MAX_BODY_KB is refused before Gradio parses it.
     stranger = visitor(app.url)
     status, _, payload = http_call(stranger, "send", ["x" * 70_000, "", *SAMPLING], "big")
     assert status == 413 and "RLHF_MAX_BODY_KB" in payload["detail"]
+
+
+def test_a_stranger_cannot_upload_files(serve_app):
+    # Review of s13: Gradio's upload route took any file from anyone (30 of 200 KB in a row)
+    # and served it back: a free file host on a public Space. No component here takes files.
+    app = serve_app(**PUBLIC)
+    stranger = visitor(app.url)
+    for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+        response = stranger.post(path, files={"files": ("a.txt", b"x" * 1000, "text/plain")})
+        assert response.status_code == 404, response.text
+        assert "takes no files" in response.json()["detail"]
+    # The page and its chat still work.
+    assert stranger.get("/").status_code == 200
+    status, kind, _ = http_call(stranger, "new_chat", [], "u1")
+    assert (status, kind) == (200, "complete")
 
 
 def test_an_arena_message_counts_as_the_two_answers_it_asks_for(serve_app):

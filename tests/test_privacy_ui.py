@@ -151,3 +151,35 @@ def test_consent_switch_and_delete_my_data_over_http(app, tiny_settings):
     assert ds.export_rows(store, "turns", settings=tiny_settings) == []
     assert store.counts()["turns"] == 1  # bob's, kept but never trained on
     assert all("alice" not in json.dumps(t.to_dict()) for t in store.turns())
+
+
+def test_undo_of_a_new_chat_brings_back_that_chats_training_switch(app, tiny_settings):
+    # Review of s13: Undo of "New chat" brought the chat back with the switch as set in the
+    # chat after it. Switched off, then a new chat switched on again, then Undo: the page
+    # showed the switch on (training) over a chat whose answers do not train, and the next
+    # answer in it was written to train: half of one chat in the training data.
+    store = app.service.store
+    person = Client(app.url, verbose=False)
+    person.predict("keep this one out", "", *SAMPLING, api_name="/send")
+    person.predict(True, api_name="/set_no_train")
+    person.predict(api_name="/new_chat")
+    person.predict(False, api_name="/set_no_train")  # for the new chat
+    *_, switch = person.predict(api_name="/undo")
+    assert switch is True  # the page shows the chat's own switch again
+    person.predict("and this one", "", *SAMPLING, api_name="/send")
+    person.predict(-1, "like", api_name="/vote")
+    assert ds.export_rows(store, "turns", settings=tiny_settings) == []
+    assert ds.export_rows(store, "kto", settings=tiny_settings) == []
+    # The other way round: a chat that trains comes back training, and shows it.
+    person.predict(api_name="/new_chat")  # the switch stays on for the new chat
+    person.predict("fresh", "", *SAMPLING, api_name="/send")
+    person.predict(api_name="/new_chat")
+    person.predict(False, api_name="/set_no_train")
+    person.predict("trains", "", *SAMPLING, api_name="/send")
+    person.predict(api_name="/new_chat")
+    person.predict(True, api_name="/set_no_train")
+    *_, switch = person.predict(api_name="/undo")
+    assert switch is False
+    person.predict("this too", "", *SAMPLING, api_name="/send")
+    rows = ds.export_rows(store, "turns", settings=tiny_settings)
+    assert [r["messages"][-1]["content"] for r in rows] == ["trains", "this too"]
