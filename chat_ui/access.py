@@ -39,6 +39,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,37 @@ class AccessError(PermissionError):
 
 class RateLimited(AccessError):
     """Too many requests in a window; the message says when to try again."""
+
+
+class TooManyAnswers(AccessError):
+    """The caller already has as many answers being written as one caller may."""
+
+
+# An answer that has streamed nothing for this long has no reader left: Gradio does not
+# always close a generator whose request was cancelled (a cancel during its first step left
+# it suspended, never closed), so its chat and its caller's slot are freed by this instead.
+# A decode step takes well under a second; an answer waits for nothing else once it runs.
+ABANDONED_AFTER_S = 60.0
+
+
+class AnswerSlot:
+    """One answer in flight for a caller (:meth:`Access.take_answer_slot`): ``touch`` on
+    each streamed update, ``release`` once when it ends (again is harmless)."""
+
+    def __init__(self, release: Callable[[AnswerSlot], None] | None = None) -> None:
+        self._release = release
+        self.alive = time.monotonic()
+
+    def touch(self) -> None:
+        self.alive = time.monotonic()
+
+    def abandoned(self, now: float) -> bool:
+        return now - self.alive > ABANDONED_AFTER_S
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
 
 
 # ------------------------------------------------------------------ settings, read
@@ -351,6 +383,7 @@ class Access:
             ("feedback", "ip"): _items(settings.feedback_rate_ip, "feedback_rate_ip"),
             ("session", "ip"): _items(settings.session_rate_ip, "session_rate_ip"),
         }
+        self._answering: dict[str, set[AnswerSlot]] = {}  # answers in flight, per caller key
         # Bindings this process has seen: a known chat keeps working while Redis is down.
         self._bindings: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -432,6 +465,46 @@ class Access:
         return may_train(identity, self.settings)
 
     # --- rate limits ----------------------------------------------------------
+    def take_answer_slot(self, identity: Identity) -> AnswerSlot:
+        """One more answer being written for this caller (its account and its address
+        block), or TooManyAnswers when either already has ``answers_in_flight``; the caller
+        releases the slot when the answer ends (:class:`AnswerSlot`).
+
+        A chat answers one message at a time, but new chats are cheap: without this, one
+        address could hold every decode slot of the process with a few dozen chats and leave
+        everyone else waiting in the queue. Counted in this process, as the slots are its own;
+        admins are not counted; a slot whose answer streamed nothing for ABANDONED_AFTER_S
+        no longer counts."""
+        limit = self.settings.answers_in_flight
+        if identity.admin or limit <= 0:
+            return AnswerSlot()
+        keys = (f"account:{identity.user_id}", f"ip:{address_block(identity.ip)}")
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                held = self._answering.get(key, set())
+                held -= {slot for slot in held if slot.abandoned(now)}
+                if len(held) >= limit:
+                    who = "this address" if key.startswith("ip:") else "your account"
+                    raise TooManyAnswers(
+                        f"{limit} answers are already being written for {who}, the most this "
+                        "service writes for one person at once. Wait for one to finish, then "
+                        "send again."
+                    )
+            slot = AnswerSlot(lambda slot: self._free(keys, slot))
+            for key in keys:
+                self._answering.setdefault(key, set()).add(slot)
+        return slot
+
+    def _free(self, keys: tuple[str, ...], slot: AnswerSlot) -> None:
+        with self._lock:
+            for key in keys:
+                held = self._answering.get(key)
+                if held is not None:
+                    held.discard(slot)
+                    if not held:
+                        del self._answering[key]
+
     def check_rate(self, kind: str, identity: Identity, cost: int = 1) -> None:
         """Count a ``kind`` ('message' or 'feedback') request, as ``cost`` of them (an arena
         message asks for two answers), against the caller's account and IP windows;

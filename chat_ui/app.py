@@ -33,7 +33,7 @@ import gradio as gr
 
 from chat_ui import access as access_mod
 from chat_ui import training, validation
-from chat_ui.access import Access, AccessError, Identity, RateLimited
+from chat_ui.access import Access, AccessError, AnswerSlot, Identity, RateLimited
 from chat_ui.handlers import (
     EMPTY_ANSWER,
     STORE_ERRORS,
@@ -253,14 +253,21 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         return identity
 
     def charge(identity: Identity, cost: int = 1) -> Admit:
-        """The service's ``admit`` (handlers.Admit): counts ``cost`` messages against the
-        caller's rate limits once the request will be answered; gr.Error when over."""
+        """The service's ``admit`` (handlers.Admit): takes one of the caller's answers in
+        flight (RLHF_ANSWERS_IN_FLIGHT) and counts ``cost`` messages against their rate
+        limits once the request will be answered; gr.Error when over. Returns the slot,
+        which the service touches as the answer streams and releases when it ends."""
 
-        def admit() -> None:
+        def admit() -> AnswerSlot:
+            slot = None
             try:
+                slot = access.take_answer_slot(identity)
                 access.check_rate("message", identity, cost)
             except AccessError as error:
+                if slot is not None:
+                    slot.release()
                 raise _fail(error) from error
+            return slot
 
         return admit
 

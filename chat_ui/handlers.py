@@ -39,6 +39,7 @@ from typing import Any
 import redis
 
 from chat_ui import validation
+from chat_ui.access import ABANDONED_AFTER_S, AnswerSlot
 from chat_ui.validation import InputError
 from rlhf_core.feedback import (
     BATTLE_OUTCOMES,
@@ -70,7 +71,25 @@ STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
 # checks (a second Enter while an answer streams, an empty message) does not use up the
 # person's messages. The server's own refusals come after it and are counted: a system prompt
 # and message that alone overflow the model's context, a version unloaded mid-arena.
-Admit = Callable[[], None]
+# It returns the caller's AnswerSlot (one of their answers in flight), which the answer touches
+# as it streams and releases when it ends, however it ends; or None.
+Admit = Callable[[], "AnswerSlot | None"]
+
+
+def _admitted(admit: Admit | None) -> AnswerSlot:
+    slot = admit() if admit is not None else None
+    return slot if slot is not None else AnswerSlot()
+
+
+def _live(stream: dict[str, Any] | None, now: float) -> bool:
+    """Is this answer still being written? One that streamed nothing for ABANDONED_AFTER_S
+    has no reader left (its generator was never closed): it no longer holds the chat."""
+    return stream is not None and now - stream["alive"] <= ABANDONED_AFTER_S
+
+
+def _touch(stream: dict[str, Any]) -> None:
+    stream["alive"] = time.monotonic()
+    stream["slot"].touch()
 
 
 @dataclass
@@ -111,7 +130,7 @@ class ChatSession:
     pending_events: list[Event] = field(default_factory=list)
     # The answer being streamed: its index on the page and votes clicked on it meanwhile.
     streaming: dict[str, Any] | None = None
-    arena_streaming: object | None = None  # the arena battle being answered (a token)
+    arena_streaming: dict[str, Any] | None = None  # the arena battle being answered
     reactions: dict[str, int] = field(default_factory=dict)  # turn id -> events sent
     epoch: int = 0  # bumped when the conversation is replaced (new chat)
     arena: dict[str, Any] | None = None  # the last arena battle: turns, versions, pick
@@ -126,7 +145,8 @@ class ChatSession:
     @property
     def answering(self) -> bool:
         """An answer (a chat message's or an arena battle's) is being written."""
-        return self.streaming is not None or self.arena_streaming is not None
+        now = time.monotonic()
+        return _live(self.streaming, now) or _live(self.arena_streaming, now)
 
 
 def validate_message(text: Any, settings: Settings) -> str:
@@ -422,7 +442,10 @@ class ChatService:
         shown: list[dict[str, Any]],
         notices: list[str],
     ) -> Iterator[Update]:
+        stream = session.streaming
         for text in gen:
+            if stream is not None:
+                _touch(stream)
             partial = {
                 "role": "assistant",
                 "content": text,
@@ -476,16 +499,17 @@ class ChatService:
         text = validate_message(text, self.settings)
         system_prompt = validation.system_prompt(system_prompt, self.settings)
         sampling = validation.sampling_dict(sampling, self.settings)
-        with session.lock:
-            self._refuse_a_second_answer(session)
-            if admit is not None:
-                admit()
-            self._try_flush(session)
-            epoch, asked_at = session.epoch, time.time()
-            context = self._context(session, system_prompt) + [{"role": "user", "content": text}]
-            shown = self.view(session) + [{"role": "user", "content": text}]
-            stream = self._begin_stream(session, len(shown))
+        slot, stream = AnswerSlot(), None
         try:
+            with session.lock:
+                self._refuse_a_second_answer(session)
+                slot = _admitted(admit)
+                self._try_flush(session)
+                epoch, asked_at = session.epoch, time.time()
+                context = self._context(session, system_prompt)
+                context.append({"role": "user", "content": text})
+                shown = self.view(session) + [{"role": "user", "content": text}]
+                stream = self._begin_stream(session, len(shown), slot)
             gen = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
@@ -502,6 +526,7 @@ class ChatService:
                 final = self._update(session, notices=notices)
         finally:
             self._end_stream(session, stream)
+            slot.release()
         # Yield outside the lock: Gradio may resume a generator on another thread.
         yield final
 
@@ -521,16 +546,16 @@ class ChatService:
         takes back what the person sees, not a regenerate that never showed."""
         session = self.session(session_id)
         sampling = validation.sampling_dict(sampling, self.settings)
-        with session.lock:
-            self._refuse_a_second_answer(session)
-            index, old = self._answer_at(session, index)
-            if admit is not None:
-                admit()
-            epoch, asked_at = session.epoch, time.time()
-            context = list(old["context"])
-            shown = self.view(session)[:index]
-            stream = self._begin_stream(session, index)
+        slot, stream = AnswerSlot(), None
         try:
+            with session.lock:
+                self._refuse_a_second_answer(session)
+                index, old = self._answer_at(session, index)
+                slot = _admitted(admit)
+                epoch, asked_at = session.epoch, time.time()
+                context = list(old["context"])
+                shown = self.view(session)[:index]
+                stream = self._begin_stream(session, index, slot)
             gen = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
@@ -562,6 +587,7 @@ class ChatService:
                 final = self._update(session, notices=notices)
         finally:
             self._end_stream(session, stream)
+            slot.release()
         yield final
 
     # --- answers still streaming ------------------------------------------------------
@@ -577,10 +603,25 @@ class ChatService:
                 "then send again."
             )
 
-    def _begin_stream(self, session: ChatSession, index: int) -> dict[str, Any]:
-        stream = {"index": index, "votes": []}
+    def _begin_stream(
+        self, session: ChatSession, index: int, slot: AnswerSlot | None = None
+    ) -> dict[str, Any]:
+        self._drop_abandoned(session)
+        stream = {"index": index, "votes": [], "alive": time.monotonic(),
+                  "slot": slot or AnswerSlot()}  # fmt: skip
         session.streaming = stream
         return stream
+
+    @staticmethod
+    def _drop_abandoned(session: ChatSession) -> None:
+        """An abandoned answer (see :func:`_live`) gives back its caller's slot; the chat
+        is free again. Called with the session's lock."""
+        now = time.monotonic()
+        for name in ("streaming", "arena_streaming"):
+            stream = getattr(session, name)
+            if stream is not None and not _live(stream, now):
+                stream["slot"].release()
+                setattr(session, name, None)
 
     def _end_stream(self, session: ChatSession, stream: dict[str, Any]) -> None:
         """The answer is no longer streaming. Called with the session's lock held once the
@@ -752,12 +793,14 @@ class ChatService:
         context = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": text}
         ]
-        with session.lock:
-            self._refuse_a_second_answer(session)
-            if admit is not None:
-                admit()
-            battle = session.arena_streaming = object()
+        slot, battle = AnswerSlot(), None
         try:
+            with session.lock:
+                self._refuse_a_second_answer(session)
+                slot = _admitted(admit)
+                self._drop_abandoned(session)
+                battle = {"alive": time.monotonic(), "slot": slot}
+                session.arena_streaming = battle
             answers = ["", ""]
             turns: list[Turn] = []
             asked_at = time.time()
@@ -773,6 +816,7 @@ class ChatService:
                 except ContextTooLongError as error:
                     raise InputError(str(error)) from error
                 for partial in gen:
+                    _touch(battle)
                     answers[side] = partial
                     yield ArenaUpdate(a=answers[0], b=answers[1])
                 turn = self._turn(session, gen, asked_at)
@@ -788,8 +832,9 @@ class ChatService:
                     "picked": None,
                 }
         finally:
-            if session.arena_streaming is battle:  # lock-free, as _end_stream
+            if battle is not None and session.arena_streaming is battle:  # lock-free
                 session.arena_streaming = None
+            slot.release()
         yield ArenaUpdate(a=answers[0], b=answers[1], done=True, notices=notices)
 
     def arena_pick(self, session_id: str, outcome: str) -> ArenaUpdate:

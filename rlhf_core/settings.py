@@ -157,6 +157,12 @@ class Settings(BaseSettings):
         description="New chats per IP address (each page load opens one; a chat id the "
         "server has not seen is bound to its browser only within this window).",
     )
+    answers_in_flight: int = Field(
+        4,
+        description="Answers one address (an IPv6 /64) or one account may have the server "
+        "writing at once, in each UI process: each holds one of its RLHF_MAX_BATCH_SIZE decode "
+        "slots, and new chats are cheap. 0 = no limit. Admins are not counted.",
+    )
     max_body_kb: int = Field(256, description="Largest HTTP request body accepted, in KiB.")
     max_queue: int = Field(
         64, description="Requests that may wait in the queue; beyond it people are told to retry."

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 import httpx
 import pytest
 import redis
+from conftest import wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chat_ui import access
+from chat_ui import access, handlers
 from chat_ui.access import Access, Identity, RateLimited
 from rlhf_core import datasets as ds
 from rlhf_core.datasets import load_feedback, round_datasets
@@ -349,6 +351,60 @@ def test_a_stranger_cannot_upload_files(serve_app):
     assert (status, kind) == (200, "complete")
 
 
+def test_one_address_cannot_hold_every_answer_slot(serve_app):
+    # Review of s13: a chat answers one message at a time, but new chats are cheap, so one
+    # address with 16 chats held every decode slot and everyone else waited in the queue.
+    app = serve_app(**PUBLIC, answers_in_flight=2)
+    app.service.arena_versions = lambda: (0, 0)  # two "versions" the tiny model serves
+    chats = [Client(app.url, verbose=False) for _ in range(3)]  # 3 cookies, 1 address
+    policy = app.service.policy
+    policy._generate_lock.acquire()  # no decode step runs: answers stay in flight
+    try:
+        jobs = [c.submit(f"q{i}", "", *SAMPLING, api_name="/send") for i, c in
+                enumerate(chats[:2])]  # fmt: skip
+        wait_for(lambda: all(app.service.session(c.session_hash).answering for c in chats[:2]),
+                 30, "two answers in flight")  # fmt: skip
+        with pytest.raises(AppError, match="2 answers are already being written for this "
+                           "address.*Wait for one to finish"):  # fmt: skip
+            chats[2].predict("a third at once", "", *SAMPLING, api_name="/send")
+        with pytest.raises(AppError, match="already being written"):
+            chats[2].predict("an arena", "", *SAMPLING, api_name="/arena_send")
+    finally:
+        policy._generate_lock.release()
+    for job in jobs:
+        job.result(timeout=60)
+    # Their slots came back when the answers ended, refused or not: the third chat sends now,
+    # and the refused request used none of the message rate.
+    chats[2].predict("now", "", *SAMPLING, api_name="/send")
+
+
+def test_an_answer_cancelled_before_its_first_token_does_not_hold_its_chat(serve_app, monkeypatch):
+    # Found with the test above: a request cancelled (gradio_client's cancel) while its first
+    # decode step waited left its generator suspended and never closed, so the chat refused
+    # every later message ("still being written") and, with answer slots, its caller's slot
+    # was never given back. An answer that streams nothing for ABANDONED_AFTER_S is let go.
+    monkeypatch.setattr(handlers, "ABANDONED_AFTER_S", 1.0)
+    monkeypatch.setattr(access, "ABANDONED_AFTER_S", 1.0)
+    app = serve_app(**PUBLIC, answers_in_flight=1)
+    chat = Client(app.url, verbose=False)
+    session = app.service.session(chat.session_hash)
+    policy = app.service.policy
+    policy._generate_lock.acquire()
+    try:
+        job = chat.submit("to be cancelled", "", *SAMPLING, api_name="/send")
+        wait_for(lambda: session.streaming is not None, 30, "the answer in flight")
+        job.cancel()
+    finally:
+        policy._generate_lock.release()
+    time.sleep(2.0)
+    assert session.streaming is not None, "this test needs the generator left unclosed"
+    assert not session.answering
+    # The chat answers again, and the slot (1 per caller here) was given back.
+    chat.predict("again", "", *SAMPLING, api_name="/send")
+    other = Client(app.url, verbose=False)
+    other.predict("from the same address", "", *SAMPLING, api_name="/send")
+
+
 def test_an_arena_message_counts_as_the_two_answers_it_asks_for(serve_app):
     # Review 1 of s11: an arena message generates two answers but counted as one message,
     # so the arena doubled what RLHF_MESSAGE_RATE lets one person make the server write.
@@ -376,7 +432,7 @@ def test_a_refused_message_uses_none_of_the_rate_window(serve_app):
         client.predict("   ", "", *SAMPLING, api_name="/send")
     client.predict("question 1", "", *SAMPLING, api_name="/send")
     session = app.service.session(client.session_hash)
-    session.streaming = {"index": 2, "votes": []}  # an answer of this chat still streaming
+    session.streaming = {"index": 2, "votes": [], "alive": time.monotonic()}  # still streaming
     for _ in range(2):
         with pytest.raises(AppError, match="still being written"):
             client.predict("question 2", "", *SAMPLING, api_name="/send")
