@@ -881,6 +881,28 @@ class FeedbackStore:
                 if event is not None:
                     yield _text(sid), event
 
+    @_surface_unavailable
+    def events_after(self, stream_id: str) -> tuple[int, list[tuple[str, Event]]]:
+        """(the events stream's length, every event recorded after ``stream_id``), read in
+        one transaction: a reader that keeps a tally of the events up to ``stream_id`` can
+        tell from the length whether any of those were deleted since (it is then less than
+        the number it counted plus the new ones)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xlen(EVENTS_STREAM)
+        pipe.xrange(EVENTS_STREAM, min=f"({stream_id}", max="+")
+        length, entries = pipe.execute()
+        decoded = ((_text(sid), self._decode_entry(sid, data)) for sid, data in entries)
+        return int(length), [(sid, event) for sid, event in decoded if event is not None]
+
+    @_surface_unavailable
+    def events_mark(self) -> tuple[int, str | None]:
+        """(the events stream's length, the id of its newest entry), in one transaction."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xlen(EVENTS_STREAM)
+        pipe.xrevrange(EVENTS_STREAM, count=1)
+        length, newest = pipe.execute()
+        return int(length), _text(newest[0][0]) if newest else None
+
     def events(self, batch: int = 500) -> Iterator[Event]:
         """Every event, in the order the server received them (stream order)."""
         for _, event in self.event_entries(batch=batch):

@@ -344,3 +344,62 @@ def test_many_users_at_once(app):
         assert turn.messages[-1]["content"] == f"user {i} asks"
     turns = list(app.service.store.turns())
     assert len(turns) == 4 and len({t.session_id for t in turns}) == 4
+
+
+def test_the_training_tabs_tally_follows_the_full_count_and_reads_only_whats_new(
+    redis_client, tiny_settings, monkeypatch
+):
+    # Review of s13: every open Training tab re-read the whole store for the 👍 rate of each
+    # version (every TAB_REFRESH_S; about 2 s at 20,000 turns). The tally must give what
+    # the full read gives (thumbs_up_rate, the reference) after any mix of reactions,
+    # undos, new answers and deletions, while reading only what is new.
+    import random
+
+    from chat_ui.training import ThumbsTally, thumbs_up_rate
+    from rlhf_core import privacy
+    from rlhf_core.feedback import Event, Turn, new_id
+
+    store = FeedbackStore(redis_client)
+    tally = ThumbsTally(store)
+    rng = random.Random(0)
+    turns: list[Turn] = []
+    users = ["ann", "bob", "cid"]
+    most = 0
+    assert tally.counts() == thumbs_up_rate(store) == {}
+    for step in range(200):
+        op = rng.random()
+        if op < 0.3 or not turns:
+            user = rng.choice(users)
+            turn = Turn(new_id(), f"{user}-s", user, [{"role": "user", "content": "q"}], "a",
+                        policy_version=rng.randrange(3))  # fmt: skip
+            store.save_turn(turn)
+            turns.append(turn)
+        elif op < 0.97:
+            turn = rng.choice(turns)
+            kind = rng.choice(["like"] * 3 + ["dislike"] * 2 + ["unvote", "undo", "rewrite"])
+            text = "better" if kind == "rewrite" else None
+            store.record_event(Event.new(turn.turn_id, kind, turn.session_id, turn.user_id, text))
+        else:  # a person deletes their data: turns and events go
+            user = rng.choice(users)
+            privacy.forget_user(redis_client, tiny_settings, user)
+            turns = [t for t in turns if t.user_id != user]
+            users.remove(user)
+            users.append(f"{user}{step}")  # a deleted user cannot write again
+        if step % 3 == 0:
+            counts = tally.counts()
+            assert counts == thumbs_up_rate(store), f"step {step}"
+            most = max(most, sum(votes for _, votes in counts.values()))
+    assert tally.counts() == thumbs_up_rate(store)
+    assert most >= 10  # the comparisons counted votes
+
+    # Once counted, a refresh reads the events since, not the store.
+    monkeypatch.setattr(store, "turns", lambda *a, **k: pytest.fail("read every turn"))
+    monkeypatch.setattr(store, "events", lambda *a, **k: pytest.fail("read every event"))
+    turn = turns[-1]
+    before = tally.counts().get(turn.policy_version, (0, 0))
+    store.record_event(Event.new(turn.turn_id, "unvote", turn.session_id, turn.user_id))
+    store.record_event(Event.new(turn.turn_id, "like", turn.session_id, turn.user_id))
+    likes, votes = tally.counts()[turn.policy_version]
+    assert votes in (before[1], before[1] + 1) and likes >= before[0]
+    monkeypatch.undo()
+    assert tally.counts() == thumbs_up_rate(store)
