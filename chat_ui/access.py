@@ -582,14 +582,52 @@ UPLOAD_PATH = "/gradio_api/upload"
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
 
+def prune_unread_records(queue: Any) -> int:
+    """Drop Gradio's records of finished events whose results nobody can read any more.
+
+    Gradio's queue keeps, per session hash, the ids of its events until a client reads their
+    results. A hand-made ``POST /gradio_api/call/NAME`` that never reads them (any session
+    hash, any number of times, even one its handler refuses) leaves one record each for good,
+    and every ``GET /gradio_api/call/NAME/<id>`` scans them all on the event loop: memory
+    and every visitor's result fetches grew with them. The results themselves sit in an
+    LRU of 2000 sessions; a record whose session has left it, and whose events are neither
+    queued nor running, can never be read. Call it on the event loop (Gradio's own code
+    changes these dicts there without a lock). Returns how many session records went."""
+    records = queue.pending_event_ids_session
+    results = queue.pending_messages_per_session
+    live = queue.event_ids_to_events
+    gone = [
+        session for session, ids in records.items()
+        if session not in results and not any(i in live for i in ids)
+    ]  # fmt: skip
+    for session in gone:
+        del records[session]
+    return len(gone)
+
+
+PRUNE_EVERY_JOINS = 64
+
+
 class BoundaryMiddleware:
     """Session cookie, body size limit, name allowlist and the busy message, in one
     pass (one ASGI layer: every request pays for it, so it stays cheap)."""
 
-    def __init__(self, app: Any, *, secret: bytes, max_body: int, secure_cookie: bool) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        secret: bytes,
+        max_body: int,
+        secure_cookie: bool,
+        gradio_queue: Callable[[], Any] | None = None,
+    ) -> None:
         self.app = app
         self.secret = secret
         self.max_body = max_body
+        # Gradio's queue (built after the middleware): its unread records are pruned every
+        # PRUNE_EVERY_JOINS queue joins (prune_unread_records).
+        self.gradio_queue = gradio_queue
+        self.joins = 0
         attrs = f"Path=/; HttpOnly; Max-Age={COOKIE_MAX_AGE_S}"
         # A Space shows the app in an iframe on another site: the cookie must be
         # SameSite=None; Secure there to come back at all.
@@ -670,6 +708,12 @@ class BoundaryMiddleware:
 
         cookie_ok = verify(self.secret, _cookie(headers.get(b"cookie", b""))) is not None
         busy_check = method == "POST" and _JOIN_RE.match(path) is not None
+        if busy_check and self.gradio_queue is not None:
+            self.joins += 1
+            if self.joins % PRUNE_EVERY_JOINS == 0:
+                queue = self.gradio_queue()
+                if queue is not None:
+                    prune_unread_records(queue)
         held: dict | None = None
 
         async def send_wrapped(message: dict) -> None:

@@ -336,6 +336,26 @@ def test_rate_limits_and_body_size_over_http(serve_app):
     assert status == 413 and "RLHF_MAX_BODY_KB" in payload["detail"]
 
 
+def test_joins_nobody_reads_do_not_pile_up_in_gradios_queue(serve_app):
+    # Review of s13: each POST /gradio_api/call/NAME left a record in Gradio's queue until its
+    # results were read (200 unread joins with fresh session hashes: +200 records, for good),
+    # and every GET /call/NAME/<id> scans those records on the event loop.
+    from gradio.utils import LRUCache
+
+    app = serve_app(**PUBLIC, session_rate_ip="1000/minute")
+    queue = app.demo._queue
+    queue.pending_messages_per_session = LRUCache(20)  # Gradio's 2000, made small to test
+    stranger = visitor(app.url)
+    for i in range(200):
+        response = stranger.post("/gradio_api/call/vote",
+                                 json={"data": [-1, "like"], "session_hash": f"h{i}"})  # fmt: skip
+        assert response.status_code == 200
+    assert len(queue.pending_event_ids_session) <= 20 + 64  # access.PRUNE_EVERY_JOINS
+    # Someone who reads their results still gets them.
+    status, kind, _ = http_call(stranger, "new_chat", [], "reader")
+    assert (status, kind) == (200, "complete")
+
+
 def test_a_stranger_cannot_upload_files(serve_app):
     # Review of s13: Gradio's upload route took any file from anyone (30 of 200 KB in a row)
     # and served it back: a free file host on a public Space. No component here takes files.
