@@ -717,6 +717,7 @@ class ChatService:
             if not session.actions:
                 return self._update(session, notices=["Nothing to undo."])
             action = session.actions[-1]
+            self._withdraw(session, self._answers_taken_back(session, action))
             if action.get("turn_id"):
                 self._record(session, action["turn_id"], "undo")
             session.actions.pop()
@@ -745,6 +746,29 @@ class ChatService:
                 session.no_train = action.get("no_train", session.no_train)
                 session.epoch += 1
             return self._update(session, textbox=textbox)
+
+    @staticmethod
+    def _answers_taken_back(session: ChatSession, action: dict[str, Any]) -> list[str]:
+        """The answers an undo takes off the page: a sent message's, or the answer a
+        regenerate wrote (the one it replaced comes back)."""
+        if action["kind"] == "send":
+            return [action["turn_id"]]
+        if action["kind"] == "regenerate" and action["index"] < len(session.messages):
+            shown = session.messages[action["index"]]
+            if shown.get("turn_id") and shown["turn_id"] != action["turn_id"]:
+                return [shown["turn_id"]]
+        return []
+
+    def _withdraw(self, session: ChatSession, turn_ids: list[str]) -> None:
+        """An answer the person took back (Undo) stays in the log but never trains and is
+        never exported: a message sent by mistake, and taken back at once, is not one the
+        person meant to give. It is marked like a chat switched to "don't train" (before
+        anything else changes: if the store is down, the undo fails as a whole), and leaves
+        the chat's turns so that switching the chat back on does not bring it back."""
+        if not turn_ids:
+            return
+        self.store.set_training(turn_ids, allowed=False)
+        session.chat_turns = [t for t in session.chat_turns if t not in turn_ids]
 
     def new_chat(self, session_id: str) -> Update:
         session = self.session(session_id)

@@ -183,3 +183,31 @@ def test_undo_of_a_new_chat_brings_back_that_chats_training_switch(app, tiny_set
     person.predict("this too", "", *SAMPLING, api_name="/send")
     rows = ds.export_rows(store, "turns", settings=tiny_settings)
     assert [r["messages"][-1]["content"] for r in rows] == ["trains", "this too"]
+
+
+def test_an_answer_taken_back_with_undo_never_trains(app, tiny_settings):
+    # Review of s13: Undo of a sent message took the exchange off the page (the text back in
+    # the box) but its turn stayed trainable: a message sent by mistake became a PPO prompt
+    # and a row of the turns export. The same for the answer a regenerate wrote.
+    store = app.service.store
+    person = Client(app.url, verbose=False)
+
+    def exported():
+        rows = ds.export_rows(store, "turns", settings=tiny_settings)
+        return sorted(r["messages"][-1]["content"] for r in rows)
+
+    person.predict("my card is 4111 1111 1111 1111, oops", "", *SAMPLING, api_name="/send")
+    *_, textbox, _ = person.predict(api_name="/undo")
+    assert "oops" in textbox
+    assert exported() == []
+    person.predict("what I meant to ask", "", *SAMPLING, api_name="/send")
+    assert exported() == ["what I meant to ask"]
+    # Switching the chat off and on again does not bring the taken-back one back.
+    person.predict(True, api_name="/set_no_train")
+    person.predict(False, api_name="/set_no_train")
+    assert exported() == ["what I meant to ask"]
+    # A regenerate taken back: its answer is out, the one it replaced is back and trains.
+    _, answers, *_ = person.predict(-1, *SAMPLING, api_name="/regenerate")
+    person.predict(api_name="/undo")
+    assert len(ds.export_rows(store, "turns", settings=tiny_settings)) == 1
+    assert store.counts()["turns"] == 3  # all three stay in the log
