@@ -74,8 +74,26 @@ def test_plain_wants_short_sentences_and_everyday_words():
     assert plain.judge("q", better)
 
 
+def test_example_wants_an_example_marker_and_writes_one_in():
+    example = oracle("example")
+    assert example.judge("q", "Fruit is sweet, such as a ripe mango.")
+    assert example.judge("q", "Many birds migrate. For instance, swallows fly south.")
+    assert not example.judge("q", "Many birds migrate in the autumn.")
+    assert example.rewrite("q", "Many birds migrate. Swallows fly south in winter.") == (
+        "Many birds migrate. For example, swallows fly south in winter."
+    )
+    assert example.rewrite("q", "Birds migrate. NASA tracks them.") == (
+        "Birds migrate. For example, NASA tracks them."
+    )
+    assert example.rewrite("q", "Birds migrate, mostly in autumn") == (
+        "Birds migrate, for example, mostly in autumn"
+    )
+    assert example.rewrite("q", "Birds migrate") is None  # nothing to hang an example on
+    assert example.rewrite("q", "Fruit, such as figs.") is None  # already liked
+
+
 @pytest.mark.parametrize(
-    "name", ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose"]
+    "name", ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose", "example"]
 )
 def test_every_rewrite_is_liked_by_its_own_user(name):
     user = oracle(name)
