@@ -107,26 +107,33 @@ class TooManyAnswers(AccessError):
     """The caller already has as many answers being written as one caller may."""
 
 
-# An answer that has streamed nothing for this long has no reader left: Gradio does not
-# always close a generator whose request was cancelled (a cancel during its first step left
-# it suspended, never closed), so its chat and its caller's slot are freed by this instead.
-# A decode step takes well under a second; an answer waits for nothing else once it runs.
+# An answer whose handler has sat at a yield this long is one nobody reads any more: Gradio
+# pulls a streaming handler's updates as fast as they come (it does not wait for the page), so
+# a handler left suspended is one whose request was cancelled without its generator being
+# closed (a cancel during the first step did that: it never was), and its chat and its
+# caller's slot are freed, its decode cancelled. A handler waiting for the model (a long
+# prefill, a queue, text the detokenizer holds back) is running, not suspended: never dropped.
 ABANDONED_AFTER_S = 60.0
 
 
 class AnswerSlot:
-    """One answer in flight for a caller (:meth:`Access.take_answer_slot`): ``touch`` on
-    each streamed update, ``release`` once when it ends (again is harmless)."""
+    """One answer in flight (:meth:`Access.take_answer_slot`; unlimited callers get one that
+    counts nowhere). Its handler calls ``paused`` before each yield and ``resumed`` after;
+    ``release`` once when it ends (again is harmless)."""
 
     def __init__(self, release: Callable[[AnswerSlot], None] | None = None) -> None:
         self._release = release
-        self.alive = time.monotonic()
+        self._paused_at: float | None = None
 
-    def touch(self) -> None:
-        self.alive = time.monotonic()
+    def paused(self) -> None:
+        self._paused_at = time.monotonic()
+
+    def resumed(self) -> None:
+        self._paused_at = None
 
     def abandoned(self, now: float) -> bool:
-        return now - self.alive > ABANDONED_AFTER_S
+        paused_at = self._paused_at
+        return paused_at is not None and now - paused_at > ABANDONED_AFTER_S
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -473,7 +480,7 @@ class Access:
         A chat answers one message at a time, but new chats are cheap: without this, one
         address could hold every decode slot of the process with a few dozen chats and leave
         everyone else waiting in the queue. Counted in this process, as the slots are its own;
-        admins are not counted; a slot whose answer streamed nothing for ABANDONED_AFTER_S
+        admins are not counted; a slot whose answer nobody reads any more (ABANDONED_AFTER_S)
         no longer counts."""
         limit = self.settings.answers_in_flight
         if identity.admin or limit <= 0:
@@ -578,7 +585,8 @@ async def _send_response(send: Any, status: int, headers: list, body: bytes) -> 
 
 
 _CALL_RE = re.compile(r"^/gradio_api/(call/v2|call|run|api)/([^/]+)/?$")
-UPLOAD_PATH = "/gradio_api/upload"
+# Gradio's routes that take a file (an upload; a recording to convert): nothing here does.
+FILE_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/process_recording"})
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
 
@@ -644,7 +652,7 @@ class BoundaryMiddleware:
         if root and path.startswith(root):
             path = path[len(root) :]
 
-        if method == "POST" and path.rstrip("/") == UPLOAD_PATH:
+        if method == "POST" and path.rstrip("/") in FILE_PATHS:
             # No component here takes a file: uploads would only make the Space a free
             # file host, each kept on disk (Gradio keeps what is uploaded until restart).
             await _send_response(

@@ -259,14 +259,17 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         which the service touches as the answer streams and releases when it ends."""
 
         def admit() -> AnswerSlot:
-            slot = None
             try:
                 slot = access.take_answer_slot(identity)
-                access.check_rate("message", identity, cost)
             except AccessError as error:
-                if slot is not None:
-                    slot.release()
                 raise _fail(error) from error
+            try:
+                access.check_rate("message", identity, cost)
+            except BaseException as error:
+                slot.release()  # refused, or failed: either way it holds nothing
+                if isinstance(error, AccessError):
+                    raise _fail(error) from error
+                raise
             return slot
 
         return admit

@@ -39,7 +39,7 @@ from typing import Any
 import redis
 
 from chat_ui import validation
-from chat_ui.access import ABANDONED_AFTER_S, AnswerSlot
+from chat_ui.access import AnswerSlot
 from chat_ui.validation import InputError
 from rlhf_core.feedback import (
     BATTLE_OUTCOMES,
@@ -71,8 +71,8 @@ STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
 # checks (a second Enter while an answer streams, an empty message) does not use up the
 # person's messages. The server's own refusals come after it and are counted: a system prompt
 # and message that alone overflow the model's context, a version unloaded mid-arena.
-# It returns the caller's AnswerSlot (one of their answers in flight), which the answer touches
-# as it streams and releases when it ends, however it ends; or None.
+# It returns the caller's AnswerSlot (one of their answers in flight), which the answer marks
+# paused at each yield and releases when it ends, however it ends; or None.
 Admit = Callable[[], "AnswerSlot | None"]
 
 
@@ -82,14 +82,8 @@ def _admitted(admit: Admit | None) -> AnswerSlot:
 
 
 def _live(stream: dict[str, Any] | None, now: float) -> bool:
-    """Is this answer still being written? One that streamed nothing for ABANDONED_AFTER_S
-    has no reader left (its generator was never closed): it no longer holds the chat."""
-    return stream is not None and now - stream["alive"] <= ABANDONED_AFTER_S
-
-
-def _touch(stream: dict[str, Any]) -> None:
-    stream["alive"] = time.monotonic()
-    stream["slot"].touch()
+    """Is this answer still being written? Not once nobody reads it (ABANDONED_AFTER_S)."""
+    return stream is not None and not stream["slot"].abandoned(now)
 
 
 @dataclass
@@ -442,22 +436,22 @@ class ChatService:
         shown: list[dict[str, Any]],
         notices: list[str],
     ) -> Iterator[Update]:
-        stream = session.streaming
+        slot = session.streaming["slot"] if session.streaming else AnswerSlot()
         for text in gen:
-            if stream is not None:
-                _touch(stream)
             partial = {
                 "role": "assistant",
                 "content": text,
                 "turn_id": None,
                 "version": gen.version,
             }
+            slot.paused()  # see access.ABANDONED_AFTER_S
             yield Update(
                 messages=[*shown, partial],
                 notices=notices,
                 done=False,
                 version=self.policy.current_version,
             )
+            slot.resumed()
 
     def _turn(
         self, session: ChatSession, gen: Generation, asked_at: float, parent: str | None = None
@@ -510,7 +504,7 @@ class ChatService:
                 context.append({"role": "user", "content": text})
                 shown = self.view(session) + [{"role": "user", "content": text}]
                 stream = self._begin_stream(session, len(shown), slot)
-            gen = self._start(context, sampling, session.user_id)
+            gen = stream["gen"] = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
             turn = self._turn(session, gen, asked_at)
@@ -556,7 +550,7 @@ class ChatService:
                 context = list(old["context"])
                 shown = self.view(session)[:index]
                 stream = self._begin_stream(session, index, slot)
-            gen = self._start(context, sampling, session.user_id)
+            gen = stream["gen"] = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
             yield from self._stream(session, gen, shown, notices)
             turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
@@ -607,19 +601,20 @@ class ChatService:
         self, session: ChatSession, index: int, slot: AnswerSlot | None = None
     ) -> dict[str, Any]:
         self._drop_abandoned(session)
-        stream = {"index": index, "votes": [], "alive": time.monotonic(),
-                  "slot": slot or AnswerSlot()}  # fmt: skip
+        stream = {"index": index, "votes": [], "slot": slot or AnswerSlot(), "gen": None}
         session.streaming = stream
         return stream
 
     @staticmethod
     def _drop_abandoned(session: ChatSession) -> None:
-        """An abandoned answer (see :func:`_live`) gives back its caller's slot; the chat
-        is free again. Called with the session's lock."""
+        """An abandoned answer (see :func:`_live`) stops: its decode is cancelled, its
+        caller's slot given back, and the chat is free again. Called with the session's lock."""
         now = time.monotonic()
         for name in ("streaming", "arena_streaming"):
             stream = getattr(session, name)
             if stream is not None and not _live(stream, now):
+                if stream["gen"] is not None:
+                    stream["gen"].cancel()
                 stream["slot"].release()
                 setattr(session, name, None)
 
@@ -823,7 +818,7 @@ class ChatService:
                 self._refuse_a_second_answer(session)
                 slot = _admitted(admit)
                 self._drop_abandoned(session)
-                battle = {"alive": time.monotonic(), "slot": slot}
+                battle = {"slot": slot, "gen": None}
                 session.arena_streaming = battle
             answers = ["", ""]
             turns: list[Turn] = []
@@ -831,7 +826,7 @@ class ChatService:
             notices: list[str] = []
             for side, version in enumerate(versions):
                 try:
-                    gen = self.policy.stream(context, sampling, version=version)
+                    gen = battle["gen"] = self.policy.stream(context, sampling, version=version)
                 except UnknownVersionError as error:
                     raise InputError(
                         "One of the versions was just unloaded (a new version arrived). "
@@ -840,9 +835,10 @@ class ChatService:
                 except ContextTooLongError as error:
                     raise InputError(str(error)) from error
                 for partial in gen:
-                    _touch(battle)
                     answers[side] = partial
+                    slot.paused()  # see access.ABANDONED_AFTER_S
                     yield ArenaUpdate(a=answers[0], b=answers[1])
+                    slot.resumed()
                 turn = self._turn(session, gen, asked_at)
                 turns.append(turn)
             with session.lock:

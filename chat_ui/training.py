@@ -370,6 +370,7 @@ class ThumbsTally:
             else:
                 length, new = self.store.events_after(self._newest)
                 if length != self._length + len(new):
+                    self._newest = None  # if the read below fails, the next call reads all
                     self._read_all()  # events counted before were deleted
                 elif new:
                     self._recount({event.turn_id for _, event in new})
@@ -384,11 +385,13 @@ class ThumbsTally:
     def _read_all(self) -> None:
         # The mark first: events recorded while the store is read are counted now and
         # again at the next call (a turn's count is recomputed from its whole history).
-        self._length, self._newest = self.store.events_mark()
+        # Nothing is kept until the read succeeds: a mark moved past votes that were not
+        # counted would look consistent for good.
+        length, newest = self.store.events_mark()
         turns, events = load_feedback(self.store, raw=True)
         self._votes = {}
         self._set(resolve_feedback(turns, events))
-        self._newest = self._newest or "0-0"
+        self._length, self._newest = length, newest or "0-0"
 
     def _recount(self, turn_ids: set[str]) -> None:
         turns = self.store.get_turns(turn_ids)

@@ -119,6 +119,14 @@ class Generation:
         self._started = True
         yield from self.server._run(self)
 
+    def cancel(self) -> None:
+        """Stop writing this answer (its reader is gone): the decode drops it at its next
+        step. The reader's own ``close`` does the same; this is for a reader never closed."""
+        self._cancel.set()
+        batcher = getattr(self.server, "_batcher", None)
+        if batcher is not None:
+            batcher.poke()
+
     def consume(self) -> Generation:
         """Run to the end without streaming; returns self."""
         for _ in self:

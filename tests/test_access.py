@@ -16,7 +16,7 @@ from conftest import wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chat_ui import access, handlers
+from chat_ui import access
 from chat_ui.access import Access, Identity, RateLimited
 from rlhf_core import datasets as ds
 from rlhf_core.datasets import load_feedback, round_datasets
@@ -361,7 +361,7 @@ def test_a_stranger_cannot_upload_files(serve_app):
     # and served it back: a free file host on a public Space. No component here takes files.
     app = serve_app(**PUBLIC)
     stranger = visitor(app.url)
-    for path in ("/gradio_api/upload", "/gradio_api/upload/"):
+    for path in ("/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/process_recording"):
         response = stranger.post(path, files={"files": ("a.txt", b"x" * 1000, "text/plain")})
         assert response.status_code == 404, response.text
         assert "takes no files" in response.json()["detail"]
@@ -384,26 +384,24 @@ def test_one_address_cannot_hold_every_answer_slot(serve_app):
                 enumerate(chats[:2])]  # fmt: skip
         wait_for(lambda: all(app.service.session(c.session_hash).answering for c in chats[:2]),
                  30, "two answers in flight")  # fmt: skip
+        # (submit with a timeout: a request let through would wait for the held lock)
         with pytest.raises(AppError, match="2 answers are already being written for this "
                            "address.*Wait for one to finish"):  # fmt: skip
-            chats[2].predict("a third at once", "", *SAMPLING, api_name="/send")
+            chats[2].submit("a third at once", "", *SAMPLING, api_name="/send").result(30)
         with pytest.raises(AppError, match="already being written"):
-            chats[2].predict("an arena", "", *SAMPLING, api_name="/arena_send")
+            chats[2].submit("an arena", "", *SAMPLING, api_name="/arena_send").result(30)
     finally:
         policy._generate_lock.release()
     for job in jobs:
         job.result(timeout=60)
-    # Their slots came back when the answers ended, refused or not: the third chat sends now,
-    # and the refused request used none of the message rate.
+    # Their slots came back when the answers ended: the third chat sends now.
     chats[2].predict("now", "", *SAMPLING, api_name="/send")
 
 
 def test_an_answer_cancelled_before_its_first_token_does_not_hold_its_chat(serve_app, monkeypatch):
     # Found with the test above: a request cancelled (gradio_client's cancel) while its first
-    # decode step waited left its generator suspended and never closed, so the chat refused
-    # every later message ("still being written") and, with answer slots, its caller's slot
-    # was never given back. An answer that streams nothing for ABANDONED_AFTER_S is let go.
-    monkeypatch.setattr(handlers, "ABANDONED_AFTER_S", 1.0)
+    # decode step waited was never closed by Gradio, so the chat refused every later message
+    # ("still being written") for good. Now the chat and the caller's slot come back.
     monkeypatch.setattr(access, "ABANDONED_AFTER_S", 1.0)
     app = serve_app(**PUBLIC, answers_in_flight=1)
     chat = Client(app.url, verbose=False)
@@ -416,13 +414,48 @@ def test_an_answer_cancelled_before_its_first_token_does_not_hold_its_chat(serve
         job.cancel()
     finally:
         policy._generate_lock.release()
-    time.sleep(2.0)
-    assert session.streaming is not None, "this test needs the generator left unclosed"
-    assert not session.answering
+    wait_for(lambda: not session.answering, 30, "the chat free again")
     # The chat answers again, and the slot (1 per caller here) was given back.
     chat.predict("again", "", *SAMPLING, api_name="/send")
     other = Client(app.url, verbose=False)
     other.predict("from the same address", "", *SAMPLING, api_name="/send")
+
+
+def test_an_answer_nobody_reads_lets_go_of_its_chat_slot_and_decode(serve_app, monkeypatch):
+    # What frees the chat above, driven by hand: a handler left at a yield (nobody pulls its
+    # updates) for ABANDONED_AFTER_S is let go; one waiting for the model never is.
+    import threading
+
+    monkeypatch.setattr(access, "ABANDONED_AFTER_S", 0.5)
+    app = serve_app(**PUBLIC, answers_in_flight=1)
+    service, policy = app.service, app.service.policy
+    caller = Identity(user_id="anon:c", account=None, session_id="s1", ip="203.0.113.7")
+    slot = app.access.take_answer_slot(caller)
+    updates = service.send("s1", "hello", None, {"max_new_tokens": 64}, admit=lambda: slot)
+    next(updates)  # the handler now sits at its first yield, as a cancelled one did
+    session = service.session("s1")
+    gen = session.streaming["gen"]
+    assert session.answering
+    with pytest.raises(access.TooManyAnswers):
+        app.access.take_answer_slot(caller)
+    time.sleep(1.0)
+    assert not session.answering
+    app.access.take_answer_slot(caller).release()  # its slot no longer counts
+    list(service.send("s1", "again", None, {"max_new_tokens": 4}))  # the chat answers
+    assert gen._cancel.is_set()  # and the abandoned answer's decode was stopped
+
+    # A handler waiting for the model (here: for the decode lock) is running, not paused.
+    policy._generate_lock.acquire()
+    try:
+        waiting = threading.Thread(target=lambda: list(service.send("s2", "hi", None, {})))
+        waiting.start()
+        wait_for(lambda: service.session("s2").streaming is not None, 30, "the answer begun")
+        time.sleep(1.0)
+        assert service.session("s2").answering
+    finally:
+        policy._generate_lock.release()
+    waiting.join(timeout=60)
+    assert not service.session("s2").answering
 
 
 def test_an_arena_message_counts_as_the_two_answers_it_asks_for(serve_app):
@@ -452,7 +485,7 @@ def test_a_refused_message_uses_none_of_the_rate_window(serve_app):
         client.predict("   ", "", *SAMPLING, api_name="/send")
     client.predict("question 1", "", *SAMPLING, api_name="/send")
     session = app.service.session(client.session_hash)
-    session.streaming = {"index": 2, "votes": [], "alive": time.monotonic()}  # still streaming
+    session.streaming = {"index": 2, "votes": [], "slot": access.AnswerSlot(), "gen": None}
     for _ in range(2):
         with pytest.raises(AppError, match="still being written"):
             client.predict("question 2", "", *SAMPLING, api_name="/send")

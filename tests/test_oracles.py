@@ -78,6 +78,7 @@ def test_example_wants_an_example_marker_and_writes_one_in():
     example = oracle("example")
     assert example.judge("q", "Fruit is sweet, such as a ripe mango.")
     assert example.judge("q", "Many birds migrate. For instance, swallows fly south.")
+    assert example.judge("q", "Many birds migrate, e.g. swallows.")
     assert not example.judge("q", "Many birds migrate in the autumn.")
     assert example.rewrite("q", "Many birds migrate. Swallows fly south in winter.") == (
         "Many birds migrate. For example, swallows fly south in winter."

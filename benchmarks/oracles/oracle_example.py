@@ -11,7 +11,8 @@ a one-sentence answer. Same interface as ../shared/eval/oracle_concise.py.
 
 import re
 
-_MARKER = re.compile(r"\b(for example|for instance|e\.g\.|such as)\b", re.IGNORECASE)
+# "e.g." ends in a dot: no word boundary after it ("e.g. swallows").
+_MARKER = re.compile(r"\b(?:for example|for instance|such as)\b|\be\.g\.", re.IGNORECASE)
 
 
 def judge(prompt: str, response: str) -> bool:
