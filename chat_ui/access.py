@@ -113,7 +113,9 @@ class TooManyAnswers(AccessError):
 # closed (a cancel during the first step did that: it never was), and its chat and its
 # caller's slot are freed, its decode cancelled. A handler waiting for the model (a long
 # prefill, a queue, text the detokenizer holds back) is running, not suspended: never dropped.
-ABANDONED_AFTER_S = 60.0
+# Five minutes: well past any wait for one of Gradio's worker threads, short enough that a
+# tab whose request was cancelled that way chats again soon.
+ABANDONED_AFTER_S = 300.0
 
 
 class AnswerSlot:

@@ -509,6 +509,7 @@ class ChatService:
             yield from self._stream(session, gen, shown, notices)
             turn = self._turn(session, gen, asked_at)
             with session.lock:
+                self._refuse_a_stopped_answer(session.streaming is not stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -555,6 +556,7 @@ class ChatService:
             yield from self._stream(session, gen, shown, notices)
             turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
             with session.lock:
+                self._refuse_a_stopped_answer(session.streaming is not stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -595,6 +597,17 @@ class ChatService:
             raise InputError(
                 "An answer is still being written in this chat. Wait for it to finish, "
                 "then send again."
+            )
+
+    @staticmethod
+    def _refuse_a_stopped_answer(stopped: bool) -> None:
+        """An answer stopped as abandoned (``_drop_abandoned``) whose handler runs again after
+        all (it was only starved, not gone) is not saved: its decode was cut short, and its
+        chat may have answered a newer message since. Called with the session's lock."""
+        if stopped:
+            raise InputError(
+                "This answer was stopped: nothing read it for several minutes. Send the "
+                "message again."
             )
 
     def _begin_stream(
@@ -842,6 +855,7 @@ class ChatService:
                 turn = self._turn(session, gen, asked_at)
                 turns.append(turn)
             with session.lock:
+                self._refuse_a_stopped_answer(session.arena_streaming is not battle)
                 for turn in turns:
                     notices += self._save(session, turn)
                 session.arena = {

@@ -98,6 +98,7 @@ class Generation:
     token_times: list[float] = field(default_factory=list, repr=False)
     _started: bool = field(default=False, repr=False)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _backend: Iterator[str] | None = field(default=None, repr=False)
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -117,15 +118,24 @@ class Generation:
         if self._started:
             raise RuntimeError("A Generation can be iterated once; call stream() again.")
         self._started = True
-        yield from self.server._run(self)
+        self._backend = self.server._run(self)
+        yield from self._backend
 
     def cancel(self) -> None:
-        """Stop writing this answer (its reader is gone): the decode drops it at its next
-        step. The reader's own ``close`` does the same; this is for a reader never closed."""
+        """Stop writing this answer (its reader is gone), on every backend: the batched decode
+        drops it at its next step; the backend's stream is closed, which runs its cleanup
+        (the version pin, a vLLM connection). The reader's own ``close`` does the same; this
+        is for a reader left suspended and never closed."""
         self._cancel.set()
         batcher = getattr(self.server, "_batcher", None)
         if batcher is not None:
             batcher.poke()
+        backend = self._backend
+        if backend is not None:
+            try:
+                backend.close()
+            except ValueError:
+                pass  # running right now in its reader's thread: _cancel stops it there
 
     def consume(self) -> Generation:
         """Run to the end without streaming; returns self."""

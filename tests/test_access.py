@@ -18,6 +18,7 @@ from gradio_client.exceptions import AppError
 
 from chat_ui import access
 from chat_ui.access import Access, Identity, RateLimited
+from chat_ui.validation import InputError
 from rlhf_core import datasets as ds
 from rlhf_core.datasets import load_feedback, round_datasets
 from rlhf_core.feedback import FeedbackStore
@@ -426,7 +427,6 @@ def test_an_answer_nobody_reads_lets_go_of_its_chat_slot_and_decode(serve_app, m
     # updates) for ABANDONED_AFTER_S is let go; one waiting for the model never is.
     import threading
 
-    monkeypatch.setattr(access, "ABANDONED_AFTER_S", 0.5)
     app = serve_app(**PUBLIC, answers_in_flight=1)
     service, policy = app.service, app.service.policy
     caller = Identity(user_id="anon:c", account=None, session_id="s1", ip="203.0.113.7")
@@ -438,13 +438,20 @@ def test_an_answer_nobody_reads_lets_go_of_its_chat_slot_and_decode(serve_app, m
     assert session.answering
     with pytest.raises(access.TooManyAnswers):
         app.access.take_answer_slot(caller)
-    time.sleep(1.0)
+    slot._paused_at -= access.ABANDONED_AFTER_S + 1  # as if nobody had pulled it since
     assert not session.answering
     app.access.take_answer_slot(caller).release()  # its slot no longer counts
     list(service.send("s1", "again", None, {"max_new_tokens": 4}))  # the chat answers
     assert gen._cancel.is_set()  # and the abandoned answer's decode was stopped
+    # Were the first handler pulled again after all, it would not save its cut answer.
+    with pytest.raises(InputError, match="This answer was stopped"):
+        list(updates)
+    assert [m["content"] for m in service.session("s1").messages if m["role"] == "user"] == [
+        "again"
+    ]
 
     # A handler waiting for the model (here: for the decode lock) is running, not paused.
+    monkeypatch.setattr(access, "ABANDONED_AFTER_S", 0.5)
     policy._generate_lock.acquire()
     try:
         waiting = threading.Thread(target=lambda: list(service.send("s2", "hi", None, {})))
