@@ -256,7 +256,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
         """The service's ``admit`` (handlers.Admit): takes one of the caller's answers in
         flight (RLHF_ANSWERS_IN_FLIGHT) and counts ``cost`` messages against their rate
         limits once the request will be answered; gr.Error when over. Returns the slot,
-        which the service touches as the answer streams and releases when it ends."""
+        which the service marks paused at each streamed update and releases when it ends."""
 
         def admit() -> AnswerSlot:
             try:

@@ -431,12 +431,11 @@ class ChatService:
 
     def _stream(
         self,
-        session: ChatSession,
         gen: Generation,
         shown: list[dict[str, Any]],
         notices: list[str],
+        slot: AnswerSlot,
     ) -> Iterator[Update]:
-        slot = session.streaming["slot"] if session.streaming else AnswerSlot()
         for text in gen:
             partial = {
                 "role": "assistant",
@@ -506,7 +505,7 @@ class ChatService:
                 stream = self._begin_stream(session, len(shown), slot)
             gen = stream["gen"] = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
-            yield from self._stream(session, gen, shown, notices)
+            yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at)
             with session.lock:
                 self._refuse_a_stopped_answer(session.streaming is not stream)
@@ -553,7 +552,7 @@ class ChatService:
                 stream = self._begin_stream(session, index, slot)
             gen = stream["gen"] = self._start(context, sampling, session.user_id)
             notices = self._trim_notice(gen)
-            yield from self._stream(session, gen, shown, notices)
+            yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
             with session.lock:
                 self._refuse_a_stopped_answer(session.streaming is not stream)
