@@ -248,17 +248,26 @@ def token_rewards(
 
 
 def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float,
+    bootstrap: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the answer tokens [GAE eq. 16].
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t``; ``A_t = delta_t + gamma * lam * A_{t+1}``,
-    where ``V_{t+1}`` and ``A_{t+1}`` are 0 after the last answer token (the episode ends
-    there). ``returns = advantages + values`` are the value targets.
+    where ``A_{t+1}`` is 0 after the last answer token and ``V_{t+1}`` there is the row's
+    ``bootstrap`` value (default 0: the episode ended). An answer that stopped only because
+    the rollout's length ran out did not end: its bootstrap is the critic's value of the
+    state it stopped in (partial-episode bootstrapping, Pardo et al. 2018, "Time Limits in
+    Reinforcement Learning"). ``returns = advantages + values`` are the value targets.
 
-    rewards, values, mask: ``[batch, tokens]``; the answer is one contiguous run of
-    mask==1 per row, padding on either side. Returns ``(advantages, returns)``, both
-    ``[batch, tokens]`` and 0 where ``mask`` is 0. No gradient flows through them.
+    rewards, values, mask: ``[batch, tokens]``; bootstrap: ``[batch]``; the answer is one
+    contiguous run of mask==1 per row, padding on either side. Returns ``(advantages,
+    returns)``, both ``[batch, tokens]`` and 0 where ``mask`` is 0. No gradient flows
+    through them.
     """
     with torch.no_grad():
         keep = mask.bool()
@@ -274,6 +283,13 @@ def compute_gae(
         # answer token, so there is no bootstrap value and no carry-over there.
         next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1))
         next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
+        if bootstrap is not None:
+            rows = torch.arange(values.shape[0], device=values.device)
+            last = last_token_index(mask)
+            answered = mask.sum(1) > 0
+            next_values[rows, last] = torch.where(
+                answered, bootstrap.to(values.dtype), next_values[rows, last]
+            )
         for t in reversed(range(tokens)):
             delta = rewards[:, t] + gamma * next_values[:, t] - values[:, t]
             lastgaelam = delta + gamma * lam * next_mask[:, t] * lastgaelam

@@ -252,7 +252,15 @@ class Settings(BaseSettings):
     missing_eos_penalty: float | None = Field(
         1.0,
         description="Subtracted from the normalised score of a PPO answer cut without EOS "
-        "(as TRL's missing_eos_penalty); unset = no penalty.",
+        "at the served limit (as TRL's missing_eos_penalty); unset = no penalty.",
+    )
+    ppo_unfinished: Literal["bootstrap", "penalty"] = Field(
+        "bootstrap",
+        description="A PPO answer that stops at RLHF_PPO_NEW_TOKENS, below the served limit, "
+        "would go on when served. 'bootstrap': it gets no score; the critic's value of where "
+        "it stopped stands in for one. 'penalty': the reward model scores the unfinished text "
+        "and RLHF_MISSING_EOS_PENALTY is subtracted, which teaches every taste to finish within "
+        "the rollout length.",
     )
     demo_coef: float = Field(
         0.5,

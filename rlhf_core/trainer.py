@@ -139,10 +139,21 @@ class PPOConfig:
     # cliprange_value per update, so on raw scores it lags the returns for many rounds.
     score_norm: bool = True
     score_clip: float | None = None  # clip (normalised) scores to [-c, c]
-    # Subtracted from the (normalised) score of an answer that was cut at max_new_tokens
+    # Subtracted from the (normalised) score of an answer that was cut at the served limit
     # without EOS, as TRL's missing_eos_penalty: such an answer is not one people were
     # served whole, and the reward model scores it at a token that ends nothing.
     missing_eos_penalty: float | None = 1.0
+    # The served answer limit (RLHF_MAX_NEW_TOKENS); None = max_new_tokens. A rollout
+    # shorter than it that stops without EOS is *unfinished*, not cut: served, it would
+    # have gone on.
+    answer_limit: int | None = None
+    # How an unfinished answer is scored. "bootstrap": no score and no penalty; its last
+    # advantage bootstraps from the critic's value of the state it stopped in (what the
+    # whole answer is expected to score). "penalty": the reward model's score of the
+    # unfinished text minus missing_eos_penalty, as a cut answer: every taste is then
+    # also taught to finish within the rollout length (on oracle_thorough, which wants 40
+    # words or more, answers fell from 47 words to 20 in one round).
+    unfinished_answers: str = "bootstrap"
     # Weight of the imitation loss on people's rewrites (mean NLL of the rewritten answer),
     # added to each PPO optimiser step, as InstructGPT's PPO-ptx adds a supervised loss.
     # A rewrite is a demonstration of the answer wanted: learning from it directly is far
@@ -175,6 +186,8 @@ class PPOConfig:
             "kl_rise_clip": settings.kl_rise_clip,
             "kl_fall_clip": settings.kl_fall_clip,
             "missing_eos_penalty": settings.missing_eos_penalty,
+            "answer_limit": settings.max_new_tokens,
+            "unfinished_answers": settings.ppo_unfinished,
             "seed": settings.seed,
             "demo_coef": settings.demo_coef,
             "demo_max_tokens": settings.demo_max_tokens or settings.max_new_tokens,
@@ -229,14 +242,17 @@ class PolicyValueModel(nn.Module):
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(logprobs, values, logits)`` for the answer positions ``[B, R]``
-        (logits ``[B, R, vocab]``): position ``t`` holds the state that emits answer token ``t``."""
-        hidden = hidden_states(self.peft_model, input_ids, attention_mask)[:, prompt_len - 1 : -1]
-        logits = answer_logits(self.peft_model, hidden, self.temperature)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns ``(logprobs, values, logits, final_values)``: the first three for the
+        answer positions ``[B, R]`` (logits ``[B, R, vocab]``), position ``t`` holding the
+        state that emits answer token ``t``; ``final_values`` ``[B]`` is the value of the
+        state after the last position (the bootstrap of an answer the rollout's length
+        stopped: it fills the whole width)."""
+        hidden = hidden_states(self.peft_model, input_ids, attention_mask)[:, prompt_len - 1 :]
+        logits = answer_logits(self.peft_model, hidden[:, :-1], self.temperature)
         logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
         values = self.value_head(hidden.float()).squeeze(-1)
-        return logprobs, values, logits
+        return logprobs, values[:, :-1], logits, values[:, -1]
 
 
 def answer_logits(peft_model: nn.Module, hidden: Tensor, temperature: float = 1.0) -> Tensor:
@@ -576,23 +592,50 @@ class PPOTrainer:
             )
         return scores.float().clone()
 
-    def _process_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
-        """Normalise (running moments), then penalise answers without EOS, then clip.
+    def unfinished(self, rollout: Rollout) -> Tensor:
+        """``[B]`` bool: answers that stopped without EOS only because the rollout is
+        shorter than the served limit (scored by bootstrapping, see ``unfinished_answers``).
+        Answers without EOS at the served limit are cut, as served ones would be."""
+        config = self.config
+        shorter = config.max_new_tokens < (config.answer_limit or config.max_new_tokens)
+        if config.unfinished_answers == "penalty" or not shorter:
+            return torch.zeros_like(rollout.has_eos)
+        if config.unfinished_answers != "bootstrap":
+            raise ValueError(
+                f"unknown unfinished_answers {config.unfinished_answers!r}: "
+                "use 'bootstrap' or 'penalty'"
+            )
+        return ~rollout.has_eos
+
+    def _process_scores(
+        self, scores: Tensor, has_eos: Tensor, unfinished: Tensor | None = None
+    ) -> Tensor:
+        """Normalise (running moments), then penalise answers cut without EOS, then clip.
         The penalty comes after the normalisation so that it is in units of the scores'
         standard deviation whatever the reward model's scale, and it does not enter the
-        moments (they describe the reward model, not the penalty)."""
+        moments (they describe the reward model, not the penalty). Unfinished answers'
+        scores are not used (0 here: the caller bootstraps them) and stay out of the
+        moments, unless fewer than two answers finished, when all scores describe the
+        reward model's scale better than one."""
         config = self.config
+        unfinished = torch.zeros_like(has_eos) if unfinished is None else unfinished
         if config.score_norm:
-            everything = self.accelerator.gather(scores) if self.world > 1 else scores
-            finite = everything[torch.isfinite(everything)]
-            if finite.numel():  # a NaN score must not poison the running statistics
-                self.score_moments.update(finite)
+            gather = self.accelerator.gather if self.world > 1 else (lambda x: x)
+            everything, skipped = gather(scores), gather(unfinished.float()) > 0.5
+            finite = torch.isfinite(everything)
+            # A NaN score must not poison the running statistics.
+            used = everything[finite & ~skipped]
+            if used.numel() < 2:
+                used = everything[finite]
+            if used.numel():
+                self.score_moments.update(used)
             scores = self.score_moments.normalize(scores)
         if config.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - config.missing_eos_penalty)
+            cut = ~has_eos & ~unfinished
+            scores = torch.where(cut, scores - config.missing_eos_penalty, scores)
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
-        return scores
+        return torch.where(unfinished, torch.zeros_like(scores), scores)
 
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: Tensor) -> Experience:
@@ -604,7 +647,9 @@ class PPOTrainer:
         self.model.set_adapter(POLICY_ADAPTER)
         self.wrapped.eval()  # the mode of the new log-probs in update()
         with autocast(self.device):
-            old_logprobs, old_values, _ = self.policy_value(input_ids, attention_mask, prompt_len)
+            old_logprobs, old_values, _, final_values = self.policy_value(
+                input_ids, attention_mask, prompt_len
+            )
             with self.model.disable_adapter():
                 hidden = hidden_states(self.model, input_ids, attention_mask)[
                     :, prompt_len - 1 : -1
@@ -613,10 +658,14 @@ class PPOTrainer:
                 ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
         del hidden, ref_logits
         kl = kl_penalty(old_logprobs, ref_logprobs, self.config.kl_estimator) * mask
-        processed = self._process_scores(scores.to(self.device).float(), rollout.has_eos)
+        unfinished = self.unfinished(rollout)
+        processed = self._process_scores(
+            scores.to(self.device).float(), rollout.has_eos, unfinished
+        )
         rewards, non_score = token_rewards(processed, kl, mask, self.kl_coef)
+        bootstrap = torch.where(unfinished, final_values.float(), torch.zeros_like(processed))
         advantages, returns = compute_gae(
-            rewards, old_values, mask, self.config.gamma, self.config.lam
+            rewards, old_values, mask, self.config.gamma, self.config.lam, bootstrap
         )
         advantages = self._whiten(advantages, mask)
         n = self._sum(torch.tensor(float(len(rollout.prompts))))
@@ -632,6 +681,7 @@ class PPOTrainer:
             "objective/non_score_reward": float(self._sum(non_score.sum()) / n),
             "objective/answer_tokens": float(self._sum(mask.sum()) / n),
             "objective/eos_rate": float(self._sum(rollout.has_eos.float().sum()) / n),
+            "objective/unfinished_rate": float(self._sum(unfinished.float().sum()) / n),
         }
         return Experience(rollout, old_logprobs, old_values, advantages, returns, stats)
 
@@ -683,7 +733,7 @@ class PPOTrainer:
                 for i, idx in enumerate(parts):
                     sync = i == len(parts) - 1
                     with nullcontext() if sync else acc.no_sync(self.wrapped):
-                        logprobs, values, logits = self.wrapped(
+                        logprobs, values, logits, _ = self.wrapped(
                             input_ids[idx], attention_mask[idx], prompt_len
                         )
                         m = mask[idx]
@@ -792,7 +842,7 @@ class PPOTrainer:
         picks = torch.randperm(len(self.demos), generator=self._gen)[:size].tolist()
         chosen = [self.demos[i] for i in picks]
         demo = self.rollout_from_texts([d[0] for d in chosen], [d[1] for d in chosen])
-        logprobs, _values, logits = self.wrapped(
+        logprobs, _values, logits, _ = self.wrapped(
             demo.input_ids, demo.attention_mask, demo.query_ids.shape[1]
         )
         imitated = self.demo_loss_mask(demo, chosen)

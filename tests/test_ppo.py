@@ -166,6 +166,25 @@ def test_gae_value_after_last_answer_token_is_zero_and_padding_is_ignored():
     assert close(ret, [[0.0, 2.0, 1.0, 1.0, 0.0, 0.0]])
 
 
+def test_gae_bootstraps_an_answer_the_rollout_length_stopped_from_the_given_value():
+    """An answer cut by the rollout's length did not end: the value after its last token
+    is the critic's estimate of the state it stopped in, not 0. gamma = 1, lam = .5.
+    Row 1 (bootstrap .8): t=2 delta = .3 + .8 - .6 = .5, A2 = .5; t=1 delta = -.2 + .6 - .4
+    = 0, A1 = .5 * .5 = .25; t=0 delta = .1 + .4 - .5 = 0, A0 = .125. Row 2, right-padded
+    (bootstrap .25 after its 2nd token): t=1 delta = 1 + .25 - .5 = .75; t=0 delta = 0,
+    A0 = .375. Returns = A + V."""
+    rewards = T([[0.1, -0.2, 0.3], [0.0, 1.0, 5.0]])
+    values = T([[0.5, 0.4, 0.6], [0.5, 0.5, 9.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = compute_gae(rewards, values, mask, 1.0, 0.5, bootstrap=T([0.8, 0.25]))
+    assert close(adv, [[0.125, 0.25, 0.5], [0.375, 0.75, 0.0]])
+    assert close(ret, [[0.625, 0.65, 1.1], [0.875, 1.25, 0.0]])
+    # a bootstrap of 0 is the ended episode of the plain call
+    plain = compute_gae(rewards, values, mask, 1.0, 0.5)
+    zero = compute_gae(rewards, values, mask, 1.0, 0.5, bootstrap=T([0.0, 0.0]))
+    assert close(plain[0], zero[0].tolist()) and close(plain[1], zero[1].tolist())
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_gae_matches_python_loop(seed: int, side: str):

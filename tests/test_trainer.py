@@ -418,7 +418,7 @@ def test_only_the_edited_tokens_and_the_end_are_imitated(policy, tiny_model):
     with torch.no_grad(), eos_raised(model, trainer.eos_ids, 9.0):  # p(stop) about 0.14
         loss = float(trainer._demo_loss(1))
         one = trainer.rollout_from_texts(PROMPTS[:1], [rewrite])
-        logprobs, _, logits = trainer.wrapped(
+        logprobs, _, logits, _ = trainer.wrapped(
             one.input_ids, one.attention_mask, one.query_ids.shape[1]
         )
     p_stop = torch.softmax(logits[0, :kept].double(), -1)[:, trainer.eos_ids].sum(-1)
@@ -453,7 +453,7 @@ def test_a_rewrite_that_cut_back_to_a_sentence_end_does_not_teach_stopping_earli
     def p_stop():
         demo = trainer.rollout_from_texts(PROMPTS[:1], [kept_text])
         with torch.no_grad():
-            _, _, logits = trainer.wrapped(
+            _, _, logits, _ = trainer.wrapped(
                 demo.input_ids, demo.attention_mask, demo.query_ids.shape[1]
             )
         n = int(demo.response_mask[0].sum())
@@ -540,8 +540,8 @@ def test_the_default_kl_controller_keeps_a_taste_through_four_rounds_of_rollouts
 
 def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
     """Issue 9 defect 3 (PPO half): by default scores are normalised with running moments
-    (defect 7) and an answer without EOS loses RLHF_MISSING_EOS_PENALTY = 1 (in units of
-    the scores' std). Scores 1..4: mean 2.5, std sqrt(1.25) = 1.118034, normalised
+    (defect 7) and an answer cut without EOS loses RLHF_MISSING_EOS_PENALTY = 1 (in units
+    of the scores' std). Scores 1..4: mean 2.5, std sqrt(1.25) = 1.118034, normalised
     -1.341641, -0.447214, 0.447214, 1.341641; the 2nd and 4th have no EOS: -1 each."""
     model, head = policy
     config = PPOConfig.from_settings(Settings())
@@ -555,6 +555,67 @@ def test_answers_cut_without_eos_are_penalised_by_default(policy, tiny_model):
     torch.testing.assert_close(
         processed, torch.tensor([-1.341641, -1.447214, 0.447214, 0.341641]), atol=1e-5, rtol=0
     )
+
+
+def _scores_trainer(model, head, tokenizer, **settings):
+    config = PPOConfig.from_settings(Settings(**settings), init_kl_coef=0.0, target_kl=None)
+    return PPOTrainer(
+        model, tokenizer, config, reward_fn=lower_half_rule(tokenizer), value_head=head
+    )
+
+
+def test_an_answer_the_rollout_length_stopped_gets_no_score_and_no_penalty(policy, tiny_model):
+    """Rollouts stop at RLHF_PPO_NEW_TOKENS (64), the UI at RLHF_MAX_NEW_TOKENS (256): an
+    answer stopped by the first would have gone on when served. Penalised as cut, it taught
+    every taste to finish within 64 tokens (oracle_thorough, 40 words or more: 47 words to
+    20 in one round). By default its score is unused and stays out of the moments: finished
+    scores 1 and 3, mean 2, std 1, normalised -1 and 1; the unfinished rows get 0 (their
+    return comes from the critic). RLHF_PPO_UNFINISHED=penalty keeps the old scoring."""
+    model, head = policy
+    tok = tiny_model.tokenizer
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    has_eos = torch.tensor([True, False, True, False])
+    trainer = _scores_trainer(model, head, tok)
+    rollout = trainer.rollout_from_texts(PROMPTS[:4], ["a"] * 4, finished=has_eos.tolist())
+    unfinished = trainer.unfinished(rollout)
+    assert unfinished.tolist() == [False, True, False, True]
+    processed = trainer._process_scores(scores, has_eos, unfinished)
+    torch.testing.assert_close(processed, torch.tensor([-1.0, 0.0, 1.0, 0.0]))
+
+    old_way = _scores_trainer(model, head, tok, ppo_unfinished="penalty")
+    assert not old_way.unfinished(rollout).any()
+    # Rollouts as long as served answers: no answer is unfinished, one without EOS is cut.
+    as_served = _scores_trainer(model, head, tok, ppo_new_tokens=256)
+    assert not as_served.unfinished(rollout).any()
+
+
+def test_an_unfinished_answers_return_bootstraps_from_the_critic(policy, tiny_model):
+    """With no KL penalty (coefficient 0) an answer's return at its last token is its score
+    if it ended, and the critic's value of the state after its last token if the rollout's
+    length stopped it (gamma = 1: A_T = 0 + V_after - V_T, return = A_T + V_T = V_after)."""
+    model, head = policy
+    tok = tiny_model.tokenizer
+    with torch.no_grad():
+        head.weight.normal_(0, 0.5)  # a critic that is not 0 everywhere
+        head.bias.fill_(0.3)
+    trainer = _scores_trainer(model, head, tok)
+    long_answer = " ".join(f"word{i}" for i in range(12))
+    rollout = trainer.rollout_from_texts(
+        PROMPTS[:2], [long_answer, "Short."], max_tokens=8, finished=[False, True]
+    )
+    assert int(rollout.response_mask[0].sum()) == rollout.response_mask.shape[1] == 8
+    exp = trainer.make_experience(rollout, torch.tensor([5.0, 7.0]))
+    with torch.no_grad():
+        *_, after = trainer.policy_value(
+            rollout.input_ids, rollout.attention_mask, rollout.query_ids.shape[1]
+        )
+    last_finished = int(rollout.response_mask[1].sum()) - 1
+    assert float(exp.returns[0, 7]) == pytest.approx(float(after[0]), abs=1e-4)
+    assert float(after[0]) != pytest.approx(0.0, abs=1e-3)
+    # the finished answer is the only finished score in the batch: the moments fall back
+    # to both scores (mean 6, std 1), 7 normalises to 1
+    assert float(exp.returns[1, last_finished]) == pytest.approx(1.0, abs=1e-4)
+    assert exp.stats["objective/unfinished_rate"] == 0.5
 
 
 def test_old_and_new_logprobs_are_taken_in_the_same_mode(tiny_model, tiny_settings):
@@ -596,6 +657,7 @@ def test_the_critic_follows_a_fixed_reward_within_a_round(policy, tiny_model, ti
     config = PPOConfig.from_settings(
         tiny_settings.model_copy(update={"ppo_steps": 4}),
         batch_size=8, micro_batch_size=None, max_new_tokens=8, learning_rate=3e-4,
+        answer_limit=8,  # rollouts as long as served answers: every answer is scored
     )  # fmt: skip
     trainer = PPOTrainer(model, tokenizer, config, reward_fn=fixed_reward, value_head=head)
     losses = [trainer.step(PROMPTS)["loss/value"] for _ in range(4)]
