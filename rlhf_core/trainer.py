@@ -246,13 +246,16 @@ class PolicyValueModel(nn.Module):
         """Returns ``(logprobs, values, logits, final_values)``: the first three for the
         answer positions ``[B, R]`` (logits ``[B, R, vocab]``), position ``t`` holding the
         state that emits answer token ``t``; ``final_values`` ``[B]`` is the value of the
-        state after the last position (the bootstrap of an answer the rollout's length
-        stopped: it fills the whole width)."""
+        state after each answer's last token (the bootstrap of an answer the rollout's
+        length stopped). Answers are right-padded."""
         hidden = hidden_states(self.peft_model, input_ids, attention_mask)[:, prompt_len - 1 :]
         logits = answer_logits(self.peft_model, hidden[:, :-1], self.temperature)
         logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
         values = self.value_head(hidden.float()).squeeze(-1)
-        return logprobs, values[:, :-1], logits, values[:, -1]
+        # Position L of hidden[:, prompt_len - 1:] has read the answer's L-th (last) token.
+        answer_len = attention_mask[:, prompt_len:].sum(1).long()
+        final_values = values.gather(1, answer_len[:, None]).squeeze(1)
+        return logprobs, values[:, :-1], logits, final_values
 
 
 def answer_logits(peft_model: nn.Module, hidden: Tensor, temperature: float = 1.0) -> Tensor:

@@ -21,6 +21,7 @@ from rlhf_core.trainer import POLICY_ADAPTER, PPOConfig, PPOTrainer, attach_poli
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
 ANSWERS = ["Sure.", "It is a small blue box with a lid.", "No idea, sorry!", "Item three is big."]
+FINISHED = [True, False, True, False]
 
 
 def main(out_file: str) -> None:
@@ -45,13 +46,16 @@ def main(out_file: str) -> None:
         target_kl=None,
         early_stop_kl=None,
         score_norm=True,
+        answer_limit=32,  # rollouts shorter than served answers: the 2nd and 4th are unfinished
     )
 
     def reward_fn(prompts, answers):
         return [len(a) / 10.0 for a in answers]
 
     trainer = PPOTrainer(model, base.tokenizer, config, reward_fn=reward_fn, value_head=head)
-    rollout = trainer.rollout_from_texts(trainer._shard(PROMPTS), trainer._shard(ANSWERS))
+    rollout = trainer.rollout_from_texts(
+        trainer._shard(PROMPTS), trainer._shard(ANSWERS), finished=trainer._shard(FINISHED)
+    )
     exp = trainer.make_experience(rollout, trainer.score(rollout))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     named += [(f"value_head.{n}", p) for n, p in head.named_parameters()]

@@ -616,6 +616,21 @@ def test_an_unfinished_answers_return_bootstraps_from_the_critic(policy, tiny_mo
     # to both scores (mean 6, std 1), 7 normalises to 1
     assert float(exp.returns[1, last_finished]) == pytest.approx(1.0, abs=1e-4)
     assert exp.stats["objective/unfinished_rate"] == 0.5
+    # The state after an answer's last token is read at that token, not at the padding:
+    # an unfinished answer shorter than the batch's widest bootstraps the same.
+    short = trainer.rollout_from_texts(
+        PROMPTS[:2], [long_answer, "Short."], max_tokens=5, finished=[True, False]
+    )
+    alone = trainer.rollout_from_texts(PROMPTS[1:2], ["Short."], max_tokens=5, finished=[False])
+    with torch.no_grad():
+        *_, padded = trainer.policy_value(
+            short.input_ids, short.attention_mask, short.query_ids.shape[1]
+        )
+        *_, unpadded = trainer.policy_value(
+            alone.input_ids, alone.attention_mask, alone.query_ids.shape[1]
+        )
+    assert short.response_mask[1].sum() < short.response_mask.shape[1]
+    assert float(padded[1]) == pytest.approx(float(unpadded[0]), abs=1e-4)
 
 
 def test_old_and_new_logprobs_are_taken_in_the_same_mode(tiny_model, tiny_settings):
