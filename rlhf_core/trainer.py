@@ -600,14 +600,14 @@ class PPOTrainer:
         shorter than the served limit (scored by bootstrapping, see ``unfinished_answers``).
         Answers without EOS at the served limit are cut, as served ones would be."""
         config = self.config
-        shorter = config.max_new_tokens < (config.answer_limit or config.max_new_tokens)
-        if config.unfinished_answers == "penalty" or not shorter:
-            return torch.zeros_like(rollout.has_eos)
-        if config.unfinished_answers != "bootstrap":
+        if config.unfinished_answers not in ("bootstrap", "penalty"):
             raise ValueError(
                 f"unknown unfinished_answers {config.unfinished_answers!r}: "
                 "use 'bootstrap' or 'penalty'"
             )
+        shorter = config.max_new_tokens < (config.answer_limit or config.max_new_tokens)
+        if config.unfinished_answers == "penalty" or not shorter:
+            return torch.zeros_like(rollout.has_eos)
         return ~rollout.has_eos
 
     def _process_scores(
