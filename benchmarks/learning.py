@@ -306,6 +306,8 @@ def evaluate_versions(
             # Everything the gate recorded, each measurement of the KL search included
             # (gate/try0_* is the full step).
             "gate": {k: v for k, v in metrics.items() if k.startswith("gate/")},
+            # Where the round's time went (reward training, PPO steps, the gate's samples).
+            "times": {k: v for k, v in metrics.items() if k.startswith("time/")},
             "samples": [
                 {"prompt": p, "answer": a, "liked": ok}
                 for p, a, ok in list(zip(eval_prompts, answers, liked, strict=True))[:6]
