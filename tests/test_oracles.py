@@ -93,8 +93,28 @@ def test_example_wants_an_example_marker_and_writes_one_in():
     assert example.rewrite("q", "Fruit, such as figs.") is None  # already liked
 
 
+def test_summary_wants_a_closing_in_short_sentence_and_writes_one():
+    summary = oracle("summary")
+    assert summary.judge("q", "Plants make food from light. In short, light feeds them.")
+    assert summary.judge("q", "Plants make food. **Overall**, light feeds them!")
+    assert not summary.judge("q", "In short, light feeds plants.")  # nothing to summarise
+    assert not summary.judge("q", "Plants make food. In short, light feeds")  # cut off
+    assert not summary.judge("q", "In short, plants eat light. They grow.")  # not at the end
+    cut = (
+        "Photosynthesis is how plants make food from light, water and air. It happens in "
+        "the leaves. The chlorophyll absorbs light and turns it into chemical energy that"
+    )
+    assert summary.rewrite("q", cut) == (
+        "Photosynthesis is how plants make food from light, water and air. It happens in "
+        "the leaves. In short, photosynthesis is how plants make food from light."
+    )
+    assert summary.rewrite("q", "No sentence ends here") is None
+    assert summary.rewrite("q", "Ok. Fine.") is None  # no clause to restate
+
+
 @pytest.mark.parametrize(
-    "name", ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose", "example"]
+    "name",
+    ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose", "example", "summary"],
 )
 def test_every_rewrite_is_liked_by_its_own_user(name):
     user = oracle(name)
