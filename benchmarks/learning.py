@@ -413,6 +413,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return assemble(args, loop, evaluated, time.monotonic() - started)
 
 
+def source_commit() -> str | None:
+    """The commit of the code that ran (with "+changes" when the tree differed from it), so
+    that a results table can name it; None outside a git checkout."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], cwd=HERE.parent, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=7", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "rlhf_core", "chat_ui",
+                    "worker", "benchmarks/learning.py")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if dirty else "")
+
+
 def assemble(args, loop: dict[str, Any], evaluated: dict[int, dict], elapsed: float) -> dict:
     base = {"version": 0, "round": 0, "elapsed_s": 0.0, "vote_to_version_s": None}
     versions = [{**row, **evaluated[row["version"]]} for row in [base, *loop["rows"]]]
@@ -421,6 +439,7 @@ def assemble(args, loop: dict[str, Any], evaluated: dict[int, dict], elapsed: fl
         # The exact command and every RLHF_ override: "defaults" means this dict is empty.
         "command": " ".join(["python", *sys.argv]),
         "env_overrides": overrides,
+        "commit": source_commit(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "loop_s": loop["loop_s"],
         "elapsed_s": round(elapsed, 1),

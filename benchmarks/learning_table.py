@@ -62,8 +62,9 @@ def row(name: str, minutes: float) -> str:
         if best
         else "none"
     )
+    commit = f", {run['commit']}" if run.get("commit") else ""
     return (
-        f"| `{Path(name).name}` | {base['thumbs_up_rate']:.2f} | {by_version or 'none'} | "
+        f"| `{Path(name).name}`{commit} | {base['thumbs_up_rate']:.2f} | {by_version or 'none'} | "
         f"{kls or '-'} | {gain_text} | {refused(run)} |"
     )
 

@@ -43,3 +43,10 @@ def test_a_row_reads_every_figure_from_the_record(tmp_path):
         "v1 5.00 / 4.00 [4.50] · v2 7.00 / 6.00 [7.25] · v3 8.00 / 8.50 [9.00] | "
         "+38 (v1, 6.5 min) | round 4: KL 10.2 (95% bound) > budget 10 |"
     )
+
+
+def test_a_row_names_the_commit_the_run_recorded(tmp_path):
+    (tmp_path / "learning.json").write_text(json.dumps({**RUN, "commit": "8f668b0"}))
+    assert learning_table.row(str(tmp_path), 20).startswith(
+        f"| `{tmp_path.name}`, 8f668b0 | 0.12 |"
+    )
