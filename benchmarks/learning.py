@@ -401,6 +401,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "failed_rounds": failures,
             "rows": rows,
             "data_dir": str(app.data_dir),
+            # The code the loop trained with (an --eval-only later may run on another).
+            "commit": source_commit(),
         }
         # Kept before the evaluation, so `--eval-only` can redo it from the data directory.
         args.out.mkdir(parents=True, exist_ok=True)
@@ -414,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def source_commit() -> str | None:
-    """The commit of the code that ran (with "+changes" when the tree differed from it), so
+    """The commit of the code that runs (with "+changes" when the tree differs from it), so
     that a results table can name it; None outside a git checkout."""
 
     def git(*cmd: str) -> str:
@@ -439,7 +441,7 @@ def assemble(args, loop: dict[str, Any], evaluated: dict[int, dict], elapsed: fl
         # The exact command and every RLHF_ override: "defaults" means this dict is empty.
         "command": " ".join(["python", *sys.argv]),
         "env_overrides": overrides,
-        "commit": source_commit(),
+        "commit": loop.get("commit"),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "loop_s": loop["loop_s"],
         "elapsed_s": round(elapsed, 1),
