@@ -112,9 +112,48 @@ def test_summary_wants_a_closing_in_short_sentence_and_writes_one():
     assert summary.rewrite("q", "Ok. Fine.") is None  # no clause to restate
 
 
+def test_headline_wants_a_short_line_above_the_answer_and_writes_one_from_the_request():
+    headline = oracle("headline")
+    assert headline.judge("q", "Coffee at dawn\n\nA cup warms the hands.")
+    assert headline.judge("q", "## **Capital of Spain**\n\nMadrid.")  # markup is no word
+    assert not headline.judge("q", "Coffee at dawn\nA cup warms the hands.")  # no blank line
+    assert not headline.judge("q", "Coffee at dawn\n\n")  # no answer under it
+    assert not headline.judge("q", "It is Madrid.\n\nThe capital.")  # a sentence, not a headline
+    nine = "one two three four five six seven eight nine"
+    assert not headline.judge("q", f"{nine}\n\nbody")  # over eight words
+    assert headline.headline_for("How do I make an HTTP request in Python?") == (
+        "Make an HTTP request in Python"
+    )
+    assert headline.headline_for("What does the word 'resilience' mean?") == "Resilience"
+    assert headline.headline_for("Explain what a spreadsheet formula is.") == "Spreadsheet formula"
+    assert headline.headline_for("Can you explain a QR code to a ten-year-old?") == (
+        "QR code to a ten-year-old"
+    )
+    assert headline.rewrite("What is the capital of Spain?", "Madrid is the capital.") == (
+        "Capital of Spain\n\nMadrid is the capital."
+    )
+    poem = "Steam rises\nfrom a chipped cup,\nmorning again"
+    assert headline.rewrite("Write a short poem about coffee.", poem) == (
+        "Short poem about coffee\n\nSteam rises\nfrom a chipped cup,\nmorning again"
+    )
+    assert headline.rewrite("q", "Coffee at dawn\n\nA cup.") is None  # already liked
+    assert headline.rewrite("q", "   ") is None
+
+
 @pytest.mark.parametrize(
     "name",
-    ["formal", "question", "thorough", "plain", "bullets", "upbeat", "prose", "example", "summary"],
+    [
+        "formal",
+        "question",
+        "thorough",
+        "plain",
+        "bullets",
+        "upbeat",
+        "prose",
+        "example",
+        "summary",
+        "headline",
+    ],
 )
 def test_every_rewrite_is_liked_by_its_own_user(name):
     user = oracle(name)
