@@ -997,15 +997,24 @@ def cmd_ab(args: Any) -> int:
                 print(f"v{record['next_candidate']} is the candidate now")
             return 0
         if args.action == "start":
-            if args.version is None:
-                print("say which version: rlhf-chat ab start VERSION --share 0.2", file=sys.stderr)
+            version = _ab_number(args.value, int)
+            if version is None:
+                print("say which version: rlhf-chat ab start VERSION [--share 0.2]",
+                      file=sys.stderr)  # fmt: skip
                 return 2
-            registry.start_candidate(args.version, args.share, by="admin (cli)")
-            print(f"v{args.version} is the candidate for {args.share:.0%} of users")
+            share = DEFAULT_CANDIDATE_SHARE if args.share is None else args.share
+            registry.start_candidate(version, share, by="admin (cli)")
+            print(f"v{version} is the candidate for {share:.0%} of users")
             return 0
         if args.action == "share":
-            registry.set_candidate_share(args.share)
-            print(f"the candidate now serves {args.share:.0%} of users")
+            share = args.share if args.value is None else _ab_number(args.value, float)
+            both = args.value is not None and args.share is not None
+            if share is None or (both and args.share != share):
+                print("say the new share once, between 0 and 1: rlhf-chat ab share 0.5",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            registry.set_candidate_share(share)
+            print(f"the candidate now serves {share:.0%} of users")
             return 0
     except (CandidateError, UnknownVersionError, ValueError) as error:
         print(error, file=sys.stderr)
@@ -1032,16 +1041,36 @@ def cmd_leaderboard(args: Any) -> int:
     return 0
 
 
+DEFAULT_CANDIDATE_SHARE = 0.2  # `ab start` without --share
+
+
+def _ab_number(value: str | None, kind: type) -> Any:
+    """``ab``'s positional value as ``kind`` (the version of ``start``, the share of
+    ``share``), or None when it is missing or not such a number."""
+    try:
+        return None if value is None else kind(value)
+    except ValueError:
+        return None
+
+
 def _ab_args(parser: Any) -> None:
     parser.add_argument(
         "action",
         choices=["status", "check", "promote", "rollback", "start", "share"],
         help="status: the canary and its numbers; check: decide now if the test can; "
         "promote / rollback: end the canary (admin override); start VERSION: put a version "
-        "out as the candidate; share: change the candidate's share",
+        "out as the candidate; share SHARE: change the candidate's share",
     )
-    parser.add_argument("version", nargs="?", type=int, help="for start: the version")
-    parser.add_argument("--share", type=float, default=0.2, help="share of users (0-1]")
+    # One positional for both (start VERSION, share SHARE): read per action in cmd_ab.
+    parser.add_argument(
+        "value", nargs="?", metavar="VERSION|SHARE", help="start: the version; share: the share"
+    )
+    parser.add_argument(
+        "--share",
+        type=float,
+        default=None,
+        help=f"share of users (0-1]; for start, default {DEFAULT_CANDIDATE_SHARE}",
+    )
     parser.add_argument("--json", action="store_true", help="status as one JSON object")
 
 

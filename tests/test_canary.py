@@ -279,6 +279,20 @@ def test_cli_ab_and_leaderboard(redis_client, settings, adapters):  # noqa: F811
     assert json.loads(cli("ab", "status", "--json").stdout)["look"]["candidate_votes"] == 1
     assert cli("ab", "share", "--share", "0.5").returncode == 0
     assert registry.candidate()["share"] == 0.5
+    # The share as the README writes it, `ab share S` (it was read as a version: "0.4"
+    # refused as "invalid int value", "1" accepted and the share set to 0.2 unsaid).
+    assert cli("ab", "share", "1").returncode == 0
+    assert registry.candidate()["share"] == 1.0
+    assert cli("ab", "share", "0.5").returncode == 0
+    assert registry.candidate()["share"] == 0.5
+    for unclear in [
+        ("ab", "share"),
+        ("ab", "share", "half"),
+        ("ab", "share", "0.4", "--share", "0.3"),
+    ]:
+        refused = cli(*unclear)
+        assert refused.returncode == 2 and "rlhf-chat ab share 0.5" in refused.stderr, unclear
+    assert registry.candidate()["share"] == 0.5
     assert "no decision yet" in cli("ab", "check").stdout
     done = cli("ab", "promote")
     assert done.returncode == 0 and registry.current() == v1
