@@ -64,6 +64,15 @@ MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
 STORE_ERRORS = (RedisUnavailableError, redis.exceptions.RedisError)
+# Why an answer was stopped before it was saved (ChatService._stop_answer).
+ANSWER_ABANDONED = (
+    "This answer was stopped: nothing read it for several minutes. Send the message again."
+)
+ANSWER_UNDONE = "The answer was stopped by Undo: your message is back in the box."
+ANSWER_CHAT_CHANGED = (
+    "The answer was stopped: the chat changed while it was written (New chat or Delete my "
+    "data), so it answered a chat that is no longer there. Send the message again."
+)
 # Called by send, regenerate and arena_send once the request has passed every check the chat
 # makes itself (the message valid, the chat free, the answer to regenerate found, an arena with
 # two versions), under the chat's lock and before anything is written; it raises to refuse.
@@ -373,12 +382,21 @@ class ChatService:
             except Exception:  # a round not started must not make the vote look failed
                 log.exception("on_event hook failed after %s on %s", kind, turn_id)
 
-    def _answer_at(self, session: ChatSession, index: int) -> tuple[int, dict[str, Any]]:
-        n = len(session.messages)
+    def _answer_at(self, session: ChatSession, index: Any) -> tuple[int, dict[str, Any]]:
+        """The finished answer the page shows at ``index`` (negative counts from the end of
+        the page), and its place in ``session.messages``. While an answer streams the page
+        shows the chat up to that answer's place, then the message it answers and the
+        answer itself; a regenerate streams in place of the answer it replaces, which the
+        page no longer shows. Only a finished answer before that place can be reacted to:
+        the one streaming is not stored yet, the one being replaced is off the page.
+        Called with the session's lock."""
         index = validation.answer_index(index)
+        stream, n = session.streaming, len(session.messages)
+        shown, finished = (n, n) if stream is None else (stream["index"] + 1, stream["index"])
         if index < 0:
-            index += n
-        if not 0 <= index < n or session.messages[index]["role"] != "assistant":
+            index += shown
+        finished = min(finished, n)
+        if not 0 <= index < finished or session.messages[index]["role"] != "assistant":
             raise InputError(
                 "That message is not a finished answer of this chat (it may still be streaming, "
                 "or the chat changed). Wait for the answer, then try again."
@@ -406,6 +424,23 @@ class ChatService:
                 return self.policy.stream(context, sampling)
         except ContextTooLongError as error:
             raise InputError(str(error)) from error
+
+    def _start_stream(
+        self,
+        session: ChatSession,
+        stream: dict[str, Any],
+        context: list[dict[str, str]],
+        sampling: dict[str, Any] | None,
+    ) -> Generation:
+        """:meth:`_start` for the chat's stream (outside the lock: a queue for a version
+        must not hold the chat). An answer stopped meanwhile (Undo, New chat) is
+        cancelled at once: it ends without text and is not saved."""
+        gen = self._start(context, sampling, session.user_id)
+        with session.lock:
+            stream["gen"] = gen
+            if "stopped" in stream:
+                gen.cancel()
+        return gen
 
     def _trim_notice(self, gen: Generation) -> list[str]:
         if not gen.trimmed:
@@ -503,12 +538,13 @@ class ChatService:
                 context.append({"role": "user", "content": text})
                 shown = self.view(session) + [{"role": "user", "content": text}]
                 stream = self._begin_stream(session, len(shown), slot)
-            gen = stream["gen"] = self._start(context, sampling, session.user_id)
+                stream["text"] = text  # an Undo while it streams gives it back
+            gen = self._start_stream(session, stream, context, sampling)
             notices = self._trim_notice(gen)
             yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at)
             with session.lock:
-                self._refuse_a_stopped_answer(session.streaming is not stream)
+                self._refuse_a_stopped_answer(session.streaming is not stream, stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -550,12 +586,12 @@ class ChatService:
                 context = list(old["context"])
                 shown = self.view(session)[:index]
                 stream = self._begin_stream(session, index, slot)
-            gen = stream["gen"] = self._start(context, sampling, session.user_id)
+            gen = self._start_stream(session, stream, context, sampling)
             notices = self._trim_notice(gen)
             yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
             with session.lock:
-                self._refuse_a_stopped_answer(session.streaming is not stream)
+                self._refuse_a_stopped_answer(session.streaming is not stream, stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -599,15 +635,31 @@ class ChatService:
             )
 
     @staticmethod
-    def _refuse_a_stopped_answer(stopped: bool) -> None:
-        """An answer stopped as abandoned (``_drop_abandoned``) whose handler runs again after
-        all (it was only starved, not gone) is not saved: its decode was cut short, and its
-        chat may have answered a newer message since. Called with the session's lock."""
+    def _refuse_a_stopped_answer(stopped: bool, stream: dict[str, Any] | None = None) -> None:
+        """A stopped answer is not saved: one stopped as abandoned (``_drop_abandoned``) whose
+        handler runs again after all (it was only starved, not gone), its decode cut short
+        and its chat maybe answering a newer message since; or one whose chat changed under
+        it (:meth:`_stop_answer`: Undo, New chat, Delete my data), so that what it answers
+        is no longer what the chat says. Called with the session's lock."""
         if stopped:
-            raise InputError(
-                "This answer was stopped: nothing read it for several minutes. Send the "
-                "message again."
-            )
+            raise InputError((stream or {}).get("stopped") or ANSWER_ABANDONED)
+
+    @staticmethod
+    def _stop_answer(session: ChatSession, name: str, reason: str) -> dict[str, Any] | None:
+        """Stop the answer being written in ``session.<name>`` ("streaming" or
+        "arena_streaming"): its decode is cancelled, its caller's slot given back, and its
+        handler, when it comes to save the answer, finds it stopped (``reason`` is what it
+        says) and saves nothing. Returns the stopped stream, or None. Called with the
+        session's lock."""
+        stream = getattr(session, name)
+        if stream is None:
+            return None
+        stream["stopped"] = reason
+        if stream["gen"] is not None:
+            stream["gen"].cancel()
+        stream["slot"].release()
+        setattr(session, name, None)
+        return stream
 
     def _begin_stream(
         self, session: ChatSession, index: int, slot: AnswerSlot | None = None
@@ -625,10 +677,7 @@ class ChatService:
         for name in ("streaming", "arena_streaming"):
             stream = getattr(session, name)
             if stream is not None and not _live(stream, now):
-                if stream["gen"] is not None:
-                    stream["gen"].cancel()
-                stream["slot"].release()
-                setattr(session, name, None)
+                ChatService._stop_answer(session, name, ANSWER_ABANDONED)
 
     def _end_stream(self, session: ChatSession, stream: dict[str, Any]) -> None:
         """The answer is no longer streaming. Called with the session's lock held once the
@@ -666,12 +715,10 @@ class ChatService:
         session = self.session(session_id)
         with session.lock:
             stream = session.streaming
-            if stream is not None:
-                if index < 0:  # the page shows the streaming answer last
-                    index += stream["index"] + 1
-                if index == stream["index"]:
-                    stream["votes"].append(kind)
-                    return self._update(session, done=False)
+            # The page shows the streaming answer last, at its place stream["index"].
+            if stream is not None and index in (stream["index"], -1):
+                stream["votes"].append(kind)
+                return self._update(session, done=False)
             _, msg = self._answer_at(session, index)
             new = None if kind == "unvote" else kind
             if msg.get("vote") == new:
@@ -721,6 +768,15 @@ class ChatService:
         """Take back the last action of this session."""
         session = self.session(session_id)
         with session.lock:
+            self._drop_abandoned(session)
+            if session.streaming is not None:
+                # What the person did last is the message (or regenerate) being answered:
+                # Undo stops that answer, and a sent message comes back into the box. Taking
+                # back an older action instead would change the chat the answer is written
+                # for, and the answer would then be saved with the taken-back text as its
+                # context.
+                stopped = self._stop_answer(session, "streaming", ANSWER_UNDONE)
+                return self._update(session, textbox=stopped.get("text"))
             if not session.actions:
                 return self._update(session, notices=["Nothing to undo."])
             action = session.actions[-1]
@@ -780,6 +836,10 @@ class ChatService:
     def new_chat(self, session_id: str) -> Update:
         session = self.session(session_id)
         with session.lock:
+            # An answer being written answers the chat being put away: it stops, unsaved
+            # (saved, it would be a turn of no chat the page shows, out of reach of that
+            # chat's "don't train" switch after an Undo brings the chat back).
+            self._stop_answer(session, "streaming", ANSWER_CHAT_CHANGED)
             if session.messages:
                 session.actions.append(
                     {
@@ -837,6 +897,8 @@ class ChatService:
             asked_at = time.time()
             notices: list[str] = []
             for side, version in enumerate(versions):
+                if "stopped" in battle:
+                    break  # refused below, with the reason
                 try:
                     gen = battle["gen"] = self.policy.stream(context, sampling, version=version)
                 except UnknownVersionError as error:
@@ -854,7 +916,7 @@ class ChatService:
                 turn = self._turn(session, gen, asked_at)
                 turns.append(turn)
             with session.lock:
-                self._refuse_a_stopped_answer(session.arena_streaming is not battle)
+                self._refuse_a_stopped_answer(session.arena_streaming is not battle, battle)
                 for turn in turns:
                     notices += self._save(session, turn)
                 session.arena = {
@@ -938,20 +1000,24 @@ class ChatService:
         user_ids = set(filter(None, [session.user_id, *also]))
         with self._sessions_lock:
             mine = [s for s in self._sessions.values() if s.user_id in user_ids]
+        # The chats are emptied and their answers stopped before the store deletes: an
+        # answer finished during the deletion would be dated after its marker, so the
+        # store would take it, with the deleted messages as its context; emptied first,
+        # the next message is answered in a chat without them.
         for other in mine:
             with other.lock:
                 other.pending.clear()
                 other.pending_events.clear()
-        counts = {"turns": 0, "events": 0}
-        for user_id in sorted(user_ids):
-            for key, n in forget_user(self.store.redis, self.settings, user_id).items():
-                counts[key] = counts.get(key, 0) + n
-        for other in mine:
-            with other.lock:
+                for name in ("streaming", "arena_streaming"):
+                    self._stop_answer(other, name, ANSWER_CHAT_CHANGED)
                 other.messages, other.actions, other.chat_turns = [], [], []
                 other.reactions.clear()
                 other.arena = None
                 other.epoch += 1
+        counts = {"turns": 0, "events": 0}
+        for user_id in sorted(user_ids):
+            for key, n in forget_user(self.store.redis, self.settings, user_id).items():
+                counts[key] = counts.get(key, 0) + n
         with session.lock:
             return self._update(
                 session,

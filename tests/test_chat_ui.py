@@ -202,6 +202,93 @@ def test_an_unload_while_answering_does_not_free_the_chat(service):
     assert [m["content"] for m in service.session("s1").messages][:1] == ["Hello"]
 
 
+# Review of s17 (a helper): the page disables nothing while an answer streams, and Undo, New
+# chat and Delete my data run beside a send (other queue groups), as any script may call them.
+def test_undo_while_an_answer_streams_takes_back_that_message(service, tiny_settings):
+    # Undo took back the *previous* message (marked it "don't train", its text back in the
+    # box), then the streaming answer was saved, trainable, with that text as its context.
+    from rlhf_core.datasets import export_rows
+
+    last(service.send("s1", "my card is 4111 oops", None, {"max_new_tokens": 4}))
+    streaming = service.send("s1", "what I meant to ask", None, {"max_new_tokens": 64})
+    assert not next(streaming).done
+    update = service.undo("s1")
+    assert update.textbox == "what I meant to ask"  # the message being answered comes back
+    with pytest.raises(InputError, match="stopped by Undo"):
+        list(streaming)
+    session = service.session("s1")
+    assert [m["content"] for m in session.messages][:1] == ["my card is 4111 oops"]
+    assert len(session.messages) == 2 and session.streaming is None
+    assert len(list(service.store.turns())) == 1  # the stopped answer is not stored
+    rows = export_rows(service.store, "turns", settings=tiny_settings)
+    assert [r["messages"][-1]["content"] for r in rows] == ["my card is 4111 oops"]
+    # The next Undo takes back the first message, as it would have without the stream.
+    assert service.undo("s1").textbox == "my card is 4111 oops"
+    assert export_rows(service.store, "turns", settings=tiny_settings) == []
+    # Undo while a regenerate streams stops it; the answer it would replace stays.
+    last(service.send("s1", "again", None, {"max_new_tokens": 4}))
+    before = [dict(m) for m in service.session("s1").messages]
+    regenerating = service.regenerate("s1", -1, {"max_new_tokens": 64})
+    next(regenerating)
+    assert service.undo("s1").textbox is None
+    with pytest.raises(InputError, match="stopped by Undo"):
+        list(regenerating)
+    assert service.session("s1").messages == before
+    assert last(service.send("s1", "and now", None, {"max_new_tokens": 4}))
+
+
+def test_new_chat_while_an_answer_streams_stops_it(service, tiny_settings):
+    # The answer was saved, trainable, shown nowhere, and filed under the new chat: Undo
+    # brought the old chat back, and its "don't train" switch did not cover the answer.
+    from rlhf_core.datasets import export_rows
+
+    last(service.send("s1", "chat A first", None, {"max_new_tokens": 4}))
+    streaming = service.send("s1", "chat A second", None, {"max_new_tokens": 64})
+    next(streaming)
+    assert service.new_chat("s1").messages == []
+    with pytest.raises(InputError, match="the chat changed"):
+        list(streaming)
+    service.undo("s1")  # chat A comes back
+    assert [m["content"] for m in service.session("s1").messages][:1] == ["chat A first"]
+    service.set_no_train("s1", True)
+    assert export_rows(service.store, "turns", settings=tiny_settings) == []
+    assert len(list(service.store.turns())) == 1
+
+
+def test_reactions_while_an_answer_streams_find_the_answer_the_page_shows(service):
+    # The page's index was converted twice (against the page, then the stored chat), and
+    # rewrite converted it against the stored chat alone: an out-of-range 👍 landed on an
+    # answer, Rewrite of the streaming answer (-1) edited the one before it, and an edit of
+    # the answer a regenerate writes was taken as a rewrite of the answer it replaces.
+    last(service.send("s1", "one", None, {"max_new_tokens": 4}))
+    last(service.send("s1", "two", None, {"max_new_tokens": 4}))
+    streaming = service.send("s1", "three", None, {"max_new_tokens": 64})
+    next(streaming)  # the page: one, a1, two, a2, three, (answer streaming)
+    for index in (-7, -2, 4, 6):
+        with pytest.raises(InputError, match="not a finished answer"):
+            service.vote("s1", index, "like")
+    with pytest.raises(InputError, match="not a finished answer"):
+        service.rewrite("s1", -1, "edited")
+    service.vote("s1", -3, "like")  # a2 on the page
+    service.rewrite("s1", 1, "a1, edited")
+    service.vote("s1", -1, "dislike")  # the streaming answer: counted once it is stored
+    messages = last(streaming)[-1].messages
+    assert [m.get("vote") for m in messages if m["role"] == "assistant"] == [
+        None, "like", "dislike"
+    ]  # fmt: skip
+    assert messages[1]["content"] == "a1, edited"
+    assert [m["content"] for m in messages[::2]] == ["one", "two", "three"]
+    regenerating = service.regenerate("s1", 1, {"max_new_tokens": 64})
+    next(regenerating)  # the page: one, (a new answer streaming in a1's place)
+    old = service.session("s1").messages[1]
+    for index in (1, 3, 5):
+        with pytest.raises(InputError, match="not a finished answer"):
+            service.rewrite("s1", index, "my edit")
+    list(regenerating)
+    states = resolve_events(service.store.events())
+    assert states[old["turn_id"]].rewrite == "a1, edited"  # only the edit made before
+
+
 def test_odd_unicode_is_kept(service):
     text = (
         "RTL \u202eabc\u202c, emoji 👩‍👩‍👧, combining e\u0301, lone \ud800 surrogate, <|im_start|>"

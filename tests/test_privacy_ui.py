@@ -105,12 +105,43 @@ def test_an_answer_streaming_when_data_is_deleted_is_not_stored(service):
         first = next(updates)
         assert not first.done  # the answer is streaming
         service.forget_me("alice")
-        final = list(updates)[-1]
-        assert final.done and final.messages == []  # the emptied chat
+        with pytest.raises(InputError, match="the chat changed"):  # stopped, not stored
+            list(updates)
+        assert service.session("alice").messages == []  # the emptied chat
         assert [t for t in service.store.turns() if t.user_id == "alice"] == [], action
         assert list(service.store.events()) == []
     ask(service, "alice", "a new start")  # what comes after the deletion is kept
     assert [t.user_id for t in service.store.turns()] == ["alice"]
+
+
+def test_a_message_sent_while_data_is_deleted_does_not_bring_it_back(service, monkeypatch):
+    # Review of s17 (a helper): the chats were emptied after the store's deletion, so a
+    # message sent meanwhile (another tab, a script: Delete my data and Send run side by
+    # side) was answered with the deleted chat as its context, dated after the deletion's
+    # marker, and stored.
+    import threading
+
+    import rlhf_core.privacy as privacy
+
+    ask(service, "alice", "my secret is 12345")
+    real_forget = privacy.forget_user
+    sent: list = []
+
+    def forget_while_alice_sends(*args, **kwargs):
+        counts = real_forget(*args, **kwargs)  # marker written, data deleted
+        sender = threading.Thread(
+            target=lambda: sent.extend(service.send("alice", "next", None, {"max_new_tokens": 4}))
+        )
+        sender.start()
+        sender.join(60)
+        return counts
+
+    monkeypatch.setattr(privacy, "forget_user", forget_while_alice_sends)
+    service.forget_me("alice")
+    assert sent and sent[-1].done
+    stored = [m["content"] for t in service.store.turns() for m in t.messages]
+    assert "next" in stored and not any("12345" in c for c in stored)
+    assert [m["content"] for m in service.session("alice").messages][:1] == ["next"]
 
 
 def test_review_panel_functions(service, tiny_settings, redis_client):
