@@ -261,18 +261,27 @@ def _packed_attention(
 AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 
 
+# One packed forward at a time in the process: the attention reads the module's _STEP, and
+# the forward switches its model's attention implementation, so two batched servers stepping
+# at once (two PolicyServers in one process: a benchmark's engines, the tests' servers on one
+# shared model) would each read the other's step (a decode failed on "shape mismatch" and
+# ended every answer in both batches).
+_PACKED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _packed(config: Any, step: _Step) -> Iterator[None]:
     """The model's attention reads ``step`` for one forward, then is as it was."""
     global _STEP
-    before = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION
-    _STEP = step
-    try:
-        yield
-    finally:
-        _STEP = _Step()
-        config._attn_implementation = before
+    with _PACKED_LOCK:
+        before = config._attn_implementation
+        config._attn_implementation = PACKED_ATTENTION
+        _STEP = step
+        try:
+            yield
+        finally:
+            _STEP = _Step()
+            config._attn_implementation = before
 
 
 @dataclass

@@ -839,3 +839,32 @@ def test_answers_after_a_row_that_leaves_move_up_and_answer_as_alone(tiny_settin
     assert running.token_ids == alone[0] and server._batcher.active == 0
     assert server._pins == {}
     server.close()
+
+
+def test_two_batched_servers_on_one_model_answer_at_once_as_alone(tiny_settings, tiny_model):
+    # Review of s17: a packed forward's attention reads a module-level step and switches the
+    # model's attention implementation; two servers stepping at once (the tests' servers on
+    # the shared tiny model, a benchmark's engines) read each other's step and both batches
+    # failed ("shape mismatch" in the cache update).
+    servers = [PolicyServer(tiny_model, tiny_settings) for _ in range(2)]
+    sampling = {**SAMPLED, "max_new_tokens": 40}
+    alone = [
+        servers[0].stream(QUESTIONS[i % len(QUESTIONS)], sampling, seed=i).consume().token_ids
+        for i in range(4)
+    ]
+    answers: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        server = servers[i % 2]
+        answers[i] = (
+            server.stream(QUESTIONS[i % len(QUESTIONS)], sampling, seed=i).consume().token_ids
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for server in servers:
+        server.close()
+    assert [answers.get(i) for i in range(4)] == alone
