@@ -397,6 +397,40 @@ def test_unconsumed_count_without_server_lag(store, redis_client):
     assert store.counts()["unconsumed"] == 3
 
 
+def test_unconsumed_count_without_server_lag_reads_the_backlog_once(store, redis_client):
+    # Review of s17 (a helper): with the lag unknown, every count (each /status, each vote's
+    # "is a round due?") read every unread event: the whole backlog, while workers lag.
+    events = _seed(store, 8)
+    got = store.read_unconsumed("w", count=3)  # 3 delivered (pending), 5 never delivered
+    ids = [sid for sid, _ in store.event_entries()]
+    redis_client.xdel(EVENTS_STREAM, ids[4])  # one never delivered: 4 unread + 3 pending
+    reads: list[tuple] = []
+    real_xrange = store.redis.xrange
+
+    def xrange(*args, **kwargs):
+        reads.append(args)
+        return real_xrange(*args, **kwargs)
+
+    store.redis.xrange = xrange
+    try:
+        assert store.counts()["unconsumed"] == 4 + 3 and len(reads) == 1
+        assert store.counts()["unconsumed"] == 7 and len(reads) == 1  # not read again
+        turn = store.get_turn(events[0].turn_id)
+        for _ in range(2):
+            assert store.record_event(make_event(turn, "like"))
+        assert store.counts()["unconsumed"] == 9 and len(reads) == 1  # 2 added, counted
+        redis_client.xdel(EVENTS_STREAM, ids[6])  # another deletion: read once more
+        assert store.counts()["unconsumed"] == 8 and len(reads) == 2
+        store.ack([sid for sid, _ in got])  # the pending ones leave; the unread stay 5
+        assert store.counts()["unconsumed"] == 5 and len(reads) == 2
+        later = store.read_unconsumed("w", count=2)  # the group moves on
+        assert store.counts()["unconsumed"] == 5
+        store.ack([sid for sid, _ in later])
+        assert store.counts()["unconsumed"] == 3
+    finally:
+        store.redis.xrange = real_xrange
+
+
 def test_policy_version_accepts_integer_types_only():
     import numpy as np
 
