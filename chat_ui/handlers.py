@@ -544,7 +544,7 @@ class ChatService:
             yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at)
             with session.lock:
-                self._refuse_a_stopped_answer(session.streaming is not stream, stream)
+                self._refuse_a_stopped_answer(stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -591,7 +591,7 @@ class ChatService:
             yield from self._stream(gen, shown, notices, slot)
             turn = self._turn(session, gen, asked_at, parent=old["turn_id"])
             with session.lock:
-                self._refuse_a_stopped_answer(session.streaming is not stream, stream)
+                self._refuse_a_stopped_answer(stream)
                 notices = notices + self._save(session, turn)
                 answer = self._answer_message(gen, turn)
                 answer["saved"] = turn.turn_id not in session.pending
@@ -635,14 +635,15 @@ class ChatService:
             )
 
     @staticmethod
-    def _refuse_a_stopped_answer(stopped: bool, stream: dict[str, Any] | None = None) -> None:
-        """A stopped answer is not saved: one stopped as abandoned (``_drop_abandoned``) whose
+    def _refuse_a_stopped_answer(stream: dict[str, Any]) -> None:
+        """A stopped answer (:meth:`_stop_answer`, the one way an answer leaves its chat before
+        it is saved) is not saved: one stopped as abandoned (``_drop_abandoned``) whose
         handler runs again after all (it was only starved, not gone), its decode cut short
         and its chat maybe answering a newer message since; or one whose chat changed under
-        it (:meth:`_stop_answer`: Undo, New chat, Delete my data), so that what it answers
-        is no longer what the chat says. Called with the session's lock."""
-        if stopped:
-            raise InputError((stream or {}).get("stopped") or ANSWER_ABANDONED)
+        it (Undo, New chat, Delete my data), so that what it answers is no longer what the
+        chat says. Called with the session's lock."""
+        if "stopped" in stream:
+            raise InputError(stream["stopped"])
 
     @staticmethod
     def _stop_answer(session: ChatSession, name: str, reason: str) -> dict[str, Any] | None:
@@ -916,7 +917,7 @@ class ChatService:
                 turn = self._turn(session, gen, asked_at)
                 turns.append(turn)
             with session.lock:
-                self._refuse_a_stopped_answer(session.arena_streaming is not battle, battle)
+                self._refuse_a_stopped_answer(battle)
                 for turn in turns:
                     notices += self._save(session, turn)
                 session.arena = {
