@@ -286,7 +286,9 @@ def run_round(
             window_rounds=settings.user_window_rounds,
             recent_user_events=recent_user_events(registry, settings.user_window_rounds - 1),
             n_prompts=settings.ppo_batch_size,
-            n_gate_prompts=settings.gate_samples,
+            # One prompt per answer for the gate's search and as many others for its
+            # confirmation sample (trainer.gate_prompt_halves).
+            n_gate_prompts=2 * settings.gate_samples,
             seed=round_seed(settings.seed, token),
             settings=settings,
         )

@@ -310,10 +310,11 @@ def test_heldout_contexts_never_train_in_any_round(redis_client, tiny_settings, 
         assert trained and not [x["messages"] for x in trained if is_heldout(x)]
         assert call["heldout_pairs"] and all(is_heldout(p) for p in call["heldout_pairs"])
         # PPO never samples a held-out context; the KL gate samples only those, topped up
-        # with calibration prompts (never in the store) to one prompt per answer.
+        # with calibration prompts (never in the store) to one prompt per answer, for its
+        # search and as many others for its confirmation.
         assert call["prompts"] and not any(is_heldout(p) for p in call["prompts"])
         gate = call["gate_prompts"]
-        assert len(gate) == tiny_settings.gate_samples
+        assert len(gate) == 2 * tiny_settings.gate_samples
         assert all(is_heldout(p) or is_calibration(p) for p in gate)
     held = [p for p in calls[1]["gate_prompts"] if not is_calibration(p)]
     assert len(held) == 4  # both rounds' held-out contexts

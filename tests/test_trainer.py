@@ -1207,6 +1207,44 @@ def test_the_gate_bound_counts_prompts_not_only_answers():
     assert both.prompt_ids == ids + ids and both.metrics()["objective/kl_served"] == 5.75
 
 
+def test_the_gate_confirms_a_searched_candidate_on_prompts_the_search_did_not_see(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """The search keeps the scale whose sample fitted, and with it the luck of the prompts
+    it sampled; a confirmation on the same prompts shares that luck (summary's v3 on
+    46fb60e: 7.00 at the search, 6.54 confirmed on the same 16 prompts, 10.76 on the 26
+    held-out contexts they came from). The search samples every other unseen prompt, the
+    confirmation the others, and the pooled decision counts the prompts of both. Before,
+    every measurement sampled the same prompts."""
+    sampled: list[list[str]] = []
+    original = PPOTrainer.served_kl_samples
+
+    def recording(self, prompts, *args, **kwargs):
+        sampled.append([p[-1]["content"] for p in prompts])
+        return original(self, prompts, *args, **kwargs)
+
+    settings = tiny_settings.model_copy(update={"ppo_steps": 2, "gate_samples": 16})
+    unseen = [[{"role": "user", "content": f"Never trained on {i}?"}] for i in range(16)]
+    common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
+                  gate_prompts=unseen, policy_dir=None)  # fmt: skip
+    loose = run_training_round(tiny_model, settings, out_dir=tmp_path / "loose", **common)
+    # A total budget at half the full step's bound: the search scales the adapter.
+    budget = loose.metrics["gate/full_kl_served_ucb"] / 2
+    tight = settings.model_copy(update={"kl_budget": budget, "kl_round_budget": budget})
+    monkeypatch.setattr(PPOTrainer, "served_kl_samples", recording)
+    result = run_training_round(tiny_model, tight, out_dir=tmp_path / "tight", **common)
+    metrics = result.metrics
+    assert metrics["gate/base_scale"] < 1.0 and metrics["gate/measurements"] >= 3
+    assert metrics["gate/unseen_prompts"] == 16 and metrics["gate/confirmation_prompts"] == 8
+    assert len(sampled) == metrics["gate/measurements"]
+    search, confirmation = frozenset(sampled[0]), frozenset(sampled[-1])  # full step, last
+    assert {frozenset(batch) for batch in sampled} == {search, confirmation}
+    assert len(search) == len(confirmation) == 8 and not search & confirmation
+    assert search | confirmation == {p[-1]["content"] for p in unseen}
+    # Decided on both samples pooled: 32 answers over 16 prompts.
+    assert metrics["gate/samples"] == 32 and metrics["gate/prompts"] == 16
+
+
 def test_a_guess_far_below_the_aim_is_followed_by_a_scale_between_it_and_the_miss(tiny_settings):
     """Question's round 2 on 60af9b6: the full step measured 17.80 nats, the second-order
     guess 0.641 fell to 3.84 [bound 4.54], under half the aim, and was published: the KL
@@ -1329,6 +1367,36 @@ def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
     saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
     assert saved == pytest.approx(norms[2 if published == "up" else 1], rel=1e-4)
     assert norms[2] == pytest.approx(norms[1] * up / guess, rel=1e-4)
+
+
+def test_a_step_up_next_to_the_scale_that_missed_is_not_measured(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """A step up that lands next to a scale that already missed is that candidate measured
+    again, published if its second sample happens to be the lower: summary's round 3 on
+    f69bf1d read 7.87 [10.86] at 0.542, 4.70 at 0.491, then 6.62 [8.53] at 0.538 (99% of
+    the miss), which was published. The step up stays below 0.95 of the miss; here that is
+    under 1.05 of the fitted scale, so there is none. Before, 5 measurements (a step up)."""
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "kl_budget": 10.0, "kl_round_budget": 10.0, "gate_samples": 16}
+    )
+    left = _scripted_gate(monkeypatch, [25.15, 9.9, 4.7, 4.9])
+    result = run_training_round(
+        tiny_model, settings, out_dir=tmp_path / "r", pointwise=[], pairs=_pairs(4),
+        prompts=PROMPTS, policy_dir=None, reward_dir=None,
+    )  # fmt: skip
+    metrics = result.metrics
+    missed, fitted = metrics["gate/try1_scale"], metrics["gate/try2_scale"]
+    sample = lambda m: GateSample(  # noqa: E731
+        torch.tensor([m + (0.5 if i % 2 else -0.5) for i in range(16)]), None, list(range(16))
+    ).metrics()
+    up = scale_between((fitted, sample(4.7)), (missed, sample(9.9)), settings,
+                       parent_is_base=True)  # fmt: skip
+    assert up > 1.05 * fitted and up > 0.95 * missed  # a step up, next to the miss
+    assert 0.95 * missed < 1.05 * fitted
+    assert not left and metrics["gate/measurements"] == 4
+    assert "gate/scaled_up_from" not in metrics
+    assert metrics["gate/base_scale"] == fitted
 
 
 def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_base(
