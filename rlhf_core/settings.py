@@ -306,7 +306,8 @@ class Settings(BaseSettings):
     gate_samples: int = Field(
         16,
         description="Answers the KL gate samples as served (RLHF_MAX_NEW_TOKENS, temperature, "
-        "top-p), to held-out contexts no round trained on, to measure the served KL; more: a "
+        "top-p), to held-out contexts no round trained on, to measure the served KL; a "
+        "candidate the search chose is measured again on as many other such prompts; more: a "
         "tighter bound, a longer gate.",
     )
     reward_gate_alpha: float = Field(

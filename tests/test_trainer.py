@@ -1369,6 +1369,53 @@ def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
     assert norms[2] == pytest.approx(norms[1] * up / guess, rel=1e-4)
 
 
+def test_the_gates_reading_of_a_scaled_candidate_is_what_its_saved_weights_give(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """The gate's last in-round measurement of a candidate scaled from a parent's round,
+    with the parent adapter loaded beside it, is bit for bit what the published folder gives
+    loaded fresh and measured the same way with the same seed: nothing of the search (the
+    scaling in place, the parent loaded and deleted, the PPO steps) reaches the reading.
+    Checked when summary's v3 (46fb60e) read 7.00 at its gate and 10.76 measured again."""
+    import rlhf_core.trainer as trainer_module
+
+    settings = tiny_settings.model_copy(update={"ppo_steps": 2, "gate_samples": 16})
+    common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None)
+    first = run_training_round(tiny_model, settings, policy_dir=None, out_dir=tmp_path / "r1",
+                               **common)  # fmt: skip
+    loose = run_training_round(tiny_model, settings, policy_dir=first.policy_dir,
+                               out_dir=tmp_path / "loose", **common)  # fmt: skip
+    budget = loose.metrics["gate/full_kl_served_ucb"] / 2
+    tight = settings.model_copy(update={"kl_budget": budget, "kl_round_budget": 10 * budget})
+    meta_file = tmp_path / "r1" / "policy" / "policy_meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["metrics"]["objective/kl_served"] = budget  # the parent near the budget: scale
+    meta_file.write_text(json.dumps(meta))
+    readings: list[tuple[list, dict[str, float]]] = []
+    original = trainer_module.gate_sample
+
+    def seeded(trainer, settings, prompts, parent_dir):
+        torch.manual_seed(77)
+        sample = original(trainer, settings, prompts, parent_dir)
+        readings.append((list(prompts), sample.metrics()))
+        return sample
+
+    monkeypatch.setattr(trainer_module, "gate_sample", seeded)
+    result = run_training_round(tiny_model, tight, policy_dir=first.policy_dir,
+                                out_dir=tmp_path / "scaled", **common)  # fmt: skip
+    assert result.metrics["gate/base_scale"] < 1.0
+    prompts, in_round = readings[-1]
+    model, head, _ = attach_policy(tiny_model, tight, result.policy_dir)
+    try:
+        trainer = PPOTrainer(model, tiny_model.tokenizer, PPOConfig.from_settings(tight),
+                             reward_fn=lambda p, a: [0.0] * len(a), value_head=head)  # fmt: skip
+        torch.manual_seed(77)
+        again = original(trainer, tight, prompts, first.policy_dir).metrics()
+    finally:
+        model.unload()
+    assert again == pytest.approx(in_round, rel=1e-5)
+
+
 def test_a_step_up_next_to_the_scale_that_missed_is_not_measured(
     tiny_model, tiny_settings, tmp_path, monkeypatch
 ):
