@@ -1138,12 +1138,13 @@ def gate_prompt_halves(
     prompts each, so both halves draw alike from held-out contexts and calibration
     prompts). The search keeps the scale whose sample fitted, and with it the luck of its
     prompts: some prompts draw more KL than others (a per-answer spread of 6-11 nats on
-    SmolLM2), and a confirmation on the same prompts shares that luck. Summary's v3
-    (46fb60e) read 7.00 at the search and 6.54 confirmed on the same 16 prompts, and
-    10.76 measured again on the 26 held-out contexts they were drawn from
-    (``benchmarks/gate_remeasure.py``). With fewer than ``2 * MIN_GATE_PROMPTS`` unseen
-    prompts both measure on the same ones; with fewer than ``MIN_GATE_PROMPTS``, on the
-    round's PPO prompts."""
+    SmolLM2), and a confirmation on the same prompts shares that luck. Summary's v2-v4 on
+    f69bf1d read 0.6-0.9 nats more on the held-out contexts their gate did not draw than
+    on the 16 it did (``benchmarks/gate_prompt_luck.py``); summary's v3 on 46fb60e read
+    7.00 at the search, 6.54 confirmed on the same prompts and 10.76 on the 26 held-out
+    contexts they came from (``benchmarks/gate_remeasure.py``). With fewer than
+    ``2 * MIN_GATE_PROMPTS`` unseen prompts both measure on the same ones; with fewer than
+    ``MIN_GATE_PROMPTS``, on the round's PPO prompts."""
     if len(unseen) >= 2 * MIN_GATE_PROMPTS:
         return list(unseen[0::2]), list(unseen[1::2])
     chosen = list(unseen) if len(unseen) >= MIN_GATE_PROMPTS else list(ppo_prompts)
