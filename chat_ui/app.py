@@ -83,15 +83,19 @@ def footer(message: dict[str, Any]) -> str:
     return f"\n\n<sub>written by v{message['version']}{edited}</sub>"
 
 
-def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The session's messages as the Chatbot shows them (assistant answers get a footer
-    saying which policy version wrote them)."""
+    saying which policy version wrote them). Each text goes as a text part, not a plain
+    string: Gradio passes a plain string through ``inspect.cleandoc``, which expands tabs
+    and strips the indentation its lines after the first share (a code answer lost its
+    indentation), so the page showed other text than the store holds and a rewrite
+    started from."""
     out = []
     for m in messages:
-        if m["role"] == "assistant":
-            out.append({"role": "assistant", "content": (m["content"] or EMPTY_ANSWER) + footer(m)})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
+        text = (
+            (m["content"] or EMPTY_ANSWER) + footer(m) if m["role"] == "assistant" else m["content"]
+        )
+        out.append({"role": m["role"], "content": {"type": "text", "text": text}})
     return out
 
 

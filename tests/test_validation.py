@@ -219,3 +219,25 @@ def test_idle_sessions_expire_after_their_answers_are_saved(tiny_settings, tiny_
     valkey.start()
     assert service.expire_idle() == 1 and not service._sessions
     assert {t.session_id for t in store.turns()} == {"kept", "pending"}
+
+
+def test_the_page_shows_each_message_with_its_own_whitespace():
+    """Gradio passes a plain-string message through ``inspect.cleandoc``: tabs became
+    spaces and the indentation shared by the lines after the first was stripped, so the
+    page showed other text than the store holds (the fuzz test caught an answer with tabs)
+    and a code answer lost its indentation. Each text now goes as a text part."""
+    import gradio as gr
+
+    from chat_ui.app import chat_messages
+
+    answer = "Here:\n    def f():\n\treturn 1"
+    question = "  an indented\n  question"
+    shown = gr.Chatbot().postprocess(
+        chat_messages([
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer, "turn_id": "t", "version": 1},
+        ])
+    ).model_dump()  # fmt: skip
+    texts = [m["content"][0]["text"] for m in shown]
+    assert texts[0] == question
+    assert texts[1].startswith(answer + "\n\n<sub>written by v1")
