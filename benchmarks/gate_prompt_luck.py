@@ -26,22 +26,13 @@ import sys
 from pathlib import Path
 
 import torch
+from gate_remeasure import SHARED_EVAL, context, measuring_trainer, served_settings
 
 from rlhf_core.calibration import is_calibration
 from rlhf_core.datasets import is_heldout
 from rlhf_core.generation import Sampling
 from rlhf_core.modeling import load_base_model
-from rlhf_core.settings import Settings
-from rlhf_core.trainer import PPOConfig, PPOTrainer, attach_policy, prompt_key
-
-SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
-
-
-def context(prompt: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": prompt},
-    ]
+from rlhf_core.trainer import prompt_key
 
 
 def main() -> None:
@@ -49,13 +40,7 @@ def main() -> None:
     versions = [int(v) for v in sys.argv[3].split(",")]
     out_file = Path(sys.argv[4]) if len(sys.argv) > 4 else None
     rounds = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(gate_dir / "*.json")))]
-    settings = Settings(
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        model_cache_dir=Path.home() / ".cache/rlhf-chat",
-        max_new_tokens=64,
-        temperature=0.7,
-        top_p=0.9,
-    )
+    settings = served_settings()
     base = load_base_model(settings)
     train = [context(p) for p in (SHARED_EVAL / "prompts_train.txt").read_text().splitlines()]
     train_heldout = [c for c in train if is_heldout(c)]
@@ -71,17 +56,9 @@ def main() -> None:
             drawn = [p for half in drawn for p in half]
         keys = {prompt_key(p) for p in drawn}
         others = [p for p in train_heldout if prompt_key(p) not in keys]
-        meta = json.loads((Path(adapter) / "policy_meta.json").read_text())["metrics"]
-        model, head, _ = attach_policy(base, settings, adapter)
+        model, trainer, version_meta = measuring_trainer(base, settings, adapter)
+        meta = version_meta.get("metrics", {})
         try:
-            trainer = PPOTrainer(
-                model,
-                base.tokenizer,
-                PPOConfig.from_settings(settings),
-                reward_fn=lambda prompts, answers: [0.0] * len(answers),
-                value_head=head,
-            )
-            model.eval()
             row = {
                 "version": version,
                 "gate_in_round": meta.get("objective/kl_served"),

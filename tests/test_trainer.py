@@ -1277,6 +1277,16 @@ def lora_b_norm(named, adapter: str = "") -> float:
 norms: list[float] = []  # the policy's LoRA B norm at each scripted measurement
 
 
+def _around(mean: float) -> torch.Tensor:
+    """16 answers' KL around ``mean``, +-0.5 (a scripted gate sample)."""
+    return torch.tensor([mean + (0.5 if i % 2 else -0.5) for i in range(16)])
+
+
+def _scripted_metrics(mean: float) -> dict[str, float]:
+    """What the gate reads from :func:`_scripted_gate`'s sample around ``mean``."""
+    return GateSample(_around(mean), None, list(range(16))).metrics()
+
+
 def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     """The gate's measurements, in order, replaced by 16 answers around each of ``means``
     (one per prompt, +-0.5): the search's decisions without the model's sampling luck."""
@@ -1285,15 +1295,12 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     queue = list(means)
     norms.clear()
 
-    def around(mean: float) -> torch.Tensor:
-        return torch.tensor([mean + (0.5 if i % 2 else -0.5) for i in range(16)])
-
     def scripted(trainer, settings, prompts, parent_dir):
         norms.append(lora_b_norm(trainer.model.named_parameters(), POLICY_ADAPTER))
         mean = queue.pop(0)  # a number, or (KL to the base, KL to the parent)
         if isinstance(mean, tuple):
-            return GateSample(around(mean[0]), around(mean[1]).clamp(min=0), list(range(16)))
-        return GateSample(around(mean), None, list(range(16)))
+            return GateSample(_around(mean[0]), _around(mean[1]).clamp(min=0), list(range(16)))
+        return GateSample(_around(mean), None, list(range(16)))
 
     monkeypatch.setattr(trainer_module, "gate_sample", scripted)
     return queue
@@ -1348,9 +1355,7 @@ def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
     guess = metrics["gate/try1_scale"]
     assert metrics["gate/scaled_up_from"] == guess
     up = metrics["gate/try2_scale"]
-    sample = lambda m: GateSample(  # noqa: E731
-        torch.tensor([m + (0.5 if i % 2 else -0.5) for i in range(16)]), None, list(range(16))
-    ).metrics()
+    sample = _scripted_metrics
     expected = scale_between((guess, sample(3.8)), (1.0, sample(17.8)), settings,
                              parent_is_base=True)  # fmt: skip
     assert up == pytest.approx(expected) and up > 1.05 * guess
@@ -1434,9 +1439,7 @@ def test_a_step_up_next_to_the_scale_that_missed_is_not_measured(
     )  # fmt: skip
     metrics = result.metrics
     missed, fitted = metrics["gate/try1_scale"], metrics["gate/try2_scale"]
-    sample = lambda m: GateSample(  # noqa: E731
-        torch.tensor([m + (0.5 if i % 2 else -0.5) for i in range(16)]), None, list(range(16))
-    ).metrics()
+    sample = _scripted_metrics
     up = scale_between((fitted, sample(4.7)), (missed, sample(9.9)), settings,
                        parent_is_base=True)  # fmt: skip
     assert up > 1.05 * fitted and up > 0.95 * missed  # a step up, next to the miss
