@@ -21,7 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
-GATE_Z = 1.645  # rlhf_core.trainer.GATE_Z: the gate's one-sided 95% bound
+GATE_Z = 1.645  # rlhf_core.gate.GATE_Z: the gate's one-sided 95% bound
 # Rows without ``gate_samples`` (before 2026-11-28) all used RLHF_GATE_SAMPLES' default;
 # no run set --eval-n.
 GATE_SAMPLES = 16

@@ -30,9 +30,9 @@ from gate_remeasure import SHARED_EVAL, context, measuring_trainer, served_setti
 
 from rlhf_core.calibration import is_calibration
 from rlhf_core.datasets import is_heldout
+from rlhf_core.gate import prompt_key
 from rlhf_core.generation import Sampling
 from rlhf_core.modeling import load_base_model
-from rlhf_core.trainer import prompt_key
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ ProgressFn = Callable[[str, float], None]
 # Events read per round at most; more wait for the next round.
 MAX_EVENTS_PER_ROUND = 512
 # The first present is gated: the 95% upper bound of the KL of answers sampled as the UI
-# samples them, after the round (trainer.gate_samples_kl); the others for rounds run by
+# samples them, after the round (gate.gate_samples_kl); the others for rounds run by
 # other trainers.
 KL_KEYS = (
     "objective/kl_served_ucb",
@@ -287,7 +287,7 @@ def run_round(
             recent_user_events=recent_user_events(registry, settings.user_window_rounds - 1),
             n_prompts=settings.ppo_batch_size,
             # One prompt per answer for the gate's search and as many others for its
-            # confirmation sample (trainer.gate_prompt_halves).
+            # confirmation sample (gate.gate_prompt_halves).
             n_gate_prompts=2 * settings.gate_samples,
             seed=round_seed(settings.seed, token),
             settings=settings,

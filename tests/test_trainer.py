@@ -19,32 +19,34 @@ import pytest
 import torch
 from peft import PeftModel
 
-from rlhf_core.generation import Sampling
-from rlhf_core.modeling import lora_config
-from rlhf_core.ppo import make_kl_controller
-from rlhf_core.settings import Settings
-from rlhf_core.trainer import (
+from rlhf_core.gate import (
     MIN_GATE_PROMPTS,
-    POLICY_ADAPTER,
     GateSample,
-    NonFiniteError,
-    PPOConfig,
-    PPOTrainer,
-    attach_policy,
     backtrack_to_kl_budget,
-    edited_tokens,
     fraction_within_kl_budget,
     gate_samples_kl,
     kl_exponent,
     parent_kl_when_scaled,
     prompt_clustered_bound,
     rescale_after_miss,
-    run_training_round,
     scale_between,
     scale_within_kl_budget,
     set_update_fraction,
     toward_base_keeps_more,
     within_kl_budget,
+)
+from rlhf_core.generation import Sampling
+from rlhf_core.modeling import lora_config
+from rlhf_core.ppo import make_kl_controller
+from rlhf_core.settings import Settings
+from rlhf_core.trainer import (
+    POLICY_ADAPTER,
+    NonFiniteError,
+    PPOConfig,
+    PPOTrainer,
+    attach_policy,
+    edited_tokens,
+    run_training_round,
 )
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(8)]
@@ -1198,7 +1200,7 @@ def test_the_gate_bound_counts_prompts_not_only_answers():
         (4.0, 4.0 + 1.645 * math.sqrt(2) / math.sqrt(2))
     )
     # The gate's sample keeps which prompt each answer answered, also pooled.
-    from rlhf_core.trainer import GateSample
+    from rlhf_core.gate import GateSample
 
     sample = GateSample(kl, None, ids)
     assert sample.metrics()["objective/kl_served_ucb"] == pytest.approx(8.56560, abs=1e-5)
@@ -1290,7 +1292,7 @@ def _scripted_metrics(mean: float) -> dict[str, float]:
 def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
     """The gate's measurements, in order, replaced by 16 answers around each of ``means``
     (one per prompt, +-0.5): the search's decisions without the model's sampling luck."""
-    import rlhf_core.trainer as trainer_module
+    import rlhf_core.gate as gate_module
 
     queue = list(means)
     norms.clear()
@@ -1302,7 +1304,7 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
             return GateSample(_around(mean[0]), _around(mean[1]).clamp(min=0), list(range(16)))
         return GateSample(_around(mean), None, list(range(16)))
 
-    monkeypatch.setattr(trainer_module, "gate_sample", scripted)
+    monkeypatch.setattr(gate_module, "gate_sample", scripted)
     return queue
 
 
@@ -1382,7 +1384,7 @@ def test_the_gates_reading_of_a_scaled_candidate_is_what_its_saved_weights_give(
     loaded fresh and measured the same way with the same seed: nothing of the search (the
     scaling in place, the parent loaded and deleted, the PPO steps) reaches the reading.
     Checked when summary's v3 (46fb60e) read 7.00 at its gate and 10.76 measured again."""
-    import rlhf_core.trainer as trainer_module
+    import rlhf_core.gate as gate_module
 
     settings = tiny_settings.model_copy(update={"ppo_steps": 2, "gate_samples": 16})
     common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None)
@@ -1397,7 +1399,7 @@ def test_the_gates_reading_of_a_scaled_candidate_is_what_its_saved_weights_give(
     meta["metrics"]["objective/kl_served"] = budget  # the parent near the budget: scale
     meta_file.write_text(json.dumps(meta))
     readings: list[tuple[list, dict[str, float]]] = []
-    original = trainer_module.gate_sample
+    original = gate_module.gate_sample
 
     def seeded(trainer, settings, prompts, parent_dir):
         torch.manual_seed(77)
@@ -1405,7 +1407,7 @@ def test_the_gates_reading_of_a_scaled_candidate_is_what_its_saved_weights_give(
         readings.append((list(prompts), sample.metrics()))
         return sample
 
-    monkeypatch.setattr(trainer_module, "gate_sample", seeded)
+    monkeypatch.setattr(gate_module, "gate_sample", seeded)
     result = run_training_round(tiny_model, tight, policy_dir=first.policy_dir,
                                 out_dir=tmp_path / "scaled", **common)  # fmt: skip
     assert result.metrics["gate/base_scale"] < 1.0
