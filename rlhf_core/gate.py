@@ -17,7 +17,9 @@ on prompts the search did not see (:func:`gate_prompt_halves`) and decided on bo
 samples pooled.
 
 The sampling and the forwards are :class:`~rlhf_core.trainer.PPOTrainer`'s
-(``served_kl_samples``); this module decides what to measure and what the numbers say.
+(``served_kl_samples``); this module decides what to measure and which candidate the
+numbers admit. Whether the round is then published (these bounds against the budgets, and
+the reward model's held-out accuracy) is :func:`rlhf_core.rounds.gate_check`.
 """
 
 from __future__ import annotations
