@@ -65,14 +65,16 @@ def distinct_prompts(prompts: Sequence[Messages]) -> list[Messages]:
 @dataclass
 class GateSample:
     """The gate's per-answer KL samples: to the base and to the parent version (None:
-    the parent is the base, the same numbers), and which prompt each answer answered
+    the parent is the base, the same numbers), which prompt each answer answered
     (``prompt_ids``: the same id for the same prompt, :func:`prompt_key` in the gate's own
     samples, so that samples on different prompt lists pool right; None: every answer a
-    prompt of its own)."""
+    prompt of its own), and each answer's score by the round's reward (None: not scored).
+    The scores decide nothing; they record what the KL a candidate costs buys."""
 
     to_ref: Tensor
     to_parent: Tensor | None = None
     prompt_ids: list[Hashable] | None = None
+    scores: Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
         """Means and 95% upper confidence bounds, as the gate reads them
@@ -81,7 +83,10 @@ class GateSample:
         p_mean, p_ucb = (mean, ucb)
         if self.to_parent is not None:
             p_mean, p_ucb = prompt_clustered_bound(self.to_parent, self.prompt_ids)
-        return {
+        scored = (
+            {} if self.scores is None else {"objective/score_served": float(self.scores.mean())}
+        )
+        return scored | {
             "objective/kl_served": mean,
             "objective/kl_served_ucb": ucb,
             "objective/kl_served_max": float(self.to_ref.max()),
@@ -99,7 +104,10 @@ class GateSample:
         ids = None
         if self.prompt_ids is not None and other.prompt_ids is not None:
             ids = self.prompt_ids + other.prompt_ids
-        return GateSample(torch.cat([self.to_ref, other.to_ref]), parent, ids)
+        scores = None
+        if self.scores is not None and other.scores is not None:
+            scores = torch.cat([self.scores, other.scores])
+        return GateSample(torch.cat([self.to_ref, other.to_ref]), parent, ids, scores)
 
 
 def prompt_clustered_bound(
@@ -167,7 +175,7 @@ def gate_sample(
     n = max(2, int(settings.gate_samples))
     n -= n % trainer.world  # an even share per process
     picks = [unique[i % len(unique)] for i in range(max(n, trainer.world))]
-    to_ref, to_parent = trainer.served_kl_samples(
+    served = trainer.served_kl_samples(
         picks, Sampling.from_settings(settings), parent_dir=parent_dir
     )
     # Which prompt each answer answered: the processes' shards (every world-th pick from
@@ -175,7 +183,8 @@ def gate_sample(
     order = [i for rank in range(trainer.world) for i in range(rank, len(picks), trainer.world)]
     # Version 1's parent is the base: its KL to the parent is its KL to the base.
     keys = [prompt_key(p) for p in unique]
-    return GateSample(to_ref, to_parent, [keys[i % len(unique)] for i in order])
+    ids = [keys[i % len(unique)] for i in order]
+    return GateSample(served.to_ref, served.to_parent, ids, served.scores)
 
 
 def gate_prompt_halves(
@@ -598,6 +607,10 @@ class KLSearch:
             f"gate/try{n}_kl_served_ucb": measured["objective/kl_served_ucb"],
             f"gate/try{n}_kl_parent_ucb": measured["objective/kl_parent_ucb"],
         })  # fmt: skip
+        if "objective/score_served" in measured:
+            # What the candidate's answers are worth to the round's reward model, beside
+            # their KL: how much of the round's gain a smaller candidate gives up.
+            self.metrics[f"gate/try{n}_score"] = measured["objective/score_served"]
         log.info("gate measurement %d: fraction %.4f, scale %.4f: %s", n, fraction, scale,
                  {k: round(v, 3) for k, v in measured.items()})  # fmt: skip
         return measured

@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -475,7 +475,7 @@ class PPOTrainer:
         parent_dir: str | os.PathLike | None = None,
         chunk: int = 16,
         positions: int = 64,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> ServedSample:
         """How far what people will be served has moved, one number per answer.
 
         One answer per prompt (repeat prompts for more samples) is sampled exactly as
@@ -484,8 +484,12 @@ class PPOTrainer:
         exact KL of the policy's next-token distribution to the reference's is summed
         (``token_kl``). With ``parent_dir`` (the version this round started from, loaded
         beside the policy for the measurement and deleted after it) the KL to it is summed
-        along the same answers.
-        Returns ``(to_reference, to_parent)``, each ``[n]`` over every process's answers.
+        along the same answers. Each answer is also scored by the round's reward (the reward
+        model, or ``reward_fn``), as a PPO rollout is: the gate records what a candidate's
+        answers are worth beside what they cost in KL.
+        Returns ``ServedSample(to_ref, to_parent, scores)``, each ``[n]`` over every
+        process's answers (``to_parent`` None without a parent, ``scores`` None without a
+        reward).
         The per-step ``objective/kl`` cannot stand in for it: it is measured on T=1
         rollouts of ``ppo_new_tokens`` tokens, each step *before* that step's update.
 
@@ -511,11 +515,13 @@ class PPOTrainer:
         parent_adapter: str | None,
         chunk: int,
         positions: int,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> ServedSample:
         """:meth:`served_kl_samples` with the parent's adapter, if any, loaded."""
         local = self._shard(prompts)
         to_ref: list[Tensor] = []
         to_parent: list[Tensor] = []
+        scores: list[Tensor] = []
+        with_scores = self.reward_fn is not None or self.reward_model is not None
         head = self.model.get_base_model().get_output_embeddings()
         for start in range(0, len(local), chunk):
             rollout = self.generate(local[start : start + chunk], sampling)
@@ -543,12 +549,20 @@ class PPOTrainer:
             to_ref.append(kl_ref.float())
             if parent_h is not None:
                 to_parent.append(kl_parent.float())
+            if with_scores:
+                scores.append(self.score(rollout))
         ref_all = torch.cat(to_ref).to(self.device)
         parent_all = torch.cat(to_parent).to(self.device) if to_parent else None
+        scores_all = torch.cat(scores).to(self.device) if scores else None
         if self.world > 1:
             ref_all = self.accelerator.gather(ref_all)
             parent_all = self.accelerator.gather(parent_all) if parent_all is not None else None
-        return ref_all.cpu(), parent_all.cpu() if parent_all is not None else None
+            scores_all = self.accelerator.gather(scores_all) if scores_all is not None else None
+        return ServedSample(
+            ref_all.cpu(),
+            parent_all.cpu() if parent_all is not None else None,
+            scores_all.cpu() if scores_all is not None else None,
+        )
 
     def _answer_hidden(self, rollout: Rollout) -> Tensor:
         """Last hidden states ``[B, R, hidden]`` at the positions that emit the answer
@@ -560,8 +574,7 @@ class PPOTrainer:
     def served_kl(self, prompts: Sequence[Messages], sampling: Sampling) -> float:
         """Mean served KL to the reference over one answer per prompt (see
         :meth:`served_kl_samples`); the learning benchmark reports the same quantity."""
-        to_ref, _ = self.served_kl_samples(prompts, sampling)
-        return float(to_ref.mean())
+        return float(self.served_kl_samples(prompts, sampling).to_ref.mean())
 
     def rollout_from_texts(
         self,
@@ -973,6 +986,15 @@ class PPOTrainer:
 
 
 # ---------------------------------------------------------------- the worker's entry
+
+
+class ServedSample(NamedTuple):
+    """:meth:`PPOTrainer.served_kl_samples`'s answers: each one's summed KL to the
+    reference and to the parent (None: no parent loaded), and its score (None: no reward)."""
+
+    to_ref: Tensor
+    to_parent: Tensor | None
+    scores: Tensor | None
 
 
 @dataclass

@@ -1179,6 +1179,38 @@ def test_the_kl_gate_samples_prompts_held_out_of_training(tiny_model, tiny_setti
     assert sampled and all(p in PROMPTS for batch in sampled for p in batch)
 
 
+def test_the_gate_records_what_each_candidates_answers_score(tiny_model, tiny_settings, tmp_path):
+    """Beside each candidate's KL, the gate records the mean score the round's reward gives
+    the same answers it sampled for the KL (``gate/try{n}_score``), and the decided sample's
+    mean (``objective/score_served``): what a smaller candidate gives up is then on record.
+    The reward here is each answer's length in characters, so the score of a measurement is
+    the mean length of the answers the gate sampled on the held-out prompts."""
+    unseen = [[{"role": "user", "content": f"Never trained on {i}?"}] for i in range(8)]
+    keys = {json.dumps(p) for p in unseen}
+    gate_calls: list[list[float]] = []
+
+    def length_reward(prompts, answers):
+        scores = [float(len(a)) for a in answers]
+        if all(json.dumps(p) in keys for p in prompts):  # the gate's answers, not PPO's
+            gate_calls.append(scores)
+        return scores
+
+    settings = tiny_settings.model_copy(
+        update={"ppo_steps": 1, "gate_samples": 8, "kl_budget": 1e9, "kl_round_budget": 1e9}
+    )
+    result = run_training_round(
+        tiny_model, settings, pointwise=[], pairs=_pairs(4), prompts=PROMPTS, policy_dir=None,
+        reward_dir=None, out_dir=tmp_path / "r", gate_prompts=unseen, reward_fn=length_reward,
+    )  # fmt: skip
+    metrics = result.metrics
+    assert metrics["gate/measurements"] == 1  # the full step fits an unbounded budget
+    assert len(gate_calls) == 1 and len(gate_calls[0]) == 8
+    expected = sum(gate_calls[0]) / 8
+    assert metrics["gate/try0_score"] == pytest.approx(expected)
+    assert metrics["objective/score_served"] == pytest.approx(expected)
+    assert expected > 0  # the answers were scored, not left empty
+
+
 def test_the_gate_bound_counts_prompts_not_only_answers():
     """Answers to one prompt are alike: 8 answers over 4 prompts are 4 draws of a prompt.
     By hand, prompts A [2, 4], B [6, 8], C [1, 1], D [9, 11]: over the 8 answers mean 5.25,
@@ -1420,6 +1452,9 @@ def test_the_gates_reading_of_a_scaled_candidate_is_what_its_saved_weights_give(
         again = original(trainer, tight, prompts, first.policy_dir).metrics()
     finally:
         model.unload()
+    # The KL reading; the answers' scores are the round's reward model's there, zero here.
+    in_round.pop("objective/score_served")
+    again.pop("objective/score_served")
     assert again == pytest.approx(in_round, rel=1e-5)
 
 
