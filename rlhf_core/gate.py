@@ -517,7 +517,7 @@ class KLSearch:
         self.parent_weights = [p.detach().clone() for p in self.lora]
         # The parent's KL to the base as its own round measured it (0 for the base): the
         # line search predicts from it how much of the update fits (None: plain halving).
-        self.parent_kl = 0.0 if policy_dir is None else parent_metrics.get("objective/kl_served")
+        self.parent_kl = 0.0 if self.parent_is_base else parent_metrics.get("objective/kl_served")
         self.metrics: dict[str, float] = {}
         self.final_weights: list[Tensor] = []
         self.search_on: list[Messages] = []

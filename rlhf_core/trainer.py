@@ -488,8 +488,7 @@ class PPOTrainer:
         model, or ``reward_fn``), as a PPO rollout is: the gate records what a candidate's
         answers are worth beside what they cost in KL.
         Returns ``ServedSample(to_ref, to_parent, scores)``, each ``[n]`` over every
-        process's answers (``to_parent`` None without a parent, ``scores`` None without a
-        reward).
+        process's answers (``to_parent`` None without a parent).
         The per-step ``objective/kl`` cannot stand in for it: it is measured on T=1
         rollouts of ``ppo_new_tokens`` tokens, each step *before* that step's update.
 
@@ -503,12 +502,14 @@ class PPOTrainer:
             self.model.set_adapter(POLICY_ADAPTER)
             parent_adapter = PARENT_ADAPTER
         try:
-            return self._served_kl(list(prompts), sampling, parent_adapter, chunk, positions)
+            return self._sample_with_parent_loaded(
+                list(prompts), sampling, parent_adapter, chunk, positions
+            )
         finally:
             if parent_adapter is not None:
                 self.model.delete_adapter(PARENT_ADAPTER)
 
-    def _served_kl(
+    def _sample_with_parent_loaded(
         self,
         prompts: list[Messages],
         sampling: Sampling,
@@ -521,7 +522,6 @@ class PPOTrainer:
         to_ref: list[Tensor] = []
         to_parent: list[Tensor] = []
         scores: list[Tensor] = []
-        with_scores = self.reward_fn is not None or self.reward_model is not None
         head = self.model.get_base_model().get_output_embeddings()
         for start in range(0, len(local), chunk):
             rollout = self.generate(local[start : start + chunk], sampling)
@@ -549,19 +549,16 @@ class PPOTrainer:
             to_ref.append(kl_ref.float())
             if parent_h is not None:
                 to_parent.append(kl_parent.float())
-            if with_scores:
-                scores.append(self.score(rollout))
+            scores.append(self.score(rollout))
         ref_all = torch.cat(to_ref).to(self.device)
         parent_all = torch.cat(to_parent).to(self.device) if to_parent else None
-        scores_all = torch.cat(scores).to(self.device) if scores else None
+        scores_all = torch.cat(scores).to(self.device)
         if self.world > 1:
             ref_all = self.accelerator.gather(ref_all)
             parent_all = self.accelerator.gather(parent_all) if parent_all is not None else None
-            scores_all = self.accelerator.gather(scores_all) if scores_all is not None else None
+            scores_all = self.accelerator.gather(scores_all)
         return ServedSample(
-            ref_all.cpu(),
-            parent_all.cpu() if parent_all is not None else None,
-            scores_all.cpu() if scores_all is not None else None,
+            ref_all.cpu(), parent_all.cpu() if parent_all is not None else None, scores_all.cpu()
         )
 
     def _answer_hidden(self, rollout: Rollout) -> Tensor:
@@ -990,11 +987,12 @@ class PPOTrainer:
 
 class ServedSample(NamedTuple):
     """:meth:`PPOTrainer.served_kl_samples`'s answers: each one's summed KL to the
-    reference and to the parent (None: no parent loaded), and its score (None: no reward)."""
+    reference and to the parent (None: no parent loaded), and its score by the trainer's
+    reward (a trainer always has one: its reward model or ``reward_fn``)."""
 
     to_ref: Tensor
     to_parent: Tensor | None
-    scores: Tensor | None
+    scores: Tensor
 
 
 @dataclass
