@@ -1520,11 +1520,13 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
     """Question's round 3 on a5af884: the full step read 30.0 nats, 0.038 of it toward
     the parent 7.58 [9.08], a fresh sample of that candidate 9.51, and pooled the bound
     passed the budget (10.1): the round was refused, with the parent itself at the
-    budget. Now the candidate is scaled toward the base from the pooled figure and
-    measured once more. By hand: pooled, 32 answers at 8.6 +-0.5 and 12.0 +-0.5, mean
+    budget. Now the candidate is scaled toward the base and measured once more on the
+    confirmation prompts. By hand: pooled, 32 answers at 8.6 +-0.5 and 12.0 +-0.5, mean
     10.3, s.d. sqrt(8 x (2.2^2 + 1.2^2) x 2 / 31) = 1.80036 (larger than the prompts' error,
-    0.51640 / 4), bound 10.3 + 1.645 x 1.80036 / sqrt(32) = 10.82354, so ``s = sqrt(9 /
-    10.82354) = 0.91188``; its measurement (7.0) fits and decides."""
+    0.51640 / 4), bound 10.3 + 1.645 x 1.80036 / sqrt(32) = 10.82354; the confirmation
+    prompts alone read higher, 12.0 + 1.645 x 0.51640 / 4 = 12.21237, and they decide next,
+    so ``s = sqrt(9 / 12.21237) = 0.85846`` (from the pooled bound it was 0.91188); its
+    measurement (7.0) fits and decides."""
     settings, result, left = _second_round_scripted(
         tiny_model,
         tiny_settings,
@@ -1539,7 +1541,7 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
     fraction = metrics["gate/try1_fraction"]
     assert 0 < fraction < 1 and metrics["gate/try3_fraction"] == fraction
     assert metrics["gate/update_fraction"] == fraction
-    assert metrics["gate/base_scale"] == pytest.approx(0.91188, abs=1e-5)
+    assert metrics["gate/base_scale"] == pytest.approx(0.85846, abs=1e-5)
     assert metrics["objective/kl_served"] == pytest.approx(7.0)
     assert within_kl_budget(metrics, settings) and result.policy_dir is not None
     # The saved adapter is the scaled candidate: the last measurement's LoRA B norm.
@@ -1547,7 +1549,41 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
 
     saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
     assert saved == pytest.approx(norms[-1], rel=1e-4)
-    assert norms[-1] == pytest.approx(norms[-2] * 0.91188, rel=1e-4)
+    assert norms[-1] == pytest.approx(norms[-2] * 0.85846, rel=1e-4)
+
+
+def test_a_candidate_over_the_budget_once_pooled_is_rescaled_for_the_prompts_that_decide(
+    tiny_model, tiny_settings, tmp_path, monkeypatch
+):
+    """Upbeat's round 2 on 2f83edd: the full step read 11.37 nats (3.30 from v1), the whole
+    adapter scaled by 0.807 read 7.69 [9.63] on the search's prompts and 11.36 [13.16] on
+    the confirmation prompts, pooled over the budget; rescaled from the pooled bound to
+    0.732 and measured on the confirmation prompts alone it read 9.62 [10.91], and the
+    round was refused at 10.9 minutes. The rescale now aims from the reading of the
+    prompts that decide next where it is the higher. By hand (16 answers +-0.5 each, s.d.
+    0.51640, the bound 1.645 x 0.51640 / 4 = 0.21237 above the mean): the full step's bound
+    11.58037, so the scaled guess is ``sqrt(9 / 11.58037) = 0.88158``; pooled, 32 answers at
+    7.19, 8.19, 10.86 and 11.86, mean 9.525, s.d. sqrt(16 x (2.335^2 + 1.335^2) / 31) =
+    1.93233, bound 9.525 + 1.645 x 1.93233 / sqrt(32) = 10.08692 (over); the confirmation
+    prompts alone 11.57237, so the scale is multiplied by ``sqrt(9 / 11.57237) = 0.88188``
+    (from the pooled bound, the rule before: 0.94458)."""
+    settings, result, left = _second_round_scripted(
+        tiny_model,
+        tiny_settings,
+        tmp_path,
+        monkeypatch,
+        [(11.368, 3.299), (7.69, 2.14), (11.36, 2.706), (8.2, 1.5)],
+    )
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 4
+    assert metrics["gate/confirmed_over_budget"] == 1.0
+    guess = metrics["gate/try1_scale"]
+    assert guess == pytest.approx(0.88158, abs=1e-5)
+    assert metrics["gate/try2_scale"] == guess  # the confirmation, same weights
+    assert metrics["gate/base_scale"] == pytest.approx(guess * 0.88188, abs=1e-5)
+    assert metrics["gate/try3_scale"] == metrics["gate/base_scale"]
+    assert metrics["objective/kl_served"] == pytest.approx(8.2)
+    assert within_kl_budget(metrics, settings) and result.policy_dir is not None
 
 
 def test_a_first_version_over_the_round_budget_once_pooled_is_scaled_toward_the_base(
@@ -1557,7 +1593,9 @@ def test_a_first_version_over_the_round_budget_once_pooled_is_scaled_toward_the_
     one (10): a first version whose pooled bound lands between them is rescaled too, by
     the tighter one. By hand: 32 answers at 6.8 +-0.5 and 9.0 +-0.5, mean 7.9, s.d.
     sqrt(16 x (1.6^2 + 0.6^2) / 31) = 1.22764, bound 7.9 + 1.645 x 1.22764 / sqrt(32) =
-    8.25700, so the scale is multiplied by sqrt(0.9 x 8 / 8.25700) = 0.93380."""
+    8.25700; the confirmation prompts, which decide next, read higher alone: 9.0 + 1.645 x
+    0.51640 / 4 = 9.21237, so the scale is multiplied by sqrt(0.9 x 8 / 9.21237) = 0.88406
+    (from the pooled bound it was 0.93380)."""
     settings = _scripted_gate_settings(tiny_settings)
     left = _scripted_gate(monkeypatch, [17.8, 6.8, 9.0, 6.0])
     result = run_training_round(
@@ -1568,6 +1606,6 @@ def test_a_first_version_over_the_round_budget_once_pooled_is_scaled_toward_the_
     assert not left and metrics["gate/measurements"] == 4
     assert metrics["gate/confirmed_over_budget"] == 1.0
     guess = metrics["gate/try1_scale"]
-    assert metrics["gate/base_scale"] == pytest.approx(guess * 0.93380, abs=1e-5)
+    assert metrics["gate/base_scale"] == pytest.approx(guess * 0.88406, abs=1e-5)
     assert metrics["objective/kl_served"] == pytest.approx(6.0)
     assert within_kl_budget(metrics, settings) and result.policy_dir is not None
