@@ -741,14 +741,14 @@ class KLSearch:
             # a5af884, 0.038 of the step from v2 read 7.58 [9.08], a fresh sample
             # 9.51, pooled [10.1], and the round was refused. A step that small is
             # the parent, which had passed at 7.47 [9.19]: the parent sits at the
-            # budget, and no step from it fits. Scaled toward the base, rescaled from
-            # the pooled figure as any miss is (:func:`rescale_after_miss`), it is
-            # measured once more on a fresh sample, which decides. Where the parent is
-            # the base, both budgets bound the same KL and the rescale answers both.
+            # budget, and no step from it fits. Scaled toward the base, rescaled as any
+            # miss is (:func:`rescale_after_miss`), it is measured once more on a fresh
+            # sample, which decides. Where the parent is the base, both budgets bound
+            # the same KL and the rescale answers both.
             # That sample is drawn on the confirmation prompts, so the rescale aims from
             # their own reading where it is the higher: upbeat's round 2 on 2f83edd read
             # 7.69 [9.63] on the search's prompts and 11.36 [13.16] on these with the same
-            # weights; rescaled from the pooled bound (10.1) to 0.732 of the step, these
+            # weights; rescaled from the pooled bound (10.94) to 0.732 of the step, these
             # prompts read 9.62 [10.91] and the round was refused at 10.9 minutes.
             reading = max(self.gate_metrics, fresh, key=lambda m: m["objective/kl_served_ucb"])
             self.scale = rescale_after_miss(
