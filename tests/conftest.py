@@ -27,12 +27,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # conditionally-reproducible mode does not (read when MKL loads, so before torch is imported);
 # COMPATIBLE mode fixed the first and broke the second.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-# Tests compare answers token for token across batches and servers, which needs bit-equal
-# matrix products. MKL's default kernels may round differently by the buffers' memory
-# alignment: on this project's CI-like machine of 2026-12-06, two batched servers stepping at
-# once diverged from the same answers alone at token 22 (test_serving), with one thread too;
-# its conditionally bitwise-reproducible mode (read when MKL loads, so before torch) did not.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 from rlhf_core.redis_server import EmbeddedValkey, free_port  # noqa: E402
 from rlhf_core.settings import Settings  # noqa: E402
