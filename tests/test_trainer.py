@@ -899,13 +899,20 @@ def test_near_the_budget_the_adapter_is_scaled_toward_the_base_when_that_keeps_m
 
 
 def test_a_round_past_the_budget_from_a_parent_publishes_the_adapter_scaled(
-    tiny_model, tiny_settings, tmp_path
+    tiny_model, tiny_settings, tmp_path, monkeypatch
 ):
     """The same on the tiny model: a second round whose full step passes a tight total
     budget, from a parent recorded near it, publishes its own full step with every LoRA
     ``B`` scaled by the predicted ``s`` (so the weight change ``B A`` scales by ``s``),
-    ``A`` as the full step left it, and the scaled policy's KL within the budget."""
+    ``A`` as the full step left it, and the scaled policy's KL within the budget. (The
+    parent's side, measured next and chosen by the reward model's scores, is left out
+    here: the tiny model's scores are noise; the scripted test of that choice is
+    ``test_a_scaled_candidate_is_published_only_if_it_outscores_the_parents_side``.)"""
     from safetensors.torch import load_file
+
+    from rlhf_core.gate import KLSearch
+
+    monkeypatch.setattr(KLSearch, "_parent_side_if_it_scores_as_well", lambda self: None)
 
     settings = tiny_settings.model_copy(update={"ppo_steps": 2})
     common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
@@ -1331,9 +1338,12 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
 
     def scripted(trainer, settings, prompts, parent_dir):
         norms.append(lora_b_norm(trainer.model.named_parameters(), POLICY_ADAPTER))
-        mean = queue.pop(0)  # a number, or (KL to the base, KL to the parent)
+        # A number, or (KL to the base, KL to the parent[, the answers' mean score]).
+        mean = queue.pop(0)
         if isinstance(mean, tuple):
-            return GateSample(_around(mean[0]), _around(mean[1]).clamp(min=0), list(range(16)))
+            scores = _around(mean[2]) if len(mean) > 2 else None
+            parent = _around(mean[1]).clamp(min=0)
+            return GateSample(_around(mean[0]), parent, list(range(16)), scores)
         return GateSample(_around(mean), None, list(range(16)))
 
     monkeypatch.setattr(gate_module, "gate_sample", scripted)
@@ -1484,6 +1494,49 @@ def test_a_step_up_next_to_the_scale_that_missed_is_not_measured(
     assert not left and metrics["gate/measurements"] == 4
     assert "gate/scaled_up_from" not in metrics
     assert metrics["gate/base_scale"] == fitted
+
+
+@pytest.mark.parametrize("parent_side_score, published", [(1.2, "parent side"),
+                                                            (1.0, "parent side"),
+                                                            (0.8, "scaled")])  # fmt: skip
+def test_a_scaled_candidate_is_published_only_if_it_outscores_the_parents_side(
+    tiny_model, tiny_settings, tmp_path, monkeypatch, parent_side_score, published
+):
+    """From a parent at 3.0 nats, a full step at 17.0 (6.0 from the parent): scaling the
+    whole adapter toward the base keeps more of the round in KL, by hand ``s = sqrt(9 /
+    17.21237) = 0.72311`` against ``f = (sqrt(9 x 17 / 17.21237) - sqrt(3)) / sqrt(6) =
+    0.51006`` toward the parent, ``(1 - s)^2 x 17 = 1.30`` < ``(1 - f)^2 x 6 = 1.44``. The
+    scaled candidate fits (8.0, its answers scored 1.0 by the round's reward model); the
+    candidate on the parent's side, measured next, fits too (8.5) and is published when it
+    scores at least as high (a tie included), then confirmed with a fresh sample as any
+    searched candidate; otherwise the scaled one is, its own weights and sample. Before,
+    the scaled candidate was published whatever its answers were worth."""
+    settings, result, left = _second_round_scripted(
+        tiny_model, tiny_settings, tmp_path, monkeypatch,
+        [(17.0, 6.0), (8.0, 3.0, 1.0), (8.5, 2.5, parent_side_score), (8.3, 2.4, 1.1)],
+    )  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 4
+    assert metrics["gate/try1_scale"] == pytest.approx(0.72311, abs=1e-5)
+    assert metrics["gate/try2_fraction"] == pytest.approx(0.51006, abs=1e-5)
+    assert metrics["gate/parent_side_fraction"] == metrics["gate/try2_fraction"]
+    assert within_kl_budget(metrics, settings) and result.policy_dir is not None
+    if published == "parent side":
+        assert metrics["gate/parent_side_chosen"] == 1.0
+        assert metrics["gate/update_fraction"] == pytest.approx(0.51006, abs=1e-5)
+        assert metrics["gate/base_scale"] == 1.0
+        assert metrics["objective/kl_served"] == pytest.approx((8.5 + 8.3) / 2)
+    else:
+        assert metrics["gate/parent_side_chosen"] == 0.0
+        assert metrics["gate/update_fraction"] == 1.0
+        assert metrics["gate/base_scale"] == pytest.approx(0.72311, abs=1e-5)
+        assert metrics["objective/kl_served"] == pytest.approx((8.0 + 8.3) / 2)
+    # The saved adapter is the published candidate, as the confirmation measured it.
+    from safetensors.torch import load_file
+
+    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    assert saved == pytest.approx(norms[-1], rel=1e-4)
+    assert norms[-1] == pytest.approx(norms[2 if published == "parent side" else 1], rel=1e-4)
 
 
 def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_base(
