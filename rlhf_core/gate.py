@@ -12,7 +12,9 @@ step first; when it overshoots, the adapter scaled toward the base or moved back
 the parent (a backtracking line search, the KL constraint of TRPO applied to the served
 KL), each candidate predicted from the last measurement by how KL grows with the step
 (:func:`fraction_within_kl_budget`, :func:`scale_within_kl_budget`,
-:func:`rescale_after_miss`, :func:`scale_between`); the chosen candidate is measured again
+:func:`rescale_after_miss`, :func:`scale_between`); after a search toward the base, the
+candidate on the parent's side is measured too, and the round's reward model chooses between
+the two by their answers' scores; the chosen candidate is measured again
 on prompts the search did not see (:func:`gate_prompt_halves`) and decided on both
 samples pooled.
 
@@ -69,7 +71,9 @@ class GateSample:
     (``prompt_ids``: the same id for the same prompt, :func:`prompt_key` in the gate's own
     samples, so that samples on different prompt lists pool right; None: every answer a
     prompt of its own), and each answer's score by the round's reward (None: not scored).
-    The scores decide nothing; they record what the KL a candidate costs buys."""
+    The scores record what the KL a candidate costs buys, and decide between a candidate
+    scaled toward the base and one on the parent's side
+    (:meth:`KLSearch._parent_side_if_it_scores_as_well`)."""
 
     to_ref: Tensor
     to_parent: Tensor | None = None
@@ -219,6 +223,11 @@ def set_update_fraction(
     with torch.no_grad():
         for param, a, b in zip(params, start, end, strict=True):
             param.copy_(a + fraction * (b - a))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` where it is a finite number, else None (a NaN score judges nothing)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def within_kl_budget(metrics: dict[str, float], settings: Settings) -> bool:
@@ -491,7 +500,8 @@ class KLSearch:
     them (the parent version, or LoRA's zero update in round one). :meth:`run`, after the
     steps, measures the full step; when it overshoots, the adapter is scaled toward the
     base (for the first version, and where that keeps more of the round,
-    :func:`toward_base_keeps_more`) or moved back toward the parent
+    :func:`toward_base_keeps_more`; then the parent's side is measured and may be chosen
+    instead, :meth:`_parent_side_if_it_scores_as_well`) or moved back toward the parent
     (:func:`backtrack_to_kl_budget`). It leaves the adapter at the chosen candidate, and
     every measurement in the metrics (``gate/try{n}_*``): how the KL answered each step
     of the search is the evidence its predictions are judged by.
@@ -701,8 +711,10 @@ class KLSearch:
         rate by -0.4 points on average (96 versions, 18 of them down by 10 or more), those
         moved back toward the parent +10.8 (15, none down); concise on 037010a went
         0.75 -> 0.56 -> 0.53 through two scaled versions (0.56 and 0.51 of the step). A tie
-        goes to the parent's side, which keeps the learnt taste whole."""
-        scaled_score = self.gate_metrics.get("objective/score_served")
+        goes to the parent's side, which keeps the learnt taste whole. Where the predicted
+        fraction is the smallest (1/64: the parent near the budget), that candidate is nearly
+        the parent itself, and keeping it is still worth weighing against the scaled one."""
+        scaled_score = finite_or_none(self.gate_metrics.get("objective/score_served"))
         scaled_fits = self.fits(self.gate_metrics)
         if scaled_fits and scaled_score is None:
             return  # nothing to judge the two by (the gate's answers were not scored)
@@ -711,7 +723,7 @@ class KLSearch:
         measured = self.measure(fraction)
         self.tried += 1
         self.metrics["gate/parent_side_fraction"] = fraction
-        score = measured.get("objective/score_served")
+        score = finite_or_none(measured.get("objective/score_served"))
         better = not scaled_fits or (score is not None and score >= scaled_score)
         if self.fits(measured) and better:
             self.fraction, self.scale, self.gate_metrics = fraction, 1.0, measured

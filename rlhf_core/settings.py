@@ -301,7 +301,9 @@ class Settings(BaseSettings):
         "times (each a new served-KL measurement, ~30 s on SmolLM2) before refusing it: its "
         "adapter scaled toward the base where that keeps more of the round (and for the first "
         "version), each scale predicted from the last measurement; else moved back toward the "
-        "parent version (the fraction predicted to fit, then halves of it).",
+        "parent version (the fraction predicted to fit, then halves of it). A scaled search from "
+        "a parent of its own measures the parent's side once more, and the round's reward model "
+        "chooses between the two; the chosen one is measured again on other prompts.",
     )
     gate_samples: int = Field(
         16,
