@@ -1315,6 +1315,13 @@ def lora_b_norm(named, adapter: str = "") -> float:
     return float(sum(t.detach().float().norm() for name, t in named if key in name))
 
 
+def saved_lora_b_norm(policy_dir) -> float:
+    """The LoRA B norm of the adapter a round saved (its published candidate)."""
+    from safetensors.torch import load_file
+
+    return lora_b_norm(load_file(Path(policy_dir) / "adapter_model.safetensors").items())
+
+
 norms: list[float] = []  # the policy's LoRA B norm at each scripted measurement
 
 
@@ -1411,9 +1418,7 @@ def test_a_round_whose_scaled_guess_lands_far_below_the_aim_takes_one_step_up(
     assert metrics["objective/kl_served"] == pytest.approx((means[-1] + (7.0 if published ==
            "up" else 3.8)) / 2)  # fmt: skip
     # The saved policy is the published candidate's weights.
-    from safetensors.torch import load_file
-
-    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    saved = saved_lora_b_norm(result.policy_dir)
     assert saved == pytest.approx(norms[2 if published == "up" else 1], rel=1e-4)
     assert norms[2] == pytest.approx(norms[1] * up / guess, rel=1e-4)
 
@@ -1532,9 +1537,7 @@ def test_a_scaled_candidate_is_published_only_if_it_outscores_the_parents_side(
         assert metrics["gate/base_scale"] == pytest.approx(0.72310, abs=1e-5)
         assert metrics["objective/kl_served"] == pytest.approx((8.0 + 8.3) / 2)
     # The saved adapter is the published candidate, as the confirmation measured it.
-    from safetensors.torch import load_file
-
-    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    saved = saved_lora_b_norm(result.policy_dir)
     assert saved == pytest.approx(norms[-1], rel=1e-4)
     assert norms[-1] == pytest.approx(norms[2 if published == "parent side" else 1], rel=1e-4)
     assert norms[1] != pytest.approx(norms[2], rel=1e-3)  # two different candidates
@@ -1599,9 +1602,7 @@ def test_a_candidate_over_the_total_budget_once_pooled_is_scaled_toward_the_base
     assert metrics["objective/kl_served"] == pytest.approx(7.0)
     assert within_kl_budget(metrics, settings) and result.policy_dir is not None
     # The saved adapter is the scaled candidate: the last measurement's LoRA B norm.
-    from safetensors.torch import load_file
-
-    saved = lora_b_norm(load_file(Path(result.policy_dir) / "adapter_model.safetensors").items())
+    saved = saved_lora_b_norm(result.policy_dir)
     assert saved == pytest.approx(norms[-1], rel=1e-4)
     assert norms[-1] == pytest.approx(norms[-2] * 0.85846, rel=1e-4)
 
