@@ -759,6 +759,10 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
         quiet=True,
         auth=access_mod.gradio_auth(settings),
         max_file_size=f"{settings.max_body_kb}kb",
+        # Gradio's run history would keep every chat in the browser (out of reach of
+        # "Delete my data") and, for a signed-in visitor naming a Hugging Face bucket in a
+        # header, fetch every URL in the request into memory and upload the run there.
+        run_history=False,
         app_kwargs={"middleware": [boundary]},
     )
     app.url = (

@@ -297,6 +297,13 @@ def _first(metrics: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 
 
 TAB_REFRESH_S = 5.0  # the Training tab's figures are recomputed at most this often
+# ...and read from the whole store at most this often: a deletion ("Delete my data", one
+# click for anyone) or a chat switched to "don't train" would otherwise make the next
+# refresh read every turn and event, or refit the arena's bootstrap (2 s per 20,000
+# turns, in the UI's process), as often as a stranger cares to repeat them. Until then
+# the tab's 👍 counts and ratings may still hold the votes that went.
+FULL_READ_MIN_S = 60.0
+HIDDEN_TAB_STATUS = "The Training tab is for admins on this server (RLHF_TRAINING_TAB=hidden)."
 
 
 class Snapshot(Generic[T]):
@@ -353,13 +360,18 @@ class ThumbsTally:
     Training tab costs what people did in the last seconds, not the size of the store
     (which it read in full every TAB_REFRESH_S: about 2 s at 20,000 turns). Deletions (a
     person's data, retention) show as an events stream shorter than what was counted plus
-    what is new; the tally is then read again in full. Thread-safe."""
+    what is new; the tally is then read again in full, at most once every
+    ``min_full_read_s`` seconds (until then what is new is counted, and the votes that
+    went with the deletion may still be). Thread-safe."""
 
-    def __init__(self, store: FeedbackStore) -> None:
+    def __init__(self, store: FeedbackStore, min_full_read_s: float = 0.0) -> None:
         self.store = store
+        self.min_full_read_s = min_full_read_s
         self._votes: dict[str, tuple[int, str]] = {}  # turn id -> (its version, final vote)
         self._newest: str | None = None  # the last event counted
         self._length = 0  # the events stream's length when it was counted
+        self._read_at = -math.inf  # when the store was last read in full
+        self._deleted = False  # events counted before were deleted since that read
         self._lock = threading.Lock()
 
     def counts(self) -> dict[int, tuple[int, int]]:
@@ -369,12 +381,15 @@ class ThumbsTally:
                 self._read_all()
             else:
                 length, new = self.store.events_after(self._newest)
-                if length != self._length + len(new):
+                self._deleted |= length != self._length + len(new)
+                if self._deleted and time.monotonic() - self._read_at >= self.min_full_read_s:
                     self._newest = None  # if the read below fails, the next call reads all
-                    self._read_all()  # events counted before were deleted
-                elif new:
-                    self._recount({event.turn_id for _, event in new})
-                    self._newest, self._length = new[-1][0], length
+                    self._read_all()
+                else:
+                    if new:
+                        self._recount({event.turn_id for _, event in new})
+                        self._newest = new[-1][0]
+                    self._length = length
             out: dict[int, list[int]] = {}
             for version, vote in self._votes.values():
                 counts = out.setdefault(version, [0, 0])
@@ -388,10 +403,12 @@ class ThumbsTally:
         # Nothing is kept until the read succeeds: a mark moved past votes that were not
         # counted would look consistent for good.
         length, newest = self.store.events_mark()
+        read_at = time.monotonic()
         turns, events = load_feedback(self.store, raw=True)
         self._votes = {}
         self._set(resolve_feedback(turns, events))
         self._length, self._newest = length, newest or "0-0"
+        self._read_at, self._deleted = read_at, False
 
     def _recount(self, turn_ids: set[str]) -> None:
         turns = self.store.get_turns(turn_ids)
@@ -535,23 +552,28 @@ def decision_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-_board_cache: dict[int, tuple[tuple[int, str | None, int], list[dict[str, Any]]]] = {}
+# redis client -> (the battles' mark, the rows, when they were fitted)
+_board_cache: dict[int, tuple[tuple[int, str | None, int], list[dict[str, Any]], float]] = {}
 
 
 def leaderboard_rows(
-    store: FeedbackStore, rounds: int = 1000, settings: Settings | None = None
+    store: FeedbackStore,
+    rounds: int = 1000,
+    settings: Settings | None = None,
+    min_refit_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Bradley-Terry ratings with bootstrap 95% intervals over the arena battles that
     count (``datasets.counted_battles``: picks by people who may train). The bootstrap
     refits ``rounds`` times, and the arena stream and its turns are read, only when the
     battles that count may have changed (``FeedbackStore.battles_mark``: a battle recorded
-    or deleted, a chat switched to "don't train", turns deleted)."""
+    or deleted, a chat switched to "don't train", turns deleted), and at most once every
+    ``min_refit_s`` seconds (the ratings before are given until then)."""
     from rlhf_core.datasets import counted_battles
     from rlhf_core.live_eval import leaderboard
 
     mark = store.battles_mark()
     cached = _board_cache.get(id(store.redis))
-    if cached and cached[0] == mark:
+    if cached and (cached[0] == mark or time.monotonic() - cached[2] < min_refit_s):
         return cached[1]
     battles, _ = counted_battles(store, settings, scrub=False)
     rows = leaderboard(
@@ -569,7 +591,7 @@ def leaderboard_rows(
         }
         for k, r in enumerate(rows)
     ]
-    _board_cache[id(store.redis)] = (mark, out)
+    _board_cache[id(store.redis)] = (mark, out, time.monotonic())
     return out
 
 
@@ -630,7 +652,7 @@ def build_training_tab(
         except AccessError:
             return False
 
-    tally = ThumbsTally(feedback)
+    tally = ThumbsTally(feedback, min_full_read_s=FULL_READ_MIN_S)
 
     def tab_data() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
         # The votes recorded since the last refresh (and every arena battle when one was
@@ -638,16 +660,20 @@ def build_training_tab(
         return (
             versions_table(client, settings, tally),
             canary.status(client, settings),
-            leaderboard_rows(feedback, settings=settings),
+            leaderboard_rows(feedback, settings=settings, min_refit_s=FULL_READ_MIN_S),
         )
 
     snapshot = Snapshot(tab_data)
 
     def refresh(request: gr.Request):
+        admin = is_admin(request)
+        if not admin and settings.training_tab == "hidden":
+            # Hiding the tab in the page is not enough: anyone can post this handler's
+            # fn_index, so the numbers are withheld here, where every caller passes.
+            return (HIDDEN_TAB_STATUS,) + (gr.skip(),) * 7
         try:
             rows, ab, board = snapshot.get()
             table, quality, policy = _frames(rows)
-            admin = is_admin(request)
             problem = swap_error() if swap_error else None
             if problem and not admin:
                 # The watcher's error names hosts and paths: admins (and the log) only.

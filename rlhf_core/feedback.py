@@ -19,7 +19,7 @@ This is the only module that knows the feedback keys (all under ``rlhf:``):
 - ``rlhf:review``                   hash: event id -> "approved" / "dropped" (rewrite review).
 - ``rlhf:held``                     sorted set: stream ids of events acked but held back, scored
                                     by when they may train (+inf: waiting for review).
-- ``rlhf:accounts``                 hash: user id -> when its first turn was written.
+- ``rlhf:accounts``                 hash: user id -> when its first turn or event was written.
 - ``rlhf:forgotten``                hash: sha256(user id) -> when that user's data was deleted;
                                     a turn of theirs made before then is refused.
 - ``rlhf:forgotten_recent:{sha256}`` the same for a user who had nothing stored when they asked,
@@ -514,6 +514,34 @@ end
 return 0
 """
 
+# Retention of account records. KEYS: accounts, then per user: their data. ARGV: the
+# cut-off time, then the user ids. An account first seen before the cut-off with nothing
+# stored any more is forgotten; checked in the script, so a turn written meanwhile keeps it.
+_FORGET_IDLE_ACCOUNTS = """
+local n = 0
+for i = 2, #ARGV do
+  local first = redis.call('HGET', KEYS[1], ARGV[i])
+  if first and tonumber(first) < tonumber(ARGV[1]) and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Retention of deletion marks. KEYS: forgotten. ARGV: the cut-off time, then user digests.
+_EXPIRE_TOMBSTONES = """
+local n = 0
+for i = 2, #ARGV do
+  local at = redis.call('HGET', KEYS[1], ARGV[i])
+  if at and tonumber(at) < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # A deletion's tombstone. KEYS: forgotten, accounts, user data, recent tombstone.
 # ARGV: user hash, user id, time, seconds a short one lasts. A user with anything stored
 # (or deleted before) gets the lasting field; one with nothing stored an expiring key.
@@ -613,9 +641,11 @@ return (#ARGV - 2) / 4
 """
 
 # A batch of events, all or nothing (one script runs atomically; the embedded server
-# logs its effects as one MULTI/EXEC block). KEYS: the events stream, then per event:
-# seen marker, turn-events list, its user's data. ARGV: per event: event json, event id,
-# turn id, kind.
+# logs its effects as one MULTI/EXEC block). KEYS: the events stream, the accounts hash,
+# then per event: seen marker, turn-events list, its user's data. ARGV: per event: event
+# json, event id, turn id, kind, user id, time. An account is first seen at its first turn
+# or event, whichever comes first: one that only ever reacted (to the turns of another
+# account signed in to the same chat) is new too, for RLHF_NEW_ACCOUNT_HOLD_S.
 # Returns {status, stream id} per event: 1 written, 0 a duplicate (the id it was
 # written with). The caller has checked that every turn exists; a turn deleted between
 # that check and this script (retention, "Delete my data") leaves an event on a turn that
@@ -623,9 +653,9 @@ return (#ARGV - 2) / 4
 SCRIPT_BATCH = 500  # events per script call
 _RECORD_EVENTS = """
 local out = {}
-for i = 0, #ARGV / 4 - 1 do
-  local seen_key, index_key, user_key = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
-  local a = 4 * i
+for i = 0, #ARGV / 6 - 1 do
+  local seen_key, index_key, user_key = KEYS[3 * i + 3], KEYS[3 * i + 4], KEYS[3 * i + 5]
+  local a = 6 * i
   local seen = redis.call('GET', seen_key)
   if seen then
     out[i + 1] = {0, seen}
@@ -635,6 +665,7 @@ for i = 0, #ARGV / 4 - 1 do
     redis.call('SET', seen_key, id)
     redis.call('RPUSH', index_key, id)
     redis.call('HSET', user_key, 'e:' .. id, ARGV[a + 3])
+    redis.call('HSETNX', KEYS[2], ARGV[a + 5], ARGV[a + 6])
     out[i + 1] = {1, id}
   end
 end
@@ -643,17 +674,19 @@ return out
 
 
 # The battle and its two votes, all or nothing. KEYS: arena stream, battle marker, events
-# stream, the picker's user data, then per event: seen marker, turn-events list. ARGV:
-# battle json, battle id, then per event: event json, event id, turn id, kind (the votes
-# are the picker's). Returns 0 when the battle was already recorded.
+# stream, the picker's user data, the accounts hash, then per event: seen marker,
+# turn-events list. ARGV: battle json, battle id, the picker's user id, the time, then per
+# event: event json, event id, turn id, kind (the votes are the picker's; first seen as in
+# _RECORD_EVENTS). Returns 0 when the battle was already recorded.
 _RECORD_BATTLE = """
 if not redis.call('SET', KEYS[2], '1', 'NX') then
   return 0
 end
 local battle = redis.call('XADD', KEYS[1], '*', 'battle', ARGV[1])
 redis.call('HSET', KEYS[4], 'b:' .. battle, ARGV[2])
-for i = 0, (#ARGV - 2) / 4 - 1 do
-  local seen_key, index_key, a = KEYS[2 * i + 5], KEYS[2 * i + 6], 4 * i + 2
+redis.call('HSETNX', KEYS[5], ARGV[3], ARGV[4])
+for i = 0, (#ARGV - 4) / 4 - 1 do
+  local seen_key, index_key, a = KEYS[2 * i + 6], KEYS[2 * i + 7], 4 * i + 4
   if not redis.call('GET', seen_key) then
     local id = redis.call('XADD', KEYS[3], '*', 'event', ARGV[a + 1], 'event_id', ARGV[a + 2],
                           'turn_id', ARGV[a + 3], 'kind', ARGV[a + 4])
@@ -712,6 +745,8 @@ class FeedbackStore:
         self._delete_turns = redis_client.register_script(_DELETE_TURNS)
         self._delete_events = redis_client.register_script(_DELETE_EVENTS)
         self._tombstone = redis_client.register_script(_TOMBSTONE)
+        self._forget_idle_accounts = redis_client.register_script(_FORGET_IDLE_ACCOUNTS)
+        self._expire_tombstones = redis_client.register_script(_EXPIRE_TOMBSTONES)
         self._group_ready = False
 
     # ---- turns -----------------------------------------------------------
@@ -801,14 +836,15 @@ class FeedbackStore:
         results: list[str | None] = []
         # A script blocks the server while it runs: a huge import goes in slices.
         for start in range(0, len(events), SCRIPT_BATCH):
-            keys, args = [EVENTS_STREAM], []
+            keys, args = [EVENTS_STREAM, ACCOUNTS_KEY], []
             for event in events[start : start + SCRIPT_BATCH]:
                 keys += [
                     seen_key(event.event_id),
                     turn_events_key(event.turn_id),
                     user_data_key(event.user_id),
                 ]
-                args += [event.to_json(), event.event_id, event.turn_id, event.kind]
+                args += [event.to_json(), event.event_id, event.turn_id, event.kind,
+                         event.user_id, repr(event.created_at)]  # fmt: skip
             results += [
                 _text(stream_id) if status == 1 else None
                 for status, stream_id in self._record_events(keys=keys, args=args)
@@ -830,8 +866,14 @@ class FeedbackStore:
             battle_seen_key(battle.battle_id),
             EVENTS_STREAM,
             user_data_key(battle.user_id),
+            ACCOUNTS_KEY,
         ]
-        args = [_to_json(battle.to_dict(), f"Battle {battle.battle_id}"), battle.battle_id]
+        args = [
+            _to_json(battle.to_dict(), f"Battle {battle.battle_id}"),
+            battle.battle_id,
+            battle.user_id,
+            repr(battle.created_at),
+        ]
         for event in events:
             keys += [seen_key(event.event_id), turn_events_key(event.turn_id)]
             args += [event.to_json(), event.event_id, event.turn_id, event.kind]
@@ -1297,8 +1339,8 @@ class FeedbackStore:
 
     @_surface_unavailable
     def first_seen(self, user_ids: Iterable[str]) -> dict[str, float]:
-        """user id -> when their first turn was written (users seen before this was
-        recorded are missing: they count as established)."""
+        """user id -> when their first turn or event was written (users seen before
+        this was recorded are missing: they count as established)."""
         ids = list(dict.fromkeys(user_ids))
         if not ids:
             return {}
@@ -1337,6 +1379,28 @@ class FeedbackStore:
             args=[user_hash(user_id), user_id, repr(at), SHORT_TOMBSTONE_S],
         )
         return bool(lasting)
+
+    @_surface_unavailable
+    def forget_old_accounts(self, before: float) -> int:
+        """Retention for what the store keeps about accounts themselves: when an account
+        was first seen, where that was before ``before`` and nothing of it is stored any
+        more (it comes back as a new account), and deletion marks made before ``before``
+        (a mark refuses late copies of turns made before the deletion: by then those are
+        older than the retention window too). Returns how many records went."""
+        gone = 0
+        idle = [_text(user) for user, first in self.redis.hscan_iter(ACCOUNTS_KEY, count=1000)
+                if float(first) < before]  # fmt: skip
+        for start in range(0, len(idle), SCRIPT_BATCH):
+            users = idle[start : start + SCRIPT_BATCH]
+            keys = [ACCOUNTS_KEY, *(user_data_key(u) for u in users)]
+            gone += int(self._forget_idle_accounts(keys=keys, args=[repr(before), *users]))
+        marks = [_text(digest) for digest, at in self.redis.hscan_iter(FORGOTTEN_KEY, count=1000)
+                 if float(at) < before]  # fmt: skip
+        for start in range(0, len(marks), SCRIPT_BATCH):
+            digests = marks[start : start + SCRIPT_BATCH]
+            args = [repr(before), *digests]
+            gone += int(self._expire_tombstones(keys=[FORGOTTEN_KEY], args=args))
+        return gone
 
     @_surface_unavailable
     def user_data(self, user_id: str) -> UserData:

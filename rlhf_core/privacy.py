@@ -441,7 +441,9 @@ def apply_retention(
     """Delete turns older than ``days`` (default ``RLHF_RETENTION_DAYS``; unset: keep
     everything) together with their events, where every event on the turn is older
     too, and none is pending in the training group, still unread by it, or held back
-    (feedback is never lost before it was trained on or decided). Returns counts."""
+    (feedback is never lost before it was trained on or decided); then the records of
+    accounts first seen before the cut-off with nothing left, and deletion marks older
+    than it (:meth:`FeedbackStore.forget_old_accounts`). Returns counts of turns and events."""
     from rlhf_core.registry import Registry
 
     days = settings.retention_days if days is None else days
@@ -454,6 +456,7 @@ def apply_retention(
     if not old:
         store.trim_invalid(cutoff_ms)
         store.delete_battles(before_ms=cutoff_ms)
+        store.forget_old_accounts(cutoff_ms / 1000)
         return {"turns": 0, "events": 0}
     pending = store.pending_ids()
     last = store.last_delivered_id()
@@ -474,6 +477,8 @@ def apply_retention(
     Registry(client, settings).forget_stream_ids(deleted)
     store.trim_invalid(cutoff_ms)
     store.delete_battles(before_ms=cutoff_ms)
+    # After the turns: an account whose last turn just went is forgotten in this pass.
+    store.forget_old_accounts(cutoff_ms / 1000)
     if n_turns:
         log.info("retention: deleted %d turns and %d events", n_turns, len(deleted))
     return {"turns": n_turns, "events": len(deleted)}

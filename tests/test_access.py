@@ -372,6 +372,33 @@ def test_a_stranger_cannot_upload_files(serve_app):
     assert (status, kind) == (200, "complete")
 
 
+def test_gradios_run_history_is_off(serve_app, monkeypatch):
+    # Review of s22: Gradio 6 records every call of a signed-in visitor into a Hugging Face
+    # bucket the request names (header x-gradio-history-bucket), fetching each {"url": ...}
+    # of the raw request into memory first (up to 64 MB each, before any of our limits); and
+    # by default it keeps every run, chats included, in the browser, where "Delete my data"
+    # cannot reach. A chat service has no use for either.
+    import gradio.history
+
+    recorded = []
+
+    def build(*args, **kwargs):
+        recorded.append(args)
+        raise ValueError("the test stops here")  # resolve_target: "ignoring invalid bucket"
+
+    monkeypatch.setattr(gradio.history, "resolve_token", lambda request: "hf_signed_in")
+    monkeypatch.setattr(gradio.history.HistoryTarget, "build", build)
+    app = serve_app(**PUBLIC)
+    client = Client(app.url, verbose=False, headers={"x-gradio-history-bucket": "me/runs"})
+    client.predict("hello", "", *SAMPLING, api_name="/send")
+    client.predict(api_name="/new_chat")  # the recorder's task runs on the loop meanwhile
+    time.sleep(0.5)
+    assert recorded == [], "a run was handed to Gradio's run history"
+    stranger = visitor(app.url)
+    assert stranger.get("/gradio_api/runs").status_code == 404
+    assert stranger.post("/gradio_api/run-history/connect", json={}).status_code in (404, 405)
+
+
 def test_one_address_cannot_hold_every_answer_slot(serve_app):
     # Review of s13: a chat answers one message at a time, but new chats are cheap, so one
     # address with 16 chats held every decode slot and everyone else waited in the queue.

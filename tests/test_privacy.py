@@ -365,6 +365,32 @@ def test_retention_leaves_no_index_entries_behind(store, redis_client, tiny_sett
     assert not redis_client.exists("rlhf:user_data:ann")
 
 
+def test_retention_forgets_the_accounts_it_emptied(store, redis_client, tiny_settings):
+    # Review of s22: every visitor who ever sent a message left their account id and when it
+    # was first seen in rlhf:accounts, and every deletion a mark in rlhf:forgotten, for good:
+    # they outlived RLHF_RETENTION_DAYS (and grew by one field per fresh cookie).
+    settings = tiny_settings.model_copy(update={"retention_days": 30})
+    day = 86_400
+    for user in ("ann", "anon:c1", "anon:c2"):
+        chat(store, user, f"{user}-s", 1)
+    store.ack(sid for sid, _ in store.read_unconsumed("w1", count=10))
+    chat(store, "bob", "b1", 1)  # never read by the training group: his turn stays
+    chat(store, "dee", "d1", 1)
+    privacy.forget_user(redis_client, settings, "dee")
+    later = time.time() + 31 * day
+    chat(store, "eve", "e1", 1)
+    store.tombstone("eve", at=later - day)  # a deletion inside the window
+    assert redis_client.hlen("rlhf:forgotten") == 2 and redis_client.hlen("rlhf:accounts") == 4
+
+    assert privacy.apply_retention(redis_client, settings, now=later)["turns"] == 3
+    assert store.first_seen(["ann", "anon:c1", "anon:c2", "bob"]).keys() == {"bob"}
+    assert store.forgotten_at(["dee", "eve"]).keys() == {"eve"}
+    # Nothing older than the cut-off: nothing goes.
+    redis_client.hset("rlhf:accounts", "fay", repr(time.time()))
+    privacy.apply_retention(redis_client, settings)
+    assert store.first_seen(["bob", "fay"]).keys() == {"bob", "fay"}
+
+
 def test_retention_trims_old_consumed_turns_only(store, redis_client, tiny_settings):
     settings = tiny_settings.model_copy(update={"retention_days": 30})
     day = 86_400
@@ -536,6 +562,33 @@ def test_new_account_feedback_waits_for_the_hold(store, tiny_settings):
     assert store.held_ready() == []
     assert len(store.held_ready(now=first + 3601)) == 2
     assert len(ds.export_rows(store, "kto", settings=settings)) == 1  # old's vote only
+
+
+def test_an_account_that_only_reacts_is_new_too(store, tiny_settings):
+    # Review of s22: first-seen was written with a turn only, so an account that signed in
+    # to a chat another account had written in (same cookie and session) and reacted to
+    # its answers had no record, counted as established and trained at once; each such
+    # account also brings a fresh per-user cap.
+    settings = tiny_settings.model_copy(update={"new_account_hold_s": 3600})
+    (turn,), _ = chat(store, "writer", "shared-tab", 1)
+    store.redis.hdel("rlhf:accounts", "writer")  # established (seen before the hold)
+    newcomer = Event.new(turn.turn_id, "dislike", "shared-tab", "newcomer")
+    assert store.record_event(newcomer)
+    assert store.first_seen(["newcomer"]) == {"newcomer": newcomer.created_at}
+    sorted_ = privacy.sort_entries(store, settings, store.read_unconsumed("w1", count=10))
+    assert [ev.user_id for _, ev in sorted_.train] == ["writer"]
+    assert list(sorted_.held.values()) == [newcomer.created_at + 3600]
+    # An arena pick is a reaction too: its picker is first seen with it.
+    assert store.first_seen(["picker"]) == {}
+    a, b = (Turn(turn_id=new_id(), session_id="arena-tab", user_id="arena-writer",
+                 messages=[SYSTEM, {"role": "user", "content": "Q?"}], answer=x)
+            for x in ("A", "B"))  # fmt: skip
+    assert store.save_turn(a) and store.save_turn(b)
+    battle = Battle(battle_id=new_id(), session_id="arena-tab", user_id="picker",
+                    turn_a=a.turn_id, turn_b=b.turn_id, version_a=0, version_b=0,
+                    outcome="a")  # fmt: skip
+    assert store.record_battle(battle)
+    assert store.first_seen(["picker"]) == {"picker": battle.created_at}
 
 
 def test_group_commands_after_forget_still_work(store, redis_client, tiny_settings):

@@ -147,3 +147,87 @@ def test_a_failed_rounds_exception_text_is_for_admins_only(tiny_settings, redis_
     assert "/data/artifacts" not in visitor and "10.0.0.5" not in visitor, visitor
     admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))[0]
     assert "/data/artifacts/x" in admin and "10.0.0.5:6379" in admin, admin
+
+
+def test_a_hidden_training_tab_gives_its_numbers_to_admins_only(tiny_settings, redis_client):
+    # Review of s22: RLHF_TRAINING_TAB=hidden hid the tab in the page, but anyone who
+    # posted the refresh handler's fn_index got the status, versions, 👍 rates, canary and
+    # leaderboard all the same.
+    store = FeedbackStore(redis_client)
+    for i in range(3):
+        vote(store, i)
+    settings = tiny_settings.model_copy(
+        update={"public": True, "admins": "root", "auth": "header", "training_tab": "hidden"}
+    )
+    access = Access(settings, redis_client)
+    refresh = training_tab(settings, redis_client, access=access)["refresh"]
+
+    def request(session: str, **headers: str) -> gr.Request:
+        cookie = new_cookie_value(access.secret)
+        return gr.Request(
+            session_hash=session, headers=headers, cookies={COOKIE: cookie},
+            client={"host": "198.51.100.7"},
+        )  # fmt: skip
+
+    stranger = refresh(request("s-stranger"))
+    assert stranger[0] == training.HIDDEN_TAB_STATUS
+    assert all(part == gr.skip() for part in stranger[1:]), stranger
+    admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))
+    assert admin[0] != training.HIDDEN_TAB_STATUS and "version" in admin[0].lower(), admin[0]
+    assert len(admin[1]) >= 1  # the versions table
+    # The default (read-only) shows the same numbers to everyone.
+    readonly = settings.model_copy(update={"training_tab": "readonly"})
+    refresh = training_tab(readonly, redis_client, access=Access(readonly, redis_client))["refresh"]
+    assert refresh(request("s-stranger"))[0] != training.HIDDEN_TAB_STATUS
+
+
+def test_deletions_do_not_make_every_refresh_read_the_whole_store(
+    tiny_settings, redis_client, monkeypatch
+):
+    # Review of s22: a deletion shortens the events stream, so the next refresh read every
+    # turn and event again (2 s per 20,000 turns in the UI's process), and it moves the
+    # battles' mark, so the arena's bootstrap was refitted: one message, one vote and
+    # "Delete my data", repeated by a stranger, kept the UI's process reading the store.
+    from rlhf_core import privacy
+
+    class Clock:
+        now = 1000.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    monkeypatch.setattr(training, "_board_cache", {})  # fitted with another clock
+    store = FeedbackStore(redis_client)
+    vote(store, 0)
+    a, b = answered_turn(store, 1, "bob", version=0), answered_turn(store, 2, "bob", version=0)
+    assert store.record_battle(Battle(new_id(), "bob-s", "bob", a.turn_id, b.turn_id, 0, 0, "a"))
+    loads = count_calls(monkeypatch, "load_feedback")
+    fits = []
+    real = FeedbackStore.battles
+    monkeypatch.setattr(FeedbackStore, "battles", lambda self: fits.append(1) or real(self))
+    refresh = training_tab(tiny_settings, redis_client)["refresh"]
+    assert list(refresh(None)[1]["votes"]) == [3]  # the like and the pick's two votes
+    assert (len(loads), len(fits)) == (1, 1)
+
+    for i in range(5):  # the stranger, five times within a minute
+        clock.now += 5
+        stranger = answered_turn(store, 10 + i, f"stranger{i}")
+        assert store.record_event(Event.new(stranger.turn_id, "like", stranger.session_id,
+                                            stranger.user_id))  # fmt: skip
+        assert list(refresh(None)[1]["votes"]) == [4 + 2 * i]  # the stranger's vote counted
+        privacy.forget_user(redis_client, tiny_settings, f"stranger{i}")
+        vote(store, 20 + i)  # people keep voting: counted as they come
+        votes = list(refresh(None)[1]["votes"])
+        assert (len(loads), len(fits)) == (1, 1), "a deletion made a refresh read everything"
+        assert votes == [5 + 2 * i]  # the deleted votes stay in until the next full read
+
+    # Once the minute has passed, one full read puts the figures right again.
+    clock.now += training.FULL_READ_MIN_S
+    assert list(refresh(None)[1]["votes"]) == [8]
+    assert (len(loads), len(fits)) == (2, 2)
