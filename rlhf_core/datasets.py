@@ -203,9 +203,9 @@ def preference_pairs(
       rival only: its vote is half of a relative judgement, not a verdict to pair with
       another battle's answers;
     - votes: a liked and a disliked answer of one user to the same context
-      (same messages, e.g. an answer and its regenerate) -- every liked x
-      disliked combination. A pair states one person's preference, so answers
-      of different users are not paired.
+      (same messages, e.g. an answer and its regenerate), as :func:`vote_pairings`
+      pairs them. A pair states one person's preference, so answers of different
+      users are not paired.
 
     Pairs whose two sides are the same text are dropped (no preference), and a
     pair is kept once. ``focus`` (turn ids) keeps pairs with a side in it.
@@ -271,11 +271,31 @@ def preference_pairs(
     for group in groups.values():
         liked = [i for i in group if i.vote == "like"]
         disliked = [i for i in group if i.vote == "dislike"]
-        for good in liked:
-            for bad in disliked:
-                add(good, good.turn.answer, bad.turn.answer, "vote", good.turn.turn_id,
-                    bad.turn.turn_id, good.turn.finished, bad.turn.finished)  # fmt: skip
+        for g, b in vote_pairings(len(liked), len(disliked)):
+            good, bad = liked[g], disliked[b]
+            add(good, good.turn.answer, bad.turn.answer, "vote", good.turn.turn_id,
+                bad.turn.turn_id, good.turn.finished, bad.turn.finished)  # fmt: skip
     return out
+
+
+PAIRS_PER_ANSWER = 2
+
+
+def vote_pairings(n_liked: int, n_disliked: int) -> list[tuple[int, int]]:
+    """Which (liked, disliked) answers of one person to one context make pairs, by index:
+    every combination while one side has at most ``PAIRS_PER_ANSWER`` answers (an answer
+    and its regenerates); beyond that a round robin puts every answer in at least one pair
+    and each answer of the longer side in ``PAIRS_PER_ANSWER``. Every combination would
+    grow with the square of one person's answers to one prompt (review of s22: 150 liked
+    and 150 disliked answers, 22,500 pairs, all scored twice in every round), and its pairs
+    would move together, one answer in a hundred of them."""
+    if min(n_liked, n_disliked) <= PAIRS_PER_ANSWER:
+        return [(g, b) for g in range(n_liked) for b in range(n_disliked)]
+    longer = max(n_liked, n_disliked)
+    return list(dict.fromkeys(
+        (i % n_liked, (i + shift) % n_disliked)
+        for shift in range(PAIRS_PER_ANSWER) for i in range(longer)
+    ))  # fmt: skip
 
 
 def _user_of(item: Any) -> Any:
@@ -547,7 +567,8 @@ def round_datasets(
        held-out context, never a touched turn, at most ``max_per_user`` examples of any
        one user in the pool it is drawn from (a prolific user's history must not come
        back to dominate either);
-    4. every held-out pair in the store (to measure the reward model);
+    4. every held-out pair in the store (to measure the reward model), at most
+       ``max_per_user * window_rounds`` of any one user;
     5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones,
        never a held-out context;
     6. ``n_gate_prompts`` prompts for the KL gate: held-out contexts, topped up with
@@ -584,7 +605,9 @@ def round_datasets(
     old_pairs, _ = split_heldout(
         p for p in store_pairs if not {p["chosen_turn_id"], p["rejected_turn_id"]} & focus
     )
-    heldout_pairs = [p for p in store_pairs if is_heldout(p)]
+    # Capped per user as the training pairs are: the sign test of the reward gate counts
+    # pairs, and one person's many pairs on held-out contexts would decide it alone.
+    heldout_pairs = cap_per_user([p for p in store_pairs if is_heldout(p)], window_cap, seed)
     replay_rng = random.Random(seed + 1)
     old_point = cap_per_user(old_point, max_per_user, seed)
     old_pairs = cap_per_user(old_pairs, max_per_user, seed)

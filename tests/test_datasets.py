@@ -182,6 +182,43 @@ def test_like_dislike_pairs_on_same_context_only():
     assert ds.preference_pairs([orig, regen], [*events, ev(orig, "unvote")]) == []
 
 
+def test_vote_pairings_grow_with_the_answers_not_their_square():
+    # Hand-worked: with two answers or fewer on one side, every combination.
+    assert ds.vote_pairings(2, 3) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert ds.vote_pairings(0, 5) == []
+    # 3 x 3: the diagonal, then the diagonal shifted by one; each answer in two pairs.
+    assert ds.vote_pairings(3, 3) == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
+    # 5 liked x 3 disliked: i % 5 with i % 3, then with (i + 1) % 3, for i in 0..4.
+    assert ds.vote_pairings(5, 3) == [(0, 0), (1, 1), (2, 2), (3, 0), (4, 1),
+                                      (0, 1), (1, 2), (2, 0), (3, 1), (4, 2)]  # fmt: skip
+    big = ds.vote_pairings(150, 150)
+    assert len(big) == len(set(big)) == 300
+    assert Counter(g for g, _ in big) == dict.fromkeys(range(150), 2)
+    assert Counter(b for _, b in big) == dict.fromkeys(range(150), 2)
+
+
+def test_one_person_cannot_flood_the_held_out_pairs(store):
+    # Review of s22: held-out pairs were every liked x disliked combination in the store,
+    # uncapped: one signed-in person who sends the same held-out prompt 60 times and votes
+    # made 900 pairs, each scored twice by every round's reward gate and counted as 900
+    # independent verdicts by its sign test.
+    prompt = _prompt(heldout=True)
+    answers = [turn(f"t{i}", f"answer {i}", session=f"s{i}", prompt=prompt) for i in range(60)]
+    save(store, answers[:-1], [ev(t, "like" if i % 2 else "dislike")
+                               for i, t in enumerate(answers[:-1])])  # fmt: skip
+    store.save_turn(answers[-1])
+    entries = _entries(store, [ev(answers[-1], "like")])
+    data = ds.round_datasets(store, entries, max_per_user=8, window_rounds=4, seed=0)
+    assert 0 < len(data.heldout_pairs) <= 8 * 4
+    assert {p["user_id"] for p in data.heldout_pairs} == {"u1"}
+    # Another person's held-out pair is kept beside them.
+    o, r = turn("o", "bad", user="u2", session="s2", prompt=prompt), turn(
+        "r", "good", user="u2", session="s2", parent="o", prompt=prompt)  # fmt: skip
+    save(store, [o, r], [ev(o, "dislike"), ev(r, "like")])
+    data = ds.round_datasets(store, entries, max_per_user=8, window_rounds=4, seed=0)
+    assert [p["chosen"] for p in data.heldout_pairs if p["user_id"] == "u2"] == ["good"]
+
+
 def test_focus_keeps_pairs_with_a_touched_side():
     o, r = turn("o", "bad"), turn("r", "good")
     events = [ev(o, "dislike"), ev(r, "like")]
