@@ -513,6 +513,10 @@ class RewardModel:
         pairs only ``reward/heldout_pairs`` = 0 is returned (nothing to measure)."""
         if not pairs:
             return {"reward/heldout_pairs": 0.0}
+        return heldout_metrics(self.margins(pairs, batch_size))
+
+    def margins(self, pairs: Sequence[dict[str, Any]], batch_size: int = 16) -> Tensor:
+        """``r_chosen - r_rejected`` of each pair (positive: the pair is scored right)."""
         contexts = [p["messages"] for p in pairs]
         chosen = self.score(
             contexts,
@@ -526,9 +530,31 @@ class RewardModel:
             batch_size,
             [bool(p.get("rejected_finished", True)) for p in pairs],
         )
-        diff = chosen - rejected
-        return {
-            "reward/accuracy": float((diff > 0).float().mean()),
-            "reward/margin": float(diff.mean()),
-            "reward/heldout_pairs": float(len(pairs)),
-        }
+        return chosen - rejected
+
+
+def heldout_metrics(margins: Tensor) -> dict[str, float]:
+    """:meth:`RewardModel.evaluate`'s metrics from the pairs' margins."""
+    return {
+        "reward/accuracy": float((margins > 0).float().mean()),
+        "reward/margin": float(margins.mean()),
+        "reward/heldout_pairs": float(margins.numel()),
+    }
+
+
+def pairs_worse_without_top_user(before: Tensor, after: Tensor, users: Sequence[Any]) -> int:
+    """How many more held-out pairs the retrained reward model scores wrong than the one
+    before it (``before`` / ``after``: the pairs' margins; newly wrong minus newly right),
+    leaving out the one person whose pairs got most worse, where the pairs are more than
+    one person's. One person's pairs move together (their answers to one prompt, paired
+    with each other) and anyone signed in can make many, so no one person may refuse
+    every round through the reward gate alone (review of s22); with one person's pairs
+    only (a laptop), they are all there is."""
+    net: dict[Any, int] = {}
+    for was_right, is_right, user in zip(
+        (before > 0).tolist(), (after > 0).tolist(), users, strict=True
+    ):
+        change = int(was_right and not is_right) - int(is_right and not was_right)
+        net[user] = net.get(user, 0) + change
+    total = sum(net.values())
+    return total if len(net) < 2 else total - max(net.values())

@@ -68,6 +68,9 @@ KL_TOTAL, KL_ROUND = "kl_total", "kl_round"
 ACCURACY_KEY = "reward/accuracy"
 HELDOUT_PAIRS_KEY = "reward/heldout_pairs"
 ACCURACY_BEFORE_KEYS = ("reward/accuracy_before", "reward/heldout_accuracy_before")
+# Net held-out pairs made worse, leaving out the person whose pairs got most worse
+# (reward.pairs_worse_without_top_user): no one person decides the reward gate alone.
+WORSE_WITHOUT_TOP_USER_KEY = "reward/heldout_worse_without_top_user"
 
 
 @dataclass
@@ -119,7 +122,9 @@ def gate(metrics: dict[str, float], settings: Settings) -> str | None:
     return gate_check(metrics, settings)[0]
 
 
-def reward_drop_p_value(before: float, after: float, pairs: int) -> float:
+def reward_drop_p_value(
+    before: float, after: float, pairs: int, worse_without_top_user: float | None = None
+) -> float:
     """One-sided p-value that the retrained reward model is worse on the held-out pairs.
 
     Both models are scored on the same ``pairs``: a sign test (McNemar's exact test) on
@@ -128,9 +133,12 @@ def reward_drop_p_value(before: float, after: float, pairs: int) -> float:
     right) give the smallest p-value, ``0.5 ** k``, so this errs toward refusing. On the
     3-4 held-out pairs of an early round no drop is significant (a drop of one pair: p =
     0.5): a coin flip must not throw a round away. 0.75 -> 0.50 on 20 pairs: k = 5,
-    p = 1/32 = 0.031.
+    p = 1/32 = 0.031. ``worse_without_top_user``: the same count without the pairs of the
+    person whose pairs got most worse; the test then counts the smaller of the two.
     """
     k = round((before - after) * pairs)
+    if worse_without_top_user is not None:
+        k = min(k, round(worse_without_top_user))
     return 1.0 if k <= 0 else 0.5**k
 
 
@@ -144,7 +152,8 @@ def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | Non
     - the served KL to the parent version within ``settings.kl_round_budget`` (how far
       one round may move what people are served); kind :data:`KL_ROUND`;
     - held-out reward-model accuracy not significantly below the accuracy before the
-      round (``reward_drop_p_value`` < ``settings.reward_gate_alpha``); ``"reward"``.
+      round (``reward_drop_p_value`` < ``settings.reward_gate_alpha``, counting the pairs
+      made worse without the one person whose pairs got most worse); ``"reward"``.
     """
     bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     if bad:
@@ -156,7 +165,9 @@ def gate_check(metrics: dict[str, float], settings: Settings) -> tuple[str | Non
         pairs = metrics.get(HELDOUT_PAIRS_KEY)
         if pairs is None:  # no count to test against: any drop refuses
             return why, "reward"
-        p_value = reward_drop_p_value(before, after, int(pairs))
+        p_value = reward_drop_p_value(
+            before, after, int(pairs), metrics.get(WORSE_WITHOUT_TOP_USER_KEY)
+        )
         if p_value < settings.reward_gate_alpha:
             return f"{why} (p = {p_value:.3f} on {int(pairs)} pairs)", "reward"
     key = next((k for k in KL_KEYS if k in metrics), None)

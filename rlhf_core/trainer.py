@@ -80,9 +80,12 @@ from rlhf_core.reward import (
     adapter_parameters,
     attach_adapter,
     autocast,
+    heldout_metrics,
     hidden_states,
+    pairs_worse_without_top_user,
     save_adapter,
 )
+from rlhf_core.rounds import WORSE_WITHOUT_TOP_USER_KEY
 from rlhf_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -1105,7 +1108,8 @@ def run_training_round(
         metrics: dict[str, float] = {}
         heldout = list(heldout_pairs or [])
         if heldout:
-            before = reward_model.evaluate(heldout)
+            margins_before = reward_model.margins(heldout)
+            before = heldout_metrics(margins_before)
             metrics["reward/accuracy_before"] = before["reward/accuracy"]
             metrics["reward/margin_before"] = before["reward/margin"]
         report("reward", 0.0)
@@ -1116,7 +1120,14 @@ def run_training_round(
             )
         )
         metrics["time/reward_train_s"] = time.perf_counter() - start
-        metrics.update(reward_model.evaluate(heldout))
+        if heldout:
+            margins_after = reward_model.margins(heldout)
+            metrics.update(heldout_metrics(margins_after))
+            metrics[WORSE_WITHOUT_TOP_USER_KEY] = float(pairs_worse_without_top_user(
+                margins_before, margins_after, [p.get("user_id") for p in heldout]
+            ))  # fmt: skip
+        else:
+            metrics["reward/heldout_pairs"] = 0.0
         report("reward", 1.0)
 
         # The parent's served KL as its own round measured it (the gate's bound): the

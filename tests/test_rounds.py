@@ -6,12 +6,14 @@ import copy
 import math
 
 import pytest
+import torch
 
 from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
 from rlhf_core.registry import LOCK_TOKEN_KEY, Registry
 from rlhf_core.rounds import (
     KL_ROUND,
     KL_TOTAL,
+    WORSE_WITHOUT_TOP_USER_KEY,
     events_consumed,
     gate,
     gate_check,
@@ -75,6 +77,34 @@ def test_reward_gate_refuses_only_a_significant_drop(tiny_settings):
     assert kind == "reward" and "0.50 < 0.75" in why and "p = 0.031 on 20 pairs" in why
     strict = tiny_settings.model_copy(update={"reward_gate_alpha": 1.0})
     assert gate_check(few, strict)[1] == "reward"  # alpha 1: any drop refuses, as before
+
+
+def test_one_persons_pairs_cannot_refuse_a_round_alone(tiny_settings):
+    """Review of s22: the sign test counted pairs as independent, and one person's pairs
+    move together: 20 liked x 20 disliked answers of one person make 400 pairs, and one of
+    their answers crossing its neighbours' scores flips 20 of them (p = 0.5 ** 20). The
+    test now counts the pairs made worse without the person whose pairs got most worse."""
+    from rlhf_core.reward import pairs_worse_without_top_user
+
+    one_answer = {"reward/accuracy_before": 1.0, "reward/accuracy": 0.95,
+                  "reward/heldout_pairs": 400.0}  # fmt: skip
+    assert gate_check(one_answer, tiny_settings)[1] == "reward"  # counted as 20 verdicts
+    assert gate_check({**one_answer, WORSE_WITHOUT_TOP_USER_KEY: 0.0}, tiny_settings) == (
+        None, None)  # fmt: skip
+    # Made worse for several people: still refused (6 pairs without the top one).
+    spread = {**one_answer, WORSE_WITHOUT_TOP_USER_KEY: 6.0}
+    assert "p = 0.016 on 400 pairs" in gate_check(spread, tiny_settings)[0]
+    assert reward_drop_p_value(1.0, 0.95, 400, 6.0) == pytest.approx(0.5**6)
+
+    # Hand-worked: margins before / after (right when > 0) of five pairs of two people.
+    before = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])
+    after = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0])
+    # ann: two pairs newly wrong (net +2); bob: one newly right (net -1). Total +1;
+    # without ann (the most worse) -1.
+    assert pairs_worse_without_top_user(before, after, ["ann"] * 3 + ["bob"] * 2) == -1
+    # One person's pairs only (a laptop): all of them count.
+    assert pairs_worse_without_top_user(before, after, ["ann"] * 5) == 1
+    assert pairs_worse_without_top_user(after, before, ["ann", "bob", "cid", "dee", "eve"]) == -2
 
 
 def test_gate_decides_on_the_upper_bound_and_the_round_budget(tiny_settings):

@@ -269,6 +269,7 @@ def test_a_training_round_saves_both_artifacts_and_leaves_the_base_clean(
     for key in (
         "reward/accuracy_before",
         "reward/accuracy",
+        "reward/heldout_worse_without_top_user",
         "reward/margin",
         "objective/kl",
         "objective/scores",
