@@ -317,7 +317,8 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description="Gate: a round is refused when its retrained reward model is worse on the "
-        "held-out pairs with this significance (sign test on the pairs; 1 = any drop refuses).",
+        "held-out pairs with this significance (sign test on the pairs made worse, without the one "
+        "person whose pairs got most worse; 1 = any drop refuses).",
     )
     round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
     seed: int = Field(
