@@ -586,7 +586,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
                 admin = False
             # gr.skip() where nothing changes: re-rendering the tabs while the person
             # already types would swallow their first message.
-            hide_tab = not admin and settings.training_tab == "hidden"
+            hide_tab = training.tab_hidden_from(settings, admin)
             return (
                 gr.update(visible=False) if hide_tab else gr.skip(),
                 gr.update(visible=True) if admin else gr.skip(),

@@ -301,9 +301,15 @@ TAB_REFRESH_S = 5.0  # the Training tab's figures are recomputed at most this of
 # click for anyone) or a chat switched to "don't train" would otherwise make the next
 # refresh read every turn and event, or refit the arena's bootstrap (2 s per 20,000
 # turns, in the UI's process), as often as a stranger cares to repeat them. Until then
-# the tab's 👍 counts and ratings may still hold the votes that went.
+# the tab's 👍 counts and ratings may still hold the votes that went, and a new arena
+# pick reaches the leaderboard within this time too (picks also move the mark).
 FULL_READ_MIN_S = 60.0
 HIDDEN_TAB_STATUS = "The Training tab is for admins on this server (RLHF_TRAINING_TAB=hidden)."
+
+
+def tab_hidden_from(settings: Settings, admin: bool) -> bool:
+    """Whether this visitor gets nothing of the Training tab (RLHF_TRAINING_TAB=hidden)."""
+    return not admin and settings.training_tab == "hidden"
 
 
 class Snapshot(Generic[T]):
@@ -667,7 +673,7 @@ def build_training_tab(
 
     def refresh(request: gr.Request):
         admin = is_admin(request)
-        if not admin and settings.training_tab == "hidden":
+        if tab_hidden_from(settings, admin):
             # Hiding the tab in the page is not enough: anyone can post this handler's
             # fn_index, so the numbers are withheld here, where every caller passes.
             return (HIDDEN_TAB_STATUS,) + (gr.skip(),) * 7

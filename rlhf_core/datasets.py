@@ -284,18 +284,41 @@ PAIRS_PER_ANSWER = 2
 def vote_pairings(n_liked: int, n_disliked: int) -> list[tuple[int, int]]:
     """Which (liked, disliked) answers of one person to one context make pairs, by index:
     every combination while one side has at most ``PAIRS_PER_ANSWER`` answers (an answer
-    and its regenerates); beyond that a round robin puts every answer in at least one pair
-    and each answer of the longer side in ``PAIRS_PER_ANSWER``. Every combination would
-    grow with the square of one person's answers to one prompt (review of s22: 150 liked
-    and 150 disliked answers, 22,500 pairs, all scored twice in every round), and its pairs
-    would move together, one answer in a hundred of them."""
+    and its regenerates); beyond that each answer of the longer side is paired with
+    ``PAIRS_PER_ANSWER`` consecutive answers of the shorter one (round robin), so every
+    answer is in ``PAIRS_PER_ANSWER`` pairs or more, and the pairs are distinct. Every
+    combination would grow with the square of one person's answers to one prompt (review
+    of s22: 150 liked and 150 disliked answers, 22,500 pairs, all scored twice in every
+    round), and its pairs would move together, one answer in a hundred of them."""
     if min(n_liked, n_disliked) <= PAIRS_PER_ANSWER:
         return [(g, b) for g in range(n_liked) for b in range(n_disliked)]
-    longer = max(n_liked, n_disliked)
-    return list(dict.fromkeys(
-        (i % n_liked, (i + shift) % n_disliked)
-        for shift in range(PAIRS_PER_ANSWER) for i in range(longer)
-    ))  # fmt: skip
+    if n_liked >= n_disliked:
+        return [(i, (i + shift) % n_disliked)
+                for shift in range(PAIRS_PER_ANSWER) for i in range(n_liked)]  # fmt: skip
+    return [((i + shift) % n_liked, i)
+            for shift in range(PAIRS_PER_ANSWER) for i in range(n_disliked)]  # fmt: skip
+
+
+def cap_pairs_per_user_stably(
+    pairs: Sequence[dict[str, Any]], max_per_user: int | None
+) -> list[dict[str, Any]]:
+    """:func:`cap_per_user` for the held-out pairs, choosing each user's pairs by a digest
+    of their content instead of a seeded draw: a user's kept pairs change only when a new
+    one digests lower, so the reward model's held-out accuracy is measured on the same
+    pairs from round to round, not on a new draw each round. Order kept."""
+    if max_per_user is None:
+        return list(pairs)
+
+    def digest(pair: dict[str, Any]) -> str:
+        text = json.dumps([context_key(pair["messages"]), pair["chosen"], pair["rejected"]])
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    by_user: dict[Any, list[int]] = defaultdict(list)
+    for i, pair in enumerate(pairs):
+        by_user[_user_of(pair)].append(i)
+    keep = {i for ids in by_user.values()
+            for i in sorted(ids, key=lambda i: digest(pairs[i]))[:max_per_user]}  # fmt: skip
+    return [pair for i, pair in enumerate(pairs) if i in keep]
 
 
 def _user_of(item: Any) -> Any:
@@ -568,7 +591,8 @@ def round_datasets(
        one user in the pool it is drawn from (a prolific user's history must not come
        back to dominate either);
     4. every held-out pair in the store (to measure the reward model), at most
-       ``max_per_user * window_rounds`` of any one user;
+       ``max_per_user * window_rounds`` of any one user, the same ones from round to
+       round (:func:`cap_pairs_per_user_stably`);
     5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones,
        never a held-out context;
     6. ``n_gate_prompts`` prompts for the KL gate: held-out contexts, topped up with
@@ -591,7 +615,7 @@ def round_datasets(
     touched = list(dict.fromkeys(e.turn_id for e in events))
     focus = set(touched)
     window_cap = None if max_per_user is None else max_per_user * window_rounds
-    # A pair combines votes (liked x disliked answers), so it is capped on its own too.
+    # A pair combines votes (liked and disliked answers), so it is capped on its own too.
     all_pointwise = cap_per_user(pointwise_examples(turns, history, focus=focus), window_cap, seed)
     all_pairs = cap_per_user(preference_pairs(turns, history, focus=focus), window_cap, seed)
     pointwise, heldout_point = split_heldout(all_pointwise)
@@ -607,7 +631,7 @@ def round_datasets(
     )
     # Capped per user as the training pairs are: the sign test of the reward gate counts
     # pairs, and one person's many pairs on held-out contexts would decide it alone.
-    heldout_pairs = cap_per_user([p for p in store_pairs if is_heldout(p)], window_cap, seed)
+    heldout_pairs = cap_pairs_per_user_stably([p for p in store_pairs if is_heldout(p)], window_cap)
     replay_rng = random.Random(seed + 1)
     old_point = cap_per_user(old_point, max_per_user, seed)
     old_pairs = cap_per_user(old_pairs, max_per_user, seed)

@@ -529,19 +529,6 @@ end
 return n
 """
 
-# Retention of deletion marks. KEYS: forgotten. ARGV: the cut-off time, then user digests.
-_EXPIRE_TOMBSTONES = """
-local n = 0
-for i = 2, #ARGV do
-  local at = redis.call('HGET', KEYS[1], ARGV[i])
-  if at and tonumber(at) < tonumber(ARGV[1]) then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    n = n + 1
-  end
-end
-return n
-"""
-
 # A deletion's tombstone. KEYS: forgotten, accounts, user data, recent tombstone.
 # ARGV: user hash, user id, time, seconds a short one lasts. A user with anything stored
 # (or deleted before) gets the lasting field; one with nothing stored an expiring key.
@@ -746,7 +733,6 @@ class FeedbackStore:
         self._delete_events = redis_client.register_script(_DELETE_EVENTS)
         self._tombstone = redis_client.register_script(_TOMBSTONE)
         self._forget_idle_accounts = redis_client.register_script(_FORGET_IDLE_ACCOUNTS)
-        self._expire_tombstones = redis_client.register_script(_EXPIRE_TOMBSTONES)
         self._group_ready = False
 
     # ---- turns -----------------------------------------------------------
@@ -1384,9 +1370,11 @@ class FeedbackStore:
     def forget_old_accounts(self, before: float) -> int:
         """Retention for what the store keeps about accounts themselves: when an account
         was first seen, where that was before ``before`` and nothing of it is stored any
-        more (it comes back as a new account), and deletion marks made before ``before``
-        (a mark refuses late copies of turns made before the deletion: by then those are
-        older than the retention window too). Returns how many records went."""
+        more (it comes back as a new account). Deletion marks stay: a digest and a time,
+        what refuses a late copy of a deleted person's turn or event for good. "Nothing
+        stored" is read from the per-user index, built here first on a store older than
+        it. Returns how many accounts were forgotten."""
+        self.ensure_user_index()
         gone = 0
         idle = [_text(user) for user, first in self.redis.hscan_iter(ACCOUNTS_KEY, count=1000)
                 if float(first) < before]  # fmt: skip
@@ -1394,12 +1382,6 @@ class FeedbackStore:
             users = idle[start : start + SCRIPT_BATCH]
             keys = [ACCOUNTS_KEY, *(user_data_key(u) for u in users)]
             gone += int(self._forget_idle_accounts(keys=keys, args=[repr(before), *users]))
-        marks = [_text(digest) for digest, at in self.redis.hscan_iter(FORGOTTEN_KEY, count=1000)
-                 if float(at) < before]  # fmt: skip
-        for start in range(0, len(marks), SCRIPT_BATCH):
-            digests = marks[start : start + SCRIPT_BATCH]
-            args = [repr(before), *digests]
-            gone += int(self._expire_tombstones(keys=[FORGOTTEN_KEY], args=args))
         return gone
 
     @_surface_unavailable

@@ -232,7 +232,7 @@ class Admission:
     now: float = field(default_factory=time.time)
     overrides: dict[str, bool] = field(default_factory=dict)  # turn id -> chat switch
     decisions: dict[str, str] = field(default_factory=dict)  # event id -> review decision
-    first_seen: dict[str, float] = field(default_factory=dict)  # user id -> first turn
+    first_seen: dict[str, float] = field(default_factory=dict)  # user id -> first turn/event
     forgotten: dict[str, float] = field(default_factory=dict)  # user id -> deletion time
 
     @classmethod
@@ -442,8 +442,8 @@ def apply_retention(
     everything) together with their events, where every event on the turn is older
     too, and none is pending in the training group, still unread by it, or held back
     (feedback is never lost before it was trained on or decided); then the records of
-    accounts first seen before the cut-off with nothing left, and deletion marks older
-    than it (:meth:`FeedbackStore.forget_old_accounts`). Returns counts of turns and events."""
+    accounts first seen before the cut-off with nothing left
+    (:meth:`FeedbackStore.forget_old_accounts`). Returns counts of turns and events."""
     from rlhf_core.registry import Registry
 
     days = settings.retention_days if days is None else days

@@ -542,14 +542,18 @@ def heldout_metrics(margins: Tensor) -> dict[str, float]:
     }
 
 
+MIN_PEOPLE_TO_LEAVE_ONE_OUT = 3  # see pairs_worse_without_top_user
+
+
 def pairs_worse_without_top_user(before: Tensor, after: Tensor, users: Sequence[Any]) -> int:
     """How many more held-out pairs the retrained reward model scores wrong than the one
     before it (``before`` / ``after``: the pairs' margins; newly wrong minus newly right),
-    leaving out the one person whose pairs got most worse, where the pairs are more than
-    one person's. One person's pairs move together (their answers to one prompt, paired
-    with each other) and anyone signed in can make many, so no one person may refuse
-    every round through the reward gate alone (review of s22); with one person's pairs
-    only (a laptop), they are all there is."""
+    leaving out the one person whose pairs got most worse, where the pairs are of three
+    people or more. One person's pairs move together (their answers to one prompt, paired
+    with each other) and anyone signed in can make many, so on a service with many people
+    no one account may refuse every round through the reward gate alone (review of s22).
+    With the pairs of one or two ids (a laptop, where each browser is an id of its own)
+    every pair counts: leaving one of two out would leave the gate nearly blind."""
     net: dict[Any, int] = {}
     for was_right, is_right, user in zip(
         (before > 0).tolist(), (after > 0).tolist(), users, strict=True
@@ -557,4 +561,4 @@ def pairs_worse_without_top_user(before: Tensor, after: Tensor, users: Sequence[
         change = int(was_right and not is_right) - int(is_right and not was_right)
         net[user] = net.get(user, 0) + change
     total = sum(net.values())
-    return total if len(net) < 2 else total - max(net.values())
+    return total if len(net) < MIN_PEOPLE_TO_LEAVE_ONE_OUT else total - max(net.values())

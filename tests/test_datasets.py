@@ -188,11 +188,25 @@ def test_vote_pairings_grow_with_the_answers_not_their_square():
     assert ds.vote_pairings(0, 5) == []
     # 3 x 3: the diagonal, then the diagonal shifted by one; each answer in two pairs.
     assert ds.vote_pairings(3, 3) == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0)]
-    # 5 liked x 3 disliked: i % 5 with i % 3, then with (i + 1) % 3, for i in 0..4.
+    # 5 liked x 3 disliked: liked i with disliked i % 3, then with (i + 1) % 3.
     assert ds.vote_pairings(5, 3) == [(0, 0), (1, 1), (2, 2), (3, 0), (4, 1),
                                       (0, 1), (1, 2), (2, 0), (3, 1), (4, 2)]  # fmt: skip
+    # 3 liked x 4 disliked: disliked i with liked i % 3, then (i + 1) % 3; every disliked
+    # answer in two pairs, liked 0 in three (the first try had disliked 0 in one).
+    assert ds.vote_pairings(3, 4) == [(0, 0), (1, 1), (2, 2), (0, 3),
+                                      (1, 0), (2, 1), (0, 2), (1, 3)]  # fmt: skip
     big = ds.vote_pairings(150, 150)
     assert len(big) == len(set(big)) == 300
+    for liked, disliked in ((3, 7), (7, 3), (4, 9), (10, 3), (6, 6)):
+        pairs = ds.vote_pairings(liked, disliked)
+        assert len(set(pairs)) == len(pairs) == 2 * max(liked, disliked)
+        assert (
+            min(Counter(g for g, _ in pairs).values()) >= 2 and len({g for g, _ in pairs}) == liked
+        )
+        assert (
+            min(Counter(b for _, b in pairs).values()) >= 2
+            and len({b for _, b in pairs}) == disliked
+        )
     assert Counter(g for g, _ in big) == dict.fromkeys(range(150), 2)
     assert Counter(b for _, b in big) == dict.fromkeys(range(150), 2)
 
@@ -211,6 +225,9 @@ def test_one_person_cannot_flood_the_held_out_pairs(store):
     data = ds.round_datasets(store, entries, max_per_user=8, window_rounds=4, seed=0)
     assert 0 < len(data.heldout_pairs) <= 8 * 4
     assert {p["user_id"] for p in data.heldout_pairs} == {"u1"}
+    # The next round (another seed) measures the reward model on the same pairs.
+    again = ds.round_datasets(store, entries, max_per_user=8, window_rounds=4, seed=7)
+    assert again.heldout_pairs == data.heldout_pairs
     # Another person's held-out pair is kept beside them.
     o, r = turn("o", "bad", user="u2", session="s2", prompt=prompt), turn(
         "r", "good", user="u2", session="s2", parent="o", prompt=prompt)  # fmt: skip

@@ -82,8 +82,9 @@ def test_reward_gate_refuses_only_a_significant_drop(tiny_settings):
 def test_one_persons_pairs_cannot_refuse_a_round_alone(tiny_settings):
     """Review of s22: the sign test counted pairs as independent, and one person's pairs
     move together: 20 liked x 20 disliked answers of one person make 400 pairs, and one of
-    their answers crossing its neighbours' scores flips 20 of them (p = 0.5 ** 20). The
-    test now counts the pairs made worse without the person whose pairs got most worse."""
+    their answers crossing its neighbours' scores flips 20 of them (p = 0.5 ** 20). With
+    the pairs of three people or more, the test now counts the pairs made worse without
+    the person whose pairs got most worse."""
     from rlhf_core.reward import pairs_worse_without_top_user
 
     one_answer = {"reward/accuracy_before": 1.0, "reward/accuracy": 0.95,
@@ -96,15 +97,18 @@ def test_one_persons_pairs_cannot_refuse_a_round_alone(tiny_settings):
     assert "p = 0.016 on 400 pairs" in gate_check(spread, tiny_settings)[0]
     assert reward_drop_p_value(1.0, 0.95, 400, 6.0) == pytest.approx(0.5**6)
 
-    # Hand-worked: margins before / after (right when > 0) of five pairs of two people.
-    before = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])
-    after = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0])
-    # ann: two pairs newly wrong (net +2); bob: one newly right (net -1). Total +1;
-    # without ann (the most worse) -1.
-    assert pairs_worse_without_top_user(before, after, ["ann"] * 3 + ["bob"] * 2) == -1
-    # One person's pairs only (a laptop): all of them count.
-    assert pairs_worse_without_top_user(before, after, ["ann"] * 5) == 1
-    assert pairs_worse_without_top_user(after, before, ["ann", "bob", "cid", "dee", "eve"]) == -2
+    # Hand-worked: margins before / after (right when > 0) of six pairs of three people.
+    before = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, 1.0])
+    after = torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0])
+    # ann: two pairs newly wrong (net +2); bob: one newly right (net -1); cid: none.
+    # Total +1; without ann (the most worse) -1.
+    users = ["ann"] * 3 + ["bob"] * 2 + ["cid"]
+    assert pairs_worse_without_top_user(before, after, users) == -1
+    # The pairs of one or two ids (a laptop: each browser an id): all of them count.
+    assert pairs_worse_without_top_user(before, after, ["ann"] * 3 + ["bob"] * 3) == 1
+    assert pairs_worse_without_top_user(before, after, ["ann"] * 6) == 1
+    # The other way round, six people: -1 in all, less eve's +1 (the most worse).
+    assert pairs_worse_without_top_user(after, before, ["a", "b", "c", "d", "eve", "f"]) == -2
 
 
 def test_gate_decides_on_the_upper_bound_and_the_round_budget(tiny_settings):
