@@ -299,26 +299,10 @@ def vote_pairings(n_liked: int, n_disliked: int) -> list[tuple[int, int]]:
             for shift in range(PAIRS_PER_ANSWER) for i in range(n_disliked)]  # fmt: skip
 
 
-def cap_pairs_per_user_stably(
-    pairs: Sequence[dict[str, Any]], max_per_user: int | None
-) -> list[dict[str, Any]]:
-    """:func:`cap_per_user` for the held-out pairs, choosing each user's pairs by a digest
-    of their content instead of a seeded draw: a user's kept pairs change only when a new
-    one digests lower, so the reward model's held-out accuracy is measured on the same
-    pairs from round to round, not on a new draw each round. Order kept."""
-    if max_per_user is None:
-        return list(pairs)
-
-    def digest(pair: dict[str, Any]) -> str:
-        text = json.dumps([context_key(pair["messages"]), pair["chosen"], pair["rejected"]])
-        return hashlib.sha1(text.encode()).hexdigest()
-
-    by_user: dict[Any, list[int]] = defaultdict(list)
-    for i, pair in enumerate(pairs):
-        by_user[_user_of(pair)].append(i)
-    keep = {i for ids in by_user.values()
-            for i in sorted(ids, key=lambda i: digest(pairs[i]))[:max_per_user]}  # fmt: skip
-    return [pair for i, pair in enumerate(pairs) if i in keep]
+def pair_digest(pair: dict[str, Any]) -> str:
+    """A pair's fixed identity (its context and both answers), for choosing by content."""
+    text = json.dumps([context_key(pair["messages"]), pair["chosen"], pair["rejected"]])
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def _user_of(item: Any) -> Any:
@@ -333,12 +317,15 @@ def cap_per_user(
     seed: int = 0,
     *,
     user_of: Callable[[T], Any] = _user_of,
+    choose_by: Callable[[T], Any] | None = None,
 ) -> list[T]:
     """Keep at most ``max_per_user`` items per user (items are dicts with a
     ``user_id`` key or objects with a ``user_id`` attribute), so one person
     cannot dominate a batch. Which items a prolific user keeps is a seeded
-    random sample, so it does not always favour their oldest or newest; the
-    kept items stay in their original order. ``None`` means no cap."""
+    random sample, so it does not always favour their oldest or newest; with
+    ``choose_by``, the items with the smallest keys instead (the same ones as
+    long as no lower key comes). The kept items stay in their original order.
+    ``None`` means no cap."""
     if max_per_user is None:
         return list(items)
     if max_per_user < 1:
@@ -353,7 +340,12 @@ def cap_per_user(
     # Sorted by repr so the sample depends only on the seed and the data.
     for user in sorted(by_user, key=repr):
         indices = by_user[user]
-        keep.update(indices if len(indices) <= max_per_user else rng.sample(indices, max_per_user))
+        if len(indices) <= max_per_user:
+            keep.update(indices)
+        elif choose_by is not None:
+            keep.update(sorted(indices, key=lambda i: choose_by(items[i]))[:max_per_user])
+        else:
+            keep.update(rng.sample(indices, max_per_user))
     return [item for index, item in enumerate(items) if index in keep]
 
 
@@ -592,7 +584,7 @@ def round_datasets(
        back to dominate either);
     4. every held-out pair in the store (to measure the reward model), at most
        ``max_per_user * window_rounds`` of any one user, the same ones from round to
-       round (:func:`cap_pairs_per_user_stably`);
+       round (chosen by :func:`pair_digest`);
     5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones,
        never a held-out context;
     6. ``n_gate_prompts`` prompts for the KL gate: held-out contexts, topped up with
@@ -630,8 +622,10 @@ def round_datasets(
         p for p in store_pairs if not {p["chosen_turn_id"], p["rejected_turn_id"]} & focus
     )
     # Capped per user as the training pairs are: the sign test of the reward gate counts
-    # pairs, and one person's many pairs on held-out contexts would decide it alone.
-    heldout_pairs = cap_pairs_per_user_stably([p for p in store_pairs if is_heldout(p)], window_cap)
+    # pairs, and one person's many pairs on held-out contexts would decide it alone. Chosen
+    # by content, so the reward model is measured on the same pairs from round to round.
+    heldout = [p for p in store_pairs if is_heldout(p)]
+    heldout_pairs = cap_per_user(heldout, window_cap, choose_by=pair_digest)
     replay_rng = random.Random(seed + 1)
     old_point = cap_per_user(old_point, max_per_user, seed)
     old_pairs = cap_per_user(old_pairs, max_per_user, seed)

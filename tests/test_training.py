@@ -40,6 +40,16 @@ def training_tab(settings, client, **kwargs) -> dict:
             return training.build_training_tab(settings, client=client, **kwargs)
 
 
+def signed_request(access: Access, session: str, **headers: str) -> gr.Request:
+    """A request from a browser holding a cookie this server signed (headers: e.g. the
+    proxy's account header)."""
+    cookie = new_cookie_value(access.secret)
+    return gr.Request(
+        session_hash=session, headers=headers, cookies={COOKIE: cookie},
+        client={"host": "198.51.100.7"},
+    )  # fmt: skip
+
+
 def count_calls(monkeypatch, name: str, pause_s: float = 0.0) -> list[int]:
     """Wrap ``training.<name>`` with a counter (and a pause that lets concurrent callers
     overlap, as they would on a big store)."""
@@ -135,17 +145,10 @@ def test_a_failed_rounds_exception_text_is_for_admins_only(tiny_settings, redis_
     access = Access(settings, redis_client)
     refresh = training_tab(settings, redis_client, access=access)["refresh"]
 
-    def request(session: str, **headers: str) -> gr.Request:
-        cookie = new_cookie_value(access.secret)
-        return gr.Request(
-            session_hash=session, headers=headers, cookies={COOKIE: cookie},
-            client={"host": "198.51.100.7"},
-        )  # fmt: skip
-
-    visitor = refresh(request("s-visitor"))[0]
+    visitor = refresh(signed_request(access, "s-visitor"))[0]
     assert "last round failed" in visitor
     assert "/data/artifacts" not in visitor and "10.0.0.5" not in visitor, visitor
-    admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))[0]
+    admin = refresh(signed_request(access, "s-admin", **{"x-forwarded-user": "root"}))[0]
     assert "/data/artifacts/x" in admin and "10.0.0.5:6379" in admin, admin
 
 
@@ -162,23 +165,16 @@ def test_a_hidden_training_tab_gives_its_numbers_to_admins_only(tiny_settings, r
     access = Access(settings, redis_client)
     refresh = training_tab(settings, redis_client, access=access)["refresh"]
 
-    def request(session: str, **headers: str) -> gr.Request:
-        cookie = new_cookie_value(access.secret)
-        return gr.Request(
-            session_hash=session, headers=headers, cookies={COOKIE: cookie},
-            client={"host": "198.51.100.7"},
-        )  # fmt: skip
-
-    stranger = refresh(request("s-stranger"))
+    stranger = refresh(signed_request(access, "s-stranger"))
     assert stranger[0] == training.HIDDEN_TAB_STATUS
     assert all(part == gr.skip() for part in stranger[1:]), stranger
-    admin = refresh(request("s-admin", **{"x-forwarded-user": "root"}))
+    admin = refresh(signed_request(access, "s-admin", **{"x-forwarded-user": "root"}))
     assert admin[0] != training.HIDDEN_TAB_STATUS and "version" in admin[0].lower(), admin[0]
     assert len(admin[1]) >= 1  # the versions table
     # The default (read-only) shows the same numbers to everyone.
     readonly = settings.model_copy(update={"training_tab": "readonly"})
     refresh = training_tab(readonly, redis_client, access=Access(readonly, redis_client))["refresh"]
-    assert refresh(request("s-stranger"))[0] != training.HIDDEN_TAB_STATUS
+    assert refresh(signed_request(access, "s-stranger"))[0] != training.HIDDEN_TAB_STATUS
 
 
 def test_deletions_do_not_make_every_refresh_read_the_whole_store(
