@@ -31,6 +31,7 @@ from rlhf_core.gate import (
     rescale_after_miss,
     scale_between,
     scale_within_kl_budget,
+    score_gain,
     set_update_fraction,
     toward_base_keeps_more,
     within_kl_budget,
@@ -913,7 +914,9 @@ def test_a_round_past_the_budget_from_a_parent_publishes_the_adapter_scaled(
 
     from rlhf_core.gate import KLSearch
 
-    monkeypatch.setattr(KLSearch, "_parent_side_if_it_scores_as_well", lambda self: None)
+    monkeypatch.setattr(
+        KLSearch, "_parent_side_unless_scaled_scores_clearly_higher", lambda self: None
+    )
 
     settings = tiny_settings.model_copy(update={"ppo_steps": 2})
     common = dict(pointwise=[], pairs=_pairs(8), prompts=PROMPTS, reward_dir=None,
@@ -1346,10 +1349,12 @@ def _scripted_gate(monkeypatch, means: list[float]) -> list[float]:
 
     def scripted(trainer, settings, prompts, parent_dir):
         norms.append(lora_b_norm(trainer.model.named_parameters(), POLICY_ADAPTER))
-        # A number, or (KL to the base, KL to the parent[, the answers' mean score]).
+        # A number, or (KL to the base, KL to the parent[, the answers' mean score, or
+        # their 16 scores]).
         mean = queue.pop(0)
         if isinstance(mean, tuple):
-            scores = _around(mean[2]) if len(mean) > 2 else None
+            scores = None if len(mean) < 3 else mean[2]
+            scores = _around(scores) if isinstance(scores, float) else scores
             parent = _around(mean[1]).clamp(min=0)
             return GateSample(_around(mean[0]), parent, list(range(16)), scores)
         return GateSample(_around(mean), None, list(range(16)))
@@ -1542,6 +1547,65 @@ def test_a_scaled_candidate_is_published_only_if_it_outscores_the_parents_side(
     assert saved == pytest.approx(norms[-1], rel=1e-4)
     assert norms[-1] == pytest.approx(norms[2 if published == "parent side" else 1], rel=1e-4)
     assert norms[1] != pytest.approx(norms[2], rel=1e-3)  # two different candidates
+
+
+def test_score_gain_pairs_the_two_candidates_answers_by_prompt():
+    """By hand, two answers a prompt. Scaled: A [1.2, 0.8], B [0.5, 0.5], C [2, 2], D [0,
+    0.2], prompt means 1.0, 0.5, 2.0, 0.1; parent's side: A [0.2, 0.2], B [1.0, 0.8], C [1,
+    1], D [0.3, 0.3], means 0.2, 0.9, 1.0, 0.3. Paired by prompt the gaps are 0.8, -0.4,
+    1.0, -0.2: mean 0.3, s = sqrt(1.48 / 3) = 0.70238, error 0.70238 / 2 = 0.35119, so the
+    scaled candidate is not clearly higher (0.3 < 0.35119). Without prompt ids: means 0.9
+    and 0.6, error sqrt(4.14 / 7 / 8 + 1.02 / 7 / 8) = 0.30355."""
+    scaled = torch.tensor([1.2, 0.8, 0.5, 0.5, 2.0, 2.0, 0.0, 0.2])
+    parent_side = torch.tensor([0.2, 0.2, 1.0, 0.8, 1.0, 1.0, 0.3, 0.3])
+    kl = torch.zeros(8)
+    ids = ["A", "A", "B", "B", "C", "C", "D", "D"]
+    gain = score_gain(GateSample(kl, None, ids, scaled), GateSample(kl, None, ids, parent_side))
+    assert gain == pytest.approx((0.3, 0.35119), abs=1e-5)
+    # The same prompts in another order pair the same way.
+    order = [6, 7, 0, 1, 4, 5, 2, 3]
+    shuffled = GateSample(kl, None, [ids[i] for i in order], parent_side[order])
+    assert score_gain(GateSample(kl, None, ids, scaled), shuffled) == pytest.approx(gain)
+    unpaired = score_gain(
+        GateSample(kl, None, None, scaled), GateSample(kl, None, None, parent_side)
+    )
+    assert unpaired == pytest.approx((0.3, 0.30355), abs=1e-5)
+    assert score_gain(GateSample(kl, None, ids, None), GateSample(kl, None, ids, scaled)) is None
+
+
+@pytest.mark.parametrize("spread, published", [(0.0, "scaled"), (1.0, "parent side")])
+def test_a_scaled_candidate_must_outscore_the_parents_side_by_more_than_its_noise(
+    tiny_model, tiny_settings, tmp_path, monkeypatch, spread, published
+):
+    """The scaled candidate's 16 answers score 0.2 higher than the parent's side's on
+    average. With no spread in the per-prompt gaps (all 0.2) that is clear and the scaled
+    one is published; with the parent's side's scores 0.8 +- 1 (the gaps 1.2 on eight
+    prompts, -0.8 on the other eight: mean 0.2, s = sqrt(16 / 15) = 1.03280, error
+    1.03280 / 4 = 0.25820), it is within one standard error and the parent's side is
+    published. Before, any higher mean published the scaled candidate: headline's v2 and
+    v4 on 68e1d63 outscored the parent's side by 0.00 and 0.05 and lost 13 and 25 points
+    of held-out 👍."""
+    swing = torch.tensor([spread, spread, -spread, -spread] * 4)
+    parent_side_scores = _around(0.8) + swing
+    settings, result, left = _second_round_scripted(
+        tiny_model, tiny_settings, tmp_path, monkeypatch,
+        [(17.0, 6.0), (8.0, 3.0, 1.0), (8.5, 2.5, parent_side_scores), (8.3, 2.4, 1.1)],
+    )  # fmt: skip
+    metrics = result.metrics
+    assert not left and metrics["gate/measurements"] == 4
+    assert metrics["gate/scaled_score_gain"] == pytest.approx(0.2, abs=1e-6)
+    assert metrics["gate/scaled_score_gain_se"] == pytest.approx(spread * 0.25820, abs=1e-5)
+    if published == "parent side":
+        assert metrics["gate/parent_side_chosen"] == 1.0
+        assert metrics["gate/update_fraction"] == pytest.approx(0.51006, abs=1e-5)
+        assert metrics["gate/base_scale"] == 1.0
+    else:
+        assert metrics["gate/parent_side_chosen"] == 0.0
+        assert metrics["gate/update_fraction"] == 1.0
+        assert metrics["gate/base_scale"] == pytest.approx(0.72310, abs=1e-5)
+    assert saved_lora_b_norm(result.policy_dir) == pytest.approx(
+        norms[2 if published == "parent side" else 1], rel=1e-4
+    )
 
 
 def test_a_parent_over_the_budget_on_this_rounds_prompts_is_scaled_toward_the_base(
