@@ -13,10 +13,10 @@ the parent (a backtracking line search, the KL constraint of TRPO applied to the
 KL), each candidate predicted from the last measurement by how KL grows with the step
 (:func:`fraction_within_kl_budget`, :func:`scale_within_kl_budget`,
 :func:`rescale_after_miss`, :func:`scale_between`); after a search toward the base, the
-candidate on the parent's side is measured too, and the round's reward model chooses between
-the two by their answers' scores; the chosen candidate is measured again
-on prompts the search did not see (:func:`gate_prompt_halves`) and decided on both
-samples pooled.
+candidate on the parent's side is measured too, and published unless the round's reward
+model scores the scaled one's answers higher by more than their noise (:func:`score_gain`);
+the chosen candidate is measured again on prompts the search did not see
+(:func:`gate_prompt_halves`) and decided on both samples pooled.
 
 The sampling and the forwards are :class:`~rlhf_core.trainer.PPOTrainer`'s
 (``served_kl_samples``); this module decides what to measure and which candidate the
