@@ -618,6 +618,48 @@ def prune_unread_records(queue: Any) -> int:
 PRUNE_EVERY_JOINS = 64
 
 
+class LiveSessionsKept(OrderedDict):
+    """Gradio's per-session message queues (``Queue.pending_messages_per_session``), where
+    a full store drops the oldest session with no event queued or running, not the oldest
+    session.
+
+    Gradio keeps them in an LRU of 2000 sessions that drops the oldest first, and every
+    join with a session hash it has not seen adds one, before any handler runs: 2000
+    refused joins with fresh hashes, cheap and from one address, pushed every chat that was
+    streaming out of it, and each lost its answer (its stream read 404, the handler's next
+    message a KeyError). A session with an event queued or running is kept; those are
+    bounded by the queue's size and the concurrency limits, far below the store's. Gradio's
+    code reads and writes it only on the event loop, so no lock."""
+
+    def __init__(self, queue: Any, max_size: int) -> None:
+        super().__init__()
+        self.queue = queue
+        self.max_size = max_size
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in self:
+            self.move_to_end(key)
+        elif len(self) >= self.max_size:
+            del self[self._oldest_idle()]
+        super().__setitem__(key, value)
+
+    def _oldest_idle(self) -> Any:
+        live, records = self.queue.event_ids_to_events, self.queue.pending_event_ids_session
+        for session in self:
+            if not any(event_id in live for event_id in records.get(session, ())):
+                return session
+        return next(iter(self))
+
+
+def keep_live_sessions(queue: Any) -> None:
+    """Make ``queue`` (Gradio's) drop idle sessions before live ones (:class:`LiveSessionsKept`)."""
+    entries = queue.pending_messages_per_session
+    kept = LiveSessionsKept(queue, getattr(entries, "max_size", 2000))
+    for session, messages in entries.items():
+        kept[session] = messages
+    queue.pending_messages_per_session = kept
+
+
 class BoundaryMiddleware:
     """Session cookie, body size limit, name allowlist and the busy message, in one
     pass (one ASGI layer: every request pays for it, so it stays cheap)."""

@@ -742,6 +742,7 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
     # with its concurrency limits and RLHF_MAX_QUEUE. Gradio leaves POST /run/<name> open
     # off a Space, where a direct call skipped both (and held a server thread while it ran).
     app.demo.queue(default_concurrency_limit=8, max_size=settings.max_queue, api_open=False)
+    access_mod.keep_live_sessions(app.demo._queue)
     boundary = Middleware(
         access_mod.BoundaryMiddleware,
         secret=app.access.secret,

@@ -341,11 +341,9 @@ def test_joins_nobody_reads_do_not_pile_up_in_gradios_queue(serve_app):
     # Review of s13: each POST /gradio_api/call/NAME left a record in Gradio's queue until its
     # results were read (200 unread joins with fresh session hashes: +200 records, for good),
     # and every GET /call/NAME/<id> scans those records on the event loop.
-    from gradio.utils import LRUCache
-
     app = serve_app(**PUBLIC, session_rate_ip="1000/minute")
     queue = app.demo._queue
-    queue.pending_messages_per_session = LRUCache(20)  # Gradio's 2000, made small to test
+    queue.pending_messages_per_session.max_size = 20  # Gradio's 2000, made small to test
     stranger = visitor(app.url)
     for i in range(200):
         response = stranger.post("/gradio_api/call/vote",
@@ -355,6 +353,38 @@ def test_joins_nobody_reads_do_not_pile_up_in_gradios_queue(serve_app):
     # Someone who reads their results still gets them.
     status, kind, _ = http_call(stranger, "new_chat", [], "reader")
     assert (status, kind) == (200, "complete")
+
+
+def test_a_flood_of_new_sessions_does_not_cut_off_a_streaming_answer(serve_app):
+    # Review of s23: Gradio keeps each session's messages in an LRU of 2000 sessions that
+    # drops the oldest first, and every join with a fresh session hash adds one before any
+    # handler runs. 2000 refused joins from one address pushed every streaming chat out:
+    # its stream read 404 and the answer was lost. Now an idle session goes first.
+    app = serve_app(**PUBLIC, session_rate_ip="1000/minute")
+    app.demo._queue.pending_messages_per_session.max_size = 20  # Gradio's 2000, made small
+
+    def slow(*_):
+        time.sleep(0.02)  # about 5 s for the whole answer: the flood comes while it streams
+
+    hook = app.service.policy.model.register_forward_hook(slow)
+    try:
+        client = Client(app.url, verbose=False)
+        job = client.submit("Tell me a long story", "", 1.0, 0.9, 256, api_name="/send")
+        deadline = time.monotonic() + 60
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.outputs() and not job.done(), "the answer should be streaming"
+        stranger = visitor(app.url)
+        for i in range(60):
+            flood = {"data": [-1, "like"], "session_hash": f"f{i}"}
+            response = stranger.post("/gradio_api/call/vote", json=flood)
+            assert response.status_code == 200
+        assert not job.done(), "the flood should arrive while the answer streams"
+        chat = job.result()[0]
+    finally:
+        hook.remove()
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert len(list(app.service.store.turns())) == 1  # the answer was written and stored
 
 
 def test_a_stranger_cannot_upload_files(serve_app):
