@@ -60,6 +60,19 @@ log = logging.getLogger(__name__)
 VOTES = validation.VOTE_KINDS
 EMPTY_ANSWER = "*(the model returned an empty answer)*"
 MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their answers saved)
+# Undo reaches back this many actions: each keeps what it replaced (a rewrite its text of up to
+# RLHF_MAX_INPUT_CHARS or more, a new chat the whole chat), and the stack had no end.
+UNDO_DEPTH = 50
+# Reactions (votes, rewrites) one answer takes in a session. Each is an event kept in the
+# store; a person changes their mind a few times, and 50 is far more than that: without a
+# cap, a script alternating two 4,000-character rewrites of one answer wrote 240 a minute.
+MAX_REACTIONS_PER_ANSWER = 50
+
+
+def remember(session: ChatSession, action: dict[str, Any]) -> None:
+    """Push ``action`` on the session's undo stack, which keeps the last ``UNDO_DEPTH``."""
+    session.actions.append(action)
+    del session.actions[:-UNDO_DEPTH]
 
 
 # What an unreachable or restarting Redis raises (FeedbackUnavailable is both).
@@ -352,6 +365,12 @@ class ChatService:
         nothing changes), unless ``queue``: then it waits in the session, behind the
         pending turns, and is written with them (a regenerate whose answer is shown)."""
         n = session.reactions.get(turn_id, 0)
+        if kind != "undo" and n >= MAX_REACTIONS_PER_ANSWER:
+            # Undo stays open: it only takes back what the stack holds.
+            raise validation.InputError(
+                f"This answer has taken {MAX_REACTIONS_PER_ANSWER} reactions, as many as one "
+                "answer keeps. Send a new message to go on."
+            )
         event = Event(
             event_id=f"{turn_id}:{n}:{kind}",
             turn_id=turn_id,
@@ -550,7 +569,7 @@ class ChatService:
                 answer["saved"] = turn.turn_id not in session.pending
                 if session.epoch == epoch:
                     session.messages += [{"role": "user", "content": text}, answer]
-                    session.actions.append({"kind": "send", "turn_id": turn.turn_id, "text": text})
+                    remember(session, {"kind": "send", "turn_id": turn.turn_id, "text": text})
                     self._apply_deferred_votes(session, stream, answer)
                 self._end_stream(session, stream)  # under the lock: no vote lands in between
                 final = self._update(session, notices=notices)
@@ -605,13 +624,14 @@ class ChatService:
                     self._record(session, old["turn_id"], "regenerate", queue=True)
                     removed = session.messages[index:]
                     session.messages = session.messages[:index] + [answer]
-                    session.actions.append(
+                    remember(
+                        session,
                         {
                             "kind": "regenerate",
                             "turn_id": old["turn_id"],
                             "index": index,
                             "removed": removed,
-                        }
+                        },
                     )
                     self._apply_deferred_votes(session, stream, answer)
                 self._end_stream(session, stream)  # under the lock: no vote lands in between
@@ -702,7 +722,7 @@ class ChatService:
         if answer.get("vote") == new:
             return
         self._record(session, answer["turn_id"], kind, queue=True)
-        session.actions.append({"kind": "vote", "turn_id": answer["turn_id"], "prev": None})
+        remember(session, {"kind": "vote", "turn_id": answer["turn_id"], "prev": None})
         answer["vote"] = new
 
     # --- reactions ---------------------------------------------------------------
@@ -718,14 +738,14 @@ class ChatService:
             stream = session.streaming
             # The page shows the streaming answer last, at its place stream["index"].
             if stream is not None and index in (stream["index"], -1):
-                stream["votes"].append(kind)
+                stream["votes"] = [kind]  # the last click wins; no list to grow
                 return self._update(session, done=False)
             _, msg = self._answer_at(session, index)
             new = None if kind == "unvote" else kind
             if msg.get("vote") == new:
                 return self._update(session)  # a repeated click: nothing changes
             self._record(session, msg["turn_id"], kind)
-            session.actions.append({"kind": "vote", "turn_id": msg["turn_id"], "prev": msg["vote"]})
+            remember(session, {"kind": "vote", "turn_id": msg["turn_id"], "prev": msg["vote"]})
             msg["vote"] = new
             return self._update(session)
 
@@ -753,13 +773,14 @@ class ChatService:
             if text == msg["content"]:
                 return self._update(session)
             self._record(session, msg["turn_id"], "rewrite", text)
-            session.actions.append(
+            remember(
+                session,
                 {
                     "kind": "rewrite",
                     "turn_id": msg["turn_id"],
                     "prev": msg["content"],
                     "prev_rewritten": msg["rewritten"],
-                }
+                },
             )
             msg["content"] = text
             msg["rewritten"] = True
@@ -842,13 +863,14 @@ class ChatService:
             # chat's "don't train" switch after an Undo brings the chat back).
             self._stop_answer(session, "streaming", ANSWER_CHAT_CHANGED)
             if session.messages:
-                session.actions.append(
+                remember(
+                    session,
                     {
                         "kind": "new_chat",
                         "messages": session.messages,
                         "chat_turns": session.chat_turns,
                         "no_train": session.no_train,
-                    }
+                    },
                 )
             session.messages = []
             session.chat_turns = []

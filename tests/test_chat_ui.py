@@ -88,6 +88,30 @@ def test_a_rewrite_may_grow_to_four_times_the_answer_not_the_last_rewrite(servic
     assert service.view(service.session("s1"))[-1]["content"] == "a" * 400
 
 
+def test_one_answer_takes_a_bounded_number_of_reactions_and_undo_a_bounded_stack(service):
+    # Review s23: a script alternating two 4,000-character rewrites of one answer (240 a
+    # minute per address) grew the session's undo stack, each entry keeping the text it
+    # replaced, and the store's events of that turn, without end.
+    from chat_ui.handlers import MAX_REACTIONS_PER_ANSWER, UNDO_DEPTH
+
+    answer = last(service.send("s1", "Hello", None, {"max_new_tokens": 4}))[-1].messages[-1]
+    session = service.session("s1")
+    for i in range(MAX_REACTIONS_PER_ANSWER):
+        service.rewrite("s1", -1, ("a" if i % 2 else "b") * 4000)
+    assert len(session.actions) == UNDO_DEPTH == 50  # the send fell off the bottom
+    with pytest.raises(InputError, match="taken 50 reactions.*Send a new message"):
+        service.rewrite("s1", -1, "c" * 4000)
+    with pytest.raises(InputError, match="taken 50 reactions"):
+        service.vote("s1", -1, "like")
+    events = [e for e in service.store.events() if e.turn_id == answer["turn_id"]]
+    assert len(events) == MAX_REACTIONS_PER_ANSWER
+    # Undo still takes back what the stack holds (the last rewrite, "a"s), and records it.
+    service.undo("s1")
+    assert service.view(session)[-1]["content"] == "b" * 4000
+    assert len(session.actions) == UNDO_DEPTH - 1
+    assert sum(e.kind == "undo" for e in service.store.events()) == 1
+
+
 def test_past_the_session_cap_one_sweep_runs_at_a_time(service, monkeypatch):
     # Review s11: past MAX_SESSIONS every request started a thread walking every session.
     import threading
