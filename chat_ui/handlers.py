@@ -63,6 +63,11 @@ MAX_SESSIONS = 10_000  # beyond this the least recently used are dropped (their 
 # Undo reaches back this many actions: each keeps what it replaced (a rewrite its text of up to
 # RLHF_MAX_INPUT_CHARS or more, a new chat the whole chat), and the stack had no end.
 UNDO_DEPTH = 50
+# Characters one chat may hold (messages and answers). The model reads only the part of a
+# chat that fits its context, but every streamed token re-renders the whole chat on the
+# page, and each send renders and encodes it: a chat grown to hundreds of 4,000-character
+# messages by a script made every token cost that much CPU, beside everyone's answers.
+MAX_CHAT_CHARS = 200_000
 # Reactions (votes, rewrites) one answer takes in a session. Each is an event kept in the
 # store; a person changes their mind a few times, and 50 is far more than that: without a
 # cap, a script alternating two 4,000-character rewrites of one answer wrote 240 a minute.
@@ -550,6 +555,7 @@ class ChatService:
         try:
             with session.lock:
                 self._refuse_a_second_answer(session)
+                self._refuse_a_chat_too_long(session, text)
                 slot = _admitted(admit)
                 self._try_flush(session)
                 epoch, asked_at = session.epoch, time.time()
@@ -652,6 +658,18 @@ class ChatService:
             raise InputError(
                 "An answer is still being written in this chat. Wait for it to finish, "
                 "then send again."
+            )
+
+    @staticmethod
+    def _refuse_a_chat_too_long(session: ChatSession, text: str) -> None:
+        """A message that would take the chat past ``MAX_CHAT_CHARS``. Called with the
+        session's lock."""
+        chars = len(text) + sum(len(str(m.get("content", ""))) for m in session.messages)
+        if chars > MAX_CHAT_CHARS:
+            raise InputError(
+                f"This chat has grown too long ({chars:,} characters with this message, the "
+                f"limit is {MAX_CHAT_CHARS:,}). Start a new chat to go on: the model reads "
+                "only the latest part of a chat anyway."
             )
 
     @staticmethod

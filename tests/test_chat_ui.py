@@ -112,6 +112,23 @@ def test_one_answer_takes_a_bounded_number_of_reactions_and_undo_a_bounded_stack
     assert sum(e.kind == "undo" for e in service.store.events()) == 1
 
 
+def test_a_chat_past_its_length_limit_asks_for_a_new_chat(service, monkeypatch):
+    # Review s23: a chat had no length limit (only the 300 messages a day), and every
+    # streamed token re-renders the whole chat: hundreds of 4,000-character messages made
+    # each token of that chat's answers cost that much CPU beside everyone's.
+    from chat_ui import handlers
+
+    monkeypatch.setattr(handlers, "MAX_CHAT_CHARS", 100)
+    first = last(service.send("s1", "x" * 60, None, {"max_new_tokens": 4}))[-1].messages
+    chars = 60 + len(first[-1]["content"]) + 60
+    assert chars > 100
+    with pytest.raises(InputError, match=rf"too long \({chars} characters.*limit is 100.*new chat"):
+        list(service.send("s1", "y" * 60, None, {"max_new_tokens": 4}))
+    assert service.store.counts()["turns"] == 1
+    service.new_chat("s1")
+    assert last(service.send("s1", "y" * 60, None, {"max_new_tokens": 4}))[-1].messages
+
+
 def test_past_the_session_cap_one_sweep_runs_at_a_time(service, monkeypatch):
     # Review s11: past MAX_SESSIONS every request started a thread walking every session.
     import threading
