@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from starlette.requests import Request
 
 from chat_ui import validation
 from rlhf_core.settings import Settings
@@ -92,6 +93,14 @@ SIGN_IN_TO_CHAT = "Sign in to chat: this deployment does not take messages from 
 BUSY = (
     "The chat is busy right now: too many requests are waiting. Try again in a minute; "
     "nothing you wrote before was lost."
+)
+# Requests one address (an IPv6 /64) may have waiting in Gradio's queue at once. The queue
+# (RLHF_MAX_QUEUE) is shared: 64 sends from one script, reposted as they drained, made every
+# other visitor's vote, rewrite and message "busy". A page has one or two waiting at most.
+WAITING_PER_ADDRESS = 8
+WAITING_TOO_MANY = (
+    "Too many of your requests are waiting for the chat already. Wait for them to finish, "
+    "then try again; nothing you wrote before was lost."
 )
 
 
@@ -672,10 +681,14 @@ class BoundaryMiddleware:
         max_body: int,
         secure_cookie: bool,
         gradio_queue: Callable[[], Any] | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.app = app
         self.secret = secret
         self.max_body = max_body
+        # Where visitors' addresses come from (RLHF_CLIENT_IP_HEADER): the per-address cap
+        # on waiting requests (WAITING_PER_ADDRESS); None: no cap.
+        self.settings = settings
         # Gradio's queue (built after the middleware): its unread records are pruned every
         # PRUNE_EVERY_JOINS queue joins (prune_unread_records).
         self.gradio_queue = gradio_queue
@@ -762,10 +775,14 @@ class BoundaryMiddleware:
         busy_check = method == "POST" and _JOIN_RE.match(path) is not None
         if busy_check and self.gradio_queue is not None:
             self.joins += 1
-            if self.joins % PRUNE_EVERY_JOINS == 0:
-                queue = self.gradio_queue()
-                if queue is not None:
-                    prune_unread_records(queue)
+            queue = self.gradio_queue()
+            if queue is not None and self.joins % PRUNE_EVERY_JOINS == 0:
+                prune_unread_records(queue)
+            if queue is not None and self._waiting_from_this_address(queue, scope):
+                await _send_response(
+                    send, *_json_response(429, WAITING_TOO_MANY, [(b"retry-after", b"10")])
+                )
+                return
         held: dict | None = None
 
         async def send_wrapped(message: dict) -> None:
@@ -794,6 +811,25 @@ class BoundaryMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapped)
+
+    def _waiting_from_this_address(self, queue: Any, scope: dict) -> bool:
+        """Whether this request's address already has ``WAITING_PER_ADDRESS`` requests
+        waiting in Gradio's queue (queued, not yet started; at most RLHF_MAX_QUEUE to
+        look through). A visitor on this machine (loopback, no proxy header) is not
+        capped: it is the laptop's own user or a benchmark's simulated ones."""
+        settings = self.settings
+        if settings is None:
+            return False
+        request = Request(scope)
+        if is_loopback(_peer(request)) and not _forwarded(request):
+            return False
+        block = address_block(client_ip(request, settings))
+        waiting = 0
+        for group in list(queue.event_queue_per_concurrency_id.values()):
+            for event in list(group.queue):
+                if address_block(client_ip(event.request, settings)) == block:
+                    waiting += 1
+        return waiting >= WAITING_PER_ADDRESS
 
     def _too_big(self):
         return _json_response(

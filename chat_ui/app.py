@@ -749,6 +749,7 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
         max_body=settings.max_body_kb * 1024,
         secure_cookie=access_mod.on_space(),
         gradio_queue=lambda: getattr(app.demo, "_queue", None),
+        settings=settings,
     )
     app.demo.launch(
         server_name=settings.host,

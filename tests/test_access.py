@@ -456,6 +456,41 @@ def test_one_address_cannot_hold_every_answer_slot(serve_app):
     chats[2].predict("now", "", *SAMPLING, api_name="/send")
 
 
+def test_one_address_cannot_fill_the_shared_queue(serve_app, monkeypatch):
+    # Review of s23: Gradio's queue (RLHF_MAX_QUEUE) is one for everyone. While the answer
+    # slots were busy, one script's sends, reposted as they drained, filled it, and every
+    # other visitor's vote, rewrite and message was refused as "busy". Now one address has at
+    # most WAITING_PER_ADDRESS requests waiting.
+    monkeypatch.setattr(access, "WAITING_PER_ADDRESS", 3)
+    app = serve_app(**PUBLIC, client_ip_header="X-Forwarded-For", serving_backend="sequential",
+                    max_queue=5)  # fmt: skip
+    victim = Client(app.url, verbose=False, headers={"X-Forwarded-For": "198.51.100.7"})
+    policy = app.service.policy
+    policy._generate_lock.acquire()  # the one answer slot stays busy: sends wait in the queue
+    try:
+        job = victim.submit("hello", "", *SAMPLING, api_name="/send")
+        wait_for(lambda: app.service.session(victim.session_hash).answering, 30, "an answer")
+        attacker = visitor(app.url)
+        attacker.headers["X-Forwarded-For"] = "203.0.113.5"
+        codes, detail = [], ""
+        for i in range(6):
+            body = {"data": [f"q{i}", "", *SAMPLING], "session_hash": f"a{i}"}
+            response = attacker.post("/gradio_api/call/send", json=body)
+            codes.append(response.status_code)
+            detail = response.json().get("detail", "") if response.status_code != 200 else detail
+        assert codes == [200, 200, 200, 429, 429, 429]
+        assert detail.startswith("Too many of your requests are waiting")
+        # Another address is still let in: its vote is not refused as busy.
+        other = visitor(app.url)
+        other.headers["X-Forwarded-For"] = "192.0.2.9"
+        response = other.post("/gradio_api/call/vote",
+                              json={"data": [-1, "like"], "session_hash": "o1"})  # fmt: skip
+        assert response.status_code == 200, response.text
+    finally:
+        policy._generate_lock.release()
+    job.result(timeout=60)
+
+
 def test_an_answer_cancelled_before_its_first_token_does_not_hold_its_chat(serve_app, monkeypatch):
     # Found with the test above: a request cancelled (gradio_client's cancel) while its first
     # decode step waited was never closed by Gradio, so the chat refused every later message
