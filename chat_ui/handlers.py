@@ -370,8 +370,9 @@ class ChatService:
         nothing changes), unless ``queue``: then it waits in the session, behind the
         pending turns, and is written with them (a regenerate whose answer is shown)."""
         n = session.reactions.get(turn_id, 0)
-        if kind != "undo" and n >= MAX_REACTIONS_PER_ANSWER:
-            # Undo stays open: it only takes back what the stack holds.
+        if (kind in VOTES or kind == "rewrite") and n >= MAX_REACTIONS_PER_ANSWER:
+            # What a click repeats. Undo stays open (it only takes back what the stack
+            # holds), and a regenerate is recorded once its new answer exists.
             raise validation.InputError(
                 f"This answer has taken {MAX_REACTIONS_PER_ANSWER} reactions, as many as one "
                 "answer keeps. Send a new message to go on."

@@ -110,6 +110,10 @@ def test_one_answer_takes_a_bounded_number_of_reactions_and_undo_a_bounded_stack
     assert service.view(session)[-1]["content"] == "b" * 4000
     assert len(session.actions) == UNDO_DEPTH - 1
     assert sum(e.kind == "undo" for e in service.store.events()) == 1
+    # A regenerate of that answer is recorded with its new answer, which takes reactions anew.
+    last(service.regenerate("s1", -1, {"max_new_tokens": 4}))
+    assert sum(e.kind == "regenerate" for e in service.store.events()) == 1
+    service.vote("s1", -1, "like")
 
 
 def test_a_chat_past_its_length_limit_asks_for_a_new_chat(service, monkeypatch):
