@@ -312,6 +312,32 @@ def tab_hidden_from(settings: Settings, admin: bool) -> bool:
     return not admin and settings.training_tab == "hidden"
 
 
+class CanaryLooks:
+    """:func:`rlhf_core.canary.evaluate` for the Training tab: the running candidate's votes
+    are re-read (every event since it started, through the admission rules) at most once
+    per ``FULL_READ_MIN_S``, and at once when another candidate is out. Each refresh read
+    them all before (every ``TAB_REFRESH_S``, for anyone who posts the handler), however
+    many a flood of votes had made them; the worker's canary check decides on its own
+    reads, so the tab's figures may be up to a minute behind its decisions."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[Any, Any] | None = None
+        self._looked: Any = None
+        self._at = -math.inf
+
+    def __call__(self, client: redis.Redis, settings: Settings) -> Any:
+        from rlhf_core.canary import evaluate
+
+        candidate = Registry(client, settings).candidate()
+        key = None if candidate is None else (candidate["version"], candidate["started_at"])
+        with self._lock:
+            if key != self._key or time.monotonic() - self._at >= FULL_READ_MIN_S:
+                self._looked = None if key is None else evaluate(client, settings)
+                self._key, self._at = key, time.monotonic()
+            return self._looked
+
+
 class Snapshot(Generic[T]):
     """The last value of an expensive read, recomputed at most every ``TAB_REFRESH_S``
     seconds, by one caller at a time. Every open Training tab polls, and anyone can
@@ -659,13 +685,14 @@ def build_training_tab(
             return False
 
     tally = ThumbsTally(feedback, min_full_read_s=FULL_READ_MIN_S)
+    canary_looks = CanaryLooks()
 
     def tab_data() -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
         # The votes recorded since the last refresh (and every arena battle when one was
         # added): once per TAB_REFRESH_S for all tabs and callers together.
         return (
             versions_table(client, settings, tally),
-            canary.status(client, settings),
+            canary.status(client, settings, look=canary_looks),
             leaderboard_rows(feedback, settings=settings, min_refit_s=FULL_READ_MIN_S),
         )
 

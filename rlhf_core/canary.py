@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -188,10 +189,15 @@ def override(
     return record
 
 
-def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """Everything the Training tab and `rlhf-chat ab status` show."""
+def status(
+    client: redis.Redis,
+    settings: Settings,
+    look: Callable[[redis.Redis, Settings], tuple[dict[str, Any], ABResult] | None] = evaluate,
+) -> dict[str, Any]:
+    """Everything the Training tab and `rlhf-chat ab status` show; ``look``: how the
+    running canary is looked at (:func:`evaluate`, or a caller's cache of it)."""
     registry = Registry(client, settings)
-    looked = evaluate(client, settings)
+    looked = look(client, settings)
     out: dict[str, Any] = {
         "current": registry.current(),
         "candidate": None,

@@ -14,6 +14,7 @@ from chat_ui import training
 from chat_ui.access import COOKIE, Access, new_cookie_value
 from rlhf_core.feedback import Battle, Event, FeedbackStore, Turn, new_id
 from rlhf_core.rounds import run_round
+from tests.test_registry import adapters  # noqa: F401  (fixture)
 
 
 def answered_turn(store: FeedbackStore, i: int, user: str = "alice", version: int = 0) -> Turn:
@@ -227,3 +228,53 @@ def test_deletions_do_not_make_every_refresh_read_the_whole_store(
     clock.now += training.FULL_READ_MIN_S
     assert list(refresh(None)[1]["votes"]) == [8]
     assert (len(loads), len(fits)) == (2, 2)
+
+
+def test_a_running_canary_is_read_in_full_at_most_once_a_minute(
+    tiny_settings,
+    redis_client,
+    adapters,
+    monkeypatch,  # noqa: F811
+):
+    # Review of s23: while a candidate was out, every refresh (every 5 s, and for anyone who
+    # posts the handler) re-read every event since it started, however many a flood of
+    # votes had made them. Now at most once a minute, and at once for another candidate.
+    from rlhf_core import canary
+    from rlhf_core.registry import Registry
+    from tests.test_canary import answer, publish
+
+    class Clock:
+        now = 1000.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    settings = tiny_settings.model_copy(update={"canary_share": 0.5, "canary_burn_in": 5})
+    registry, store = Registry(redis_client, settings), FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    assert registry.candidate()["version"] == v2
+    reads = []
+    real = canary.live_votes
+    monkeypatch.setattr(canary, "live_votes", lambda *a, **k: reads.append(1) or real(*a, **k))
+    refresh = training_tab(settings, redis_client)["refresh"]
+    assert f"v{v2}" in refresh(None)[5] and len(reads) == 1
+    for k in range(5):  # a stranger's votes, and a refresh every 5 s
+        answer(store, f"s{k}", v2, "like")
+        clock.now += 5
+        refresh(None)
+    assert len(reads) == 1, "each refresh re-read the canary's events"
+    clock.now += training.FULL_READ_MIN_S
+    refresh(None)
+    assert len(reads) == 2
+    # With no candidate out (an admin rolled it back, reading its votes once more to
+    # record them), nothing is read.
+    canary.override(redis_client, settings, "rollback")
+    assert registry.candidate() is None and registry.current() == v1 and len(reads) == 3
+    assert "No candidate out" in refresh(None)[5] and len(reads) == 3
