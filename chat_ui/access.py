@@ -689,6 +689,7 @@ class BoundaryMiddleware:
         # Where visitors' addresses come from (RLHF_CLIENT_IP_HEADER): the per-address cap
         # on waiting requests (WAITING_PER_ADDRESS); None: no cap.
         self.settings = settings
+        self.joining: dict[str, int] = {}  # address block -> joins not yet queued
         # Gradio's queue (built after the middleware): its unread records are pruned every
         # PRUNE_EVERY_JOINS queue joins (prune_unread_records).
         self.gradio_queue = gradio_queue
@@ -778,11 +779,14 @@ class BoundaryMiddleware:
             queue = self.gradio_queue()
             if queue is not None and self.joins % PRUNE_EVERY_JOINS == 0:
                 prune_unread_records(queue)
-            if queue is not None and self._waiting_from_this_address(queue, scope):
+            joining = self._address_if_capped(scope) if queue is not None else None
+            if joining is not None and self._waiting(queue, joining) >= WAITING_PER_ADDRESS:
                 await _send_response(
                     send, *_json_response(429, WAITING_TOO_MANY, [(b"retry-after", b"10")])
                 )
                 return
+        else:
+            joining = None
         held: dict | None = None
 
         async def send_wrapped(message: dict) -> None:
@@ -810,26 +814,40 @@ class BoundaryMiddleware:
                 return
             await send(message)
 
-        await self.app(scope, receive, send_wrapped)
+        if joining is None:
+            await self.app(scope, receive, send_wrapped)
+            return
+        # Counted from here until Gradio has queued it (or refused it): a burst of joins
+        # sent at once would otherwise all pass before the first reached the queue.
+        self.joining[joining] = self.joining.get(joining, 0) + 1
+        try:
+            await self.app(scope, receive, send_wrapped)
+        finally:
+            self.joining[joining] -= 1
+            if not self.joining[joining]:
+                del self.joining[joining]
 
-    def _waiting_from_this_address(self, queue: Any, scope: dict) -> bool:
-        """Whether this request's address already has ``WAITING_PER_ADDRESS`` requests
-        waiting in Gradio's queue (queued, not yet started; at most RLHF_MAX_QUEUE to
-        look through). A visitor on this machine (loopback, no proxy header) is not
-        capped: it is the laptop's own user or a benchmark's simulated ones."""
+    def _address_if_capped(self, scope: dict) -> str | None:
+        """The address block whose waiting requests ``WAITING_PER_ADDRESS`` caps, for this
+        request; None for a visitor on this machine (the laptop's own user, a benchmark's
+        simulated ones) or without settings."""
         settings = self.settings
         if settings is None:
-            return False
-        request = Request(scope)
-        if is_loopback(_peer(request)) and not _forwarded(request):
-            return False
-        block = address_block(client_ip(request, settings))
-        waiting = 0
+            return None
+        ip = client_ip(Request(scope), settings)
+        return None if is_loopback(ip) else address_block(ip)
+
+    def _waiting(self, queue: Any, block: str) -> int:
+        """Requests of ``block`` waiting in Gradio's queue (queued, not started: at most
+        RLHF_MAX_QUEUE to look through) or on their way into it. Everything here runs on
+        the event loop, as Gradio's own changes to the queue do: no lock."""
+        settings = self.settings
+        waiting = self.joining.get(block, 0)
         for group in list(queue.event_queue_per_concurrency_id.values()):
             for event in list(group.queue):
                 if address_block(client_ip(event.request, settings)) == block:
                     waiting += 1
-        return waiting >= WAITING_PER_ADDRESS
+        return waiting
 
     def _too_big(self):
         return _json_response(

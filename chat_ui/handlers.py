@@ -662,10 +662,11 @@ class ChatService:
             )
 
     @staticmethod
-    def _refuse_a_chat_too_long(session: ChatSession, text: str) -> None:
-        """A message that would take the chat past ``MAX_CHAT_CHARS``. Called with the
-        session's lock."""
-        chars = len(text) + sum(len(str(m.get("content", ""))) for m in session.messages)
+    def _refuse_a_chat_too_long(session: ChatSession, text: str, replacing: str = "") -> None:
+        """A message, or a rewrite of ``replacing``, that would take the chat past
+        ``MAX_CHAT_CHARS``. Called with the session's lock."""
+        chars = sum(len(str(m.get("content", ""))) for m in session.messages)
+        chars += len(text) - len(replacing)
         if chars > MAX_CHAT_CHARS:
             raise InputError(
                 f"This chat has grown too long ({chars:,} characters with this message, the "
@@ -791,6 +792,9 @@ class ChatService:
             text = validation.rewrite(text, self.settings, msg["answer_chars"])
             if text == msg["content"]:
                 return self._update(session)
+            # A rewrite may be four times its answer: short messages and long rewrites
+            # would grow a chat past the limit a send checks.
+            self._refuse_a_chat_too_long(session, text, replacing=str(msg["content"]))
             self._record(session, msg["turn_id"], "rewrite", text)
             remember(
                 session,

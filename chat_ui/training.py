@@ -333,8 +333,10 @@ class CanaryLooks:
         key = None if candidate is None else (candidate["version"], candidate["started_at"])
         with self._lock:
             if key != self._key or time.monotonic() - self._at >= FULL_READ_MIN_S:
-                self._looked = None if key is None else evaluate(client, settings)
-                self._key, self._at = key, time.monotonic()
+                looked = None if key is None else evaluate(client, settings)
+                if looked is not None:  # the candidate evaluate read, if it changed since
+                    key = (looked[0]["version"], looked[0]["started_at"])
+                self._looked, self._key, self._at = looked, key, time.monotonic()
             return self._looked
 
 

@@ -154,7 +154,8 @@ def score_gain(candidate: GateSample, other: GateSample) -> tuple[float, float] 
     difference is paired by prompt: the mean over prompts of each prompt's mean score
     difference, its error the spread of those over ``sqrt(#prompts)``, as the prompts,
     not the answers, are the draws (:func:`prompt_clustered_bound`). Otherwise the two
-    means' difference, its error ``sqrt(s1^2 / n1 + s2^2 / n2)``."""
+    means' difference, its error ``sqrt(s1^2 / n1 + s2^2 / n2)``. None also where a score is
+    not finite."""
     if candidate.scores is None or other.scores is None:
         return None
     ids_a, ids_b = candidate.prompt_ids, other.prompt_ids
@@ -164,10 +165,16 @@ def score_gain(candidate: GateSample, other: GateSample) -> tuple[float, float] 
         shared = [pid for pid in means_a if pid in means_b]
         if len(shared) >= 2:
             gaps = torch.tensor([means_a[p] - means_b[p] for p in shared], dtype=torch.float64)
-            return float(gaps.mean()), float(gaps.std(unbiased=True)) / math.sqrt(len(shared))
+            error = float(gaps.std(unbiased=True)) / math.sqrt(len(shared))
+            return _finite_pair(float(gaps.mean()), error)
     a, b = candidate.scores.double().flatten(), other.scores.double().flatten()
     error = math.sqrt(sum(float(x.var(unbiased=True)) / x.numel() for x in (a, b) if x.numel() > 1))
-    return float(a.mean() - b.mean()), error
+    return _finite_pair(float(a.mean() - b.mean()), error)
+
+
+def _finite_pair(gain: float, error: float) -> tuple[float, float] | None:
+    """None where a score was not finite: nothing to judge by, as with no scores."""
+    return (gain, error) if math.isfinite(gain) and math.isfinite(error) else None
 
 
 def _per_prompt_means(values: Tensor, prompt_ids: Sequence[Hashable]) -> dict[Hashable, float]:

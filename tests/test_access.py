@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -463,7 +464,7 @@ def test_one_address_cannot_fill_the_shared_queue(serve_app, monkeypatch):
     # most WAITING_PER_ADDRESS requests waiting.
     monkeypatch.setattr(access, "WAITING_PER_ADDRESS", 3)
     app = serve_app(**PUBLIC, client_ip_header="X-Forwarded-For", serving_backend="sequential",
-                    max_queue=5)  # fmt: skip
+                    max_queue=8)  # fmt: skip
     victim = Client(app.url, verbose=False, headers={"X-Forwarded-For": "198.51.100.7"})
     policy = app.service.policy
     policy._generate_lock.acquire()  # the one answer slot stays busy: sends wait in the queue
@@ -480,6 +481,21 @@ def test_one_address_cannot_fill_the_shared_queue(serve_app, monkeypatch):
             detail = response.json().get("detail", "") if response.status_code != 200 else detail
         assert codes == [200, 200, 200, 429, 429, 429]
         assert detail.startswith("Too many of your requests are waiting")
+        # Sent all at once, from another address: still no more than 3 get in (each is
+        # counted from the moment it arrives, not once Gradio has queued it).
+        burst = visitor(app.url)
+        burst.headers["X-Forwarded-For"] = "203.0.113.77"
+        cookies = dict(burst.cookies)
+
+        def join(i: int) -> int:
+            with httpx.Client(base_url=app.url.rstrip("/"), cookies=cookies, timeout=60,
+                              headers={"X-Forwarded-For": "203.0.113.77"}) as http:  # fmt: skip
+                body = {"data": [f"b{i}", "", *SAMPLING], "session_hash": f"b{i}"}
+                return http.post("/gradio_api/call/send", json=body).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            burst_codes = sorted(pool.map(join, range(8)))
+        assert burst_codes.count(200) <= 3 and set(burst_codes) <= {200, 429}, burst_codes
         # Another address is still let in: its vote is not refused as busy.
         other = visitor(app.url)
         other.headers["X-Forwarded-For"] = "192.0.2.9"

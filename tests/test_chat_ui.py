@@ -129,6 +129,9 @@ def test_a_chat_past_its_length_limit_asks_for_a_new_chat(service, monkeypatch):
     with pytest.raises(InputError, match=rf"too long \({chars} characters.*limit is 100.*new chat"):
         list(service.send("s1", "y" * 60, None, {"max_new_tokens": 4}))
     assert service.store.counts()["turns"] == 1
+    # A rewrite, which may be four times its answer, is held to the same limit.
+    with pytest.raises(InputError, match="too long"):
+        service.rewrite("s1", -1, "z" * 60)
     service.new_chat("s1")
     assert last(service.send("s1", "y" * 60, None, {"max_new_tokens": 4}))[-1].messages
 

@@ -1571,6 +1571,9 @@ def test_score_gain_pairs_the_two_candidates_answers_by_prompt():
     )
     assert unpaired == pytest.approx((0.3, 0.30355), abs=1e-5)
     assert score_gain(GateSample(kl, None, ids, None), GateSample(kl, None, ids, scaled)) is None
+    broken = scaled.clone()
+    broken[3] = float("nan")  # a score that is not a number: nothing to judge by
+    assert score_gain(GateSample(kl, None, ids, broken), GateSample(kl, None, ids, scaled)) is None
 
 
 @pytest.mark.parametrize("spread, published", [(0.0, "scaled"), (1.0, "parent side")])

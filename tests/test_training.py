@@ -233,8 +233,8 @@ def test_deletions_do_not_make_every_refresh_read_the_whole_store(
 def test_a_running_canary_is_read_in_full_at_most_once_a_minute(
     tiny_settings,
     redis_client,
-    adapters,
-    monkeypatch,  # noqa: F811
+    adapters,  # noqa: F811  (the fixture)
+    monkeypatch,
 ):
     # Review of s23: while a candidate was out, every refresh (every 5 s, and for anyone who
     # posts the handler) re-read every event since it started, however many a flood of
