@@ -614,10 +614,9 @@ def prune_unread_records(queue: Any) -> int:
     changes these dicts there without a lock). Returns how many session records went."""
     records = queue.pending_event_ids_session
     results = queue.pending_messages_per_session
-    live = queue.event_ids_to_events
     gone = [
-        session for session, ids in records.items()
-        if session not in results and not any(i in live for i in ids)
+        session for session in records
+        if session not in results and not _has_live_events(queue, session)
     ]  # fmt: skip
     for session in gone:
         del records[session]
@@ -653,11 +652,13 @@ class LiveSessionsKept(OrderedDict):
         super().__setitem__(key, value)
 
     def _oldest_idle(self) -> Any:
-        live, records = self.queue.event_ids_to_events, self.queue.pending_event_ids_session
-        for session in self:
-            if not any(event_id in live for event_id in records.get(session, ())):
-                return session
-        return next(iter(self))
+        return next((s for s in self if not _has_live_events(self.queue, s)), next(iter(self)))
+
+
+def _has_live_events(queue: Any, session: str) -> bool:
+    """Whether Gradio's ``queue`` has an event of ``session`` queued or running."""
+    live = queue.event_ids_to_events
+    return any(event_id in live for event_id in queue.pending_event_ids_session.get(session, ()))
 
 
 def keep_live_sessions(queue: Any) -> None:

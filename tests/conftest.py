@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -141,6 +142,23 @@ def wait_for(
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{tail}")
         time.sleep(interval_s)
+
+
+@contextmanager
+def answer_streaming(app, client, message: str = "Tell me a long story"):
+    """``client`` (a gradio_client Client) sends ``message`` for a 256-token answer, each
+    decode step slowed by 20 ms (about 5 s in all); yields the job once the answer is
+    streaming, so that what the test does next lands while it streams."""
+    hook = app.service.policy.model.register_forward_hook(lambda *_: time.sleep(0.02))
+    try:
+        job = client.submit(message, "", 1.0, 0.9, 256, api_name="/send")
+        deadline = time.monotonic() + 60
+        while not job.outputs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.outputs() and not job.done(), "the answer should be streaming"
+        yield job
+    finally:
+        hook.remove()
 
 
 def pubsub_messages(pubsub, count: int, timeout_s: float = 5.0) -> list[dict]:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import redis
-from conftest import wait_for
+from conftest import answer_streaming, wait_for
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -364,17 +364,7 @@ def test_a_flood_of_new_sessions_does_not_cut_off_a_streaming_answer(serve_app):
     app = serve_app(**PUBLIC, session_rate_ip="1000/minute")
     app.demo._queue.pending_messages_per_session.max_size = 20  # Gradio's 2000, made small
 
-    def slow(*_):
-        time.sleep(0.02)  # about 5 s for the whole answer: the flood comes while it streams
-
-    hook = app.service.policy.model.register_forward_hook(slow)
-    try:
-        client = Client(app.url, verbose=False)
-        job = client.submit("Tell me a long story", "", 1.0, 0.9, 256, api_name="/send")
-        deadline = time.monotonic() + 60
-        while not job.outputs() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert job.outputs() and not job.done(), "the answer should be streaming"
+    with answer_streaming(app, Client(app.url, verbose=False)) as job:  # the flood comes now
         stranger = visitor(app.url)
         for i in range(60):
             flood = {"data": [-1, "like"], "session_hash": f"f{i}"}
@@ -382,8 +372,6 @@ def test_a_flood_of_new_sessions_does_not_cut_off_a_streaming_answer(serve_app):
             assert response.status_code == 200
         assert not job.done(), "the flood should arrive while the answer streams"
         chat = job.result()[0]
-    finally:
-        hook.remove()
     assert [m["role"] for m in chat] == ["user", "assistant"]
     assert len(list(app.service.store.turns())) == 1  # the answer was written and stored
 

@@ -455,19 +455,10 @@ def test_send_vote_edit_regenerate_undo_through_the_api(app):
 def test_undo_while_an_answer_streams_through_the_api(app):
     # The real path of an Undo clicked while an answer streams: the send ends with the
     # notice, the message is back in the box, nothing of the answer is stored.
-    import time
+    from conftest import answer_streaming
 
-    def slow(*_):
-        time.sleep(0.02)  # about 5 s for the whole answer: Undo arrives while it streams
-
-    hook = app.service.policy.model.register_forward_hook(slow)
-    try:
-        client = Client(app.url, verbose=False)
-        job = client.submit("Tell me a long story", "", 1.0, 0.9, 256, api_name="/send")
-        deadline = time.monotonic() + 60
-        while not job.outputs() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert job.outputs() and not job.done(), "the answer should be streaming"
+    client = Client(app.url, verbose=False)
+    with answer_streaming(app, client) as job:  # Undo arrives while it streams
         chat, answers, _, box, _ = client.predict(api_name="/undo")
         assert box == "Tell me a long story" and chat == [] and answers == []
         with pytest.raises(AppError, match="stopped by Undo"):
@@ -475,8 +466,6 @@ def test_undo_while_an_answer_streams_through_the_api(app):
         assert list(app.service.store.turns()) == []
         chat, answers, _ = answers_of(client.predict("Short one", "", *SAMPLING, api_name="/send"))
         assert [m["role"] for m in chat] == ["user", "assistant"]
-    finally:
-        hook.remove()
 
 
 def test_bad_input_and_separate_sessions_through_the_api(app):

@@ -1507,6 +1507,16 @@ def test_a_step_up_next_to_the_scale_that_missed_is_not_measured(
     assert metrics["gate/base_scale"] == fitted
 
 
+def _both_sides_scripted(tiny_model, tiny_settings, tmp_path, monkeypatch, parent_side_scores):
+    """A round from v1 (at 3.0) whose full step reads 17.0 (6.0 from the parent); the scaled
+    candidate fits at 8.0, its answers scored 1.0; the parent's side fits at 8.5, scored
+    ``parent_side_scores`` (a mean or 16 scores); the confirmation reads 8.3."""
+    return _second_round_scripted(
+        tiny_model, tiny_settings, tmp_path, monkeypatch,
+        [(17.0, 6.0), (8.0, 3.0, 1.0), (8.5, 2.5, parent_side_scores), (8.3, 2.4, 1.1)],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("parent_side_score, published", [(1.2, "parent side"),
                                                             (1.0, "parent side"),
                                                             (0.8, "scaled")])  # fmt: skip
@@ -1522,10 +1532,9 @@ def test_a_scaled_candidate_is_published_only_if_it_outscores_the_parents_side(
     scores at least as high (a tie included), then confirmed with a fresh sample as any
     searched candidate; otherwise the scaled one is, its own weights and sample. Before,
     the scaled candidate was published whatever its answers were worth."""
-    settings, result, left = _second_round_scripted(
-        tiny_model, tiny_settings, tmp_path, monkeypatch,
-        [(17.0, 6.0), (8.0, 3.0, 1.0), (8.5, 2.5, parent_side_score), (8.3, 2.4, 1.1)],
-    )  # fmt: skip
+    settings, result, left = _both_sides_scripted(
+        tiny_model, tiny_settings, tmp_path, monkeypatch, parent_side_score
+    )
     metrics = result.metrics
     assert not left and metrics["gate/measurements"] == 4
     assert metrics["gate/try1_scale"] == pytest.approx(0.72310, abs=1e-5)
@@ -1590,10 +1599,9 @@ def test_a_scaled_candidate_must_outscore_the_parents_side_by_more_than_its_nois
     of held-out 👍."""
     swing = torch.tensor([spread, spread, -spread, -spread] * 4)
     parent_side_scores = _around(0.8) + swing
-    settings, result, left = _second_round_scripted(
-        tiny_model, tiny_settings, tmp_path, monkeypatch,
-        [(17.0, 6.0), (8.0, 3.0, 1.0), (8.5, 2.5, parent_side_scores), (8.3, 2.4, 1.1)],
-    )  # fmt: skip
+    settings, result, left = _both_sides_scripted(
+        tiny_model, tiny_settings, tmp_path, monkeypatch, parent_side_scores
+    )
     metrics = result.metrics
     assert not left and metrics["gate/measurements"] == 4
     assert metrics["gate/scaled_score_gain"] == pytest.approx(0.2, abs=1e-6)

@@ -51,6 +51,26 @@ def signed_request(access: Access, session: str, **headers: str) -> gr.Request:
     )  # fmt: skip
 
 
+class FrozenClock:
+    """``time`` for chat_ui.training with a ``monotonic`` the test moves by hand."""
+
+    now = 1000.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def monotonic(self):
+        return self.now
+
+
+def frozen_clock(monkeypatch) -> FrozenClock:
+    """The Training tab on a clock the test moves, its snapshot recomputed at every call."""
+    clock = FrozenClock()
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    return clock
+
+
 def count_calls(monkeypatch, name: str, pause_s: float = 0.0) -> list[int]:
     """Wrap ``training.<name>`` with a counter (and a pause that lets concurrent callers
     overlap, as they would on a big store)."""
@@ -187,18 +207,7 @@ def test_deletions_do_not_make_every_refresh_read_the_whole_store(
     # "Delete my data", repeated by a stranger, kept the UI's process reading the store.
     from rlhf_core import privacy
 
-    class Clock:
-        now = 1000.0
-
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        def monotonic(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(training, "time", clock)
-    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    clock = frozen_clock(monkeypatch)
     monkeypatch.setattr(training, "_board_cache", {})  # fitted with another clock
     store = FeedbackStore(redis_client)
     vote(store, 0)
@@ -243,18 +252,7 @@ def test_a_running_canary_is_read_in_full_at_most_once_a_minute(
     from rlhf_core.registry import Registry
     from tests.test_canary import answer, publish
 
-    class Clock:
-        now = 1000.0
-
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        def monotonic(self):
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(training, "time", clock)
-    monkeypatch.setattr(training, "TAB_REFRESH_S", 0.0)
+    clock = frozen_clock(monkeypatch)
     settings = tiny_settings.model_copy(update={"canary_share": 0.5, "canary_burn_in": 5})
     registry, store = Registry(redis_client, settings), FeedbackStore(redis_client)
     v1 = publish(registry, adapters[1][0])
