@@ -136,7 +136,8 @@ class Chats:
             question = QUESTIONS[(i + k) % len(QUESTIONS)]
             k += 1
             start = time.time()
-            record = {"start": start, "ok": False, "version": None, "question": question}
+            record = {"start": start, "ok": False, "version": None, "question": question,
+                      "updates": 0}  # fmt: skip
             try:
                 job = client.submit(question, "Be brief.", 0.7, 0.9, self.max_new_tokens,
                                     api_name="/send")  # fmt: skip
@@ -150,6 +151,7 @@ class Chats:
                         record["version"] = version
                         record.setdefault("first", now)  # first streamed update
                         record["last"] = now
+                        record["updates"] += 1  # streamed updates this answer took
                 job.result()
                 record["ok"] = True
             except Exception as error:  # counted: the target is zero
@@ -415,6 +417,11 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
             ),
             "latency_p95_base_model_s": round(percentile(lat_model, 95), 3),
             "latency_p50_base_model_s": round(percentile(lat_model, 50), 3),
+            # Fewer than the answer's tokens where the UI fell behind and sent what it
+            # missed at once (serving._caught_up).
+            "updates_per_answer_p50": statistics.median(
+                [r["updates"] for r in baseline if r["ok"]]
+            ),
             "answers_base_model": len(on_base),
             "answers_baseline": len(baseline),
             "answers_swapping": len(swapping),
