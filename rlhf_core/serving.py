@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -639,39 +638,13 @@ class _TimedStreamer(TextIteratorStreamer):
 def _read_into(gen: Generation, streamer: TextIteratorStreamer, start: float) -> Iterator[str]:
     """Append each streamed chunk to ``gen.text`` and yield the text so far; notes the time
     to the first non-empty chunk (``start`` is a ``time.perf_counter()`` reading)."""
-    for chunk in _caught_up(streamer):
+    for chunk in streamer:
         if not chunk:
             continue
         if gen.first_token_s is None:
             gen.first_token_s = time.perf_counter() - start
         gen.text += chunk
         yield gen.text
-
-
-def _caught_up(streamer: TextIteratorStreamer) -> Iterator[str]:
-    """The streamer's chunks, those that arrived while the reader was busy joined into one.
-
-    The reader is the UI: each chunk it takes becomes an update that Gradio renders, diffs
-    and sends. With many chats streaming at once it can fall behind the decode loop, and
-    then it should send what it missed as one update, not replay one update per token
-    (each costing as much as the whole chat shown) while the answer runs further ahead.
-    A reader that keeps up gets every chunk as before."""
-    waiting, end = streamer.text_queue, streamer.stop_signal
-    while True:
-        chunk = waiting.get(timeout=streamer.timeout)
-        if chunk is end:
-            return
-        ended = False
-        while not ended:
-            try:
-                more = waiting.get_nowait()
-            except queue.Empty:
-                break
-            ended = more is end
-            chunk += "" if ended else more
-        yield chunk
-        if ended:
-            return
 
 
 class _Cancelled(StoppingCriteria):

@@ -247,19 +247,6 @@ def test_reader_that_leaves_early_frees_the_model(server):
     assert server._pins == {}
 
 
-def test_a_reader_that_fell_behind_gets_what_it_missed_in_one_update(server):
-    """With many chats at once the UI can fall behind the decode loop; it then sends the
-    tokens it missed as one update rather than one update per token, which would keep it
-    behind (each update costs Gradio as much as the whole chat shown)."""
-    eager = list(server.stream(CHAT, GREEDY))
-    assert len(eager) >= 4, "the greedy answer streams in several chunks"
-    slow = iter(server.stream(CHAT, GREEDY))
-    first = next(slow)
-    wait_for(lambda: not server._pins, 30, "the loop to finish the answer")
-    rest = list(slow)
-    assert [first, *rest] == [eager[0], eager[-2], eager[-1]]
-
-
 @pytest.mark.parametrize("eos_at_step", [3, None])
 def test_generation_reports_whether_the_answer_ended_with_eos(server, eos_at_step):
     """Issue 9, defect 3: a cut answer is stored as cut (Turn.finished comes from here)."""
