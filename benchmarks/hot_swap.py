@@ -417,8 +417,8 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
             ),
             "latency_p95_base_model_s": round(percentile(lat_model, 95), 3),
             "latency_p50_base_model_s": round(percentile(lat_model, 50), 3),
-            # Fewer than the answer's tokens where the UI fell behind and sent what it
-            # missed at once (serving._caught_up).
+            # One per streamed chunk while the UI keeps up with the decode loop (about one
+            # per token); far fewer would say it falls behind.
             "updates_per_answer_p50": statistics.median(
                 [r["updates"] for r in baseline if r["ok"]]
             ),
