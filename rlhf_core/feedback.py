@@ -767,17 +767,19 @@ class FeedbackStore:
 
     @_surface_unavailable
     def get_turn(self, turn_id: str) -> Turn | None:
-        raw = self.redis.get(turn_key(turn_id))
-        return None if raw is None else Turn.from_json(raw)
+        return self.get_turns([turn_id]).get(turn_id)
 
     @_surface_unavailable
     def get_turns(self, turn_ids: Iterable[str]) -> dict[str, Turn]:
-        """The turns that exist among ``turn_ids``, by id (one MGET)."""
+        """The turns that exist among ``turn_ids``, by id (one MGET). A record that
+        cannot be read as a Turn (corrupt, or written by an older version without a
+        field) is left out, with a log line: it must not stop every round and export."""
         ids = list(dict.fromkeys(turn_ids))
         if not ids:
             return {}
         raws = self.redis.mget([turn_key(t) for t in ids])
-        return {t: Turn.from_json(r) for t, r in zip(ids, raws, strict=True) if r is not None}
+        found = ((t, _decode_turn(t, r)) for t, r in zip(ids, raws, strict=True) if r is not None)
+        return {t: turn for t, turn in found if turn is not None}
 
     @_surface_unavailable
     def turns(self, batch: int = 500) -> Iterator[Turn]:
@@ -1581,6 +1583,19 @@ class FeedbackStore:
     def trim_invalid(self, before_ms: int) -> int:
         """Drop quarantine records older than ``before_ms`` (they hold only stream ids)."""
         return int(self.redis.xtrim(INVALID_STREAM, minid=before_ms, approximate=False))
+
+
+def _decode_turn(turn_id: str, raw: bytes | str) -> Turn | None:
+    try:
+        return Turn.from_json(raw)
+    except (TypeError, ValueError) as exc:
+        log.error(
+            "Undecodable turn record %s (%s): left out of training and exports; fix or "
+            "delete the key to clear this message",
+            turn_key(turn_id),
+            exc,
+        )
+        return None
 
 
 def _field(data: dict[Any, Any], name: str) -> Any:

@@ -463,3 +463,28 @@ def test_a_round_of_heldout_contexts_only_is_skipped_and_acked(
 def test_nothing_to_do_is_skipped(redis_client, tiny_settings, tiny_model):
     outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
     assert outcome.status == "skipped" and Registry(redis_client, tiny_settings).current() == 0
+
+
+def test_an_undecodable_turn_record_does_not_stop_every_round(
+    redis_client, tiny_settings, tiny_model, caplog
+):
+    """A turn record that cannot be read (written by an older version without a field, or
+    corrupt) is left out with a log line; it stopped every round, its event coming back
+    to each one, and it sat among the replayed turns of all later rounds."""
+    import json
+
+    from rlhf_core.feedback import TURNS_STREAM, turn_key
+
+    store = FeedbackStore(redis_client)
+    good = post_feedback(store, 4)
+    old = {"turn_id": "old", "session_id": "old-s", "user_id": "old-u",
+           "messages": [{"role": "user", "content": "Hi?"}]}  # fmt: skip
+    redis_client.set(turn_key("old"), json.dumps(old))  # no "answer"
+    redis_client.xadd(TURNS_STREAM, {"turn_id": "old"})
+    assert store.record_event(Event.new("old", "like", "old-s", "old-u"))
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert outcome.status == "published", outcome.reason
+    registry = Registry(redis_client, tiny_settings)
+    assert set(registry.get(outcome.version)["event_ids"]) == {e.event_id for e in good}
+    assert store.counts()["unconsumed"] == 0
+    assert "Undecodable turn record rlhf:turn:old" in caplog.text
