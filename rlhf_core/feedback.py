@@ -278,6 +278,11 @@ def _require_bool(value: Any, name: str) -> None:
         raise FeedbackError(f"{name} must be true or false, got {value!r}.")
 
 
+def _require_record(data: Any, what: str) -> None:
+    if not isinstance(data, dict):
+        raise FeedbackError(f"A stored {what} must be a JSON object, got {type(data).__name__}.")
+
+
 def _require_id(value: Any, name: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise FeedbackError(f"{name} must be a non-empty string, got {value!r}.")
@@ -353,6 +358,7 @@ class Turn:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Turn:
+        _require_record(data, "Turn")
         # Unknown keys are ignored so that records written by a newer version load.
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -414,6 +420,7 @@ class Event:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
+        _require_record(data, "Event")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

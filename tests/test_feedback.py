@@ -465,3 +465,14 @@ def test_turn_finished_defaults_to_true_for_older_records():
     assert Turn.from_dict(old).finished is True
     with pytest.raises(FeedbackError, match="finished"):
         Turn("t1", "s1", "u1", [{"role": "user", "content": "Hi"}], "x", finished="no")
+
+
+def test_an_entry_that_is_json_but_not_an_object_is_quarantined(store, redis_client):
+    events = _seed(store, 1)
+    redis_client.xadd(EVENTS_STREAM, {"event": b"null"})
+    redis_client.xadd(EVENTS_STREAM, {"event": b"[1, 2]"})
+    got = store.read_unconsumed("w", count=10)
+    assert [e for _, e in got] == events
+    assert redis_client.xlen("rlhf:events:invalid") == 2
+    store.ack([sid for sid, _ in got])
+    assert store.counts()["unconsumed"] == 0
