@@ -321,11 +321,15 @@ class Turn:
         _require_bool(self.may_train, "Turn.may_train")
         _require_bool(self.consent, "Turn.consent")
         if not isinstance(self.messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m
+            # Content a chat template can render: text, or (multimodal templates) a list
+            # of parts. None or a number passed here and failed every round's encoding.
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), (str, list))
             for m in self.messages
         ):
             raise FeedbackError(
-                "Turn.messages must be a list of {'role': str, 'content': ...} dicts "
+                "Turn.messages must be a list of {'role': str, 'content': str} dicts "
                 f"(the chat context before the answer); got {self.messages!r:.200}."
             )
         if not isinstance(self.answer, str):

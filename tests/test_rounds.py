@@ -488,3 +488,29 @@ def test_an_undecodable_turn_record_does_not_stop_every_round(
     assert set(registry.get(outcome.version)["event_ids"]) == {e.event_id for e in good}
     assert store.counts()["unconsumed"] == 0
     assert "Undecodable turn record rlhf:turn:old" in caplog.text
+
+
+def test_a_turn_whose_context_no_template_can_render_is_left_out(
+    redis_client, tiny_settings, tiny_model
+):
+    """A message without text (content null or a number) was accepted by Turn and failed
+    the chat template of every round that read the turn; it is refused when written,
+    and a stored one is left out like any record that cannot be read."""
+    import json
+
+    from rlhf_core.feedback import TURNS_STREAM, FeedbackError, turn_key
+
+    for content in (None, 5, {"text": "hi"}):
+        with pytest.raises(FeedbackError, match="content"):
+            Turn("t", "s", "u", [{"role": "user", "content": content}], "A")
+    store = FeedbackStore(redis_client)
+    good = post_feedback(store, 4)
+    old = {"turn_id": "old", "session_id": "old-s", "user_id": "old-u",
+           "messages": [{"role": "user", "content": None}], "answer": "Hi."}  # fmt: skip
+    redis_client.set(turn_key("old"), json.dumps(old))
+    redis_client.xadd(TURNS_STREAM, {"turn_id": "old"})
+    assert store.record_event(Event.new("old", "like", "old-s", "old-u"))
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
+    assert outcome.status == "published", outcome.reason
+    registry = Registry(redis_client, tiny_settings)
+    assert set(registry.get(outcome.version)["event_ids"]) == {e.event_id for e in good}
