@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rlhf_core.calibration import CALIBRATION_PROMPTS, calibration_context, is_calibration
-from rlhf_core.feedback import Event, FeedbackStore, Turn, arena_pick
+from rlhf_core.feedback import Event, FeedbackStore, Turn, arena_pick, user_hash
 from rlhf_core.settings import Settings, get_settings
 
 Vote = Literal["like", "dislike"]
@@ -542,7 +542,7 @@ class RoundData:
     prompts: list[list[dict[str, Any]]]  # PPO: this round's contexts, then replayed ones
     gate_prompts: list[list[dict[str, Any]]]  # the KL gate samples on them: never trained
     turn_ids: list[str]  # turns touched by the trained events
-    user_events: dict[str, int]  # trained events per user; later rounds' window reads it
+    user_events: dict[str, int]  # trained events per user digest; later rounds' window reads it
     seed: int  # this round's seed (derived from the round)
     labelled: int = 0  # new votes and rewrites, held-out ones included
     stats: dict[str, int] = field(default_factory=dict)
@@ -591,13 +591,17 @@ def round_datasets(
        calibration prompts (:func:`gate_prompts`).
     """
     users = dict.fromkeys(event.user_id for _, event in entries)
-    budgets = window_budgets(users, max_per_user, window_rounds, recent_user_events)
+    # The window's counts are kept in the registry's versions, by digest: "Delete my data"
+    # must not leave the id there (nor a round that ran meanwhile write it again).
+    budgets = window_budgets(
+        {user_hash(u) for u in users}, max_per_user, window_rounds, recent_user_events
+    )
     rng = random.Random(seed)
     keep: set[str] = set()
     # Sorted by repr so the sample depends only on the seed and the data.
     for user in sorted(users, key=repr):
         ids = [sid for sid, event in entries if event.user_id == user]
-        budget = budgets[user]
+        budget = budgets[user_hash(user)]
         keep.update(ids if budget is None or len(ids) <= budget else rng.sample(ids, budget))
     kept = [(sid, event) for sid, event in entries if sid in keep]
     capped = [(sid, event) for sid, event in entries if sid not in keep]
@@ -641,7 +645,7 @@ def round_datasets(
 
     user_events: dict[str, int] = defaultdict(int)
     for event in events:
-        user_events[event.user_id] += 1
+        user_events[user_hash(event.user_id)] += 1
     stats = {
         "events": len(events),
         "events_capped": len(capped),

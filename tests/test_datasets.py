@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_core import datasets as ds
 from rlhf_core.calibration import CALIBRATION_PROMPTS, calibration_context, is_calibration
-from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
+from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id, user_hash
 from rlhf_core.settings import Settings
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -306,7 +306,7 @@ def test_round_datasets_uses_full_history_and_siblings(store):
     assert [(p["chosen"], p["rejected"]) for p in data.pairs] == [("good", "bad")]
     assert Counter(e.user_id for e in data.events) == {"u1": 1, "spammer": 3}
     assert len(data.capped) == 7 and data.stats["events_capped"] == 7
-    assert data.user_events == {"u1": 1, "spammer": 3}
+    assert data.user_events == {user_hash("u1"): 1, user_hash("spammer"): 3}
     assert len(data.pointwise) + data.stats["pointwise_heldout"] == 4
     assert set(data.turn_ids) == {"r", *(e.turn_id for e in data.events)}
     by_id = {t.turn_id: t for t in [r, *noisy]}

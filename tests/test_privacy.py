@@ -667,3 +667,53 @@ def test_retention_loop_runs_under_the_training_lock(redis_client, tiny_settings
     lock.release()
     time.sleep(0.01)  # the cut-off (now - 0 days) must be after the vote
     assert loop.tick() == {"turns": 1, "events": 1}
+
+
+def everything_stored(client) -> bytes:
+    """Every key of the server and everything in it, as one blob to search."""
+    out = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        out.append(key)
+        if kind == "string":
+            out.append(client.get(key))
+        elif kind == "hash":
+            out += [b for kv in client.hgetall(key).items() for b in kv]
+        elif kind == "list":
+            out += client.lrange(key, 0, -1)
+        elif kind == "set":
+            out += list(client.smembers(key))
+        elif kind == "zset":
+            out += client.zrange(key, 0, -1)
+        elif kind == "stream":
+            out += [b for _, data in client.xrange(key) for kv in data.items() for b in kv]
+    return b"\n".join(out)
+
+
+def test_forget_user_leaves_no_trace_of_the_id_after_a_round(redis_client, tiny_settings,
+                                                               tiny_model):  # fmt: skip
+    """The rounds wrote each user's trained-event count under their id into the policy
+    and reward versions (for the per-user window), where forget_user never looked, and a
+    round running during the deletion wrote it again: "Delete my data" left the id."""
+    store = FeedbackStore(redis_client)
+    for user in ("zed-4711", "amy"):
+        for i in range(3):
+            turn = Turn(new_id(), f"s-{user}", user, [{"role": "user", "content": f"Q{i}?"}],
+                        f"A{i}.")  # fmt: skip
+            assert store.save_turn(turn)
+            kind = ("like", "dislike")[i % 2]
+            assert store.record_event(Event.new(turn.turn_id, kind, f"s-{user}", user))
+
+    def forget_meanwhile(stage: str, _: float) -> None:
+        if stage == "loading model":  # the round has read zed's events
+            privacy.forget_user(redis_client, tiny_settings, "zed-4711")
+
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1",
+                        progress=forget_meanwhile)  # fmt: skip
+    assert outcome.status == "published", outcome.reason
+    assert Registry(redis_client, tiny_settings).get(outcome.version)["users"] == 2
+    left = everything_stored(redis_client)
+    assert b"zed-4711" not in left, [line for line in left.split(b"\n") if b"zed-4711" in line]
+    # Deleted after the round, the same holds.
+    privacy.forget_user(redis_client, tiny_settings, "amy")
+    assert b"s-amy" not in everything_stored(redis_client)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id
+from rlhf_core.feedback import Event, FeedbackStore, Turn, new_id, user_hash
 from rlhf_core.registry import LOCK_TOKEN_KEY, Registry
 from rlhf_core.rounds import (
     KL_ROUND,
@@ -162,7 +162,8 @@ def test_round_publishes_then_acks_with_per_user_cap(redis_client, tiny_settings
     used = set(meta["event_ids"])
     assert {e.event_id for e in bob} <= used  # bob's 2 and 4 of alice's 6 (2 a round x 2)
     assert len(used & {e.event_id for e in alice}) == 4
-    assert meta["user_events"] == {"alice": 4, "bob": 2} and meta["data"]["events_capped"] == 2
+    assert meta["user_events"] == {user_hash("alice"): 4, user_hash("bob"): 2}
+    assert meta["data"]["events_capped"] == 2
     assert meta["parent"] == 0 and meta["reward_version"] == 1 == registry.current_reward()
     assert stages[-1] == ("published", 1.0) and any(s == "gate" for s, _ in stages)
     # Alice's two capped events do not wait for the next round.
@@ -282,7 +283,8 @@ def test_a_round_whose_policy_was_refused_counts_in_the_window(
     refused = run_round(settings.model_copy(update={"kl_budget": 0.0}), redis_client,
                         tiny_model, consumer_name="w1")  # fmt: skip
     assert refused.status == "failed" and "KL" in refused.reason
-    assert registry.get_reward(registry.reward_versions()[-1])["user_events"] == {"alice": 4}
+    reward_meta = registry.get_reward(registry.reward_versions()[-1])
+    assert reward_meta["user_events"] == {user_hash("alice"): 4}
     alice = post_feedback(store, 2, "alice")
     bob = post_feedback(store, 2, "bob")
     outcome = run_round(settings, redis_client, tiny_model, consumer_name="w1")
