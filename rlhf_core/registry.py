@@ -249,19 +249,27 @@ redis.call('PUBLISH', ARGV[6], '{"version": ' .. ARGV[1] .. ', "reason": "candid
 return {1, ARGV[1]}
 """
 
-# KEYS: lock, reward_next, reward_versions, reward_current
-# ARGV: token, meta_json, created_at, reward_key_prefix, artifact, storage, blob keys...
+# KEYS: lock, reward_next, reward_versions, reward_current, current
+# ARGV: token, meta_json, created_at, reward_key_prefix, artifact, storage,
+#       expected current policy ('' = any), blob keys...
+# Refused ({-2, current}) like _PUBLISH when the policy the round trained from is no longer
+# current: the round's events then stay for the next round, and a reward model kept from
+# them would be trained on them a second time (and count them twice in the user window).
 _PUBLISH_REWARD = """
 local holder = redis.call('GET', KEYS[1])
 if holder ~= ARGV[1] then
   return {-1, holder or ''}
+end
+local current = redis.call('GET', KEYS[5]) or '0'
+if ARGV[7] ~= '' and current ~= ARGV[7] then
+  return {-2, current}
 end
 local r = redis.call('INCR', KEYS[2])
 redis.call('HSET', ARGV[4] .. r, 'version', r, 'meta', ARGV[2], 'created_at', ARGV[3],
            'fencing_token', ARGV[1], 'artifact', ARGV[5], 'storage', ARGV[6])
 redis.call('RPUSH', KEYS[3], r)
 redis.call('SET', KEYS[4], r)
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   redis.call('PERSIST', ARGV[i])
 end
 return {r, ''}
@@ -626,17 +634,24 @@ class Registry:
 
     # ------------------------------------------------------- reward models
     def publish_reward(
-        self, reward_dir: str | Path, metadata: dict[str, Any], fencing_token: int
+        self,
+        reward_dir: str | Path,
+        metadata: dict[str, Any],
+        fencing_token: int,
+        *,
+        parent: int | None = None,
     ) -> int:
         """Store a reward model as the next reward version (its own counter, 1, 2, ...)
         and make it the one the next round starts from. Refused with
-        :class:`StaleTokenError` when ``fencing_token`` no longer holds the lock."""
+        :class:`StaleTokenError` when ``fencing_token`` no longer holds the lock, and with
+        :class:`ParentChangedError` when ``parent`` is given and is no longer the current
+        policy version (as :meth:`publish` would refuse the policy right after)."""
         artifact, inline, blob_keys, total = self._stage(
             {"reward": Path(reward_dir)}, "RewardModel.save"
         )
         meta = {**metadata, "kinds": ["reward"], "size_bytes": total}
         result = self._publish_reward(
-            keys=[LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT],
+            keys=[LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT, K_CURRENT],
             args=[
                 str(fencing_token),
                 json.dumps(meta),
@@ -644,10 +659,18 @@ class Registry:
                 f"{PREFIX}reward:",
                 artifact,
                 "inline" if inline else "shared",
+                "" if parent is None else str(int(parent)),
                 *blob_keys,
             ],
         )
         version, holder = int(result[0]), _text(result[1])
+        if version == -2:
+            self._unstage(artifact, blob_keys)
+            raise ParentChangedError(
+                f"Not published: the round trained from version {parent}, and version "
+                f"{holder} became current while it trained (a rollback or a promotion); its "
+                f"events stay for the next round, which trains from version {holder}."
+            )
         if version < 0:
             self._unstage(artifact, blob_keys)
             raise StaleTokenError(

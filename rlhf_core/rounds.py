@@ -418,7 +418,7 @@ def run_round(
                 result.reward_dir,
                 {"metrics": metrics, "reward_parent": reward_from, "events_used": len(taken),
                  "base_model": settings.base_model, "user_events": data.user_events},
-                token,
+                token, parent=parent,
             )  # fmt: skip
         except StaleTokenError as error:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)

@@ -209,11 +209,17 @@ def test_a_rollback_while_a_round_trains_is_not_undone(redis_client, tiny_settin
     )
     assert second.status == "failed" and "became current while it trained" in second.reason
     assert registry.current() == 0 and registry.versions() == [1]
+    # Nor was its reward model kept: the next round trains a reward model on those events
+    # again, and the first one would have learned them twice (and counted them twice in
+    # bob's window).
+    assert registry.reward_versions() == [1] and registry.current_reward() == 1
     # Its events were not consumed: the next round trains them from version 0.
     third = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w1")
     assert third.status == "published" and registry.get(third.version)["parent"] == 0
     assert {e.event_id for e in second_events} <= set(registry.get(third.version)["event_ids"])
     assert registry.current() == third.version
+    windows = [registry.get_reward(r)["user_events"] for r in registry.reward_versions()]
+    assert sum(w.get(user_hash("bob"), 0) for w in windows) == 4
 
 
 def test_a_redis_blip_in_a_progress_report_does_not_fail_the_round(
