@@ -321,11 +321,12 @@ class Turn:
         _require_bool(self.may_train, "Turn.may_train")
         _require_bool(self.consent, "Turn.consent")
         if not isinstance(self.messages, list) or not all(
-            # Content a chat template can render: text, or (multimodal templates) a list
-            # of parts. None or a number passed here and failed every round's encoding.
+            # Text: the model is a text model, serving renders text, and every round
+            # encodes these. None, a number or a list of parts (a multimodal template's
+            # form, which SmolLM's template cannot render) failed every round's encoding.
             isinstance(m, dict)
             and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), (str, list))
+            and isinstance(m.get("content"), str)
             for m in self.messages
         ):
             raise FeedbackError(

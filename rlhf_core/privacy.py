@@ -185,23 +185,9 @@ def scrub_text(text: str) -> str:
     return _scrub_cached(text)
 
 
-def _scrub_content(content: Any) -> Any:
-    # Message content is a string, or (multimodal templates) a list of parts.
-    if isinstance(content, str):
-        return scrub_text(content)
-    if isinstance(content, list):
-        return [
-            {**p, "text": scrub_text(p["text"])}
-            if isinstance(p, dict) and isinstance(p.get("text"), str)
-            else p
-            for p in content
-        ]
-    return content
-
-
 def scrub_turn(turn: Turn) -> Turn:
     """The turn with its messages and answer scrubbed (the same object when clean)."""
-    messages = [{**m, "content": _scrub_content(m.get("content"))} for m in turn.messages]
+    messages = [{**m, "content": scrub_text(m["content"])} for m in turn.messages]
     answer = scrub_text(turn.answer)
     if messages == turn.messages and answer == turn.answer:
         return turn

@@ -55,11 +55,11 @@ def test_scrub_turn_and_event_keep_everything_else():
     turn = Turn(
         "t1", "s1", "u1",
         [{"role": "system", "content": "be nice"},
-         {"role": "user", "content": [{"type": "text", "text": "I am bob@corp.io"}]}],
+         {"role": "user", "content": "I am bob@corp.io"}],
         "Write to bob@corp.io", created_at=5.0,
     )  # fmt: skip
     out = privacy.scrub_turn(turn)
-    assert out.messages[1]["content"][0]["text"] == "I am <EMAIL_ADDRESS>"
+    assert out.messages[1]["content"] == "I am <EMAIL_ADDRESS>"
     assert out.answer == "Write to <EMAIL_ADDRESS>" and out.created_at == 5.0
     assert turn.answer == "Write to bob@corp.io"  # the stored record is not touched
     clean = Turn("t2", "s1", "u1", [{"role": "user", "content": "hi"}], "hello")

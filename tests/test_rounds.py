@@ -501,20 +501,22 @@ def test_an_undecodable_turn_record_does_not_stop_every_round(
 def test_a_turn_whose_context_no_template_can_render_is_left_out(
     redis_client, tiny_settings, tiny_model
 ):
-    """A message without text (content null or a number) was accepted by Turn and failed
-    the chat template of every round that read the turn; it is refused when written,
-    and a stored one is left out like any record that cannot be read."""
+    """A message without text (content null, a number, or a multimodal template's list of
+    parts, which SmolLM's template cannot render) was accepted by Turn and failed the chat
+    template of every round that read the turn; it is refused when written, and a stored
+    one is left out like any record that cannot be read."""
     import json
 
     from rlhf_core.feedback import TURNS_STREAM, FeedbackError, turn_key
 
-    for content in (None, 5, {"text": "hi"}):
+    for content in (None, 5, {"text": "hi"}, [{"type": "text", "text": "hi"}]):
         with pytest.raises(FeedbackError, match="content"):
             Turn("t", "s", "u", [{"role": "user", "content": content}], "A")
     store = FeedbackStore(redis_client)
     good = post_feedback(store, 4)
     old = {"turn_id": "old", "session_id": "old-s", "user_id": "old-u",
-           "messages": [{"role": "user", "content": None}], "answer": "Hi."}  # fmt: skip
+           "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+           "answer": "Hi."}  # fmt: skip
     redis_client.set(turn_key("old"), json.dumps(old))
     redis_client.xadd(TURNS_STREAM, {"turn_id": "old"})
     assert store.record_event(Event.new("old", "like", "old-s", "old-u"))
