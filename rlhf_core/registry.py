@@ -16,7 +16,8 @@ Everything that several processes must agree on about versions lives here, under
 - ``reward:{r}`` hash, ``reward_versions`` list, ``reward_next`` counter and
   ``reward_current``: reward models, versioned on their own. A round whose policy the
   gate refuses for KL still publishes the reward model it trained, so the feedback it
-  learned from is not thrown away (and not trained on twice).
+  learned from is not thrown away (and not trained on twice); ``reward_used``, as
+  ``used``, records the events each reward version trained on.
 - ``trainer_state``: the PPO KL controller after the last round, published or refused:
   a round refused for KL leaves a larger coefficient for the next one.
 
@@ -62,6 +63,10 @@ K_CURRENT = PREFIX + "current"
 K_NEXT = PREFIX + "next"
 K_VERSIONS = PREFIX + "versions"
 K_USED = PREFIX + "used"
+# Feedback stream id -> reward version that trained on it: a round refused for KL keeps
+# its reward model and acks its events; a worker dying between the two must not leave
+# them for the next round's reward model to learn a second time.
+K_REWARD_USED = PREFIX + "reward_used"
 K_ROUND = PREFIX + "round"
 K_LAST_ROUND = PREFIX + "last_round"
 K_FAILURES = PREFIX + "failures"
@@ -87,6 +92,9 @@ KINDS = ("policy", "reward")
 
 PUBLISH_KEYS = (
     LOCK_KEY, K_CURRENT, K_NEXT, K_VERSIONS, K_USED, K_POINTER_LOG, K_CANDIDATE, K_CANDIDATE_QUEUE
+)  # fmt: skip
+PUBLISH_REWARD_KEYS = (
+    LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT, K_CURRENT, K_REWARD_USED
 )  # fmt: skip
 # What publish() writes as an artifact id (uuid4().hex): anything else read back from
 # Redis is refused before it becomes part of a path.
@@ -249,9 +257,9 @@ redis.call('PUBLISH', ARGV[6], '{"version": ' .. ARGV[1] .. ', "reason": "candid
 return {1, ARGV[1]}
 """
 
-# KEYS: lock, reward_next, reward_versions, reward_current, current
+# KEYS: lock, reward_next, reward_versions, reward_current, current, reward_used
 # ARGV: token, meta_json, created_at, reward_key_prefix, artifact, storage,
-#       expected current policy ('' = any), blob keys...
+#       expected current policy ('' = any), n_blobs, blob keys..., stream ids...
 # Refused ({-2, current}) like _PUBLISH when the policy the round trained from is no longer
 # current: the round's events then stay for the next round, and a reward model kept from
 # them would be trained on them a second time (and count them twice in the user window).
@@ -269,8 +277,12 @@ redis.call('HSET', ARGV[4] .. r, 'version', r, 'meta', ARGV[2], 'created_at', AR
            'fencing_token', ARGV[1], 'artifact', ARGV[5], 'storage', ARGV[6])
 redis.call('RPUSH', KEYS[3], r)
 redis.call('SET', KEYS[4], r)
-for i = 8, #ARGV do
+local n_blobs = tonumber(ARGV[8])
+for i = 9, 8 + n_blobs do
   redis.call('PERSIST', ARGV[i])
+end
+for i = 9 + n_blobs, #ARGV do
+  redis.call('HSET', KEYS[6], ARGV[i], r)
 end
 return {r, ''}
 """
@@ -508,10 +520,17 @@ class Registry:
 
     def used_by(self, stream_ids: Iterable[str]) -> dict[str, int]:
         """Which of these feedback stream ids a published version already trained on."""
+        return self._used_in(K_USED, stream_ids)
+
+    def reward_used_by(self, stream_ids: Iterable[str]) -> dict[str, int]:
+        """Which of these feedback stream ids a published reward version trained on."""
+        return self._used_in(K_REWARD_USED, stream_ids)
+
+    def _used_in(self, key: str, stream_ids: Iterable[str]) -> dict[str, int]:
         ids = [_text(s) for s in stream_ids]
         if not ids:
             return {}
-        values = self.client.hmget(K_USED, ids)
+        values = self.client.hmget(key, ids)
         return {sid: int(v) for sid, v in zip(ids, values, strict=True) if v is not None}
 
     def forget_stream_ids(self, stream_ids: Iterable[str]) -> int:
@@ -519,7 +538,9 @@ class Registry:
         deleted: a person's data, or retention). The versions' own metadata keeps only
         random event ids."""
         ids = [_text(s) for s in stream_ids]
-        return int(self.client.hdel(K_USED, *ids)) if ids else 0
+        if not ids:
+            return 0
+        return int(self.client.hdel(K_USED, *ids)) + int(self.client.hdel(K_REWARD_USED, *ids))
 
     # ------------------------------------------------------------- publish
     def publish(
@@ -640,9 +661,12 @@ class Registry:
         fencing_token: int,
         *,
         parent: int | None = None,
+        stream_ids: Iterable[str] = (),
     ) -> int:
         """Store a reward model as the next reward version (its own counter, 1, 2, ...)
-        and make it the one the next round starts from. Refused with
+        and make it the one the next round starts from; ``stream_ids``, the feedback
+        entries it trained on, are marked used in the same script (:meth:`used_by`).
+        Refused with
         :class:`StaleTokenError` when ``fencing_token`` no longer holds the lock, and with
         :class:`ParentChangedError` when ``parent`` is given and is no longer the current
         policy version (as :meth:`publish` would refuse the policy right after)."""
@@ -651,7 +675,7 @@ class Registry:
         )
         meta = {**metadata, "kinds": ["reward"], "size_bytes": total}
         result = self._publish_reward(
-            keys=[LOCK_KEY, K_REWARD_NEXT, K_REWARD_VERSIONS, K_REWARD_CURRENT, K_CURRENT],
+            keys=list(PUBLISH_REWARD_KEYS),
             args=[
                 str(fencing_token),
                 json.dumps(meta),
@@ -660,7 +684,9 @@ class Registry:
                 artifact,
                 "inline" if inline else "shared",
                 "" if parent is None else str(int(parent)),
+                str(len(blob_keys)),
                 *blob_keys,
+                *(_text(sid) for sid in stream_ids),
             ],
         )
         version, holder = int(result[0]), _text(result[1])

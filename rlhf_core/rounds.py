@@ -264,7 +264,9 @@ def run_round(
         # Held entries whose time came (an approved rewrite, an account now old enough).
         entries += store.held_ready(count=max(0, max_events - len(entries)))
         taken = [sid for sid, _ in entries]
-        already = registry.used_by(taken)
+        # Used by a published version, or by a reward version (a worker died before it
+        # acked them): trained once already.
+        already = registry.used_by(taken) | registry.reward_used_by(taken)
         if already:
             log.warning("acking %d events a published version already used", len(already))
             store.ack(already)
@@ -390,7 +392,7 @@ def run_round(
                 {"metrics": metrics, "reward_parent": reward_from, "policy_refused": why,
                  "events_used": len(taken), "base_model": settings.base_model,
                  "user_events": data.user_events},
-                token,
+                token, stream_ids=taken,
             )  # fmt: skip
             if trainer_state:
                 registry.set_trainer_state(trainer_state)
@@ -418,7 +420,7 @@ def run_round(
                 result.reward_dir,
                 {"metrics": metrics, "reward_parent": reward_from, "events_used": len(taken),
                  "base_model": settings.base_model, "user_events": data.user_events},
-                token, parent=parent,
+                token, parent=parent, stream_ids=taken,
             )  # fmt: skip
         except StaleTokenError as error:
             registry.record_failure(str(error), events=len(taken), events_total=events_total)

@@ -447,6 +447,37 @@ def test_crash_between_publish_and_ack_counts_events_once(
     assert all(len(v) == 1 for v in events_consumed(registry).values())
 
 
+def test_crash_between_a_reward_publish_and_ack_counts_events_once(
+    redis_client, tiny_settings, tiny_model, tmp_path
+):
+    """A round refused for KL publishes its reward model and acks its events; a worker
+    that died between the two left them pending, and the next round trained a second
+    reward model on them (and counted them twice in the user window). The reward publish
+    now records them, as the policy publish does."""
+    from peft import get_peft_model
+
+    from rlhf_core.modeling import lora_config
+
+    store = FeedbackStore(redis_client)
+    registry = Registry(redis_client, tiny_settings)
+    post_feedback(store, 4)
+    entries = store.read_unconsumed("dead-worker", 10)
+    adapter = tmp_path / "reward"
+    get_peft_model(copy.deepcopy(tiny_model.model), lora_config(tiny_settings)).save_pretrained(
+        adapter
+    )
+    lock = registry.lock()
+    token = lock.acquire()
+    registry.publish_reward(adapter, {"policy_refused": "KL"}, token,
+                            stream_ids=[sid for sid, _ in entries])  # fmt: skip
+    lock.release()  # ... and the worker dies here, before ack
+    assert store.pending()["pending"] == 4
+    outcome = run_round(tiny_settings, redis_client, tiny_model, consumer_name="w2")
+    assert outcome.status == "skipped"
+    assert store.pending()["pending"] == 0 and store.counts()["unconsumed"] == 0
+    assert registry.reward_versions() == [1] and registry.versions() == []
+
+
 def test_a_round_of_heldout_contexts_only_is_skipped_and_acked(
     redis_client, tiny_settings, tiny_model
 ):
