@@ -596,8 +596,11 @@ async def _send_response(send: Any, status: int, headers: list, body: bytes) -> 
 
 
 _CALL_RE = re.compile(r"^/gradio_api/(call/v2|call|run|api)/([^/]+)/?$")
-# Gradio's routes that take a file (an upload; a recording to convert): nothing here does.
-FILE_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/process_recording"})
+# Gradio's routes that take a file (an upload; a recording to convert; an upload's progress,
+# which keeps an entry for every id anyone asks about, for good): nothing here takes one.
+FILE_PATHS = frozenset(
+    {"/gradio_api/upload", "/gradio_api/process_recording", "/gradio_api/upload_progress"}
+)
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
 
@@ -711,7 +714,7 @@ class BoundaryMiddleware:
         if root and path.startswith(root):
             path = path[len(root) :]
 
-        if method == "POST" and path.rstrip("/") in FILE_PATHS:
+        if path.rstrip("/") in FILE_PATHS:
             # No component here takes a file: uploads would only make the Space a free
             # file host, each kept on disk (Gradio keeps what is uploaded until restart).
             await _send_response(

@@ -391,6 +391,30 @@ def test_a_stranger_cannot_upload_files(serve_app):
     assert (status, kind) == (200, "complete")
 
 
+def test_upload_progress_polls_do_not_grow_memory(serve_app):
+    # Review of s24: GET /gradio_api/upload_progress?upload_id=ID (Gradio's progress of an
+    # upload, which nothing here takes) kept an asyncio.Event for every id ever asked about,
+    # for good, and held the request 3 s first: a stranger grew the UI's memory by one entry
+    # (its id up to the URL limit, ~16 KB) per request, from any number of connections.
+    from gradio.routes import file_upload_statuses
+
+    app = serve_app(**PUBLIC)
+    stranger = visitor(app.url)
+    before = len(file_upload_statuses._signals)
+
+    def poll(i: int) -> int:
+        path = f"/gradio_api/upload_progress?upload_id={i:04d}{'x' * 4000}"
+        return stranger.get(path).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(poll, range(16)))
+    assert len(file_upload_statuses._signals) == before, "each poll left an entry behind"
+    assert set(codes) == {404}, codes
+    # The page and its chat still work.
+    status, kind, _ = http_call(stranger, "new_chat", [], "u1")
+    assert (status, kind) == (200, "complete")
+
+
 def test_gradios_run_history_is_off(serve_app, monkeypatch):
     # Review of s22: Gradio 6 records every call of a signed-in visitor into a Hugging Face
     # bucket the request names (header x-gradio-history-bucket), fetching each {"url": ...}
