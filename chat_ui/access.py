@@ -166,6 +166,20 @@ def auth_mode(settings: Settings) -> str:
     return settings.auth
 
 
+def check_sign_in(settings: Settings) -> None:
+    """Refuse a sign-in that anyone could fake. Off a Space, Gradio mocks Hugging Face
+    sign-in: whoever clicks it becomes the account the machine is logged in with, and
+    its session cookie is signed with a constant from Gradio's source, so a stranger
+    signs one naming any account (an admin's). Fine on your own machine, never public."""
+    if auth_mode(settings) == "hf" and not on_space() and is_public(settings):
+        raise ValueError(
+            "RLHF_AUTH=hf works only on a Hugging Face Space (with hf_oauth: true): "
+            "elsewhere Gradio fakes the sign-in, and anyone could sign in as any account, "
+            "an admin's included. Off a Space use RLHF_AUTH=header behind a proxy that "
+            "signs people in, or RLHF_AUTH=gradio."
+        )
+
+
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False

@@ -706,6 +706,7 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
 
 def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     """Load the model, connect to Redis, build the page (not yet served)."""
+    access_mod.check_sign_in(settings)
     if settings.serving_backend == "vllm":
         from rlhf_core.vllm_backend import VLLMPolicyServer
 

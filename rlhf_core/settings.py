@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     )
     auth: Literal["auto", "none", "hf", "header", "gradio"] = Field(
         "auto",
-        description="How people sign in: 'hf' (Hugging Face OAuth, the default on a Space), "
+        description="How people sign in: 'hf' (Hugging Face OAuth, the default on a Space; "
+        "refused on a public UI off a Space, where Gradio fakes the sign-in), "
         "'header' (a trusted reverse proxy sets RLHF_AUTH_HEADER), 'gradio' (RLHF_AUTH_USERS), "
         "'none'; 'auto' = hf on a Space, else none.",
     )

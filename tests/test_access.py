@@ -282,6 +282,39 @@ def test_admin_calls_are_refused_to_strangers(serve_app, redis_client):
     assert "127.0.0.1" not in json.dumps(payload) and "Traceback" not in json.dumps(payload)
 
 
+def test_hugging_face_sign_in_off_a_space_is_refused_in_public(serve_app, monkeypatch):
+    # Review of s24: off a Space, Gradio mocks Hugging Face sign-in (whoever clicks it becomes
+    # the HF account the machine is logged in with) and signs its session cookie with
+    # sha256("-v4"), a constant anyone can read in Gradio's source. With RLHF_AUTH=hf on a
+    # public server (HF_TOKEN set, as for downloading models), a stranger's hand-signed
+    # cookie named any account, RLHF_ADMINS included: Train now, roll back, promote.
+    import base64
+    import hashlib
+
+    import gradio.oauth
+    import itsdangerous
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    # The machine is logged in to the Hub (offline here: Gradio's whoami, answered).
+    monkeypatch.setattr(gradio.oauth, "_get_mocked_oauth_info", lambda: {
+        "access_token": "hf_machine", "expires_at": int(time.time()) + 3600,
+        "userinfo": {"preferred_username": "owner", "name": "owner"},
+    })  # fmt: skip
+    try:
+        app = serve_app(public=True, admins="root", auth="hf")
+    except ValueError as error:
+        assert "RLHF_AUTH=hf" in str(error) and "Space" in str(error)
+        return
+    stranger = visitor(app.url)
+    claim = {"oauth_info": {"expires_at": time.time() + 3600,
+                            "userinfo": {"preferred_username": "root"}}}  # fmt: skip
+    key = hashlib.sha256(b"-v4").hexdigest()
+    cookie = itsdangerous.TimestampSigner(key).sign(base64.b64encode(json.dumps(claim).encode()))
+    stranger.cookies.set("session", cookie.decode())
+    _, kind, payload = http_call(stranger, "train_now", [], "forged-admin")
+    assert kind == "error" and "Only an admin" in payload, "a forged cookie made an admin"
+
+
 def test_forged_and_foreign_sessions_are_refused(serve_app):
     app = serve_app(**PUBLIC)
     store = app.service.store
