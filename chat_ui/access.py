@@ -98,6 +98,12 @@ BUSY = (
 # (RLHF_MAX_QUEUE) is shared: 64 sends from one script, reposted as they drained, made every
 # other visitor's vote, rewrite and message "busy". A page has one or two waiting at most.
 WAITING_PER_ADDRESS = 8
+# Password tries (RLHF_AUTH=gradio's POST /login) from one address (an IPv6 /64), right or
+# wrong: Gradio takes any number, as fast as they come, so an admin's password could be
+# guessed. A person signs in a few times a day. Per address, not per account name: a
+# window per name would let a stranger keep the admin out.
+LOGIN_RATE_IP = "10/minute;100/day"
+LOGIN_PATHS = frozenset({"/login"})
 WAITING_TOO_MANY = (
     "Too many of your requests are waiting for the chat already. Wait for them to finish, "
     "then try again; nothing you wrote before was lost."
@@ -414,6 +420,7 @@ class Access:
             ("feedback", "account"): _items(settings.feedback_rate, "feedback_rate"),
             ("feedback", "ip"): _items(settings.feedback_rate_ip, "feedback_rate_ip"),
             ("session", "ip"): _items(settings.session_rate_ip, "session_rate_ip"),
+            ("login", "ip"): _items(LOGIN_RATE_IP, "login_rate_ip"),
         }
         self._answering: dict[str, set[AnswerSlot]] = {}  # answers in flight, per caller key
         # Bindings this process has seen: a known chat keeps working while Redis is down.
@@ -574,7 +581,8 @@ class Access:
             wait = max(1, int(reset - time.time() + 0.999))
         except redis.RedisError:
             wait = item.get_expiry()
-        what = {"message": "messages", "feedback": "reactions"}.get(kind, "new chats")
+        what = {"message": "messages", "feedback": "reactions", "login": "sign-in attempts"}
+        what = what.get(kind, "new chats")
         return (
             f"Too many {what}: this service takes at most {item.amount} per {_window(item)} "
             f"from one {_scope_word(scope)}. Try again in {wait} s."
@@ -700,6 +708,7 @@ class BoundaryMiddleware:
         secure_cookie: bool,
         gradio_queue: Callable[[], Any] | None = None,
         settings: Settings | None = None,
+        access: Access | None = None,
     ) -> None:
         self.app = app
         self.secret = secret
@@ -707,6 +716,8 @@ class BoundaryMiddleware:
         # Where visitors' addresses come from (RLHF_CLIENT_IP_HEADER): the per-address cap
         # on waiting requests (WAITING_PER_ADDRESS); None: no cap.
         self.settings = settings
+        # Counts password tries (LOGIN_RATE_IP) in its Redis windows; None: not counted.
+        self.access = access
         self.joining: dict[str, int] = {}  # address block -> joins not yet queued
         # Gradio's queue (built after the middleware): its unread records are pruned every
         # PRUNE_EVERY_JOINS queue joins (prune_unread_records).
@@ -735,6 +746,11 @@ class BoundaryMiddleware:
                 send, *_json_response(404, "This service takes no files: send text instead.")
             )
             return
+        if method == "POST" and path.rstrip("/") in LOGIN_PATHS and self.access is not None:
+            refused = await self._login_refused(scope)
+            if refused is not None:
+                await _send_response(send, *_json_response(429, refused, [(b"retry-after", b"60")]))
+                return
         if method == "POST":
             match = _CALL_RE.match(path)
             # The page itself posts non-queued events to /run/predict with an fn_index
@@ -844,6 +860,20 @@ class BoundaryMiddleware:
             self.joining[joining] -= 1
             if not self.joining[joining]:
                 del self.joining[joining]
+
+    async def _login_refused(self, scope: dict) -> str | None:
+        """Why this password try is refused (over LOGIN_RATE_IP for its address), else
+        None. Counted in a worker thread: the limiter's Redis calls would block the loop."""
+        import anyio
+
+        access = self.access
+        ip = client_ip(Request(scope), access.settings)
+        caller = Identity(user_id="", account=None, session_id="", ip=ip)
+        try:
+            await anyio.to_thread.run_sync(access.check_rate, "login", caller)
+        except RateLimited as error:
+            return str(error)
+        return None
 
     def _address_if_capped(self, scope: dict) -> str | None:
         """The address block whose waiting requests ``WAITING_PER_ADDRESS`` caps, for this

@@ -751,6 +751,7 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
         secure_cookie=access_mod.on_space(),
         gradio_queue=lambda: getattr(app.demo, "_queue", None),
         settings=settings,
+        access=app.access,
     )
     app.demo.launch(
         server_name=settings.host,

@@ -315,6 +315,28 @@ def test_hugging_face_sign_in_off_a_space_is_refused_in_public(serve_app, monkey
     assert kind == "error" and "Only an admin" in payload, "a forged cookie made an admin"
 
 
+def test_password_guesses_from_one_address_are_bounded(serve_app):
+    # Review of s24: with RLHF_AUTH=gradio, Gradio's POST /login took any number of guesses
+    # of an admin's password from anyone, as fast as they came: 30 wrong in a row, then the
+    # right one let in. Now one address has 10 tries a minute (access.LOGIN_RATE_IP).
+    app = serve_app(public=True, admins="root", auth="gradio", auth_users="root:hunter2",
+                    client_ip_header="X-Forwarded-For")  # fmt: skip
+    guesser = httpx.Client(base_url=app.url.rstrip("/"), timeout=60,
+                           headers={"X-Forwarded-For": "203.0.113.5"})  # fmt: skip
+    codes = [
+        guesser.post("/login", data={"username": "root", "password": f"guess{i}"}).status_code
+        for i in range(30)
+    ]
+    assert codes[:10] == [400] * 10, codes
+    assert set(codes[10:]) == {429}, codes
+    right = guesser.post("/login", data={"username": "root", "password": "hunter2"})
+    assert right.status_code == 429 and "sign-in attempts" in right.json()["detail"]
+    # The admin, from their own address, still signs in.
+    admin = httpx.Client(base_url=app.url.rstrip("/"), timeout=60,
+                         headers={"X-Forwarded-For": "198.51.100.7"})  # fmt: skip
+    assert admin.post("/login", data={"username": "root", "password": "hunter2"}).status_code == 200
+
+
 def test_forged_and_foreign_sessions_are_refused(serve_app):
     app = serve_app(**PUBLIC)
     store = app.service.store
