@@ -623,6 +623,15 @@ _CALL_RE = re.compile(r"^/gradio_api/(call/v2|call|run|api)/([^/]+)/?$")
 FILE_PATHS = frozenset(
     {"/gradio_api/upload", "/gradio_api/process_recording", "/gradio_api/upload_progress"}
 )
+# Gradio's route for components with server functions (a file explorer, an image editor):
+# none on this page. It built a session's state for any id it was given (see below).
+COMPONENT_SERVER_PATH = "/gradio_api/component_server"
+# Sessions whose state Gradio keeps (``launch(state_session_capacity=...)``, least recently
+# used dropped). Gradio builds one, a copy of every component's config (~160 KB here), for
+# every session id it has not seen, before any handler of ours can refuse the request: at
+# Gradio's 10,000, fresh ids from one address grew the UI by 1.6 GB. This app keeps nothing
+# there (the chat lives in ChatService, no gr.State), so a dropped one costs nothing.
+GRADIO_SESSION_STATES = 500
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
 
@@ -744,6 +753,11 @@ class BoundaryMiddleware:
             # file host, each kept on disk (Gradio keeps what is uploaded until restart).
             await _send_response(
                 send, *_json_response(404, "This service takes no files: send text instead.")
+            )
+            return
+        if path.rstrip("/") == COMPONENT_SERVER_PATH:
+            await _send_response(
+                send, *_json_response(404, "No component on this page has server functions.")
             )
             return
         if method == "POST" and path.rstrip("/") in LOGIN_PATHS and self.access is not None:

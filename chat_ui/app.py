@@ -762,6 +762,7 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
         ssr_mode=False,
         quiet=True,
         auth=access_mod.gradio_auth(settings),
+        state_session_capacity=access_mod.GRADIO_SESSION_STATES,
         max_file_size=f"{settings.max_body_kb}kb",
         # Gradio's run history would keep every chat in the browser (out of reach of
         # "Delete my data") and, for a signed-in visitor naming a Hugging Face bucket in a

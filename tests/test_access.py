@@ -470,6 +470,48 @@ def test_upload_progress_polls_do_not_grow_memory(serve_app):
     assert (status, kind) == (200, "complete")
 
 
+def test_fresh_session_ids_do_not_fill_gradios_state_store(serve_app, monkeypatch):
+    # Review of s24: Gradio builds a per-session copy of every component's config (~160 KB
+    # here) for each session id it has not seen, before any handler of ours runs, and keeps
+    # up to 10,000 of them: POST /gradio_api/component_server (a route for components with
+    # server functions, of which this page has none) with a fresh id each time, or a
+    # handler call refused for "too many new chats", grew the UI by ~1.6 GB, from one
+    # address, unchecked. Now component_server is refused, and the store is small.
+    import gc
+    import tracemalloc
+
+    monkeypatch.setattr(access, "GRADIO_SESSION_STATES", 5, raising=False)  # small, to test
+    app = serve_app(**PUBLIC, session_rate_ip="5/minute")
+    store = app.demo.state_holder
+    stranger = visitor(app.url)
+    config = stranger.get("/config").json()
+    (sync,) = [d["id"] for d in config["dependencies"] if d.get("api_name") == "sync_feedback"]
+
+    def flood(prefix: str, n: int) -> None:
+        for i in range(n):
+            body = {"session_hash": f"{prefix}c{i}", "component_id": 9, "fn_name": "x",
+                    "data": None}  # fmt: skip
+            assert stranger.post("/gradio_api/component_server", json=body).status_code == 404
+            body = {"fn_index": sync, "data": [], "session_hash": f"{prefix}r{i}"}
+            stranger.post("/gradio_api/run/predict", json=body)
+
+    flood("warm", 40)  # what a first request loads and caches (imports, source lines)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        flood("", 60)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(store.session_data) <= 5, len(store.session_data)
+    assert grown < 2_000_000, f"120 refused requests kept {grown / 1e6:.1f} MB"
+    # The page and its chat still work.
+    status, kind, _ = http_call(stranger, "new_chat", [], "warmr0")
+    assert (status, kind) == (200, "complete")
+
+
 def test_gradios_run_history_is_off(serve_app, monkeypatch):
     # Review of s22: Gradio 6 records every call of a signed-in visitor into a Hugging Face
     # bucket the request names (header x-gradio-history-bucket), fetching each {"url": ...}
