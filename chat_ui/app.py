@@ -768,6 +768,10 @@ def serve(settings: Settings, *, block: bool = True, watch_versions: bool = True
         # "Delete my data") and, for a signed-in visitor naming a Hugging Face bucket in a
         # header, fetch every URL in the request into memory and upload the run there.
         run_history=False,
+        # Gradio's traffic monitoring, on by default: /monitoring/summary gave anyone every
+        # handler's counts and timings, and /monitoring printed the key of a dashboard that
+        # lists every event's session id to the log, for whoever asked.
+        enable_monitoring=False,
         app_kwargs={"middleware": [boundary]},
     )
     app.url = (

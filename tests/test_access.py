@@ -512,6 +512,20 @@ def test_fresh_session_ids_do_not_fill_gradios_state_store(serve_app, monkeypatc
     assert (status, kind) == (200, "complete")
 
 
+def test_gradios_traffic_monitoring_is_off(serve_app, capsys):
+    # Review of s24: Gradio's monitoring is on unless switched off. GET /monitoring/summary
+    # gave anyone every handler's request count, success rate and timings (how many people
+    # delete their data, pick in the arena...), and each GET /monitoring printed the key of
+    # the dashboard, which lists every event with its session id, to the log.
+    app = serve_app(**PUBLIC)
+    stranger = visitor(app.url)
+    status, kind, _ = http_call(stranger, "new_chat", [], "m1")
+    assert (status, kind) == (200, "complete")
+    assert stranger.get("/monitoring/summary").status_code == 403
+    assert stranger.get("/monitoring").status_code == 403
+    assert "/monitoring/" not in capsys.readouterr().out
+
+
 def test_gradios_run_history_is_off(serve_app, monkeypatch):
     # Review of s22: Gradio 6 records every call of a signed-in visitor into a Hugging Face
     # bucket the request names (header x-gradio-history-bucket), fetching each {"url": ...}
