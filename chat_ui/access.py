@@ -460,6 +460,19 @@ class Access:
         if owner != sid:
             raise AccessError(FOREIGN_SESSION)
 
+    def owner(self, session_hash: str) -> str | None:
+        """The cookie id a chat is bound to; None when it is not bound yet (or the store
+        cannot say: chatting survives an outage, see :meth:`bind`)."""
+        with self._lock:
+            owner = self._bindings.get(session_hash)
+        if owner is not None:
+            return owner
+        try:
+            stored = self.client.get(BIND_PREFIX + session_hash)
+        except redis.RedisError:
+            return None
+        return None if stored is None else stored.decode()
+
     def identify(self, request: Any) -> Identity:
         """Who sent this request, or AccessError (no or forged cookie, someone else's
         chat, too many new chats from one address). Every handler calls this before it
@@ -626,6 +639,9 @@ FILE_PATHS = frozenset(
 # Gradio's route for components with server functions (a file explorer, an image editor):
 # none on this page. It built a session's state for any id it was given (see below).
 COMPONENT_SERVER_PATH = "/gradio_api/component_server"
+# Gradio's routes that name a chat by its session hash and run no handler of ours.
+CANCEL_PATH = "/gradio_api/cancel"
+HEARTBEAT_PREFIX = "/gradio_api/heartbeat/"
 # Sessions whose state Gradio keeps (``launch(state_session_capacity=...)``, least recently
 # used dropped). Gradio builds one, a copy of every component's config (~160 KB here), for
 # every session id it has not seen, before any handler of ours can refuse the request: at
@@ -794,8 +810,12 @@ class BoundaryMiddleware:
             if too_big:
                 await _send_response(send, *self._too_big())
                 return
-        elif method in ("POST", "PUT", "PATCH"):
-            # No length given (chunked): read up to the limit before the app sees it.
+        buffered: bytes | None = None
+        if method in ("POST", "PUT", "PATCH") and (
+            length is None or path.rstrip("/") == CANCEL_PATH
+        ):
+            # No length given (chunked), or a cancel whose chat is checked below: read up to
+            # the limit before the app sees it.
             chunks, size = [], 0
             while True:
                 message = await receive()
@@ -808,7 +828,7 @@ class BoundaryMiddleware:
                     return
                 if not message.get("more_body"):
                     break
-            body = b"".join(chunks)
+            body = buffered = b"".join(chunks)
             replayed = False
 
             async def receive_again() -> dict:
@@ -820,7 +840,12 @@ class BoundaryMiddleware:
 
             receive = receive_again
 
-        cookie_ok = verify(self.secret, _cookie(headers.get(b"cookie", b""))) is not None
+        sid = verify(self.secret, _cookie(headers.get(b"cookie", b"")))
+        cookie_ok = sid is not None
+        chat = _chat_named(method, path, scope, buffered) if self.access is not None else None
+        if chat is not None and await self._foreign(chat, sid):
+            await _send_response(send, *_json_response(404, FOREIGN_SESSION))
+            return
         busy_check = method == "POST" and _JOIN_RE.match(path) is not None
         if busy_check and self.gradio_queue is not None:
             self.joins += 1
@@ -889,6 +914,13 @@ class BoundaryMiddleware:
             return str(error)
         return None
 
+    async def _foreign(self, chat: str, sid: str | None) -> bool:
+        """Whether ``chat`` is bound to another browser than the cookie id ``sid``."""
+        import anyio
+
+        owner = await anyio.to_thread.run_sync(self.access.owner, chat)
+        return owner is not None and owner != sid
+
     def _address_if_capped(self, scope: dict) -> str | None:
         """The address block whose waiting requests ``WAITING_PER_ADDRESS`` caps, for this
         request; None for a visitor on this machine (the laptop's own user, a benchmark's
@@ -917,6 +949,27 @@ class BoundaryMiddleware:
             f"The request is larger than this service accepts ({self.max_body // 1024} KiB, "
             "RLHF_MAX_BODY_KB). Send less text at once.",
         )
+
+
+def _chat_named(method: str, path: str, scope: dict, body: bytes | None) -> str | None:
+    """The chat (session hash) a request to one of Gradio's session routes names: reading
+    its results, its heartbeat (whose end closes the chat's events), cancelling its events.
+    These take a session hash and no handler of ours runs, so the binding is checked here."""
+    path = path.rstrip("/")
+    if method == "GET" and path == "/gradio_api/queue/data":
+        from urllib.parse import parse_qs
+
+        values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash")
+        return values[-1] if values else None
+    if method == "GET" and path.startswith(HEARTBEAT_PREFIX):
+        return path[len(HEARTBEAT_PREFIX) :] or None
+    if method == "POST" and path == CANCEL_PATH and body:
+        try:
+            chat = json.loads(body).get("session_hash")
+        except (ValueError, AttributeError):
+            return None
+        return chat if isinstance(chat, str) else None
+    return None
 
 
 def _cookie(raw: bytes) -> str | None:

@@ -368,6 +368,38 @@ def test_forged_and_foreign_sessions_are_refused(serve_app):
     assert turn.user_id == "alice" and turn.may_train is True
 
 
+def test_gradios_session_routes_refuse_someone_elses_chat(serve_app):
+    # Review of s24: Gradio's routes that take a session hash and run no handler of ours
+    # answered anyone who named one (a turns export lists them): GET /gradio_api/queue/data
+    # streamed that chat's updates, its whole text, to the stranger (and took them from
+    # its owner), and closing it, or a heartbeat, or POST /gradio_api/cancel, stopped the
+    # owner's answer. Now each is refused unless the cookie owns the chat.
+    app = serve_app(**PUBLIC)
+    owner = Client(app.url, verbose=False)
+    owner.predict("my own chat", "", *SAMPLING, api_name="/send")
+    chat = owner.session_hash
+    stranger = visitor(app.url)
+    with answer_streaming(app, owner) as job:
+        with stranger.stream(
+            "GET", "/gradio_api/queue/data", params={"session_hash": chat}, timeout=10
+        ) as reply:
+            assert reply.status_code == 404, next(reply.iter_lines(), "")
+            assert "belongs to another browser" in reply.read().decode()
+        reply = stranger.get(f"/gradio_api/heartbeat/{chat}", timeout=10)
+        assert reply.status_code == 404 and "belongs to another browser" in reply.text
+        fn_index = next(d["id"] for d in stranger.get("/config").json()["dependencies"]
+                        if d.get("api_name") == "send")  # fmt: skip
+        body = {"session_hash": chat, "fn_index": fn_index, "event_id": "x"}
+        reply = stranger.post("/gradio_api/cancel", json=body)
+        assert reply.status_code == 404 and "belongs to another browser" in reply.text
+        chat_shown = job.result(timeout=120)[0]
+    assert len(chat_shown) == 4 and chat_shown[-1]["role"] == "assistant"
+    assert app.service.store.counts()["turns"] == 2, "the owner's answer was stored"
+    # A chat nobody owns yet, and one's own, still work as Gradio's client uses them.
+    assert stranger.post("/gradio_api/cancel", json={**body, "session_hash": "fresh"}).is_success
+    owner.predict(-1, "like", api_name="/vote")
+
+
 def test_rate_limits_and_body_size_over_http(serve_app):
     app = serve_app(**PUBLIC, message_rate="2/hour", feedback_rate="3/hour", max_body_kb=64)
     client = Client(app.url, verbose=False)
