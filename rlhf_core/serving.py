@@ -213,6 +213,10 @@ class PolicyServer:
         with self._state_lock:
             self._versions.append(version)
         log.info("Loaded policy version %d from %s", version, adapter_dir)
+        # Also here, not only when the current version changes: a canary that rolls back
+        # candidate after candidate loads each one and never changes the current version,
+        # and every rejected candidate kept its slot (a new one built once the spares ran out).
+        self._unload_old()
 
     def _load_locked(self, version: int, adapter_dir: str, name: str) -> None:
         """Put ``adapter_dir``'s weights into an adapter slot of the model.

@@ -191,3 +191,43 @@ def test_the_model_is_built_once_and_the_other_process_waits(tmp_path, model_cac
         built_at = (out / "config.json").stat().st_mtime
     waiter.join(timeout=60)
     assert result == [out] and (out / "config.json").stat().st_mtime == built_at  # not rebuilt
+
+
+def test_rolled_back_candidates_do_not_pile_up_in_the_served_model(
+    tiny_settings, redis_client, folders
+):
+    """Review c: a candidate rolled back by the canary stayed loaded (its adapter slot, a new
+    one built under the model lock once the spares ran out): versions are unloaded only when
+    the current one changes, and a canary that keeps rejecting candidates never changes it.
+    Ten rejected candidates left ten adapters in the model of every UI."""
+    from rlhf_core import canary
+
+    registry = Registry(redis_client, tiny_settings)
+    lock = registry.lock()
+    token = lock.acquire()
+    try:
+        registry.publish(folders[0], {"parent": 0}, token)  # v1 current
+    finally:
+        lock.release()
+    server = PolicyServer(load_base_model(tiny_settings), tiny_settings)
+    watcher = VersionWatcher(server, tiny_settings, client=redis_client)
+    watcher._safe_sync()
+    try:
+        for n in range(10):
+            token = lock.acquire()
+            try:
+                version = registry.publish(folders[n % 2], {"parent": 1}, token, canary_share=0.5)
+            finally:
+                lock.release()
+            watcher._safe_sync()
+            assert watcher.candidate["version"] == version and watcher.last_error is None
+            canary.override(redis_client, tiny_settings, "rollback", by="test")
+            watcher._safe_sync()
+            assert watcher.candidate is None and server.current_version == 1
+        slots = [name for name in server.model.peft_config]
+        assert len(server.loaded_versions) <= 1 + server.keep_versions + 1, server.loaded_versions
+        assert len(slots) <= 2 * server.keep_versions + 2, slots
+        text = server.generate([{"role": "user", "content": "hi"}], {"max_new_tokens": 3}).text
+        assert isinstance(text, str)
+    finally:
+        server.close()
