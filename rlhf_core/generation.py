@@ -16,6 +16,7 @@ explicitly (:data:`NEUTRAL`): the only knobs are temperature, top-p and the toke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,10 @@ class Sampling:
         base = cls.from_settings(settings)
         if isinstance(value, Sampling):
             value = value.as_dict()
-        merged = {**base.as_dict(), **{k: v for k, v in (value or {}).items() if v is not None}}
+        # A NaN passes min/max untouched and an infinite token limit breaks int(): a value
+        # that is not a finite number takes the default, as a missing one does.
+        given = {k: v for k, v in (value or {}).items() if v is not None and _finite(v)}
+        merged = {**base.as_dict(), **given}
         return cls(
             temperature=min(max(float(merged["temperature"]), 0.0), 2.0),
             top_p=min(max(float(merged["top_p"]), 0.01), 1.0),
@@ -98,6 +102,13 @@ class Sampling:
             "top_p": self.top_p,
             "max_new_tokens": self.max_new_tokens,
         }
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

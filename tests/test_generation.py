@@ -167,3 +167,15 @@ def test_sampling_coerce_fills_and_clamps(tiny_settings, temperature):
     s = Sampling.coerce({"temperature": temperature, "top_p": 5, "max_new_tokens": None},
                         tiny_settings)  # fmt: skip
     assert s == Sampling(temperature, 1.0, tiny_settings.max_new_tokens)
+
+
+def test_sampling_coerce_turns_non_finite_values_into_the_defaults(tiny_settings):
+    # Review c: min/max let NaN through (a NaN temperature and top-p reached the server and
+    # the stored turn) and int() raised on an infinite token limit.
+    nan, inf = float("nan"), float("inf")
+    s = Sampling.coerce({"temperature": nan, "top_p": nan, "max_new_tokens": inf}, tiny_settings)
+    assert s == Sampling.from_settings(tiny_settings)
+    s = Sampling.coerce({"temperature": -inf, "top_p": 1e400, "max_new_tokens": nan}, tiny_settings)
+    assert s == Sampling(
+        tiny_settings.temperature, tiny_settings.top_p, tiny_settings.max_new_tokens
+    )
