@@ -217,6 +217,11 @@ class VLLMPolicyServer(PolicyServer):
                             f"{gen.version}: {response.text[:300]}. Try again."
                         )
                     for line in response.iter_lines():
+                        # Cancelled (Undo, New chat, an abandoned answer) while this thread
+                        # waited for the next token: close() could not reach a generator
+                        # that was running, so it is checked here, at every line.
+                        if gen._cancel.is_set():
+                            break
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])

@@ -149,3 +149,32 @@ def test_stream_swap_rollback_and_pinned_versions(vllm_url, adapters, model_cach
     finally:
         server.close()
         other_replica.close()
+
+
+def test_a_cancelled_answer_stops_while_its_reader_waits_for_a_token(vllm_url, model_cache):
+    """Review c: Generation.cancel (Undo, New chat, an abandoned answer) closes the backend's
+    stream, which fails while the reader's thread is inside it waiting for the next token
+    (most of the time): vLLM wrote the answer to its end, its connection open, after the
+    caller's answer slot had been given back. (Shown against a local stand-in for vLLM's
+    stream: 50 chunks 0.2 s apart, cancelled after 1 s, read to the end in 10 s.)"""
+    import threading
+
+    from rlhf_core.vllm_backend import VLLMPolicyServer
+
+    settings = Settings(model_cache_dir=model_cache, serving_backend="vllm", vllm_url=vllm_url)
+    server = VLLMPolicyServer(settings)
+    try:
+        gen = server.stream(CHAT, {"temperature": 1.0, "max_new_tokens": 1024})  # a long one
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(gen))
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen, "the answer should be streaming"
+        gen.cancel()  # from another thread, while the reader waits inside the stream
+        reader.join(timeout=5)  # the next token ends it (a 1024-token answer takes far longer)
+        assert not reader.is_alive()
+        assert server._pins == {}
+    finally:
+        server.close()
