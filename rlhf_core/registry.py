@@ -257,6 +257,17 @@ redis.call('PUBLISH', ARGV[6], '{"version": ' .. ARGV[1] .. ', "reason": "candid
 return {1, ARGV[1]}
 """
 
+# KEYS: candidate; ARGV: share, channel, message. The check and the write in one step: a
+# decision landing between them left a candidate hash with a share and no version.
+_SET_SHARE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'share', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
 # KEYS: lock, reward_next, reward_versions, reward_current, current, reward_used
 # ARGV: token, meta_json, created_at, reward_key_prefix, artifact, storage,
 #       expected current policy ('' = any), n_blobs, blob keys..., stream ids...
@@ -462,6 +473,7 @@ class Registry:
         self._mark_pruned = client.register_script(_MARK_PRUNED)
         self._decide = client.register_script(_DECIDE)
         self._start_candidate = client.register_script(_START_CANDIDATE)
+        self._set_share = client.register_script(_SET_SHARE)
 
     # ------------------------------------------------------------------ lock
     def lock(self, ttl_s: float | None = None) -> TrainingLock:
@@ -852,10 +864,9 @@ class Registry:
         """Change the share of users the running candidate serves."""
         if not 0.0 < share <= 1.0:
             raise ValueError(f"The canary share must be in (0, 1], got {share}.")
-        if not self.client.exists(K_CANDIDATE):
+        message = json.dumps({"reason": "share", "share": share})
+        if not self._set_share(keys=[K_CANDIDATE], args=[repr(float(share)), CHANNEL, message]):
             raise CandidateError("No candidate is out; nothing to change.")
-        self.client.hset(K_CANDIDATE, "share", repr(float(share)))
-        self.client.publish(CHANNEL, json.dumps({"reason": "share", "share": share}))
 
     def decide(self, version: int, action: str, record: dict[str, Any]) -> int | None:
         """End the canary of ``version``: 'promote' makes it current, 'rollback' keeps

@@ -335,3 +335,40 @@ def test_a_round_during_a_canary_trains_on_both_arms_and_queues(
     assert registry.candidate()["version"] == v2 and registry.current() == v1
     assert registry.candidate_queue() == [outcome.version]
     assert f"published version {outcome.version} as queued" in registry.status_line()
+
+
+def test_share_change_racing_a_decision_leaves_no_half_candidate(
+    valkey,
+    redis_client,
+    settings,
+    adapters,  # noqa: F811
+):
+    """An admin's `ab share` while a worker decides the canary: the decision lands right
+    after the share change's first command. The change must not then create a candidate
+    hash with only a share (no version): every reader of the candidate failed (KeyError),
+    and every later version was queued behind it for good."""
+    import redis
+
+    registry = Registry(redis_client, settings)
+    publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    admin_client = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    admin = Registry(admin_client, settings)
+    send = admin_client.execute_command
+
+    def then_the_worker_decides(*args, **kwargs):
+        out = send(*args, **kwargs)
+        admin_client.execute_command = send  # once
+        registry.decide(v2, "rollback", {"reason": "test", "by": "automatic"})
+        return out
+
+    admin_client.execute_command = then_the_worker_decides
+    try:
+        admin.set_candidate_share(0.3)
+    except CandidateError:
+        pass  # told there is no candidate any more: as good
+    finally:
+        admin_client.execute_command = send
+    assert registry.candidate() is None
+    v3 = publish(registry, adapters[1][0], share=0.5)  # the next canary starts as usual
+    assert registry.candidate()["version"] == v3
