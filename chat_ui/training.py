@@ -34,7 +34,7 @@ from rlhf_core.registry import (
     UnknownVersionError,
 )
 from rlhf_core.rounds import round_is_due
-from rlhf_core.settings import Settings
+from rlhf_core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -597,7 +597,8 @@ def leaderboard_rows(
     min_refit_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Bradley-Terry ratings with bootstrap 95% intervals over the arena battles that
-    count (``datasets.counted_battles``: picks by people who may train). The bootstrap
+    count (``datasets.counted_battles``: picks by people who may train, at most
+    RLHF_CANARY_MAX_VOTES_PER_USER of one person's per version). The bootstrap
     refits ``rounds`` times, and the arena stream and its turns are read, only when the
     battles that count may have changed (``FeedbackStore.battles_mark``: a battle recorded
     or deleted, a chat switched to "don't train", turns deleted), and at most once every
@@ -609,7 +610,10 @@ def leaderboard_rows(
     cached = _board_cache.get(id(store.redis))
     if cached and (cached[0] == mark or time.monotonic() - cached[2] < min_refit_s):
         return cached[1]
-    battles, _ = counted_battles(store, settings, scrub=False)
+    settings = settings or get_settings()
+    battles, _ = counted_battles(
+        store, settings, scrub=False, max_per_user=settings.canary_max_votes_per_user
+    )
     rows = leaderboard(
         [(b["version_a"], b["version_b"], b["outcome"]) for b in battles], rounds=rounds
     )

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -765,13 +765,20 @@ def battle_counts(battle: Mapping[str, Any], turns: Mapping[str, Turn]) -> bool:
 
 
 def counted_battles(
-    store: FeedbackStore, settings: Settings | None = None, *, scrub: bool = True
+    store: FeedbackStore,
+    settings: Settings | None = None,
+    *,
+    scrub: bool = True,
+    max_per_user: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Turn]]:
     """The arena battles whose picks count (:func:`battle_counts`), with their turns as
     training sees them (consent, deletion and scrubbing: ``privacy.training_view``). The
     export and the leaderboard read the same ones: a flood of anonymous cookies on a
     public UI must not move the versions' ratings any more than it may train them.
-    ``scrub=False`` leaves the turns' text as stored (for counting, not for export)."""
+    ``scrub=False`` leaves the turns' text as stored (for counting, not for export).
+    ``max_per_user`` (the leaderboard: ``RLHF_CANARY_MAX_VOTES_PER_USER``, as the canary
+    counts votes): a person's earliest battles only, that many per version, so that one
+    account picking again and again cannot move the ratings without bound."""
     from rlhf_core.privacy import training_view
 
     battles = store.battles()
@@ -780,7 +787,17 @@ def counted_battles(
         store, settings or get_settings(), list(store.get_turns(ids).values()), [], scrub=scrub
     )
     by_id = {t.turn_id: t for t in turns}
-    return [b for b in battles if battle_counts(b, by_id)], by_id
+    counted = [b for b in battles if battle_counts(b, by_id)]
+    if max_per_user is not None:
+        seen: Counter[tuple[str, int]] = Counter()
+        capped = []
+        for b in counted:  # oldest first
+            keys = [(b["user_id"], b["version_a"]), (b["user_id"], b["version_b"])]
+            if all(seen[k] < max_per_user for k in keys):
+                seen.update(keys)
+                capped.append(b)
+        counted = capped
+    return counted, by_id
 
 
 def to_arena_rows(

@@ -378,7 +378,9 @@ class Settings(BaseSettings):
         "rollback", description="'rollback' (keep the current version) or 'promote' at timeout."
     )
     canary_max_votes_per_user: int = Field(
-        50, description="Votes one person counts in a canary (so one person cannot decide it)."
+        50,
+        description="Votes one person counts in a canary (so one person cannot decide it), "
+        "and arena battles per version on the leaderboard.",
     )
     canary_check_s: float = Field(
         15.0,

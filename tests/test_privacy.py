@@ -495,6 +495,34 @@ def test_the_leaderboard_counts_only_picks_that_may_train(store, tiny_settings):
     assert [r["version_a"] for r in ds.export_rows(store, "arena", settings=tiny_settings)] == [1]
 
 
+def test_one_account_counts_a_capped_number_of_battles_on_the_leaderboard(store, tiny_settings):
+    """One signed-in account (whose picks may train) submitting arena pick after arena pick
+    moved the ratings without bound: each version counts at most
+    RLHF_CANARY_MAX_VOTES_PER_USER battles of one person (the earliest), as its votes in the
+    canary do. Its picks still train (the export keeps them all)."""
+    from chat_ui.training import leaderboard_rows
+
+    settings = tiny_settings.model_copy(update={"canary_max_votes_per_user": 3})
+
+    def battle(name, user, outcome):
+        a = Turn(f"{name}a", f"{user}-s", user, [{"role": "user", "content": "q"}], "a",
+                 policy_version=1)  # fmt: skip
+        store.save_turn(a)
+        store.save_turn(replace(a, turn_id=f"{name}b", answer="b", policy_version=0))
+        assert store.record_battle(Battle(name, f"{user}-s", user, a.turn_id, f"{name}b", 1, 0,
+                                          outcome))  # fmt: skip
+
+    for k in range(4):  # four people find version 0 better
+        battle(f"honest{k}", f"user{k}", "b")
+    for k in range(40):  # one account says version 1, forty times
+        battle(f"stuffed{k}", "mallory", "a")
+    rows = {r["version"]: r for r in leaderboard_rows(store, rounds=10, settings=settings)}
+    assert rows[1]["battles"] == rows[0]["battles"] == 4 + 3
+    assert rows[1]["wins"] == 3 and rows[0]["wins"] == 4
+    assert rows[0]["rating"] > rows[1]["rating"]
+    assert len(ds.export_rows(store, "arena", settings=settings)) == 44
+
+
 def test_review_holds_rewrites_until_approved_and_drop_is_final(store, tiny_settings):
     settings = tiny_settings.model_copy(update={"review_rewrites": True})
     turns, events = chat(store, "ann", "a1", 3, kinds=("rewrite", "like", "rewrite"))
