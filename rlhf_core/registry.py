@@ -315,7 +315,12 @@ redis.call('HSET', KEYS[1], 'storage', 'pruned')
 return 1
 """
 
-# KEYS: current, pointer_log; ARGV: version, version_key, channel, at
+# KEYS: current, pointer_log, candidate, decisions, candidate_queue
+# ARGV: version, version_key, channel, at
+# A running canary ends with it (logged as a decision by the rollback): its candidate was
+# measured against a version that no longer serves, and a promotion on those votes would
+# undo the rollback. The versions waiting behind it trained from the versions rolled back
+# from, as a round's publish is refused then (ParentChangedError); `ab start N` puts one out.
 _ROLLBACK = """
 if ARGV[1] ~= '0' and redis.call('EXISTS', ARGV[2]) == 0 then
   return -1
@@ -323,7 +328,22 @@ end
 if ARGV[1] ~= '0' and redis.call('HGET', ARGV[2], 'storage') == 'pruned' then
   return -2
 end
+local previous = redis.call('GET', KEYS[1]) or '0'
 redis.call('SET', KEYS[1], ARGV[1])
+local candidate = redis.call('HGET', KEYS[3], 'version')
+if candidate then
+  local action = 'rollback'
+  if candidate == ARGV[1] then
+    action = 'promote'
+  end
+  local baseline = redis.call('HGET', KEYS[3], 'baseline') or previous
+  redis.call('DEL', KEYS[3], KEYS[5])
+  redis.call('LPUSH', KEYS[4], '{"version": ' .. candidate .. ', "action": "' .. action ..
+             '", "at": ' .. ARGV[4] .. ', "by": "rollback to v' .. ARGV[1] ..
+             '", "baseline": ' .. baseline .. ', "reason": "the current version was ' ..
+             'rolled back to v' .. ARGV[1] .. ' while the canary ran"}')
+  redis.call('LTRIM', KEYS[4], 0, 999)
+end
 local msg = '{"version": ' .. ARGV[1] .. ', "reason": "rollback", "at": ' .. ARGV[4] .. '}'
 redis.call('LPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], 0, 999)
@@ -782,9 +802,10 @@ class Registry:
         tmp.rename(root / artifact)
 
     def rollback(self, version: int) -> int:
-        """Make an earlier version (or 0, the base model) current again and announce it."""
+        """Make an earlier version (or 0, the base model) current again and announce it.
+        A running canary ends with it, its queue too (see _ROLLBACK)."""
         ok = self._rollback(
-            keys=[K_CURRENT, K_POINTER_LOG],
+            keys=[K_CURRENT, K_POINTER_LOG, K_CANDIDATE, K_DECISIONS, K_CANDIDATE_QUEUE],
             args=[int(version), f"{PREFIX}version:{int(version)}", CHANNEL, repr(time.time())],
         )
         if int(ok) == -2:  # checked in the script: a prune cannot slip in between

@@ -372,3 +372,31 @@ def test_share_change_racing_a_decision_leaves_no_half_candidate(
     assert registry.candidate() is None
     v3 = publish(registry, adapters[1][0], share=0.5)  # the next canary starts as usual
     assert registry.candidate()["version"] == v3
+
+
+def test_an_admin_rollback_during_a_canary_is_not_undone_by_its_promotion(
+    redis_client,
+    settings,
+    adapters,  # noqa: F811
+):
+    """`rlhf-chat rollback 1` while v3 is measured against v2: the worker's next check
+    promoted v3 on votes compared with v2, which no longer served anyone, and so undid the
+    admin's rollback (v3 trained from v2, the version rolled away from)."""
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0])
+    v3 = publish(registry, adapters[1][0], share=0.5)
+    v4 = publish(registry, adapters[2][0], share=0.5)  # waits behind v3, trained from v2
+    assert registry.candidate()["version"] == v3 and registry.candidate_queue() == [v4]
+    for k in range(40):
+        answer(store, f"c{k}", v3, "like")
+        answer(store, f"b{k}", v2, "like" if k % 2 else "dislike")
+    assert canary.evaluate(redis_client, settings)[1].action == "promote"
+    registry.rollback(v1)
+    assert canary.check(redis_client, settings) is None
+    assert registry.current() == v1
+    assert registry.candidate() is None and registry.candidate_queue() == []
+    last = registry.decisions()[0]
+    assert (last["version"], last["action"], last["baseline"]) == (v3, "rollback", v2)
+    assert "rollback" in last["by"]
