@@ -160,7 +160,9 @@ def check(client: redis.Redis, settings: Settings, now: float | None = None) -> 
         "rule": rule_from(settings).__dict__,
     }
     try:
-        nxt = Registry(client, settings).decide(candidate["version"], result.action, record)
+        nxt = Registry(client, settings).decide(
+            candidate["version"], result.action, record, started_at=candidate["started_at"]
+        )
     except CandidateError:
         return None  # someone else decided first
     record.update(version=candidate["version"], action=result.action, next_candidate=nxt)
@@ -184,7 +186,9 @@ def override(
         "reason": f"admin override ({by}); the test said: {result.reason}",
         "numbers": result.to_dict(),
     }
-    nxt = Registry(client, settings).decide(candidate["version"], action, record)
+    nxt = Registry(client, settings).decide(
+        candidate["version"], action, record, started_at=candidate["started_at"]
+    )
     record.update(version=candidate["version"], action=action, next_candidate=nxt)
     return record
 

@@ -204,14 +204,19 @@ return {v, role}
 """
 
 # KEYS: candidate, current, pointer_log, decisions, candidate_queue
-# ARGV: expected candidate version, action (promote|rollback), decision json, channel, at
+# ARGV: expected candidate version, action (promote|rollback), decision json, channel, at,
+#       expected started_at ('' = any)
 # Compare-and-set on the candidate: of two deciders (two workers, a worker and an
-# admin) only the first acts. Then the newest queued version (if any) becomes the
-# next candidate, against whatever is current now.
+# admin) only the first acts; with started_at, only on the canary that was looked at (the
+# same version may have been ended and put out again since). Then the newest queued
+# version (if any) becomes the next candidate, against whatever is current now.
 _DECIDE = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if version ~= ARGV[1] then
   return {0, version or ''}
+end
+if ARGV[6] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'started_at')) ~= tonumber(ARGV[6]) then
+  return {0, version .. ' (put out again since)'}
 end
 local share = redis.call('HGET', KEYS[1], 'share')
 if ARGV[2] == 'promote' then
@@ -889,20 +894,28 @@ class Registry:
         if not self._set_share(keys=[K_CANDIDATE], args=[repr(float(share)), CHANNEL, message]):
             raise CandidateError("No candidate is out; nothing to change.")
 
-    def decide(self, version: int, action: str, record: dict[str, Any]) -> int | None:
+    def decide(
+        self,
+        version: int,
+        action: str,
+        record: dict[str, Any],
+        started_at: float | None = None,
+    ) -> int | None:
         """End the canary of ``version``: 'promote' makes it current, 'rollback' keeps
         the current version. ``record`` (the numbers behind the decision, who decided)
         goes into the decisions log. Returns the next candidate started from the
         queue (or None); raises CandidateError when ``version`` is not the candidate
-        (someone else decided first)."""
+        (someone else decided first), or, given the ``started_at`` of the canary the
+        decision was made on, when that canary ended and the version was put out again."""
         if action not in ("promote", "rollback"):
             raise ValueError(f"action must be 'promote' or 'rollback', got {action!r}")
         at = time.time()
         entry = {"version": int(version), "action": action, "at": at, **record}
         ok, detail = self._decide(
             keys=[K_CANDIDATE, K_CURRENT, K_POINTER_LOG, K_DECISIONS, K_CANDIDATE_QUEUE],
-            args=[int(version), action, json.dumps(entry, default=float), CHANNEL, repr(at)],
-        )
+            args=[int(version), action, json.dumps(entry, default=float), CHANNEL, repr(at),
+                  "" if started_at is None else repr(float(started_at))],
+        )  # fmt: skip
         detail = _text(detail)
         if int(ok) == 0:
             raise CandidateError(

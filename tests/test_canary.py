@@ -400,3 +400,37 @@ def test_an_admin_rollback_during_a_canary_is_not_undone_by_its_promotion(
     last = registry.decisions()[0]
     assert (last["version"], last["action"], last["baseline"]) == (v3, "rollback", v2)
     assert "rollback" in last["by"]
+
+
+def test_a_decision_on_an_earlier_canary_of_the_same_version_is_refused(
+    redis_client,
+    settings,
+    adapters,  # noqa: F811
+    monkeypatch,
+):
+    """A worker looks at the canary of v2 (slow: it reads every vote since the start); an
+    admin meanwhile ends it and puts v2 out again (`ab rollback`, `ab start 2`). The
+    worker's decision, on the earlier canary's votes, must not decide the new one: the
+    compare-and-set was on the version alone."""
+    registry = Registry(redis_client, settings)
+    store = FeedbackStore(redis_client)
+    v1 = publish(registry, adapters[1][0])
+    v2 = publish(registry, adapters[2][0], share=0.5)
+    for k in range(40):
+        answer(store, f"c{k}", v2, "like")
+        answer(store, f"b{k}", v1, "like" if k % 2 else "dislike")
+    looked = canary.decide
+
+    def meanwhile_the_admin_restarts_it(*args, **kwargs):
+        result = looked(*args, **kwargs)
+        monkeypatch.setattr(canary, "decide", looked)  # once
+        canary.override(redis_client, settings, "rollback", by="admin (cli)")
+        time.sleep(0.01)
+        registry.start_candidate(v2, 0.5, by="admin (cli)")
+        return result
+
+    monkeypatch.setattr(canary, "decide", meanwhile_the_admin_restarts_it)
+    assert canary.check(redis_client, settings) is None
+    assert registry.current() == v1
+    restarted = registry.candidate()
+    assert restarted["version"] == v2 and restarted["started_by"] == "admin (cli)"
