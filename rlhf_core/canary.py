@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from rlhf_core.datasets import resolve_events
-from rlhf_core.feedback import FeedbackStore
+from rlhf_core.feedback import FeedbackStore, arena_pick
 from rlhf_core.live_eval import ABResult, Rule, decide, in_candidate_arm
 from rlhf_core.periodic import PeriodicLoop
 from rlhf_core.privacy import training_view
@@ -73,7 +73,19 @@ def live_votes(
     since: float,
     max_per_user: int,
 ) -> dict[int, tuple[int, int]]:
-    """version -> (likes, votes) on answers written since ``since`` by these versions.
+    """version -> (likes, votes): :func:`counted_votes` without the arena pairs."""
+    return counted_votes(store, settings, versions, since, max_per_user)[0]
+
+
+def counted_votes(
+    store: FeedbackStore,
+    settings: Settings,
+    versions: tuple[int, ...],
+    since: float,
+    max_per_user: int,
+) -> tuple[dict[int, tuple[int, int]], int]:
+    """(version -> (likes, votes) on answers written since ``since`` by these versions,
+    the number of arena picks that count with both their votes).
 
     Each answer counts once, with its final state (votes changed or undone count as
     they ended): a 👍 is a like; a 👎 or a rewrite (the person wanted another answer)
@@ -85,7 +97,11 @@ def live_votes(
     what everyone is served either. A stranger gets a fresh user, and so a fresh
     per-user cap, with every cookie; people whose feedback trains are signed in, or the
     deployment trusts its anonymous users. Held feedback (a rewrite waiting for review,
-    a new account's) counts once it may train."""
+    a new account's) counts once it may train.
+
+    An arena pick is two votes, one per version, that go opposite ways (the winner 👍,
+    the loser 👎); the test must not take them for independent ones, so the picks whose
+    two votes both count are counted too (:func:`rlhf_core.live_eval.diff_variance`)."""
     start = f"{max(0, int((since - CLOCK_SLACK_S) * 1000))}-0"
     events = [event for _, event in store.event_entries(start=start)]
     found = store.get_turns({e.turn_id for e in events})
@@ -98,7 +114,8 @@ def live_votes(
     )
     turns = {t.turn_id: t for t in kept}
     states = resolve_events(events)
-    by_user: dict[tuple[int, str], list[tuple[float, bool]]] = defaultdict(list)
+    battle_of = {e.turn_id: pick[0] for e in events if (pick := arena_pick(e.event_id))}
+    by_user: dict[tuple[int, str], list[tuple[float, bool, str]]] = defaultdict(list)
     for turn_id, state in states.items():
         turn = turns[turn_id]
         if turn.policy_version not in versions or turn.created_at < since - CLOCK_SLACK_S:
@@ -109,13 +126,17 @@ def live_votes(
             liked = state.vote == "like"
         else:
             continue
-        by_user[(turn.policy_version, turn.user_id)].append((turn.created_at, liked))
+        by_user[(turn.policy_version, turn.user_id)].append((turn.created_at, liked, turn_id))
     out = {v: [0, 0] for v in versions}
+    sides: dict[str, set[int]] = defaultdict(set)  # battle id -> versions of its counted votes
     for (version, _), votes in by_user.items():
-        for _, liked in sorted(votes)[:max_per_user]:
+        for _, liked, turn_id in sorted(votes)[:max_per_user]:
             out[version][0] += liked
             out[version][1] += 1
-    return {v: (likes, n) for v, (likes, n) in out.items()}
+            if turn_id in battle_of:
+                sides[battle_of[turn_id]].add(version)
+    paired = sum(len(found) == 2 for found in sides.values())
+    return {v: (likes, n) for v, (likes, n) in out.items()}, paired
 
 
 def evaluate(
@@ -128,7 +149,7 @@ def evaluate(
     if candidate is None:
         return None
     c, b = candidate["version"], candidate["baseline"]
-    votes = live_votes(
+    votes, paired = counted_votes(
         FeedbackStore(client),
         settings,
         (c, b),
@@ -136,7 +157,8 @@ def evaluate(
         settings.canary_max_votes_per_user,
     )
     now = time.time() if now is None else now
-    result = decide(*votes[c], *votes[b], rule_from(settings), now - candidate["started_at"])
+    elapsed = now - candidate["started_at"]
+    result = decide(*votes[c], *votes[b], rule_from(settings), elapsed, paired=paired)
     return candidate, result
 
 

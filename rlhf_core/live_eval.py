@@ -81,16 +81,22 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 # --------------------------------------------------------------------------- mSPRT
 
 
-def diff_variance(likes_a: Any, n_a: Any, likes_b: Any, n_b: Any) -> Any:
+def diff_variance(likes_a: Any, n_a: Any, likes_b: Any, n_b: Any, paired: Any = 0) -> Any:
     """Plug-in variance of rate_a - rate_b: p_a(1-p_a)/n_a + p_b(1-p_b)/n_b, with each
     p smoothed to (likes + 1) / (n + 2) so that 0/5 or 5/5 does not claim zero
     variance (which would make the first few votes look infinitely certain).
+
+    ``paired``: how many of the votes come in pairs, one vote for each version from one
+    arena pick (the winner 👍, the loser 👎: they go opposite ways, so the two rates are
+    not independent). Each pair adds the largest covariance term it can have (correlation
+    -1, Cauchy-Schwarz), 2 sqrt(p_a(1-p_a) p_b(1-p_b)) / (n_a n_b), so the variance is
+    not understated whatever the picks' correlation; 0 pairs = independent votes.
     Arrays broadcast; n must be >= 1."""
-    pa = (np.asarray(likes_a, dtype=float) + 1.0) / (np.asarray(n_a, dtype=float) + 2.0)
-    pb = (np.asarray(likes_b, dtype=float) + 1.0) / (np.asarray(n_b, dtype=float) + 2.0)
-    return pa * (1 - pa) / np.asarray(n_a, dtype=float) + pb * (1 - pb) / np.asarray(
-        n_b, dtype=float
-    )
+    na, nb = np.asarray(n_a, dtype=float), np.asarray(n_b, dtype=float)
+    pa = (np.asarray(likes_a, dtype=float) + 1.0) / (na + 2.0)
+    pb = (np.asarray(likes_b, dtype=float) + 1.0) / (nb + 2.0)
+    va, vb = pa * (1 - pa), pb * (1 - pb)
+    return va / na + vb / nb + 2.0 * np.asarray(paired, dtype=float) * np.sqrt(va * vb) / (na * nb)
 
 
 def msprt_log_lambda(theta_hat: Any, variance: Any, tau: float, theta0: float = 0.0) -> Any:
@@ -113,13 +119,14 @@ def confidence_half_width(variance: Any, tau: float, alpha: float) -> Any:
 
 
 def confidence_sequence(
-    likes_a: Any, n_a: Any, likes_b: Any, n_b: Any, *, tau: float, alpha: float
+    likes_a: Any, n_a: Any, likes_b: Any, n_b: Any, *, tau: float, alpha: float, paired: Any = 0
 ) -> tuple[Any, Any, Any]:
-    """(theta_hat, low, high) for rate_a - rate_b, valid at every look (arrays broadcast)."""
+    """(theta_hat, low, high) for rate_a - rate_b, valid at every look (arrays broadcast);
+    ``paired``: see :func:`diff_variance`."""
     theta = np.asarray(likes_a, dtype=float) / np.asarray(n_a, dtype=float) - np.asarray(
         likes_b, dtype=float
     ) / np.asarray(n_b, dtype=float)
-    half = confidence_half_width(diff_variance(likes_a, n_a, likes_b, n_b), tau, alpha)
+    half = confidence_half_width(diff_variance(likes_a, n_a, likes_b, n_b, paired), tau, alpha)
     return theta, theta - half, theta + half
 
 
@@ -149,10 +156,11 @@ class Rule:
 
 
 def decide_codes(
-    likes_c: Any, n_c: Any, likes_b: Any, n_b: Any, rule: Rule
+    likes_c: Any, n_c: Any, likes_b: Any, n_b: Any, rule: Rule, paired: Any = 0
 ) -> tuple[Any, Any, Any, Any]:
     """The canary rule on arrays of canaries: (code, theta_hat, low, high), where the
     difference is candidate - baseline and code is CONTINUE / ROLLBACK / PROMOTE.
+    ``paired``: votes that come in pairs from arena picks (:func:`diff_variance`).
 
     - ROLLBACK when both versions have ``burn_in`` votes and the whole interval is
       below 0 (the candidate is worse, with error <= alpha at any look);
@@ -165,7 +173,7 @@ def decide_codes(
     safe_c = np.maximum(n_c, 1)
     safe_b = np.maximum(n_b, 1)
     theta, low, high = confidence_sequence(
-        likes_c, safe_c, likes_b, safe_b, tau=rule.tau, alpha=rule.alpha
+        likes_c, safe_c, likes_b, safe_b, tau=rule.tau, alpha=rule.alpha, paired=paired
     )
     code = np.where(ready & (high < 0), ROLLBACK, CONTINUE)
     promote = ready & (n_c >= rule.min_votes) & (low > -rule.margin) & (code == CONTINUE)
@@ -192,22 +200,30 @@ class ABResult:
     log_lambda: float | None  # mSPRT statistic against "no difference"
     p_value: float | None  # always-valid p-value at this look: min(1, 1/Lambda)
     elapsed_s: float = 0.0
+    paired_votes: int = 0  # pairs of votes from arena picks (see diff_variance)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def decide(
-    likes_c: int, n_c: int, likes_b: int, n_b: int, rule: Rule, elapsed_s: float = 0.0
+    likes_c: int,
+    n_c: int,
+    likes_b: int,
+    n_b: int,
+    rule: Rule,
+    elapsed_s: float = 0.0,
+    paired: int = 0,
 ) -> ABResult:
-    """One look at a canary: the action, why, and every number behind it."""
+    """One look at a canary: the action, why, and every number behind it. ``paired``:
+    how many pairs of the votes come from arena picks (:func:`diff_variance`)."""
     code, theta, low, high = (
-        float(x) for x in decide_codes(likes_c, n_c, likes_b, n_b, rule)
+        float(x) for x in decide_codes(likes_c, n_c, likes_b, n_b, rule, paired)
     )  # fmt: skip
     has_votes = n_c > 0 and n_b > 0
     log_lam = None
     if has_votes:
-        var = float(diff_variance(likes_c, n_c, likes_b, n_b))
+        var = float(diff_variance(likes_c, n_c, likes_b, n_b, paired))
         log_lam = float(msprt_log_lambda(theta, var, rule.tau))
     action = ACTIONS[int(code)]
     if action == "rollback":
@@ -246,6 +262,7 @@ def decide(
         log_lambda=log_lam,
         p_value=min(1.0, math.exp(-log_lam)) if log_lam is not None else None,
         elapsed_s=float(elapsed_s),
+        paired_votes=int(paired),
     )
 
 

@@ -155,6 +155,31 @@ def test_decide_worked_cases():
         Rule(timeout_action="keep")
 
 
+def test_arena_pairs_keep_the_error_rates_when_checked_after_every_pick():
+    """Equal versions compared in the arena alone: every pick is the winner's 👍 and the
+    loser's 👎. Taken as independent votes, the test rolled back (or, margin 0, promoted)
+    in well over alpha of the canaries; with the pairs counted it stays under alpha."""
+    rng = np.random.default_rng(5)
+    runs, picks = 1000, 600
+    candidate_wins = (rng.random((runs, picks)) < 0.5).cumsum(axis=1)
+    n = np.arange(1, picks + 1)
+    rule = Rule(margin=0.0)
+
+    def first_decisions(paired):
+        code, *_ = decide_codes(candidate_wins, n, n - candidate_wins, n, rule, paired)
+        decided = code != 0
+        first = code[np.arange(runs), decided.argmax(axis=1)] * decided.any(axis=1)
+        return (first == ROLLBACK).mean(), (first == PROMOTE).mean()
+
+    naive_rollbacks, naive_promotions = first_decisions(0)
+    assert naive_rollbacks > 0.05 and naive_promotions > 0.05
+    rollbacks, promotions = first_decisions(n)
+    assert rollbacks < 0.05 and promotions < 0.05
+    one = decide(80, 200, 120, 200, Rule(), paired=200)
+    assert one.action == "continue" and one.paired_votes == 200
+    assert decide(80, 200, 120, 200, Rule()).action == "rollback"  # as independent votes
+
+
 def test_decide_codes_matches_decide_elementwise():
     rule = Rule(min_votes=30)
     rng = random.Random(3)

@@ -259,8 +259,8 @@ def test_a_running_canary_is_read_in_full_at_most_once_a_minute(
     v2 = publish(registry, adapters[2][0], share=0.5)
     assert registry.candidate()["version"] == v2
     reads = []
-    real = canary.live_votes
-    monkeypatch.setattr(canary, "live_votes", lambda *a, **k: reads.append(1) or real(*a, **k))
+    real = canary.counted_votes
+    monkeypatch.setattr(canary, "counted_votes", lambda *a, **k: reads.append(1) or real(*a, **k))
     refresh = training_tab(settings, redis_client)["refresh"]
     assert f"v{v2}" in refresh(None)[5] and len(reads) == 1
     for k in range(5):  # a stranger's votes, and a refresh every 5 s
