@@ -1139,9 +1139,23 @@ def _ab_args(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="status as one JSON object")
 
 
+def _bootstrap_rounds(text: str) -> int:
+    """--rounds: at least one resample (an interval needs one) and at most 100,000 (each
+    is a Bradley-Terry fit)."""
+    import argparse
+
+    try:
+        rounds = int(text)
+    except ValueError:
+        rounds = 0
+    if not 1 <= rounds <= 100_000:
+        raise argparse.ArgumentTypeError(f"give a whole number from 1 to 100000, not {text!r}")
+    return rounds
+
+
 def _leaderboard_args(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON list")
-    parser.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds")
+    parser.add_argument("--rounds", type=_bootstrap_rounds, default=1000, help="bootstrap rounds")
 
 
 def _train_args(parser: Any) -> None:

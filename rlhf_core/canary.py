@@ -246,7 +246,6 @@ class CanaryLoop(PeriodicLoop):
         super().__init__(self.tick, settings.canary_check_s, "canary-loop", "canary check")
         self.settings = settings
         self.client = client
-        self.decisions: list[dict[str, Any]] = []
 
     def tick(self) -> dict[str, Any] | None:
         """One look at the running canary: its decision, or None while it keeps running."""
@@ -256,7 +255,6 @@ class CanaryLoop(PeriodicLoop):
             self.client = connect(self.settings)
         decision = check(self.client, self.settings)
         if decision is not None:
-            self.decisions.append(decision)
             log.info(
                 "canary v%s: %s (%s)",
                 decision["version"], decision["action"], decision["reason"],

@@ -167,14 +167,10 @@ class DueRoundLoop(PeriodicLoop):
         self.settings = settings
         self.send = send
         self.client = client
-        self.queued: list[str] = []
 
     def tick(self) -> str | None:
         if self.client is None:
             from rlhf_core.redis_server import connect
 
             self.client = connect(self.settings)
-        reason = request_due_round(self.settings, self.client, self.send)
-        if reason is not None:
-            self.queued.append(reason)
-        return reason
+        return request_due_round(self.settings, self.client, self.send)

@@ -98,6 +98,11 @@ def test_commands_say_what_to_do_without_a_server(tmp_path):
     assert "Traceback" not in done.stderr
     done = rlhf_chat("export", "--format", "nope", "--out", "x.jsonl", env=env)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+    # A negative bootstrap count ended in numpy's traceback (review, session 25).
+    for rounds in ("-1", "0", "many"):
+        done = rlhf_chat("leaderboard", "--rounds", rounds, env=env)
+        assert done.returncode == 2 and "whole number from 1 to 100000" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
