@@ -164,7 +164,11 @@ def test_a_cancelled_answer_stops_while_its_reader_waits_for_a_token(vllm_url, m
     settings = Settings(model_cache_dir=model_cache, serving_backend="vllm", vllm_url=vllm_url)
     server = VLLMPolicyServer(settings)
     try:
-        gen = server.stream(CHAT, {"temperature": 1.0, "max_new_tokens": 1024})  # a long one
+        # A long answer: one that ended by itself within the wait below (a short one, at
+        # SmolLM's speed here) would pass without the fix.
+        story = [{"role": "user", "content": "Write a long story, at least 600 words, about "
+                  "a lighthouse keeper and a storm. Give every chapter a title."}]  # fmt: skip
+        gen = server.stream(story, {"temperature": 0.7, "max_new_tokens": 1024})
         seen: list[str] = []
         reader = threading.Thread(target=lambda: seen.extend(gen))
         reader.start()
@@ -173,8 +177,8 @@ def test_a_cancelled_answer_stops_while_its_reader_waits_for_a_token(vllm_url, m
             time.sleep(0.01)
         assert seen, "the answer should be streaming"
         gen.cancel()  # from another thread, while the reader waits inside the stream
-        reader.join(timeout=5)  # the next token ends it (a 1024-token answer takes far longer)
-        assert not reader.is_alive()
+        reader.join(timeout=2)  # the next token ends it (a 600-word answer takes far longer)
+        assert not reader.is_alive(), f"still reading after the cancel: {''.join(seen)[-200:]!r}"
         assert server._pins == {}
     finally:
         server.close()
