@@ -639,14 +639,18 @@ FILE_PATHS = frozenset(
 # Gradio's route for components with server functions (a file explorer, an image editor):
 # none on this page. It built a session's state for any id it was given (see below).
 COMPONENT_SERVER_PATH = "/gradio_api/component_server"
+# Gradio's route that saves a session's component values (the chat it shows included) to
+# disk for a shareable link, for whoever names the session: no link button on this page.
+DEEP_LINK_PATH = "/gradio_api/deep_link"
 # Gradio's routes that name a chat by its session hash and run no handler of ours.
 CANCEL_PATH = "/gradio_api/cancel"
 HEARTBEAT_PREFIX = "/gradio_api/heartbeat/"
 # Sessions whose state Gradio keeps (``launch(state_session_capacity=...)``, least recently
 # used dropped). Gradio builds one, a copy of every component's config (~160 KB here), for
 # every session id it has not seen, before any handler of ours can refuse the request: at
-# Gradio's 10,000, fresh ids from one address grew the UI by 1.6 GB. This app keeps nothing
-# there (the chat lives in ChatService, no gr.State), so a dropped one costs nothing.
+# Gradio's 10,000, fresh ids from one address grew the UI by 1.6 GB. Gradio also keeps each
+# session's last component values there, but this app reads none back (the chat lives in
+# ChatService, no gr.State; deep links are refused), so a dropped one costs nothing.
 GRADIO_SESSION_STATES = 500
 _JOIN_RE = re.compile(r"^/gradio_api/(?:queue/join|call/v2/[^/]+|call/[^/]+|run/[^/]+)/?$")
 
@@ -776,6 +780,9 @@ class BoundaryMiddleware:
                 send, *_json_response(404, "No component on this page has server functions.")
             )
             return
+        if path.rstrip("/") == DEEP_LINK_PATH:
+            await _send_response(send, *_json_response(404, "This page makes no shareable links."))
+            return
         if method == "POST" and path.rstrip("/") in LOGIN_PATHS and self.access is not None:
             refused = await self._login_refused(scope)
             if refused is not None:
@@ -830,13 +837,16 @@ class BoundaryMiddleware:
                     break
             body = buffered = b"".join(chunks)
             replayed = False
+            # Kept apart: ``receive`` is rebound to receive_again below, and a second call
+            # (a response that listens for the client leaving) would then call itself.
+            receive_after_body = receive
 
             async def receive_again() -> dict:
                 nonlocal replayed
                 if not replayed:
                     replayed = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                return await receive_after_body()
 
             receive = receive_again
 

@@ -132,7 +132,8 @@ class StaleTokenError(RuntimeError):
 
 class ParentChangedError(StaleTokenError):
     """A round's version was not published: the current version it trained from was
-    replaced while it trained (its events stay for the next round, as for a stale token)."""
+    replaced while it trained (its events go to the next round, as for a stale token,
+    unless the round's reward version already recorded them: then they count as trained)."""
 
 
 class CandidateError(RuntimeError):
@@ -640,15 +641,17 @@ class Registry:
             self._unstage(artifact, blob_keys)
             raise ParentChangedError(
                 f"Not published: the round trained from version {parent}, and version "
-                f"{holder} became current while it trained (a rollback or a promotion); its "
-                f"events stay for the next round, which trains from version {holder}."
+                f"{holder} became current while it trained (a rollback or a promotion); the "
+                f"next round trains from version {holder}. The round's events that its reward "
+                f"version recorded count as trained; any others go to the next round."
             )
         if version < 0:
             self._unstage(artifact, blob_keys)
             raise StaleTokenError(
                 f"Refused to publish: fencing token {fencing_token} no longer holds the training "
                 f"lock (holder: {holder or 'nobody'}). The round outlived its lease "
-                f"(RLHF_LOCK_TTL_S={self.settings.lock_ttl_s}); its events stay for the next round."
+                f"(RLHF_LOCK_TTL_S={self.settings.lock_ttl_s}). The round's events that its "
+                f"reward version recorded count as trained; any others go to the next round."
             )
         log.info(
             "published version %s as %s (%s, %.1f MB)", version, holder, meta["kinds"],

@@ -268,7 +268,8 @@ def run_round(
         # acked them): trained once already.
         already = registry.used_by(taken) | registry.reward_used_by(taken)
         if already:
-            log.warning("acking %d events a published version already used", len(already))
+            log.warning("acking %d events a published version or reward version already "
+                        "trained on", len(already))  # fmt: skip
             store.ack(already)
             entries = [(sid, ev) for sid, ev in entries if sid not in already]
             taken = [sid for sid, _ in entries]

@@ -387,6 +387,10 @@ def test_gradios_session_routes_refuse_someone_elses_chat(serve_app):
             assert "belongs to another browser" in reply.read().decode()
         reply = stranger.get(f"/gradio_api/heartbeat/{chat}", timeout=10)
         assert reply.status_code == 404 and "belongs to another browser" in reply.text
+        # Final review of s25: Gradio's deep link saved the chat's shown values to disk for
+        # whoever named it, and /?deep_link=<hash> showed them.
+        reply = stranger.get("/gradio_api/deep_link", params={"session_hash": chat}, timeout=10)
+        assert reply.status_code == 404 and "no shareable links" in reply.text
         fn_index = next(d["id"] for d in stranger.get("/config").json()["dependencies"]
                         if d.get("api_name") == "send")  # fmt: skip
         body = {"session_hash": chat, "fn_index": fn_index, "event_id": "x"}

@@ -60,7 +60,8 @@ def test_scrubbing_a_long_hostile_text_takes_linear_time():
     for text in ("a-" * 4000 + "@x", "a." * 4000 + "@x", "a-" * 4000 + "@example.com"):
         start = time.perf_counter()
         scrub_text(text)
-        assert time.perf_counter() - start < 1.0, text[-20:]
+        # About 0.01 s now, 9 s before: a bound far from both, for a loaded machine.
+        assert time.perf_counter() - start < 2.0, text[-20:]
     # Addresses are still found, up to the longest local part a mail server takes (64).
     local = "first.last-" + "x" * 53
     assert scrub_text(f"write to {local}@example.com now") == "write to <EMAIL_ADDRESS> now"
