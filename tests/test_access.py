@@ -990,3 +990,38 @@ def test_compose_keeps_valkey_private_and_password_protected():
     assert "--requirepass" in " ".join(valkey["command"])
     url = compose["x-rlhf-env"]["RLHF_REDIS_URL"]
     assert url.startswith("redis://:${RLHF_REDIS_PASSWORD:?")
+
+
+def test_a_buffered_body_can_be_read_past_its_end():
+    # Final review of s25: the middleware reads a chunked body (and every /cancel) before
+    # the app, then hands it back through a replacement ``receive``, which called itself
+    # once the body was read (a response that waits for the client to leave reads again):
+    # RecursionError. Past the body, the server's own receive answers.
+    import asyncio
+
+    reads: list[dict] = []
+
+    async def app(scope, receive, send):  # reads the body, then waits for a disconnect
+        reads.append(await receive())
+        reads.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server_messages = [
+        {"type": "http.request", "body": b'{"a": 1}', "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive():
+        return server_messages.pop(0)
+
+    async def send(message):
+        pass
+
+    middleware = access.BoundaryMiddleware(app, secret=b"k", max_body=1024, secure_cookie=False)
+    scope = {"type": "http", "method": "POST", "path": "/gradio_api/anything", "headers": []}
+    asyncio.run(middleware(scope, receive, send))
+    assert reads == [
+        {"type": "http.request", "body": b'{"a": 1}', "more_body": False},
+        {"type": "http.disconnect"},
+    ]
