@@ -136,6 +136,15 @@ class ParentChangedError(StaleTokenError):
     unless the round's reward version already recorded them: then they count as trained)."""
 
 
+def _parent_changed(parent: int | None, holder: str, then: str) -> ParentChangedError:
+    """The refusal of a publish (policy or reward) whose round trained from ``parent``
+    after ``holder`` became current; ``then`` says what happens to the round's events."""
+    return ParentChangedError(
+        f"Not published: the round trained from version {parent}, and version {holder} "
+        f"became current while it trained (a rollback or a promotion); {then}"
+    )
+
+
 class CandidateError(RuntimeError):
     """A canary operation that does not fit the present state (no candidate, another one)."""
 
@@ -639,11 +648,11 @@ class Registry:
         version, holder = int(result[0]), _text(result[1])
         if version == -2:
             self._unstage(artifact, blob_keys)
-            raise ParentChangedError(
-                f"Not published: the round trained from version {parent}, and version "
-                f"{holder} became current while it trained (a rollback or a promotion); the "
-                f"next round trains from version {holder}. The round's events that its reward "
-                f"version recorded count as trained; any others go to the next round."
+            raise _parent_changed(
+                parent,
+                holder,
+                f"the next round trains from version {holder}. The round's events that its "
+                f"reward version recorded count as trained; any others go to the next round.",
             )
         if version < 0:
             self._unstage(artifact, blob_keys)
@@ -732,10 +741,10 @@ class Registry:
         version, holder = int(result[0]), _text(result[1])
         if version == -2:
             self._unstage(artifact, blob_keys)
-            raise ParentChangedError(
-                f"Not published: the round trained from version {parent}, and version "
-                f"{holder} became current while it trained (a rollback or a promotion); its "
-                f"events stay for the next round, which trains from version {holder}."
+            raise _parent_changed(
+                parent,
+                holder,
+                f"its events stay for the next round, which trains from version {holder}.",
             )
         if version < 0:
             self._unstage(artifact, blob_keys)

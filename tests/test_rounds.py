@@ -416,24 +416,27 @@ def test_kl_refusal_keeps_the_reward_model_and_says_the_budget_is_reached(
     assert store.counts()["unconsumed"] == 0
 
 
+def saved_adapter(tiny_model, settings, folder):
+    """A freshly initialised LoRA adapter of the tiny model, saved to ``folder`` (what a
+    round hands the registry)."""
+    from peft import get_peft_model
+
+    from rlhf_core.modeling import lora_config
+
+    get_peft_model(copy.deepcopy(tiny_model.model), lora_config(settings)).save_pretrained(folder)
+    return folder
+
+
 def test_crash_between_publish_and_ack_counts_events_once(
     redis_client, tiny_settings, tiny_model, tmp_path
 ):
     """A worker that published and died before XACK: the next round must not
     train on those events again (the registry recorded them with the version)."""
-    from peft import get_peft_model
-
-    from rlhf_core.modeling import lora_config
-
     store = FeedbackStore(redis_client)
     registry = Registry(redis_client, tiny_settings)
     post_feedback(store, 4)
     entries = store.read_unconsumed("dead-worker", 10)
-
-    adapter = tmp_path / "adapter"
-    get_peft_model(copy.deepcopy(tiny_model.model), lora_config(tiny_settings)).save_pretrained(
-        adapter
-    )
+    adapter = saved_adapter(tiny_model, tiny_settings, tmp_path / "adapter")
     lock = registry.lock()
     token = lock.acquire()
     registry.publish(adapter, {"event_ids": [e.event_id for _, e in entries]}, token,
@@ -454,18 +457,11 @@ def test_crash_between_a_reward_publish_and_ack_counts_events_once(
     that died between the two left them pending, and the next round trained a second
     reward model on them (and counted them twice in the user window). The reward publish
     now records them, as the policy publish does."""
-    from peft import get_peft_model
-
-    from rlhf_core.modeling import lora_config
-
     store = FeedbackStore(redis_client)
     registry = Registry(redis_client, tiny_settings)
     post_feedback(store, 4)
     entries = store.read_unconsumed("dead-worker", 10)
-    adapter = tmp_path / "reward"
-    get_peft_model(copy.deepcopy(tiny_model.model), lora_config(tiny_settings)).save_pretrained(
-        adapter
-    )
+    adapter = saved_adapter(tiny_model, tiny_settings, tmp_path / "reward")
     lock = registry.lock()
     token = lock.acquire()
     registry.publish_reward(adapter, {"policy_refused": "KL"}, token,
