@@ -794,6 +794,25 @@ class FeedbackStore:
         return {t: turn for t, turn in found if turn is not None}
 
     @_surface_unavailable
+    def undecodable_turns(self, turn_ids: Iterable[str]) -> dict[str, str]:
+        """The records among ``turn_ids`` that exist but cannot be read as a Turn, by id,
+        each with the session id the record still names ("" when it names none): what
+        "Delete my data" must delete by the user's own index, since the record itself
+        no longer says whose it is."""
+        ids = list(dict.fromkeys(turn_ids))
+        raws = self.redis.mget([turn_key(t) for t in ids]) if ids else []
+        out: dict[str, str] = {}
+        for turn_id, raw in zip(ids, raws, strict=True):
+            if raw is None or _decode_turn(turn_id, raw) is not None:
+                continue
+            try:
+                session = json.loads(raw).get("session_id")
+            except (ValueError, AttributeError):  # not JSON, or not an object
+                session = None
+            out[turn_id] = session if isinstance(session, str) else ""
+        return out
+
+    @_surface_unavailable
     def turns(self, batch: int = 500) -> Iterator[Turn]:
         """Every turn, oldest first."""
         for _, entries in self._scan(TURNS_STREAM, batch):

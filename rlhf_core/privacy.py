@@ -405,12 +405,17 @@ def forget_user(client: Any, settings: Settings, user_id: str) -> dict[str, int]
     owned = list(data.turns.items())
     doomed: list[tuple[str, str, str]] = []
     for start in range(0, len(owned), 500):  # a prolific user's records, a slice at a time
-        found = store.get_turns(t for t, _ in owned[start : start + 500])
+        part = owned[start : start + 500]
+        found = store.get_turns(t for t, _ in part)
         doomed += [
             (turn_id, index_id, found[turn_id].session_id)
-            for turn_id, index_id in owned[start : start + 500]
+            for turn_id, index_id in part
             if turn_id in found and found[turn_id].user_id == user_id
         ]
+        # A record that no longer decodes cannot say whose it is; the user's own index
+        # (written with the record) does, and it may still hold their message.
+        broken = store.undecodable_turns(t for t, _ in part if t not in found)
+        doomed += [(t, index_id, broken[t]) for t, index_id in part if t in broken]
     doomed_ids = {t for t, _, _ in doomed}
     _, deleted = store.delete_turns(doomed)
     # Their reactions on turns that are not theirs (a session whose account changed).

@@ -762,3 +762,35 @@ def test_forget_user_leaves_no_trace_of_the_id_after_a_round(redis_client, tiny_
     # Deleted after the round, the same holds.
     privacy.forget_user(redis_client, tiny_settings, "amy")
     assert b"s-amy" not in everything_stored(redis_client)
+
+
+def test_forget_user_deletes_their_turn_records_that_no_longer_decode(
+    store, redis_client, tiny_settings
+):
+    """A turn record of the user's that cannot be read as a Turn (corrupt, or written by
+    an older version without a field) is theirs by their own index: "Delete my data"
+    deletes it with its events. It was skipped and kept, with their message in it."""
+    import json
+
+    from rlhf_core.feedback import turn_key
+
+    ann_turns, _ = chat(store, "ann", "a1", 2)
+    bob_turns, _ = chat(store, "bob", "b1", 1)
+    broken, garbled = ann_turns[0].turn_id, ann_turns[1].turn_id
+    record = json.loads(redis_client.get(turn_key(broken)))
+    del record["answer"]  # an older version's record, without a field
+    redis_client.set(turn_key(broken), json.dumps(record))
+    redis_client.set(turn_key(garbled), b"\xff not json")
+    assert store.get_turns([broken, garbled]) == {}
+
+    counts = privacy.forget_user(redis_client, tiny_settings, "ann")
+
+    assert counts == {"turns": 2, "events": 2, "battles": 0}
+    assert not redis_client.exists(turn_key(broken)) and not redis_client.exists(turn_key(garbled))
+    assert not any(redis_client.exists(f"rlhf:turn_events:{t}") for t in (broken, garbled))
+    # The record that still names its chat leaves the chat's index; the garbled one's id
+    # (a random id, nothing personal) may stay there, pointing at nothing.
+    assert broken.encode() not in redis_client.lrange("rlhf:session_turns:a1", 0, -1)
+    assert all(ev.user_id == "bob" for ev in store.events())
+    assert [t.turn_id for t in store.turns()] == [bob_turns[0].turn_id]
+    assert b"Q0 of ann" not in everything_stored(redis_client)
