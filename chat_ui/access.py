@@ -115,7 +115,12 @@ class AccessError(PermissionError):
 
 
 class RateLimited(AccessError):
-    """Too many requests in a window; the message says when to try again."""
+    """Too many requests in a window; the message says when to try again, and
+    ``retry_after_s`` (None: no wait will do) the same in seconds, for a Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TooManyAnswers(AccessError):
@@ -581,14 +586,14 @@ class Access:
         try:
             for item, scope, key in checks:
                 if not self.limiter.test(item, kind, scope, key, cost=cost):
-                    raise RateLimited(self._limited(kind, scope, item, key))
+                    raise self._limited(kind, scope, item, key)
             for item, scope, key in checks:
                 if not self.limiter.hit(item, kind, scope, key, cost=cost):
-                    raise RateLimited(self._limited(kind, scope, item, key))
+                    raise self._limited(kind, scope, item, key)
         except redis.RedisError as error:
             log.warning("rate limit not checked, Redis unavailable: %s", error)
 
-    def _limited(self, kind: str, scope: str, item: Any, key: str) -> str:
+    def _limited(self, kind: str, scope: str, item: Any, key: str) -> RateLimited:
         try:
             reset = self.limiter.get_window_stats(item, kind, scope, key).reset_time
             wait = max(1, int(reset - time.time() + 0.999))
@@ -596,10 +601,20 @@ class Access:
             wait = item.get_expiry()
         what = {"message": "messages", "feedback": "reactions", "login": "sign-in attempts"}
         what = what.get(kind, "new chats")
-        return (
+        return RateLimited(
             f"Too many {what}: this service takes at most {item.amount} per {_window(item)} "
-            f"from one {_scope_word(scope)}. Try again in {wait} s."
+            f"from one {_scope_word(scope)}. Try again in {_wait_words(wait)}.",
+            retry_after_s=wait,
         )
+
+
+def _wait_words(seconds: int) -> str:
+    """A wait as a person reads it: "42 s", "5 minutes", "23 hours" (rounded up)."""
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 2 * 3600:
+        return f"{-(-seconds // 60)} minutes"
+    return f"{-(-seconds // 3600)} hours"
 
 
 def _window(item: Any) -> str:
@@ -786,7 +801,10 @@ class BoundaryMiddleware:
         if method == "POST" and path.rstrip("/") in LOGIN_PATHS and self.access is not None:
             refused = await self._login_refused(scope)
             if refused is not None:
-                await _send_response(send, *_json_response(429, refused, [(b"retry-after", b"60")]))
+                wait = str(refused.retry_after_s or 60).encode()
+                await _send_response(
+                    send, *_json_response(429, str(refused), [(b"retry-after", wait)])
+                )
                 return
         if method == "POST":
             match = _CALL_RE.match(path)
@@ -910,7 +928,7 @@ class BoundaryMiddleware:
             if not self.joining[joining]:
                 del self.joining[joining]
 
-    async def _login_refused(self, scope: dict) -> str | None:
+    async def _login_refused(self, scope: dict) -> RateLimited | None:
         """Why this password try is refused (over LOGIN_RATE_IP for its address), else
         None. Counted in a worker thread: the limiter's Redis calls would block the loop."""
         import anyio
@@ -921,7 +939,7 @@ class BoundaryMiddleware:
         try:
             await anyio.to_thread.run_sync(access.check_rate, "login", caller)
         except RateLimited as error:
-            return str(error)
+            return error
         return None
 
     async def _foreign(self, chat: str, sid: str | None) -> bool:

@@ -337,6 +337,34 @@ def test_password_guesses_from_one_address_are_bounded(serve_app):
     assert admin.post("/login", data={"username": "root", "password": "hunter2"}).status_code == 200
 
 
+def test_a_refused_sign_in_says_when_the_window_that_refused_it_opens(serve_app, monkeypatch):
+    # Review of s25: the 429 always said Retry-After: 60, also when the day's window was
+    # full (a client that obeyed it was refused again and again for a day).
+    monkeypatch.setattr(access, "LOGIN_RATE_IP", "20/minute;5/day")
+    app = serve_app(public=True, admins="root", auth="gradio", auth_users="root:hunter2",
+                    client_ip_header="X-Forwarded-For")  # fmt: skip
+    guesser = httpx.Client(base_url=app.url.rstrip("/"), timeout=60,
+                           headers={"X-Forwarded-For": "203.0.113.9"})  # fmt: skip
+    for i in range(5):
+        assert guesser.post(
+            "/login", data={"username": "root", "password": f"g{i}"}
+        ).is_client_error
+    refused = guesser.post("/login", data={"username": "root", "password": "g5"})
+    assert refused.status_code == 429
+    assert 23 * 3600 < int(refused.headers["retry-after"]) <= 24 * 3600
+    assert "at most 5 per day" in refused.json()["detail"]
+    assert "Try again in 24 hours" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [(1, "1 s"), (119, "119 s"), (120, "2 minutes"), (121, "3 minutes"), (7199, "120 minutes"),
+     (7200, "2 hours"), (86399, "24 hours")],
+)  # fmt: skip
+def test_wait_words_worked_examples(seconds, words):
+    assert access._wait_words(seconds) == words
+
+
 def test_forged_and_foreign_sessions_are_refused(serve_app):
     app = serve_app(**PUBLIC)
     store = app.service.store
@@ -409,7 +437,7 @@ def test_rate_limits_and_body_size_over_http(serve_app):
     client = Client(app.url, verbose=False)
     for i in range(2):
         client.predict(f"question {i}", "", *SAMPLING, api_name="/send")
-    with pytest.raises(AppError, match=r"Too many messages.*Try again in \d+ s"):
+    with pytest.raises(AppError, match=r"Too many messages.*Try again in \d+ (s|minutes)"):
         client.predict("one too many", "", *SAMPLING, api_name="/send")
     for kind in ("like", "dislike", "like"):
         client.predict(-1, kind, api_name="/vote")
