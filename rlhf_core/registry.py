@@ -219,7 +219,8 @@ return {v, role}
 # Compare-and-set on the candidate: of two deciders (two workers, a worker and an
 # admin) only the first acts; with started_at, only on the canary that was looked at (the
 # same version may have been ended and put out again since). Then the newest queued
-# version (if any) becomes the next candidate, against whatever is current now.
+# version (if any) becomes the next candidate, against whatever is current now; each older
+# one is dropped with a decision entry that says why (an admin reads what became of it).
 _DECIDE = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if version ~= ARGV[1] then
@@ -239,8 +240,15 @@ redis.call('DEL', KEYS[1])
 redis.call('LPUSH', KEYS[4], ARGV[3])
 redis.call('LTRIM', KEYS[4], 0, 999)
 local nxt = redis.call('RPOP', KEYS[5])
-redis.call('DEL', KEYS[5])
 local current = redis.call('GET', KEYS[2]) or '0'
+for _, dropped in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  redis.call('LPUSH', KEYS[4], '{"version": ' .. dropped .. ', "action": "dropped", "at": ' ..
+             ARGV[5] .. ', "by": "queue", "baseline": ' .. current .. ', "reason": ' ..
+             '"a newer version, v' .. nxt .. ', waited behind the same canary and is the ' ..
+             'next candidate"}')
+end
+redis.call('LTRIM', KEYS[4], 0, 999)
+redis.call('DEL', KEYS[5])
 if nxt then
   redis.call('HSET', KEYS[1], 'version', nxt, 'baseline', current, 'share', share,
              'started_at', ARGV[5], 'started_by', 'queue')
@@ -335,7 +343,8 @@ return 1
 # A running canary ends with it (logged as a decision by the rollback): its candidate was
 # measured against a version that no longer serves, and a promotion on those votes would
 # undo the rollback. The versions waiting behind it trained from the versions rolled back
-# from, as a round's publish is refused then (ParentChangedError); `ab start N` puts one out.
+# from, as a round's publish is refused then (ParentChangedError): each is dropped with a
+# decision entry that says so; `ab start N` puts one out.
 _ROLLBACK = """
 if ARGV[1] ~= '0' and redis.call('EXISTS', ARGV[2]) == 0 then
   return -1
@@ -352,13 +361,20 @@ if candidate then
     action = 'promote'
   end
   local baseline = redis.call('HGET', KEYS[3], 'baseline') or previous
-  redis.call('DEL', KEYS[3], KEYS[5])
+  redis.call('DEL', KEYS[3])
   redis.call('LPUSH', KEYS[4], '{"version": ' .. candidate .. ', "action": "' .. action ..
              '", "at": ' .. ARGV[4] .. ', "by": "rollback to v' .. ARGV[1] ..
              '", "baseline": ' .. baseline .. ', "reason": "the current version was ' ..
              'rolled back to v' .. ARGV[1] .. ' while the canary ran"}')
-  redis.call('LTRIM', KEYS[4], 0, 999)
 end
+for _, dropped in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+  redis.call('LPUSH', KEYS[4], '{"version": ' .. dropped .. ', "action": "dropped", "at": ' ..
+             ARGV[4] .. ', "by": "rollback to v' .. ARGV[1] .. '", "baseline": ' ..
+             previous .. ', "reason": "it waited for a canary and trained from v' ..
+             previous .. ', which was rolled back to v' .. ARGV[1] .. '"}')
+end
+redis.call('LTRIM', KEYS[4], 0, 999)
+redis.call('DEL', KEYS[5])
 local msg = '{"version": ' .. ARGV[1] .. ', "reason": "rollback", "at": ' .. ARGV[4] .. '}'
 redis.call('LPUSH', KEYS[2], msg)
 redis.call('LTRIM', KEYS[2], 0, 999)

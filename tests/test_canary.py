@@ -81,10 +81,14 @@ def test_publish_with_a_share_makes_a_candidate_then_queues(redis_client, settin
         registry.decide(v2, "promote", {})
     assert registry.decide(v4, "promote", {"reason": "good"}) is None
     assert registry.current() == v4 and registry.candidate() is None
+    # v3, which waited behind v2 too, is dropped with an entry that says why (it vanished
+    # from the queue without one before).
     assert [(d["version"], d["action"]) for d in registry.decisions()] == [
         (v4, "promote"),
+        (v3, "dropped"),
         (v2, "rollback"),
     ]
+    assert f"v{v4}" in registry.decisions()[1]["reason"]
     assert [m["reason"] for m in registry.pointer_log()] == ["promote", "publish"]
 
     messages = pubsub_messages(pubsub, 6)
@@ -397,9 +401,12 @@ def test_an_admin_rollback_during_a_canary_is_not_undone_by_its_promotion(
     assert canary.check(redis_client, settings) is None
     assert registry.current() == v1
     assert registry.candidate() is None and registry.candidate_queue() == []
-    last = registry.decisions()[0]
+    dropped, last = registry.decisions()[:2]
     assert (last["version"], last["action"], last["baseline"]) == (v3, "rollback", v2)
     assert "rollback" in last["by"]
+    # v4 left the queue with an entry of its own (it vanished without one before).
+    assert (dropped["version"], dropped["action"], dropped["baseline"]) == (v4, "dropped", v2)
+    assert f"rolled back to v{v1}" in dropped["reason"]
 
 
 def test_a_decision_on_an_earlier_canary_of_the_same_version_is_refused(
