@@ -4,7 +4,7 @@ A version that passes the offline gate while ``RLHF_CANARY_SHARE`` > 0 becomes t
 registry's *candidate* (see :meth:`Registry.publish`): it serves that share of users,
 picked by a stable hash of the user (:func:`version_for`), and the rest keep the current
 version (the *baseline*). Every answer records the version that wrote it, so the live
-👍 rate of each comes from the feedback store (:func:`live_votes`): the final vote on
+👍 rate of each comes from the feedback store (:func:`counted_votes`): the final vote on
 each answer written since the canary started, a rewrite counting as 👎, at most
 ``RLHF_CANARY_MAX_VOTES_PER_USER`` answers per person, and only feedback that may
 train (:func:`rlhf_core.privacy.training_view`: not anonymous on a public Space, not
@@ -64,17 +64,6 @@ def version_for(user_id: str, candidate: dict[str, Any] | None) -> int | None:
     if in_candidate_arm(user_id, candidate["share"], salt(candidate)):
         return int(candidate["version"])
     return None
-
-
-def live_votes(
-    store: FeedbackStore,
-    settings: Settings,
-    versions: tuple[int, ...],
-    since: float,
-    max_per_user: int,
-) -> dict[int, tuple[int, int]]:
-    """version -> (likes, votes): :func:`counted_votes` without the arena pairs."""
-    return counted_votes(store, settings, versions, since, max_per_user)[0]
 
 
 def counted_votes(

@@ -124,7 +124,7 @@ def test_admin_starts_candidate_and_changes_share(redis_client, settings, adapte
         registry.set_candidate_share(1.5)
 
 
-def test_live_votes_count_final_state_rewrites_and_per_user_cap(redis_client, settings):
+def test_counted_votes_count_final_state_rewrites_and_per_user_cap(redis_client, settings):
     store = FeedbackStore(redis_client)
     since = time.time() - 1
     old = answer(store, "old", 1, None, created_at=since - 3600)  # before the canary
@@ -139,14 +139,14 @@ def test_live_votes_count_final_state_rewrites_and_per_user_cap(redis_client, se
     undone = answer(store, "d", 1, "dislike")
     store.record_event(Event.new(undone.turn_id, "undo", "d-s", "d"))
 
-    counts = canary.live_votes(store, settings, (2, 1), since, max_per_user=50)
+    counts = canary.counted_votes(store, settings, (2, 1), since, max_per_user=50)[0]
     # v2: a like, a dislike, b like, b like-then-rewrite (a 👎) -> 2 of 4.
     # v1: c like, d dislike; not the unvoted answer, the undone dislike, or the
     # answer written before the canary started (voted on since) -> 1 of 2. v3 is no arm.
     assert counts == {2: (2, 4), 1: (1, 2)}
     # One answer per person: a's first (like), b's first (like).
-    assert canary.live_votes(store, settings, (2, 1), since, max_per_user=1)[2] == (2, 2)
-    assert canary.live_votes(store, settings, (2, 1), time.time() + 60, 50) == {
+    assert canary.counted_votes(store, settings, (2, 1), since, max_per_user=1)[0][2] == (2, 2)
+    assert canary.counted_votes(store, settings, (2, 1), time.time() + 60, 50)[0] == {
         2: (0, 0),
         1: (0, 0),
     }
@@ -171,13 +171,13 @@ def test_only_feedback_that_may_train_decides_the_canary(redis_client, settings,
     forget_user(redis_client, settings, "hf:gone")
 
     assert canary.check(redis_client, settings) is None and registry.candidate() is not None
-    assert canary.live_votes(store, settings, (v2, v1), time.time() - 60, 50) == {
+    assert canary.counted_votes(store, settings, (v2, v1), time.time() - 60, 50)[0] == {
         v2: (0, 0),
         v1: (0, 0),
     }
     answer(store, "hf:ann", v2, "dislike")
     answer(store, "hf:bo", v1, "like")
-    assert canary.live_votes(store, settings, (v2, v1), time.time() - 60, 50) == {
+    assert canary.counted_votes(store, settings, (v2, v1), time.time() - 60, 50)[0] == {
         v2: (0, 1),
         v1: (1, 1),
     }
