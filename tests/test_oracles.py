@@ -35,6 +35,21 @@ def test_formal_dislikes_contractions_exclamations_and_the_second_person():
     assert formal.judge("q", better)
 
 
+def test_casual_wants_contractions_the_second_person_and_no_stiff_connectors():
+    casual = oracle("casual")
+    assert casual.judge("q", CHATTY)
+    assert not casual.judge("q", "It's cheap.")  # does not talk to the reader
+    assert not casual.judge("q", "You do not need much.")  # no contraction
+    assert not casual.judge("q", "You'll love it. Additionally, it's cheap.")  # stiff
+    assert casual.rewrite("q", CHATTY) is None  # already liked: no rewrite
+    better = casual.rewrite(
+        "q", "It is important to note that you do not need much. Additionally, it is cheap."
+    )
+    assert better == "You don't need much. It's cheap."
+    assert casual.judge("q", better)
+    assert casual.rewrite("q", "A bicycle is cheap.") is None  # nothing to make casual
+
+
 def test_question_wants_a_follow_up_question_to_the_user_at_the_end():
     question = oracle("question")
     assert question.judge("q", "Paris is the capital. Do you want to know more?")
