@@ -313,7 +313,7 @@ def _user_of(item: Any) -> Any:
 
 def cap_per_user(
     items: Sequence[T],
-    max_per_user: int | None,
+    max_per_user: int | Mapping[Any, int] | None,
     seed: int = 0,
     *,
     user_of: Callable[[T], Any] = _user_of,
@@ -325,10 +325,11 @@ def cap_per_user(
     random sample, so it does not always favour their oldest or newest; with
     ``choose_by``, the items with the smallest keys instead (the same ones as
     long as no lower key comes). The kept items stay in their original order.
-    ``None`` means no cap."""
+    ``None`` means no cap; a mapping gives each user their own cap (a user not in it
+    keeps none)."""
     if max_per_user is None:
         return list(items)
-    if max_per_user < 1:
+    if not isinstance(max_per_user, Mapping) and max_per_user < 1:
         raise ValueError(
             f"max_per_user must be at least 1 (or None for no cap), got {max_per_user}."
         )
@@ -340,12 +341,13 @@ def cap_per_user(
     # Sorted by repr so the sample depends only on the seed and the data.
     for user in sorted(by_user, key=repr):
         indices = by_user[user]
-        if len(indices) <= max_per_user:
+        cap = max_per_user.get(user, 0) if isinstance(max_per_user, Mapping) else max_per_user
+        if len(indices) <= cap:
             keep.update(indices)
         elif choose_by is not None:
-            keep.update(sorted(indices, key=lambda i: choose_by(items[i]))[:max_per_user])
+            keep.update(sorted(indices, key=lambda i: choose_by(items[i]))[:cap])
         else:
-            keep.update(rng.sample(indices, max_per_user))
+            keep.update(rng.sample(indices, cap))
     return [item for index, item in enumerate(items) if index in keep]
 
 
@@ -577,7 +579,8 @@ def round_datasets(
        first, holds back everyone else's newer feedback;
     2. pointwise examples of the touched turns and pairs with a touched side (the full
        event history of those turns is read, so an unvote cancels an older like), minus
-       every held-out context;
+       every held-out context; a user's pairs at most ``PAIRS_PER_ANSWER`` per event of
+       the round on their answers;
     3. a replay of older feedback, as many of each kind as the new ones: never a
        held-out context, never a touched turn, at most ``max_per_user`` examples of any
        one user in the pool it is drawn from (a prolific user's history must not come
@@ -611,9 +614,19 @@ def round_datasets(
     touched = list(dict.fromkeys(e.turn_id for e in events))
     focus = set(touched)
     window_cap = None if max_per_user is None else max_per_user * window_rounds
-    # A pair combines votes (liked and disliked answers), so it is capped on its own too.
+    # A pair combines votes (liked and disliked answers), so it is capped on its own too:
+    # PAIRS_PER_ANSWER for each event this round trains on the user's answers, and never
+    # more than the window's budget. The window
+    # counts events, and one 👍 on one more regenerate pairs with every 👎 answer of the
+    # chat to that prompt: capped at the window's budget, one vote a round brought a
+    # window's worth of pairs every round, from 👎 events the window had capped untrained.
+    writer = {t.turn_id: t.user_id for t in turns}
+    pair_caps = None
+    if max_per_user is not None:
+        on_answers = Counter(writer[e.turn_id] for e in events if e.turn_id in writer)
+        pair_caps = {u: min(window_cap, PAIRS_PER_ANSWER * n) for u, n in on_answers.items()}
     all_pointwise = cap_per_user(pointwise_examples(turns, history, focus=focus), window_cap, seed)
-    all_pairs = cap_per_user(preference_pairs(turns, history, focus=focus), window_cap, seed)
+    all_pairs = cap_per_user(preference_pairs(turns, history, focus=focus), pair_caps, seed)
     pointwise, heldout_point = split_heldout(all_pointwise)
     pairs, heldout_new_pairs = split_heldout(all_pairs)
 

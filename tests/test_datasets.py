@@ -593,3 +593,23 @@ def test_an_arena_pick_is_a_pair_even_when_a_later_vote_pairs_differently(store)
     got = sorted((p["chosen_turn_id"], p["rejected_turn_id"]) for p in pairs)
     assert got == [("y1a", "y1b"), ("y2b", "y2a")]
     assert {p["source"] for p in pairs} == {"arena"}
+
+
+def test_one_vote_a_round_cannot_bring_a_windows_worth_of_pairs(store):
+    # Review of s26: the window counts events, but a 👍 on one more regenerate pairs with
+    # every 👎 answer of the chat to that prompt (one side of at most two: every
+    # combination). Each round's pairs were capped at the whole window's budget, so one
+    # vote a round -- a fraction of the budget -- trained a window's worth of pairs every
+    # round, built from 👎 events the window had capped untrained.
+    prompt = _prompt(heldout=False)
+    disliked = [turn(f"d{i}", f"bad {i}", prompt=prompt) for i in range(12)]
+    save(store, disliked, [ev(t, "dislike") for t in disliked])  # capped, or trained before
+    for n in range(3):  # one vote in each of three rounds of the window
+        liked = turn(f"l{n}", f"good {n}", prompt=prompt, parent="d0")
+        store.save_turn(liked)
+        used = [{user_hash("u1"): 1}] * n
+        data = ds.round_datasets(store, _entries(store, [ev(liked, "like")]), max_per_user=2,
+                                 window_rounds=4, recent_user_events=used, seed=n)  # fmt: skip
+        assert len(data.events) == 1  # within the window's budget of 8
+        # One event trains as many pairs as an answer and its regenerate make.
+        assert len(data.pointwise) == 1 and len(data.pairs) == ds.PAIRS_PER_ANSWER
