@@ -5,7 +5,9 @@ How the events of one turn resolve (``resolve_feedback``), in stream order:
 
 - ``like`` / ``dislike`` / ``unvote``: the last one wins. ``unvote`` removes the
   vote; a second ``like`` after a ``like`` changes nothing (a double click
-  counts once). label = 1.0 for like, 0.0 for dislike, none otherwise.
+  counts once). label = 1.0 for like, 0.0 for dislike, none otherwise. A vote
+  made while a rewrite is in force is on the person's own text (the page shows it
+  in place of the answer), so it does not count.
 - ``rewrite``: the user's edited answer; the last one wins. It yields a pair
   (rewrite chosen over the original answer), not a pointwise label.
 - an arena pick: recorded as the votes it stands for (winner 👍, loser 👎; a tie two 👍,
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rlhf_core.calibration import CALIBRATION_PROMPTS, calibration_context, is_calibration
-from rlhf_core.feedback import Event, FeedbackStore, Turn, arena_pick, user_hash
+from rlhf_core.feedback import VOTE_KINDS, Event, FeedbackStore, Turn, arena_pick, user_hash
 from rlhf_core.settings import Settings, get_settings
 
 Vote = Literal["like", "dislike"]
@@ -107,6 +109,10 @@ def resolve_turn_events(events: Iterable[Event]) -> TurnFeedback:
         effective.append(event)
     state = TurnFeedback(effective=effective, retracted=retracted)
     for event in effective:
+        if event.kind in VOTE_KINDS and state.rewrite is not None:
+            # The page shows the person's edit in place of the answer: a vote now is on
+            # their own text, never served, and says nothing of what the model wrote.
+            continue
         if event.kind in ("like", "dislike"):
             state.vote = event.kind  # type: ignore[assignment]
         elif event.kind == "unvote":

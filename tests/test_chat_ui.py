@@ -88,6 +88,31 @@ def test_a_rewrite_may_grow_to_four_times_the_answer_not_the_last_rewrite(servic
     assert service.view(service.session("s1"))[-1]["content"] == "a" * 400
 
 
+def test_a_vote_on_an_edited_answer_is_not_a_vote_on_the_served_one(service, tiny_settings):
+    # Review of s26: after an edit the page shows the person's text, and 👍 on it says
+    # that text is good. It was recorded as a 👍 of the answer the model wrote: a liked
+    # pointwise example of the answer the person rewrote, and the chosen side of a vote
+    # pair against the answers they disliked, next to the pair that says it is worse.
+    from rlhf_core import datasets as ds
+
+    last(service.send("s1", "Name a colour", None, {"max_new_tokens": 4}))
+    served = service.store.get_turn(service.view(service.session("s1"))[-1]["turn_id"])
+    service.vote("s1", -1, "dislike")
+    service.rewrite("s1", -1, "Blue.")
+    service.vote("s1", -1, "like")  # the page shows "Blue." now
+    (row,) = ds.export_rows(service.store, "kto", settings=tiny_settings)
+    assert row["completion"][0]["content"] == served.answer
+    assert row["label"] is False  # the 👎 given to what the model wrote stands
+    (pair,) = ds.export_rows(service.store, "dpo", settings=tiny_settings)
+    assert pair["chosen"][0]["content"] == "Blue."
+    # Undone, the edit is gone, and a vote is on the served answer again.
+    service.undo("s1")
+    service.undo("s1")
+    service.vote("s1", -1, "like")
+    (row,) = ds.export_rows(service.store, "kto", settings=tiny_settings)
+    assert row["label"] is True
+
+
 def test_one_answer_takes_a_bounded_number_of_reactions_and_undo_a_bounded_stack(service):
     # Review s23: a script alternating two 4,000-character rewrites of one answer (240 a
     # minute per address) grew the session's undo stack, each entry keeping the text it
