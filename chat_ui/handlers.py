@@ -790,7 +790,9 @@ class ChatService:
             # The limit is four times the model's answer, not the last rewrite: measured
             # on the last rewrite, each edit could quadruple the one before it.
             text = validation.rewrite(text, self.settings, msg["answer_chars"])
-            if text == msg["content"]:
+            # The editor starts from what the page shows, EMPTY_ANSWER for an empty answer:
+            # saved unchanged, that is no edit, and the placeholder no answer anyone wrote.
+            if text in (msg["content"], msg["content"] or EMPTY_ANSWER):
                 return self._update(session)
             # A rewrite may be four times its answer: short messages and long rewrites
             # would grow a chat past the limit a send checks.

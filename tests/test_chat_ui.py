@@ -88,6 +88,33 @@ def test_a_rewrite_may_grow_to_four_times_the_answer_not_the_last_rewrite(servic
     assert service.view(service.session("s1"))[-1]["content"] == "a" * 400
 
 
+def test_an_empty_answer_saved_unchanged_in_the_editor_is_no_rewrite(service):
+    # Review of s26: the page shows an empty answer as a placeholder, and the editor starts
+    # from what the page shows. Saved unchanged, the placeholder was recorded as the
+    # person's rewrite: a pair preferring the UI's own words, imitated by the next round.
+    from chat_ui.app import chat_messages
+
+    eos = service.policy.tokenizer.eos_token_id
+
+    def stop_at_once(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] = 1e4
+        return logits
+
+    hook = service.policy.model.get_output_embeddings().register_forward_hook(stop_at_once)
+    try:
+        last(service.send("s1", "Hello", None, {"max_new_tokens": 4}))
+    finally:
+        hook.remove()
+    assert service.view(service.session("s1"))[-1]["content"] == ""
+    shown = chat_messages(service.view(service.session("s1")))[-1]["content"]["text"]
+    update = service.rewrite("s1", -1, shown)
+    assert update.messages[-1]["content"] == "" and not update.messages[-1]["rewritten"]
+    assert [e.kind for e in service.store.events()] == []
+    service.rewrite("s1", -1, "Hi!")  # an edit of it is a rewrite as any other
+    assert [e.text for e in service.store.events()] == ["Hi!"]
+
+
 def test_a_vote_on_an_edited_answer_is_not_a_vote_on_the_served_one(service, tiny_settings):
     # Review of s26: after an edit the page shows the person's text, and 👍 on it says
     # that text is good. It was recorded as a 👍 of the answer the model wrote: a liked
