@@ -371,15 +371,18 @@ def ppo_prompts(turns: Iterable[Turn], limit: int | None = None) -> list[list[di
     return out
 
 
-def trainable_contexts(
-    store: FeedbackStore, settings: Settings | None = None
-) -> list[list[dict[str, Any]]]:
-    """The distinct contexts of every turn that may train (consented, not deleted, not
-    held back), most recent first: the pool replayed and gate prompts are drawn from."""
+def trainable_contexts(store: FeedbackStore, settings: Settings | None = None) -> list[Turn]:
+    """The most recent turn of each distinct context among the turns that may train
+    (consented, not deleted, not held back), most recent first: the pool replayed and gate
+    prompts are drawn from. Turns rather than contexts, so that the pool can be capped per
+    user: a message needs no vote, and the window caps only votes."""
     from rlhf_core.privacy import training_view
 
     turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
-    return ppo_prompts(turns)
+    latest: dict[str, Turn] = {}
+    for turn in sorted(turns, key=lambda t: t.created_at, reverse=True):
+        latest.setdefault(context_key(turn.messages), turn)
+    return list(latest.values())
 
 
 def replay_prompts(
@@ -389,25 +392,36 @@ def replay_prompts(
     *,
     exclude: Iterable[Sequence[dict]] = (),
     settings: Settings | None = None,
+    max_per_user: int | None = None,
 ) -> list[list[dict[str, Any]]]:
     """``n`` distinct contexts sampled (seeded) from every turn that may train,
-    other than ``exclude`` -- older prompts replayed so PPO does not forget them."""
+    other than ``exclude`` -- older prompts replayed so PPO does not forget them. At most
+    ``max_per_user`` contexts of any one user in the pool they are drawn from, as for
+    replayed examples."""
     excluded = {context_key(m) for m in exclude}
     pool = [
-        p for p in trainable_contexts(store, settings)
-        if context_key(p) not in excluded and not is_heldout(p)
+        t for t in trainable_contexts(store, settings)
+        if context_key(t.messages) not in excluded and not is_heldout(t)
     ]  # fmt: skip
+    pool = cap_per_user(pool, max_per_user, seed)
     rng = random.Random(seed)
-    return rng.sample(pool, min(n, len(pool)))
+    return [chat_messages(t.messages) for t in rng.sample(pool, min(n, len(pool)))]
 
 
 def gate_prompts(
-    store: FeedbackStore, n: int, seed: int = 0, *, settings: Settings | None = None
+    store: FeedbackStore,
+    n: int,
+    seed: int = 0,
+    *,
+    settings: Settings | None = None,
+    max_per_user: int | None = None,
 ) -> list[list[dict[str, Any]]]:
     """``n`` distinct prompts the KL gate samples on, none of which any round trains on:
-    held-out contexts first (a seeded sample of every turn that may train), topped up with
-    the built-in calibration prompts (:mod:`rlhf_core.calibration`, with the default system
-    prompt) while the store has fewer than ``n`` of them.
+    held-out contexts first (a seeded sample of every turn that may train, at most
+    ``max_per_user`` contexts of any one user in the pool: one account's messages, chosen
+    for answers that move the KL little, must not be what the gate measures), topped up
+    with the built-in calibration prompts (:mod:`rlhf_core.calibration`, with the default
+    system prompt) while the store has fewer than ``n`` of them.
 
     No round trains on either (not the reward model, not PPO), so the gate measures the
     policy on prompts it has not seen, as serving will: measured on the round's own PPO
@@ -418,13 +432,13 @@ def gate_prompts(
     for a version that measured 11.85 on 32 held-out prompts (question, 203c79c)."""
     settings = settings or get_settings()
     contexts = trainable_contexts(store, settings)
-    pool = [p for p in contexts if is_heldout(p)]
+    pool = cap_per_user([t for t in contexts if is_heldout(t)], max_per_user, seed)
     rng = random.Random(seed)
-    chosen = rng.sample(pool, min(n, len(pool)))
+    chosen = [chat_messages(t.messages) for t in rng.sample(pool, min(n, len(pool)))]
     if len(chosen) < n:
         # A calibration prompt someone also sent is a context of the store: held out
         # (already in the pool) or trained on (then not unseen).
-        in_store = {context_key(p) for p in contexts}
+        in_store = {context_key(t.messages) for t in contexts}
         extra = [
             c for c in (calibration_context(text, settings.system_prompt)
                         for text in CALIBRATION_PROMPTS)
@@ -595,9 +609,10 @@ def round_datasets(
        ``max_per_user * window_rounds`` of any one user, the same ones from round to
        round (chosen by :func:`pair_digest`);
     5. PPO prompts: the touched contexts, topped up to ``n_prompts`` with replayed ones,
-       never a held-out context;
-    6. ``n_gate_prompts`` prompts for the KL gate: held-out contexts, topped up with
-       calibration prompts (:func:`gate_prompts`).
+       never a held-out context, at most ``max_per_user`` of any one user in the pool;
+    6. ``n_gate_prompts`` prompts for the KL gate: held-out contexts (at most
+       ``max_per_user`` of any one user in the pool), topped up with calibration prompts
+       (:func:`gate_prompts`).
     """
     users = dict.fromkeys(event.user_id for _, event in entries)
     # The window's counts are kept in the registry's versions, by digest: "Delete my data"
@@ -658,9 +673,14 @@ def round_datasets(
     prompts = ppo_prompts([t for t in turns if t.turn_id in focus and not is_heldout(t)])
     if events and len(prompts) < n_prompts:
         prompts += replay_prompts(
-            store, n_prompts - len(prompts), seed + 2, exclude=prompts, settings=settings
-        )
-    unseen = gate_prompts(store, n_gate_prompts, seed + 3, settings=settings) if events else []
+            store, n_prompts - len(prompts), seed + 2, exclude=prompts, settings=settings,
+            max_per_user=max_per_user,
+        )  # fmt: skip
+    unseen = (
+        gate_prompts(store, n_gate_prompts, seed + 3, settings=settings, max_per_user=max_per_user)
+        if events
+        else []
+    )
 
     user_events: dict[str, int] = defaultdict(int)
     for event in events:

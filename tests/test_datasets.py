@@ -613,3 +613,24 @@ def test_one_vote_a_round_cannot_bring_a_windows_worth_of_pairs(store):
         assert len(data.events) == 1  # within the window's budget of 8
         # One event trains as many pairs as an answer and its regenerate make.
         assert len(data.pointwise) == 1 and len(data.pairs) == ds.PAIRS_PER_ANSWER
+
+
+def test_one_person_cannot_fill_the_kl_gates_or_the_replayed_prompts(store):
+    # Review of s26: the KL gate samples held-out contexts of every turn that may train, and
+    # PPO tops its prompts up from the other contexts, with no cap per person. A message
+    # needs no vote, so one account that sent 40 prompts of its choosing -- short answers
+    # move the KL little -- was most of what the gate measured and PPO replayed.
+    held, kept = _prompts(True, 43), _prompts(False, 43)
+    honest = [turn(f"h{i}", prompt=p, session="s0") for i, p in enumerate(held[:3] + kept[:3])]
+    flood = [turn(f"f{i}", user="flood", session="s9", prompt=p)
+             for i, p in enumerate(held[3:] + kept[3:])]  # fmt: skip
+    save(store, honest + flood, [])
+    new = turn("new", prompt=kept[0], session="s1")
+    save(store, [new], [])
+    data = ds.round_datasets(store, _entries(store, [ev(new, "like")]), max_per_user=2,
+                             n_prompts=8, n_gate_prompts=8, seed=0)  # fmt: skip
+    sent = {p: t.user_id for t in honest + flood for p in [t.messages[-1]["content"]]}
+    gate = Counter(sent.get(p[-1]["content"], "calibration") for p in data.gate_prompts)
+    assert len(data.gate_prompts) == 8 and gate["flood"] <= 2, gate
+    replayed = Counter(sent[p[-1]["content"]] for p in data.prompts[1:])
+    assert replayed["flood"] <= 2, replayed
