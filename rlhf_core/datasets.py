@@ -69,6 +69,7 @@ class TurnFeedback:
     regenerated: bool = False
     effective: list[Event] = field(default_factory=list)  # events still in force, in order
     retracted: list[Event] = field(default_factory=list)  # events taken back by an undo
+    on_edit: list[Event] = field(default_factory=list)  # votes on the person's rewrite: ignored
 
     @property
     def label(self) -> float | None:
@@ -112,6 +113,7 @@ def resolve_turn_events(events: Iterable[Event]) -> TurnFeedback:
         if event.kind in VOTE_KINDS and state.rewrite is not None:
             # The page shows the person's edit in place of the answer: a vote now is on
             # their own text, never served, and says nothing of what the model wrote.
+            state.on_edit.append(event)
             continue
         if event.kind in ("like", "dislike"):
             state.vote = event.kind  # type: ignore[assignment]

@@ -326,12 +326,20 @@ def training_view(
     """The turns and events that may train (or be exported) now, scrubbed: turns
     without consent or of deleted users go with all their events; held and excluded
     events go with the undos that retracted them."""
+    from rlhf_core.datasets import resolve_events
+
     admission = Admission.load(store, settings, turns, events, now)
     kept_turns = {t.turn_id: t for t in turns if admission.turn_ok(t)}
+    # A vote on an edited answer is on the person's text and never counts (the rule is
+    # datasets.resolve_turn_events'); it goes here with the rest, or, when its rewrite may
+    # not train (held for review, dropped), it would count as a vote on the served answer.
+    on_edit = {e.event_id for state in resolve_events(events).values() for e in state.on_edit}
     keep = {
         i
         for i, e in enumerate(events)
-        if e.kind != "undo" and admission.event_status(e, kept_turns.get(e.turn_id))[0] == "train"
+        if e.kind != "undo"
+        and e.event_id not in on_edit
+        and admission.event_status(e, kept_turns.get(e.turn_id))[0] == "train"
     }
     kept_events = [e for e in admitted_events(list(events), keep) if e.turn_id in kept_turns]
     out_turns = list(kept_turns.values())

@@ -242,3 +242,18 @@ def test_an_answer_taken_back_with_undo_never_trains(app, tiny_settings):
     person.predict(api_name="/undo")
     assert len(ds.export_rows(store, "turns", settings=tiny_settings)) == 1
     assert store.counts()["turns"] == 3  # all three stay in the log
+
+
+def test_a_vote_on_an_edit_that_may_not_train_is_no_vote_on_the_served_answer(
+    service, tiny_settings, redis_client
+):
+    # Review of s26: a 👍 on an edited answer is on the person's text, not on what the
+    # model wrote; with RLHF_REVIEW_REWRITES the rewrite waits (or is dropped), and the 👍
+    # behind it then counted as a 👍 of the served answer.
+    settings = tiny_settings.model_copy(update={"review_rewrites": True})
+    ask(service, "s1", "question")
+    service.rewrite("s1", -1, "A rewritten answer")
+    service.vote("s1", -1, "like")
+    assert ds.export_rows(service.store, "kto", settings=settings) == []
+    assert decide_rewrites(redis_client, settings, "", "dropped").startswith("Dropped")
+    assert ds.export_rows(service.store, "kto", settings=settings) == []
