@@ -639,10 +639,10 @@ def round_datasets(
     window_cap = None if max_per_user is None else max_per_user * window_rounds
     # A pair combines votes (liked and disliked answers), so it is capped on its own too:
     # PAIRS_PER_ANSWER for each event this round trains on the user's answers, and never
-    # more than the window's budget. The window
-    # counts events, and one 👍 on one more regenerate pairs with every 👎 answer of the
-    # chat to that prompt: capped at the window's budget, one vote a round brought a
-    # window's worth of pairs every round, from 👎 events the window had capped untrained.
+    # more than the window's budget. The window counts events, and one 👍 on one more
+    # regenerate pairs with every 👎 answer of the chat to that prompt: capped at the
+    # window's budget alone, one vote a round brought a window's worth of pairs every
+    # round, from 👎 events the window had capped untrained.
     writer = {t.turn_id: t.user_id for t in turns}
     pair_caps = None
     if max_per_user is not None:
