@@ -597,8 +597,10 @@ def round_datasets(
 
     1. the per-user window: each user keeps at most their budget (:func:`window_budgets`)
        of these events, a seeded sample; the rest are ``capped`` -- the caller acks them
-       untrained, so a flood neither comes back round after round nor, read oldest
-       first, holds back everyone else's newer feedback;
+       untrained, so a flood neither comes back as new feedback round after round nor,
+       read oldest first, holds back everyone else's newer feedback (it stays in the
+       store, where the replay below draws at most ``max_per_user`` of a user's
+       examples a round);
     2. pointwise examples of the touched turns and pairs with a touched side (the full
        event history of those turns is read, so an unvote cancels an older like), minus
        every held-out context; a user's pairs at most ``PAIRS_PER_ANSWER`` per event of
