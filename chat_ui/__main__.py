@@ -410,8 +410,9 @@ def main(argv: list[str] | None = None) -> None:
         code = args.func(args)
     except Exception as error:
         from rlhf_core.redis_server import RedisUnavailableError
+        from rlhf_core.settings import SettingsError
 
-        expected: tuple[type[BaseException], ...] = (RedisUnavailableError,)
+        expected: tuple[type[BaseException], ...] = (RedisUnavailableError, SettingsError)
         # Only a command that loaded the model can fail to; importing it here costs torch.
         if "rlhf_core.modeling" in sys.modules:
             expected += (sys.modules["rlhf_core.modeling"].ModelLoadError,)

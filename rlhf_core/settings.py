@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -25,15 +25,47 @@ RETIRED_SETTINGS = {
 }
 
 
+class SettingsError(ValueError):
+    """Some RLHF_* value cannot be used; the message names each one and what to do."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        name = "RLHF_" + "_".join(str(part) for part in problem["loc"]).upper()
+        value = problem.get("input")
+        # A value check of the whole object (a retired setting) has no field of its own.
+        where = f"{name}={value!r}" if problem["loc"] else "settings"
+        lines.append(f"  {where}: {problem['msg']}")
+    return (
+        "Some RLHF_ settings cannot be used:\n"
+        + "\n".join(lines)
+        + "\nFix or unset them; the README's settings table says what each one takes."
+    )
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore")
+    # Not a number or infinite is never a meaningful setting: refuse it like any bad value.
+    model_config = SettingsConfigDict(env_prefix="RLHF_", extra="ignore", allow_inf_nan=False)
+
+    def __init__(self, **values: Any) -> None:
+        # Every process reads its settings first; pydantic's own error is a traceback
+        # that names the field, not the variable an operator set.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(_describe(error)) from None
 
     # --- model -------------------------------------------------------------
     base_model: str = Field(
         DEFAULT_MODEL,
         description="Hub id or local folder of the base causal LM; 'tiny-random' for tests.",
     )
-    device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda'.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="'auto' (cuda when present), 'cpu' or 'cuda'.",
+    )
 
     # --- storage -----------------------------------------------------------
     redis_url: str | None = Field(
@@ -52,31 +84,36 @@ class Settings(BaseSettings):
         description="Folder shared by all machines for large adapters; unset = data_dir/artifacts.",
     )
     inline_artifact_max_mb: float = Field(
-        32.0, description="Adapters up to this size are stored in Redis itself."
+        32.0, ge=0, description="Adapters up to this size are stored in Redis itself."
     )
 
     # --- web UI ------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the chat UI listens on.")
-    port: int = Field(7860, description="Port of the chat UI.")
-    max_input_chars: int = Field(4000, description="Longest user message accepted.")
+    port: int = Field(7860, ge=1, le=65535, description="Port of the chat UI.")
+    max_input_chars: int = Field(4000, ge=1, description="Longest user message accepted.")
     max_system_prompt_chars: int = Field(
-        4000, description="Longest system prompt accepted from the page."
+        4000, ge=1, description="Longest system prompt accepted from the page."
     )
     max_context_tokens: int = Field(
-        1536, description="Prompt budget; older turns are trimmed beyond it."
+        1536, ge=1, description="Prompt budget; older turns are trimmed beyond it."
     )
     system_prompt: str = Field("You are a helpful assistant.", description="Default system prompt.")
     temperature: float = Field(
         0.2,
+        ge=0,
+        le=2,
         description="Default sampling temperature (0 = greedy); chosen on the sanity prompts.",
     )
-    top_p: float = Field(0.9, description="Default nucleus sampling top-p.")
-    max_new_tokens: int = Field(256, description="Default answer length limit, in tokens.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Default nucleus sampling top-p.")
+    max_new_tokens: int = Field(256, ge=1, description="Default answer length limit, in tokens.")
     version_poll_s: float = Field(
-        2.0, description="How often a UI checks the registry in case a pub/sub message was missed."
+        2.0,
+        gt=0,
+        description="How often a UI checks the registry in case a pub/sub message was missed.",
     )
     session_idle_s: float = Field(
         3600.0,
+        gt=0,
         description="A chat session nobody has touched this long (an open tab polls, a closed "
         "one does not) is dropped from memory, after its unsaved answers are saved.",
     )
@@ -87,7 +124,7 @@ class Settings(BaseSettings):
         "'vllm': stream from the vLLM server at RLHF_VLLM_URL.",
     )
     max_batch_size: int = Field(
-        16, description="Most answers decoded together in the batched server; more wait."
+        16, ge=1, description="Most answers decoded together in the batched server; more wait."
     )
     vllm_url: str | None = Field(
         None,
@@ -95,7 +132,9 @@ class Settings(BaseSettings):
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), used when RLHF_SERVING_BACKEND=vllm.",
     )
     redis_timeout_s: float = Field(
-        2.0, description="Socket timeout for Redis calls from the UI (a clear error, not a hang)."
+        2.0,
+        gt=0,
+        description="Socket timeout for Redis calls from the UI (a clear error, not a hang).",
     )
 
     # --- who may do what (chat_ui/access.py; README "Running it in public") ----
@@ -160,19 +199,25 @@ class Settings(BaseSettings):
     )
     answers_in_flight: int = Field(
         4,
+        ge=0,
         description="Answers one address (an IPv6 /64) or one account may have the server "
         "writing at once, in each UI process: each holds one of its RLHF_MAX_BATCH_SIZE decode "
         "slots, and new chats are cheap. 0 = no limit. Admins are not counted.",
     )
-    max_body_kb: int = Field(256, description="Largest HTTP request body accepted, in KiB.")
+    max_body_kb: int = Field(256, ge=1, description="Largest HTTP request body accepted, in KiB.")
     max_queue: int = Field(
-        64, description="Requests that may wait in the queue; beyond it people are told to retry."
+        64,
+        ge=1,
+        description="Requests that may wait in the queue; beyond it people are told to retry.",
     )
 
     # --- training ----------------------------------------------------------
-    train_every: int = Field(16, description="New feedback events that start a training round.")
+    train_every: int = Field(
+        16, ge=1, description="New feedback events that start a training round."
+    )
     max_events_per_user: int = Field(
         8,
+        ge=1,
         description="Per-user cap: one user's events train at most this many a round on average "
         "over RLHF_USER_WINDOW_ROUNDS rounds; events over it are consumed untrained.",
     )
@@ -190,45 +235,51 @@ class Settings(BaseSettings):
     )
     new_account_hold_s: float = Field(
         0.0,
+        ge=0,
         description="Feedback of an account younger than this many seconds is held back "
         "until the account is that old (0 = off).",
     )
     retention_days: float | None = Field(
         None,
+        gt=0,
         description="Turns and their events older than this are deleted (never ones still "
         "waiting to train); unset = kept.",
     )
-    lora_r: int = Field(16, description="LoRA rank of the policy and reward adapters.")
-    lora_alpha: int = Field(32, description="LoRA alpha.")
-    learning_rate: float = Field(3e-4, description="Policy learning rate.")
-    reward_learning_rate: float = Field(3e-4, description="Reward-model learning rate.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank of the policy and reward adapters.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    learning_rate: float = Field(3e-4, gt=0, description="Policy learning rate.")
+    reward_learning_rate: float = Field(3e-4, gt=0, description="Reward-model learning rate.")
     reward_lora_layers: int = Field(
         8,
+        ge=0,
         description="The reward adapter sits on the top this-many decoder layers (0 = all): "
         "its backward pass stops there, which makes reward training about 2x faster.",
     )
     reward_epochs: int = Field(
         2,
+        ge=0,
         description="Passes over the new reward data per round (replayed older data: one).",
     )
-    ppo_steps: int = Field(4, description="PPO rollout+update steps per round.")
-    ppo_batch_size: int = Field(8, description="Prompts per PPO rollout.")
-    ppo_epochs: int = Field(4, description="Optimisation epochs over each rollout.")
+    ppo_steps: int = Field(4, ge=0, description="PPO rollout+update steps per round.")
+    ppo_batch_size: int = Field(8, ge=1, description="Prompts per PPO rollout.")
+    ppo_epochs: int = Field(4, ge=1, description="Optimisation epochs over each rollout.")
     ppo_micro_batch_size: int | None = Field(
-        4, description="Answers per forward/backward (gradient accumulation; bounds memory)."
+        4, ge=1, description="Answers per forward/backward (gradient accumulation; bounds memory)."
     )
-    ppo_new_tokens: int = Field(64, description="Tokens sampled per rollout answer.")
+    ppo_new_tokens: int = Field(64, ge=1, description="Tokens sampled per rollout answer.")
     init_kl_coef: float = Field(
         0.2,
+        ge=0,
         description="Initial KL penalty coefficient, against normalised (unit-variance) scores: "
         "their KL-regularised optimum pi_base*exp(score/coef) lies 1/(2 coef^2) nats from the "
         "base, 12.5 at 0.2 (200 at 0.05, which let rounds drift until the gate refused them).",
     )
     target_kl: float | None = Field(
-        6.0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
+        6.0, gt=0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
     )
     kl_horizon: float | None = Field(
         None,
+        gt=0,
         description="Samples over which the adaptive KL coefficient moves by up to "
         "RLHF_KL_RISE_CLIP up or RLHF_KL_FALL_CLIP down (Ziegler et al. 2019); unset = one "
         "round's samples (PPO steps x batch size).",
@@ -265,10 +316,12 @@ class Settings(BaseSettings):
     )
     demo_coef: float = Field(
         0.5,
+        ge=0,
         description="Weight of imitating people's rewrites in each PPO step (0 = pure PPO).",
     )
     demo_max_tokens: int | None = Field(
         None,
+        ge=1,
         description="Longest rewrite imitated, in tokens; longer ones are cut and get no EOS "
         "(unset = RLHF_MAX_NEW_TOKENS, the served answer limit).",
     )
@@ -281,11 +334,13 @@ class Settings(BaseSettings):
     )
     kl_budget: float = Field(
         10.0,
+        ge=0,
         description="Gate: a round is refused when the 95% upper bound of the served KL of "
         "its policy to the base model (nats per answer) exceeds this.",
     )
     kl_round_budget: float = Field(
         8.0,
+        ge=0,
         description="Gate: a round is refused when the 95% upper bound of the served KL of "
         "its policy to the version it started from exceeds this.",
     )
@@ -308,6 +363,7 @@ class Settings(BaseSettings):
     )
     gate_samples: int = Field(
         16,
+        ge=1,
         description="Answers the KL gate samples as served (RLHF_MAX_NEW_TOKENS, temperature, "
         "top-p), to held-out contexts no round trained on, to measure the served KL; a "
         "candidate the search chose is measured again on as many other such prompts; more: a "
@@ -321,7 +377,9 @@ class Settings(BaseSettings):
         "held-out pairs with this significance (sign test on the pairs made worse, without the one "
         "person whose pairs got most worse; 1 = any drop refuses).",
     )
-    round_time_limit_s: int = Field(1800, description="Soft time limit of one training round.")
+    round_time_limit_s: int = Field(
+        1800, ge=1, description="Soft time limit of one training round."
+    )
     seed: int = Field(
         0,
         description="Base seed of training rounds; each round's seed is derived from it and "
@@ -329,61 +387,75 @@ class Settings(BaseSettings):
     )
     lock_ttl_s: float = Field(
         30.0,
+        gt=0,
         description="Training lock lease; renewed while a round runs, so a killed worker "
         "blocks the next round for at most this long.",
     )
     round_check_s: float = Field(
         15.0,
+        ge=0,
         description="Workers check this often for a round that is due (enough feedback, or a "
         "round whose worker died): a killed round re-runs without waiting for new feedback "
         "(0 = never).",
     )
     keep_adapters: int = Field(
         20,
+        ge=0,
         description="Stored adapters: the newest this-many versions keep their weights (and "
         "the current one and the newest reward model); older ones cannot be rolled back to. "
         "0 = keep all.",
     )
     debug_round_delay_s: float = Field(
-        0.0, description="Testing only: sleep this long inside each round (crash tests)."
+        0.0, ge=0, description="Testing only: sleep this long inside each round (crash tests)."
     )
 
     # --- live A/B (canary) -------------------------------------------------------
     canary_share: float = Field(
         0.0,
+        ge=0,
+        le=1,
         description="Share of users (by a stable hash) a new version serves as a candidate "
         "before it is promoted; 0 = a version that passes the gate is current at once.",
     )
     canary_alpha: float = Field(
-        0.05, description="Error rate of each automatic canary decision (always-valid mSPRT)."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Error rate of each automatic canary decision (always-valid mSPRT).",
     )
     canary_min_votes: int = Field(
-        100, description="Candidate votes (👍/👎/rewrites) needed before it can be promoted."
+        100, ge=1, description="Candidate votes (👍/👎/rewrites) needed before it can be promoted."
     )
     canary_burn_in: int = Field(
-        20, description="Votes per version before the canary test decides anything."
+        20, ge=0, description="Votes per version before the canary test decides anything."
     )
     canary_margin: float = Field(
         0.05,
+        ge=0,
+        le=1,
         description="Promote when the candidate's 👍 rate is not worse than the current one's "
         "by more than this, with confidence (0 = only when better).",
     )
     canary_mixture_sd: float = Field(
-        0.1, description="mSPRT mixture sd: the 👍-rate difference the test is tuned to."
+        0.1, gt=0, description="mSPRT mixture sd: the 👍-rate difference the test is tuned to."
     )
     canary_timeout_s: float = Field(
-        86400.0, description="A canary still undecided after this long takes the timeout action."
+        86400.0,
+        gt=0,
+        description="A canary still undecided after this long takes the timeout action.",
     )
-    canary_timeout_action: str = Field(
+    canary_timeout_action: Literal["rollback", "promote"] = Field(
         "rollback", description="'rollback' (keep the current version) or 'promote' at timeout."
     )
     canary_max_votes_per_user: int = Field(
         50,
+        ge=1,
         description="Votes one person counts in a canary (so one person cannot decide it), "
         "and arena battles per version on the leaderboard.",
     )
     canary_check_s: float = Field(
         15.0,
+        ge=0,
         description="How often each worker looks at the running canary (0 = never: decisions "
         "are then only an admin's).",
     )

@@ -16,11 +16,14 @@ import sys
 import threading
 
 from rlhf_core.redis_server import discover_url
-from rlhf_core.settings import get_settings
-from worker.celery_app import DEFAULT_QUEUE, TRAIN_QUEUE
+from rlhf_core.settings import SettingsError, get_settings
 
 
 def worker_argv(extra: list[str]) -> list[str]:
+    # Imported here, not above: importing the Celery app reads the settings, and main()
+    # must read them first to refuse a bad value with a message instead of a traceback.
+    from worker.celery_app import DEFAULT_QUEUE, TRAIN_QUEUE
+
     argv = ["worker", "--loglevel", "INFO"]
     if not any(a.startswith(("-Q", "--queues")) for a in extra):
         argv += ["--queues", f"{TRAIN_QUEUE},{DEFAULT_QUEUE}"]
@@ -60,7 +63,10 @@ def watch_parent() -> None:
 
 def main(extra: list[str] | None = None) -> None:
     watch_parent()
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as error:
+        sys.exit(f"rlhf-chat worker: {error}")
     if discover_url(settings) is None:
         sys.exit(
             "No Redis to connect to: set RLHF_REDIS_URL=redis://host:6379/0 (the URL the UI "
