@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help (not descriptions): a "95%" in a help text must be "%%".
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         add_arguments(command)
         command.set_defaults(func=run)
     return parser

@@ -105,6 +105,18 @@ def test_commands_say_what_to_do_without_a_server(tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def test_help_lists_every_command():
+    # A "%" in one command's help ("95% intervals") made argparse's %-formatting raise a
+    # TypeError for `rlhf-chat --help` (review, session 26).
+    from chat_ui.__main__ import COMMANDS
+
+    done = rlhf_chat("--help", env=dict(os.environ))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    for name, *_ in COMMANDS:
+        assert re.search(rf"^\s+{name}\s", done.stdout, re.M), name
+    assert "95% intervals" in done.stdout
+
+
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
