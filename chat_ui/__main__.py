@@ -264,11 +264,14 @@ def _training_line(settings: Settings, client: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from rlhf_core.redis_server import durability_warnings
+
     settings = settings_from(args)
     store = _store(settings)
     counts = store.counts()
     info = {
         **counts,
+        "durability_warnings": durability_warnings(store.redis),
         "current_version": current_version(settings, store.redis),
         "training": _training_line(settings, store.redis),
         "redis": store.redis.connection_pool.connection_kwargs.get("host", "?")
@@ -284,6 +287,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"current policy version: {info['current_version']}")
         print(f"training:               {info['training']}")
         print(f"redis:                  {info['redis']}")
+        for warning in info["durability_warnings"]:
+            print(f"warning: {warning}")
     return 0
 
 

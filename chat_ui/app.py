@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import redis
 
 from chat_ui import access as access_mod
 from chat_ui import training, validation
@@ -45,7 +46,7 @@ from chat_ui.handlers import (
 )
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.modeling import load_base_model
-from rlhf_core.redis_server import connect, discover_url
+from rlhf_core.redis_server import connect, discover_url, durability_warnings
 from rlhf_core.serving import PolicyServer
 from rlhf_core.settings import Settings
 
@@ -714,6 +715,11 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     else:
         policy = PolicyServer(load_base_model(settings), settings)
     client = connect(settings)
+    try:
+        for warning in durability_warnings(client):
+            log.warning("Feedback may be lost: %s", warning)
+    except redis.RedisError:
+        pass  # the store is down at start: the page says so, and a later check would too
     store = FeedbackStore(client)
     access = Access(settings, client, discover_url(settings))
     watcher = None

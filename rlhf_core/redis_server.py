@@ -239,6 +239,45 @@ def connect(settings: Settings, url: str | None = None, **kwargs) -> redis.Redis
     return redis.Redis.from_url(url, **kwargs)
 
 
+def durability_warnings(client: redis.Redis) -> list[str]:
+    """What in this server's configuration can lose feedback the UI reported saved, each
+    with what to set instead; empty when nothing can (the embedded server) or when the
+    server refuses CONFIG (many managed services: their persistence is theirs to state).
+    A plain ``redis-server`` keeps no append-only file: killed, it comes back with its last
+    snapshot, without the votes since."""
+    try:
+        config: dict = {}
+        for name in ("appendonly", "appendfsync", "maxmemory-policy"):
+            config.update(client.config_get(name))
+    except redis.ResponseError:
+        return []
+    config = {_text(k): _text(v) for k, v in config.items()}
+    warnings = []
+    if config.get("appendonly", "yes") != "yes":
+        warnings.append(
+            "the Redis server keeps no append-only file (appendonly no): a crash or restart "
+            "loses all feedback since its last snapshot, votes reported saved included. Set "
+            "appendonly yes and appendfsync always."
+        )
+    elif config.get("appendfsync", "always") != "always":
+        warnings.append(
+            f"the Redis server fsyncs its append-only file {config['appendfsync']!r}, not on "
+            "every write: a crash of its machine can lose the last second of feedback reported "
+            "saved. Set appendfsync always (as the embedded server and docker-compose.yml do)."
+        )
+    if config.get("maxmemory-policy", "noeviction") != "noeviction":
+        warnings.append(
+            f"the Redis server evicts keys when its memory is full (maxmemory-policy "
+            f"{config['maxmemory-policy']}): feedback, turns and versions can vanish. Set "
+            "maxmemory-policy noeviction (a full server then refuses writes, and the UI says so)."
+        )
+    return warnings
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def start_embedded_if_needed(
     settings: Settings, die_with_parent: bool = False
 ) -> tuple[str, EmbeddedValkey | None]:

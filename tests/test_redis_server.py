@@ -76,3 +76,51 @@ def test_the_embedded_server_never_takes_the_port_the_ui_will_bind(tmp_path, mon
 def test_no_server_gives_an_error_that_says_what_to_do(tmp_path):
     with pytest.raises(RedisUnavailableError, match="rlhf-chat up"):
         connect(Settings(data_dir=tmp_path, redis_url=None))
+
+
+def test_a_server_that_can_lose_saved_feedback_is_named(tmp_path, valkey):
+    """RLHF_REDIS_URL at a plain `redis-server` (no append-only file, snapshots now and then):
+    a vote the UI reported saved was gone after the server was killed and restarted, and
+    nothing had said the server could do that (review, session 26). `rlhf-chat status` and
+    the UI's start now name each such setting and what to set instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    server = subprocess.Popen(
+        [redis_server.valkey_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--requirepass", "pw", "--dir", str(tmp_path), "--appendonly", "no",
+         "--appendfsync", "everysec", "--maxmemory-policy", "allkeys-lru"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"redis://:pw@127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                import time
+
+                time.sleep(0.05)
+        env = dict(os.environ, RLHF_REDIS_URL=url, RLHF_DATA_DIR=str(tmp_path / "data"))
+        done = subprocess.run(
+            [sys.executable, "-m", "chat_ui", "status"], env=env, capture_output=True,
+            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "appendonly yes" in done.stdout and "maxmemory-policy noeviction" in done.stdout
+        warnings = redis_server.durability_warnings(client)
+        assert len(warnings) == 2, warnings  # no AOF at all: its fsync policy is moot
+        client.config_set("appendonly", "yes")
+        client.config_set("maxmemory-policy", "noeviction")
+        (warning,) = redis_server.durability_warnings(client)
+        assert "appendfsync always" in warning
+    finally:
+        server.kill()
+        server.wait()
+    # The embedded server (appendfsync always, noeviction): nothing to say.
+    assert redis_server.durability_warnings(redis.Redis.from_url(valkey.url)) == []
