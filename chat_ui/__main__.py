@@ -181,9 +181,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             if embedded is not None and embedded.process.poll() is not None:
                 if now >= next_try["valkey"]:
                     restarts["valkey"] += 1
-                    code = embedded.process.returncode
-                    print(f"embedded Valkey exited with code {code}; starting it again on the "
-                          "same files", file=sys.stderr, flush=True)  # fmt: skip
+                    print(f"embedded Valkey {embedded.exit_reason()}; starting it again on "
+                          "the same files", file=sys.stderr, flush=True)  # fmt: skip
                     try:
                         embedded.start()
                         embedded.write_url_file()

@@ -199,6 +199,25 @@ class EmbeddedValkey:
         if url_file.exists() and url_file.read_text().startswith(self.url):
             url_file.unlink()
 
+    def exit_reason(self) -> str:
+        """Why the server process ended, for the operator: its exit status, the last
+        warnings its log wrote in this run (a full disk: "Can't recover from AOF write
+        error"), and where the whole log is."""
+        code = self.process.returncode if self.process else None
+        if code is not None and code < 0:
+            return f"was killed by signal {-code}"
+        log = self.data_dir / "valkey.log"
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        starts = [i for i, line in enumerate(lines) if "Valkey is starting" in line]
+        run = lines[starts[-1] :] if starts else lines
+        # Valkey marks warnings with " # " after the timestamp.
+        warnings = [line.split(" # ", 1)[1] for line in run if " # " in line][-2:]
+        said = f": {' / '.join(warnings)}" if warnings else ""
+        return f"exited with code {code}{said} (its log: {log})"
+
     def kill(self) -> None:
         """SIGKILL, as a crash would; used by the durability tests."""
         if self.process and self.process.poll() is None:

@@ -124,3 +124,38 @@ def test_a_server_that_can_lose_saved_feedback_is_named(tmp_path, valkey):
         server.wait()
     # The embedded server (appendfsync always, noeviction): nothing to say.
     assert redis_server.durability_warnings(redis.Redis.from_url(valkey.url)) == []
+
+
+def test_a_full_disk_is_named_when_the_server_exits(tmp_path):
+    """On a full disk Valkey (appendfsync always) exits rather than answer a write it could
+    not make durable, and `rlhf-chat up` restarts it again and again. It said only "exited
+    with code 1"; the reason was in a log file it did not name (review, session 26)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("filling a disk needs a small tmpfs, which needs root")
+    server = EmbeddedValkey(disk / "data")
+    try:
+        server.start()
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        client.set("before", "kept")
+        with pytest.raises(OSError):
+            (disk / "fill").write_bytes(b"\0" * 4 * 2**20)
+        with pytest.raises(redis.ConnectionError):
+            client.set("after", "x" * 10_000)
+        server.process.wait(timeout=10)
+        reason = server.exit_reason()
+        assert "exited with code 1" in reason
+        assert "AOF write error" in reason and str(disk / "data" / "valkey.log") in reason
+    finally:
+        server.kill()
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    # Killed by a signal, nothing of it in the log: the signal says why.
+    server = EmbeddedValkey(tmp_path / "other").start()
+    server.kill()
+    assert "killed by signal 9" in server.exit_reason()
