@@ -149,6 +149,22 @@ def _restart_delay(restarts: int) -> float:
     return min(60.0, 2.0 ** max(0, restarts - 1))
 
 
+def ensure_writable(data_dir: Path) -> None:
+    """`up` keeps Valkey's append-only files, its password and adapters in the data folder:
+    one it cannot write (a read-only mount, a volume owned by another user) ends the start
+    with what to do, before anything is started."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        sys.exit(
+            f"rlhf-chat up: cannot write the data folder {data_dir} ({error.strerror}). Set "
+            "RLHF_DATA_DIR to a folder this user can write, or make that one writable."
+        )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Valkey (unless RLHF_REDIS_URL), a worker and the UI, owned by this process: they
     die with it, by any signal (Valkey by PR_SET_PDEATHSIG, the worker by a pipe); a
@@ -158,7 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from rlhf_core.redis_server import redact, start_embedded_if_needed
 
     settings = settings_from(args)
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    ensure_writable(Path(settings.data_dir))
     _exit_on_sigterm()
     url, embedded = start_embedded_if_needed(settings, die_with_parent=True)
     if embedded is not None:

@@ -117,6 +117,16 @@ def test_help_lists_every_command():
     assert "95% intervals" in done.stdout
 
 
+def test_up_says_when_it_cannot_write_the_data_folder(tmp_path, up_env):
+    # A data folder on a read-only mount (or one a file stands in the way of) ended `up` in
+    # an OSError traceback from mkdir (review, session 26).
+    (tmp_path / "a-file").write_text("")
+    env = dict(up_env, RLHF_DATA_DIR=str(tmp_path / "a-file" / "data"))
+    done = rlhf_chat("up", env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "RLHF_DATA_DIR" in done.stderr and str(tmp_path / "a-file" / "data") in done.stderr
+
+
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
