@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # --- storage -----------------------------------------------------------
     redis_url: str | None = Field(
         None,
+        # What redis-py's from_url takes (empty = unset); others failed later, in a traceback.
+        pattern=r"^((redis|rediss|unix)://.*)?$",
         description="Redis/Valkey URL shared by all processes; unset = embedded Valkey.",
     )
     data_dir: Path = Field(

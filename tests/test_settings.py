@@ -26,6 +26,8 @@ BAD = {
     "RLHF_MAX_BATCH_SIZE": "0",
     "RLHF_REDIS_TIMEOUT_S": "nan",
     "RLHF_DEVICE": "tpu",
+    # redis-py's ValueError ended `rlhf-chat status` in a traceback (review, session 26).
+    "RLHF_REDIS_URL": "localhost:6379",
 }
 
 
@@ -47,11 +49,12 @@ def test_good_values_still_pass(monkeypatch):
         "RLHF_ROUND_CHECK_S": "0",
         "RLHF_KL_BUDGET": "0",
         "RLHF_ANSWERS_IN_FLIGHT": "0",
+        "RLHF_REDIS_URL": "",  # empty = unset: the embedded server
     }.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert settings.device == "cuda:1" and settings.canary_share == 1.0
-    assert settings.round_check_s == 0.0
+    assert settings.round_check_s == 0.0 and not settings.redis_url
 
 
 @pytest.mark.parametrize(
