@@ -434,9 +434,12 @@ def main(argv: list[str] | None = None) -> None:
         from rlhf_core.settings import SettingsError
 
         expected: tuple[type[BaseException], ...] = (RedisUnavailableError, SettingsError)
-        # Only a command that loaded the model can fail to; importing it here costs torch.
+        # Only a command that loaded the model (or reached vLLM) can fail to; importing
+        # either here costs torch.
         if "rlhf_core.modeling" in sys.modules:
             expected += (sys.modules["rlhf_core.modeling"].ModelLoadError,)
+        if "rlhf_core.vllm_backend" in sys.modules:
+            expected += (sys.modules["rlhf_core.vllm_backend"].VLLMUnavailableError,)
         if isinstance(error, expected):
             sys.exit(f"rlhf-chat {args.command}: {error}")
         raise

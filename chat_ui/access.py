@@ -47,7 +47,7 @@ import redis
 from starlette.requests import Request
 
 from chat_ui import validation
-from rlhf_core.settings import Settings
+from rlhf_core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def check_sign_in(settings: Settings) -> None:
     its session cookie is signed with a constant from Gradio's source, so a stranger
     signs one naming any account (an admin's). Fine on your own machine, never public."""
     if auth_mode(settings) == "hf" and not on_space() and is_public(settings):
-        raise ValueError(
+        raise SettingsError(
             "RLHF_AUTH=hf works only on a Hugging Face Space (with hf_oauth: true): "
             "elsewhere Gradio fakes the sign-in, and anyone could sign in as any account, "
             "an admin's included. Off a Space use RLHF_AUTH=header behind a proxy that "
@@ -227,14 +227,14 @@ def gradio_auth(settings: Settings) -> list[tuple[str, str]] | None:
     for item in settings.auth_users.split(","):
         name, sep, password = item.strip().partition(":")
         if item.strip() and (not sep or not name or not password):
-            raise ValueError(
+            raise SettingsError(
                 f"RLHF_AUTH_USERS entry {item.strip()!r} is not 'name:password'; "
                 "write the pairs comma-separated."
             )
         if item.strip():
             pairs.append((name, password))
     if not pairs:
-        raise ValueError("RLHF_AUTH=gradio needs RLHF_AUTH_USERS='name:password,...'.")
+        raise SettingsError("RLHF_AUTH=gradio needs RLHF_AUTH_USERS='name:password,...'.")
     return pairs
 
 
@@ -398,7 +398,7 @@ def _items(spec: str, name: str) -> list[Any]:
     try:
         return parse_many(spec) if spec and spec.strip() else []
     except ValueError as error:
-        raise ValueError(
+        raise SettingsError(
             f"RLHF_{name.upper()}={spec!r} is not a rate: write it like '20/minute;300/day' "
             "(empty = no limit)."
         ) from error

@@ -18,7 +18,7 @@ from gradio_client import Client
 
 from rlhf_core.datasets import read_jsonl
 from rlhf_core.feedback import Event, FeedbackStore, Turn
-from rlhf_core.redis_server import URL_FILE, EmbeddedValkey
+from rlhf_core.redis_server import URL_FILE, EmbeddedValkey, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,23 @@ def test_up_says_when_it_cannot_write_the_data_folder(tmp_path, up_env):
     done = rlhf_chat("up", env=env)
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert "RLHF_DATA_DIR" in done.stderr and str(tmp_path / "a-file" / "data") in done.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"RLHF_MESSAGE_RATE": "lots"},
+        {"RLHF_AUTH": "gradio", "RLHF_AUTH_USERS": "bob"},
+        {"RLHF_AUTH": "hf", "RLHF_HOST": "0.0.0.0"},
+        {"RLHF_SERVING_BACKEND": "vllm"},
+    ],
+)
+def test_ui_refuses_bad_settings_without_a_traceback(tiny_settings, bad):
+    # Each had a message saying what to do, at the end of a traceback (review, session 26).
+    env = dict(tiny_env(tiny_settings), RLHF_PORT=str(free_port()), **bad)
+    done = rlhf_chat("ui", env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert next(iter(bad)) in done.stderr
 
 
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
