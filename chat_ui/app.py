@@ -73,6 +73,14 @@ class ChatApp:
         if self.watcher is not None:
             self.watcher.stop()
         self.demo.close()
+        answers, reactions = self.service.save_pending()
+        if answers or reactions:
+            log.error(
+                "Stopping with %d answers and %d reactions unsaved (the feedback store is "
+                "unreachable): they are lost with this process.",
+                answers,
+                reactions,
+            )
         self.service.policy.close()
 
 

@@ -1076,6 +1076,23 @@ class ChatService:
             )
 
     # --- status ------------------------------------------------------------------
+    def save_pending(self) -> tuple[int, int]:
+        """At stop: save what sessions still hold (a closed tab's answers wait for a sweep
+        that will not come). Returns the answers and reactions that could not be saved,
+        lost with this process; after the first failure the store is taken as down, so a
+        hung server costs one timeout, not one per session."""
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        answers = reactions = 0
+        store_up = True
+        for session in sessions:
+            with session.lock:
+                if store_up:
+                    store_up = self._try_flush(session)
+                answers += len(session.pending)
+                reactions += len(session.pending_events)
+        return answers, reactions
+
     def _try_flush(self, session: ChatSession) -> bool:
         if not (session.pending or session.pending_events):
             return True

@@ -54,3 +54,18 @@ def test_kill_9_redis_while_the_ui_runs(app, valkey):
     assert store.get_turn(pending_turn) is not None
     _, answers, _ = client.predict(-1, "like", api_name="/vote")
     assert [e.kind for e in store.events()] == ["like", "rewrite", "dislike", "like"]
+
+
+def test_a_ui_stopped_while_redis_is_down_says_what_it_could_not_save(app, valkey, caplog):
+    """A UI stopped (a deploy, `docker stop`) while the store is down cannot keep the answers
+    it holds in memory. Its log said they were "kept for the next sweep", which never comes
+    (review, session 26): it now says, as an error, how many were lost."""
+    client = Client(app.url, verbose=False)
+    client.predict("Hello", "", *SAMPLING, api_name="/send")
+    valkey.kill()
+    _, answers, _, _ = client.predict("Still there?", "", *SAMPLING, api_name="/send")
+    assert answers[-1]["saved"] is False
+    with caplog.at_level("ERROR"):
+        app.close()
+    lost = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("1 answers" in m and "lost" in m for m in lost), lost
