@@ -46,7 +46,13 @@ from chat_ui.handlers import (
 )
 from rlhf_core.feedback import FeedbackStore
 from rlhf_core.modeling import load_base_model
-from rlhf_core.redis_server import connect, discover_url, durability_warnings
+from rlhf_core.redis_server import (
+    RedisUnavailableError,
+    connect,
+    discover_url,
+    durability_warnings,
+    redact,
+)
 from rlhf_core.serving import PolicyServer
 from rlhf_core.settings import Settings
 
@@ -716,13 +722,22 @@ def build_app(settings: Settings, service: ChatService, access: Access) -> gr.Bl
 def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
     """Load the model, connect to Redis, build the page (not yet served)."""
     access_mod.check_sign_in(settings)
+    client = connect(settings)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        # The UI needs the store to start (its session key first); say so before the model
+        # loads, not in redis-py's traceback: a replica started before its Redis, a typo.
+        raise RedisUnavailableError(
+            f"Redis at {redact(discover_url(settings) or '')} is unreachable "
+            f"({type(error).__name__}: {error}). Start it, or check RLHF_REDIS_URL."
+        ) from None
     if settings.serving_backend == "vllm":
         from rlhf_core.vllm_backend import VLLMPolicyServer
 
         policy: PolicyServer = VLLMPolicyServer(settings)  # no model in this process
     else:
         policy = PolicyServer(load_base_model(settings), settings)
-    client = connect(settings)
     try:
         for warning in durability_warnings(client):
             log.warning("Feedback may be lost: %s", warning)

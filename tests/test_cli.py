@@ -144,6 +144,16 @@ def test_ui_refuses_bad_settings_without_a_traceback(tiny_settings, bad):
     assert next(iter(bad)) in done.stderr
 
 
+def test_ui_says_when_its_redis_is_unreachable(tiny_settings):
+    # A UI replica started before its Redis (or with a wrong host in RLHF_REDIS_URL) ended
+    # in redis-py's ConnectionError traceback (review, session 26).
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = dict(tiny_env(tiny_settings), RLHF_PORT=str(free_port()), RLHF_REDIS_URL=url)
+    done = rlhf_chat("ui", env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "unreachable" in done.stderr and "RLHF_REDIS_URL" in done.stderr
+
+
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
