@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -23,6 +23,10 @@ RETIRED_SETTINGS = {
     "RLHF_KL_ERROR_CLIP": "it was split into RLHF_KL_RISE_CLIP (default 0.2) and "
     "RLHF_KL_FALL_CLIP (default 0.5); set those instead and unset RLHF_KL_ERROR_CLIP.",
 }
+
+
+def _optional(annotation: Any) -> bool:
+    return type(None) in getattr(annotation, "__args__", ())
 
 
 class SettingsError(ValueError):
@@ -70,8 +74,8 @@ class Settings(BaseSettings):
     # --- storage -----------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        # What redis-py's from_url takes (empty = unset); others failed later, in a traceback.
-        pattern=r"^((redis|rediss|unix)://.*)?$",
+        # What redis-py's from_url takes; others failed later, in a traceback.
+        pattern=r"^(redis|rediss|unix)://",
         description="Redis/Valkey URL shared by all processes; unset = embedded Valkey.",
     )
     data_dir: Path = Field(
@@ -277,7 +281,10 @@ class Settings(BaseSettings):
         "base, 12.5 at 0.2 (200 at 0.05, which let rounds drift until the gate refused them).",
     )
     target_kl: float | None = Field(
-        6.0, gt=0, description="Adaptive KL target per answer (nats); unset = fixed coefficient."
+        6.0,
+        gt=0,
+        description="Adaptive KL target per answer (nats); empty (RLHF_TARGET_KL=) = fixed "
+        "coefficient.",
     )
     kl_horizon: float | None = Field(
         None,
@@ -306,7 +313,7 @@ class Settings(BaseSettings):
     missing_eos_penalty: float | None = Field(
         1.0,
         description="Subtracted from the normalised score of a PPO answer cut without EOS "
-        "at the served limit (as TRL's missing_eos_penalty); unset = no penalty.",
+        "at the served limit (as TRL's missing_eos_penalty); empty = no penalty.",
     )
     ppo_unfinished: Literal["bootstrap", "penalty"] = Field(
         "bootstrap",
@@ -461,6 +468,15 @@ class Settings(BaseSettings):
         description="How often each worker looks at the running canary (0 = never: decisions "
         "are then only an admin's).",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # RLHF_TARGET_KL= is how an operator picks "unset" (a fixed coefficient) for a
+        # setting whose default is a number; pydantic would refuse "" as not a number.
+        if value == "" and _optional(cls.model_fields[info.field_name].annotation):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _no_retired_settings(self) -> Settings:

@@ -68,3 +68,14 @@ def test_commands_refuse_a_bad_value_without_a_traceback(tmp_path, command):
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     assert "RLHF_PORT='abc'" in done.stderr and "RLHF_TRAIN_EVERY='-5'" in done.stderr
+
+
+def test_an_empty_value_unsets_an_optional_setting(monkeypatch):
+    # The README: RLHF_TARGET_KL "unset = fixed coefficient", RLHF_MISSING_EOS_PENALTY "unset =
+    # no penalty"; both default to a number, and RLHF_TARGET_KL= was refused as "not a valid
+    # number": the documented choice could not be made (review, session 26).
+    for name in ("RLHF_TARGET_KL", "RLHF_MISSING_EOS_PENALTY", "RLHF_RETENTION_DAYS"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.target_kl is None and settings.missing_eos_penalty is None
+    assert settings.retention_days is None
