@@ -48,6 +48,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
     prefer = getattr(args, "prefer_data_dir", None)
     if prefer and os.path.isdir(prefer) and os.access(prefer, os.W_OK):
         update["data_dir"] = Path(prefer) / "rlhf-chat"
+    elif prefer and os.path.exists(prefer):
+        # Persistent storage is there but not ours to write: the data goes to a folder that
+        # may not outlive the container. Absent (no storage) is the expected case; this is not.
+        print(
+            f"warning: {prefer} (RLHF_PREFER_DATA_DIR) exists but cannot be written by this "
+            f"user; data goes to {settings.data_dir} instead, which may not outlive this "
+            "container.",
+            file=sys.stderr,
+            flush=True,
+        )
     for name in ("host", "port"):
         if getattr(args, name, None) is not None:
             update[name] = getattr(args, name)

@@ -154,6 +154,26 @@ def test_ui_says_when_its_redis_is_unreachable(tiny_settings):
     assert "unreachable" in done.stderr and "RLHF_REDIS_URL" in done.stderr
 
 
+def test_a_persistent_folder_that_cannot_be_written_is_named(tmp_path):
+    # A Space's /data mounted read-only (or owned by another user): the data went to the
+    # container's own folder, lost at the next restart, and nothing said so (review,
+    # session 26).
+    persistent = tmp_path / "persistent"
+    persistent.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(persistent)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("a read-only folder for root needs a read-only mount, which needs root")
+    try:
+        env = dict(os.environ, RLHF_DATA_DIR=str(tmp_path / "home"), RLHF_REDIS_URL="")
+        done = rlhf_chat("--prefer-data-dir", str(persistent), "status", env=env)
+    finally:
+        subprocess.run(["umount", "-l", str(persistent)], check=True)
+    assert f"{persistent} (RLHF_PREFER_DATA_DIR) exists but cannot be written" in done.stderr
+    assert str(tmp_path / "home") in done.stderr
+
+
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
