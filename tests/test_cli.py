@@ -174,6 +174,26 @@ def test_a_persistent_folder_that_cannot_be_written_is_named(tmp_path):
     assert str(tmp_path / "home") in done.stderr
 
 
+def test_the_image_makes_every_folder_compose_mounts_a_volume_on_for_its_user():
+    # Review of s26: docker-compose.yml mounted named volumes on /artifacts and the
+    # adapters folder, which the image never made: Docker creates them root-owned, and
+    # the app (uid 1000) could not write a large adapter there. Read, not run: no Docker
+    # engine here.
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    ours = [s for s in compose["services"].values() if "build" in s]
+    targets = {m.split(":")[1] for s in ours for m in s.get("volumes", [])}
+    assert targets, "no volume of ours in docker-compose.yml"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    made = re.search(r"mkdir -p ([^\n&]+)", dockerfile)
+    owned = re.search(r"chown user:user ([^\n]+)", dockerfile)
+    assert made and owned, "the Dockerfile makes no mount points"
+    for target in targets:
+        assert target in made.group(1).split() and target in owned.group(1).split(), target
+    assert dockerfile.index("chown user:user") < dockerfile.index("USER user")
+
+
 def test_container_command_serves_finds_data_and_stops_cleanly(tmp_path, up_env):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["rlhf-chat", "up"]' in dockerfile
