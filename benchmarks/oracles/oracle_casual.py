@@ -2,11 +2,12 @@
 contractions ("it's", "don't"), and none of the stiff connectors of an essay
 ("Additionally,", "Furthermore,", "In conclusion,", "It is important to note").
 
-A language-register taste opposite to oracle_formal.py, written after the other ten had
-been run, as a check of the defaults on a taste nobody tuned for. The rewrite contracts
-what it can and drops the stiff connectors, so it is about as long as the answer; an
-answer that does not talk to the reader, or has nothing to contract, cannot be made casual
-by that edit and gets only a 👎 (on SmolLM2's held-out answers: 29% liked, 10% rewritable).
+A language-register taste opposite to oracle_formal.py, written after the other eleven
+had been run, as a check of the defaults on a taste nobody tuned for. The rewrite
+contracts what it can and drops the stiff connectors, so it is about as long as the
+answer; an answer that does not talk to the reader, or has nothing to contract, cannot be
+made casual by that edit and gets only a 👎 (of SmolLM2's answers to the 80 held-out
+prompts, at 64 tokens: 29% liked, and 1 answer rewritable).
 Same interface as ../shared/eval/oracle_concise.py:
 judge(prompt, response) -> bool, rewrite(prompt, response) -> str | None.
 """
