@@ -61,7 +61,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("host", "port"):
         if getattr(args, name, None) is not None:
             update[name] = getattr(args, name)
-    return settings.model_copy(update=update) if update else settings
+    # Validated as the environment's values are (model_copy would take --port 0 as it is).
+    return type(settings)(**{**settings.model_dump(), **update}) if update else settings
 
 
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:

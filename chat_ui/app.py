@@ -732,19 +732,21 @@ def create_app(settings: Settings, *, watch_versions: bool = True) -> ChatApp:
             f"Redis at {redact(discover_url(settings) or '')} is unreachable "
             f"({type(error).__name__}: {error}). Start it, or check RLHF_REDIS_URL."
         ) from None
+    try:
+        for warning in durability_warnings(client):
+            log.warning("Feedback may be lost: %s", warning)
+    except redis.RedisError:
+        pass  # the store failed just after its ping: the page says so, as a later check would
+    store = FeedbackStore(client)
+    # Before the model loads: a bad rate or sign-in setting is refused here (SettingsError),
+    # not after a slow load.
+    access = Access(settings, client, discover_url(settings))
     if settings.serving_backend == "vllm":
         from rlhf_core.vllm_backend import VLLMPolicyServer
 
         policy: PolicyServer = VLLMPolicyServer(settings)  # no model in this process
     else:
         policy = PolicyServer(load_base_model(settings), settings)
-    try:
-        for warning in durability_warnings(client):
-            log.warning("Feedback may be lost: %s", warning)
-    except redis.RedisError:
-        pass  # the store is down at start: the page says so, and a later check would too
-    store = FeedbackStore(client)
-    access = Access(settings, client, discover_url(settings))
     watcher = None
     if watch_versions:
         watcher = training.VersionWatcher(policy, settings, client=client)

@@ -803,7 +803,7 @@ class FeedbackStore:
         raws = self.redis.mget([turn_key(t) for t in ids]) if ids else []
         out: dict[str, str] = {}
         for turn_id, raw in zip(ids, raws, strict=True):
-            if raw is None or _decode_turn(turn_id, raw) is not None:
+            if raw is None or _decode_turn(turn_id, raw, quiet=True) is not None:
                 continue
             try:
                 session = json.loads(raw).get("session_id")
@@ -1616,10 +1616,12 @@ class FeedbackStore:
         return int(self.redis.xtrim(INVALID_STREAM, minid=before_ms, approximate=False))
 
 
-def _decode_turn(turn_id: str, raw: bytes | str) -> Turn | None:
+def _decode_turn(turn_id: str, raw: bytes | str, quiet: bool = False) -> Turn | None:
     try:
         return Turn.from_json(raw)
     except (TypeError, ValueError) as exc:
+        if quiet:  # the caller has logged it already
+            return None
         log.error(
             "Undecodable turn record %s (%s): left out of training and exports; fix or "
             "delete the key to clear this message",

@@ -144,6 +144,13 @@ def test_ui_refuses_bad_settings_without_a_traceback(tiny_settings, bad):
     assert next(iter(bad)) in done.stderr
 
 
+def test_a_port_given_on_the_command_line_is_checked_as_rlhf_port_is(tiny_settings):
+    # The final review of session 26: --port skipped the range check RLHF_PORT gets.
+    done = rlhf_chat("ui", "--port", "70000", env=tiny_env(tiny_settings))
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "RLHF_PORT=70000" in done.stderr
+
+
 def test_ui_says_when_its_redis_is_unreachable(tiny_settings):
     # A UI replica started before its Redis (or with a wrong host in RLHF_REDIS_URL) ended
     # in redis-py's ConnectionError traceback (review, session 26).

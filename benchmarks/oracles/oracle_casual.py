@@ -18,12 +18,11 @@ CONTRACTION = re.compile(
     r"\b(?:\w+n['’]t|(?:i|you|we|they|he|she|it|that|there|what|who|let|here)['’](?:m|re|ve|ll|d|s))\b",
     re.IGNORECASE,
 )
-STIFF = re.compile(
-    r"\b(?:additionally|furthermore|moreover|in conclusion|in summary|to summari[sz]e|"
-    r"overall,|it is (?:important|essential|crucial|worth noting) to|it's (?:important|"
-    r"essential|crucial) to note)\b",
-    re.IGNORECASE,
-)
+# The stiff connectors, written once for the judge and the rewrite: an essay's openers
+# ("Additionally, ...") and its preamble ("It is important to ...").
+OPENERS = r"additionally|furthermore|moreover|in conclusion|in summary|to summari[sz]e"
+PREAMBLE = r"it is (?:important|essential|crucial) to|it's (?:important|essential|crucial) to note"
+STIFF = re.compile(rf"\b(?:{OPENERS}|{PREAMBLE})\b", re.IGNORECASE)
 # Spelled out -> contracted, the common cases a person fixes when they edit.
 CONTRACT = (
     ("do not", "don't"),
@@ -77,21 +76,12 @@ def _contract(text: str) -> str:
 
 
 def _drop_stiff(text: str) -> str:
-    # "Additionally, you can ..." -> "You can ..."; a sentence that is only a stiff
-    # preamble ("It is important to note that x") keeps what follows it.
+    # "Additionally, you can ..." -> "You can ..."; a preamble ("It is important to note
+    # that x") leaves what follows it.
     text = re.sub(
-        r"\b(?:additionally|furthermore|moreover|in conclusion|in summary|to summari[sz]e"
-        r"|overall),\s*(\w)",
-        lambda m: m.group(1).upper(),
-        text,
-        flags=re.IGNORECASE,
+        rf"\b(?:{OPENERS}),\s*(\w)", lambda m: m.group(1).upper(), text, flags=re.IGNORECASE
     )
-    text = re.sub(
-        r"\bit(?: is|['’]s) (?:important|essential|crucial|worth noting) (?:to note )?(?:that )?",
-        "",
-        text,
-        flags=re.IGNORECASE,
-    )
+    text = re.sub(rf"\b(?:{PREAMBLE})\s+(?:note\s+)?(?:that\s+)?", "", text, flags=re.IGNORECASE)
     # Capitalise a sentence whose opening was dropped.
     return re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), text)
 
