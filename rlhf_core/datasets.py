@@ -359,18 +359,17 @@ def cap_per_user(
     return [item for index, item in enumerate(items) if index in keep]
 
 
+def latest_per_context(turns: Iterable[Turn]) -> list[Turn]:
+    """The most recent turn of each distinct context among ``turns``, most recent first."""
+    latest: dict[str, Turn] = {}
+    for turn in sorted(turns, key=lambda t: t.created_at, reverse=True):
+        latest.setdefault(context_key(turn.messages), turn)
+    return list(latest.values())
+
+
 def ppo_prompts(turns: Iterable[Turn], limit: int | None = None) -> list[list[dict[str, Any]]]:
     """The distinct contexts of ``turns`` (most recent first), as PPO prompts."""
-    out: list[list[dict[str, Any]]] = []
-    seen: set[str] = set()
-    for turn in sorted(turns, key=lambda t: t.created_at, reverse=True):
-        key = context_key(turn.messages)
-        if key not in seen:
-            seen.add(key)
-            out.append(chat_messages(turn.messages))
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+    return [chat_messages(t.messages) for t in latest_per_context(turns)[:limit]]
 
 
 def trainable_contexts(store: FeedbackStore, settings: Settings | None = None) -> list[Turn]:
@@ -381,10 +380,7 @@ def trainable_contexts(store: FeedbackStore, settings: Settings | None = None) -
     from rlhf_core.privacy import training_view
 
     turns, _ = training_view(store, settings or get_settings(), list(store.turns()), [])
-    latest: dict[str, Turn] = {}
-    for turn in sorted(turns, key=lambda t: t.created_at, reverse=True):
-        latest.setdefault(context_key(turn.messages), turn)
-    return list(latest.values())
+    return latest_per_context(turns)
 
 
 def replay_prompts(

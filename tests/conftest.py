@@ -6,6 +6,7 @@ tokenizer on a 2-layer random Llama. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -211,3 +212,20 @@ def start_up(env: dict[str, str], log: Path) -> subprocess.Popen:
             up.kill()
         raise
     return up
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str, why: str):
+    """A tmpfs mounted on ``folder`` (made here) with ``options`` ("size=2m", "size=1m,ro")
+    while the block runs, then unmounted; the test is skipped where mounting needs root
+    (``why`` says what for)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"{why}, which needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import start_up, tiny_env
+from conftest import mounted_tmpfs, start_up, tiny_env
 from gradio_client import Client
 
 from rlhf_core.datasets import read_jsonl
@@ -166,17 +166,11 @@ def test_a_persistent_folder_that_cannot_be_written_is_named(tmp_path):
     # container's own folder, lost at the next restart, and nothing said so (review,
     # session 26).
     persistent = tmp_path / "persistent"
-    persistent.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(persistent)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("a read-only folder for root needs a read-only mount, which needs root")
-    try:
+    with mounted_tmpfs(
+        persistent, "size=1m,ro", "a read-only folder for root is a read-only mount"
+    ):
         env = dict(os.environ, RLHF_DATA_DIR=str(tmp_path / "home"), RLHF_REDIS_URL="")
         done = rlhf_chat("--prefer-data-dir", str(persistent), "status", env=env)
-    finally:
-        subprocess.run(["umount", "-l", str(persistent)], check=True)
     assert f"{persistent} (RLHF_PREFER_DATA_DIR) exists but cannot be written" in done.stderr
     assert str(tmp_path / "home") in done.stderr
 

@@ -4,6 +4,7 @@ import socket
 
 import pytest
 import redis
+from conftest import mounted_tmpfs
 
 from rlhf_core import redis_server
 from rlhf_core.redis_server import (
@@ -130,15 +131,16 @@ def test_a_full_disk_is_named_when_the_server_exits(tmp_path):
     """On a full disk Valkey (appendfsync always) exits rather than answer a write it could
     not make durable, and `rlhf-chat up` restarts it again and again. It said only "exited
     with code 1"; the reason was in a log file it did not name (review, session 26)."""
-    import subprocess
-
     disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("filling a disk needs a small tmpfs, which needs root")
+    with mounted_tmpfs(disk, "size=2m", "filling a disk needs a small tmpfs"):
+        assert_the_full_disk_is_named(disk)
+    # Killed by a signal, nothing of it in the log: the signal says why.
+    server = EmbeddedValkey(tmp_path / "other").start()
+    server.kill()
+    assert "killed by signal 9" in server.exit_reason()
+
+
+def assert_the_full_disk_is_named(disk):
     server = EmbeddedValkey(disk / "data")
     try:
         server.start()
@@ -154,8 +156,3 @@ def test_a_full_disk_is_named_when_the_server_exits(tmp_path):
         assert "AOF write error" in reason and str(disk / "data" / "valkey.log") in reason
     finally:
         server.kill()
-        subprocess.run(["umount", "-l", str(disk)], check=True)
-    # Killed by a signal, nothing of it in the log: the signal says why.
-    server = EmbeddedValkey(tmp_path / "other").start()
-    server.kill()
-    assert "killed by signal 9" in server.exit_reason()
